@@ -1,0 +1,10 @@
+"""`jetfed` commands of the coordinator package."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    group = typer.Typer(help="coordinator commands", no_args_is_help=True)
+    app.add_typer(group, name="coordinator")

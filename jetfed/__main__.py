@@ -1,0 +1,3 @@
+from jetfed.cli import main
+
+main()
