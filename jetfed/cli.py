@@ -18,6 +18,7 @@ from edge.logs import configure_logging
 REGISTRARS = [
     "edge.cli",
     "coordinator.cli",
+    "coordinator.security_cli",
     "profiles.cli",
 ]
 
