@@ -19,7 +19,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional
 
 import yaml
 from cryptography import x509
@@ -97,24 +97,26 @@ class DevicesFile(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
-    devices: List[Union[str, DeviceEntry]] = Field(min_length=1)
+    devices: List[DeviceEntry] = Field(min_length=1)
     experiments: List[str] = Field(default_factory=list)
     coordinator: CoordinatorEntry = Field(default_factory=CoordinatorEntry)
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _bare_ids(cls, values: object) -> object:
+        if isinstance(values, list):
+            return [{"id": v} if isinstance(v, str) else v for v in values]
+        return values
 
     @field_validator("experiments")
     @classmethod
     def _experiments(cls, values: List[str]) -> List[str]:
         return [_check_mqtt_name(v, "experiment") for v in values]
 
-    def entries(self) -> List[DeviceEntry]:
-        return [DeviceEntry(id=d) if isinstance(d, str) else d for d in self.devices]
-
 
 def _first_error(exc: ValidationError, source: str) -> str:
     error = exc.errors()[0]
-    where = ".".join(
-        str(part) for part in error["loc"] if not str(part).startswith(("str", "DeviceEntry"))
-    )
+    where = ".".join(str(part) for part in error["loc"])
     message = str(error["msg"]).replace("Value error, ", "")
     return f"{source}: {where or 'top level'}: {message}"
 
@@ -130,7 +132,7 @@ def parse_devices(data: object, source: str = "devices.yaml") -> DevicesFile:
     except ValidationError as exc:
         raise UserError(_first_error(exc, source)) from None
     seen = set()
-    for entry in spec.entries():
+    for entry in spec.devices:
         if entry.id in seen:
             raise UserError(f"{source}: device id {entry.id!r} is listed twice")
         if entry.id == spec.coordinator.username:
@@ -418,7 +420,7 @@ def generate_broker_config(
     mosquitto_passwd: Optional[str] = None,
 ) -> BrokerLayout:
     """Write the deployment under `out_dir`; `mosquitto_passwd` is the hashing tool or None."""
-    entries = spec.entries()
+    entries = spec.devices
     options.validate([e.id for e in entries])
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} exists and is not a directory")
