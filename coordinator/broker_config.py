@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 MQTT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 PASSWORD = re.compile(r"^[A-Za-z0-9_.~+=@%:,!-]{12,128}$")
+HOST = re.compile(r"^[A-Za-z0-9.:-]+$")
+INSTALL_DIR = re.compile(r"^/[^\s=]*$")
 PASSWORD_RULE = "12 to 128 characters from A-Z a-z 0-9 _ . ~ + = @ % : , ! -"
 PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.0 writes; the broker reads the count per line
 PBKDF2_SALT_BYTES = 12
@@ -191,9 +193,11 @@ class BrokerConfigOptions:
                 raise UserError(f"{flag} must be a TCP port 1-65535, got {port}")
         if self.plain_localhost and self.plain_port == self.tls_port:
             raise UserError("--plain-port must differ from --tls-port")
-        for host in self.hosts:
-            if not re.match(r"^[A-Za-z0-9.:-]+$", host) or host.startswith(("-", ".")):
-                raise UserError(f"--host {host!r} must be a DNS name or an IP address")
+        for flag, host in [("--host", h) for h in self.hosts] + [("--bind", self.bind_address)]:
+            if host is not None and (not HOST.match(host) or host.startswith(("-", "."))):
+                raise UserError(f"{flag} {host!r} must be a DNS name or an IP address")
+        if self.device_install_dir is not None and not INSTALL_DIR.match(self.device_install_dir):
+            raise UserError("--device-install-dir must be an absolute path without spaces")
         if self.key_type not in pki.KEY_TYPES:
             raise UserError(
                 f"--key-type must be one of {', '.join(pki.KEY_TYPES)}, got {self.key_type!r}"
@@ -377,7 +381,8 @@ class _Generator:
         old_env = {} if fresh else read_env_file(env_path)
         password = password or old_env.get("JETFED_PASSWORD") or secrets.token_urlsafe(24)
         pair = None if fresh else pki.load_pair(key_path, cert_path)
-        if pair is None or not pki.is_issued_by(pair.cert, self.ca, RENEW_BEFORE_DAYS):
+        renew_days = min(RENEW_BEFORE_DAYS, opts.cert_days // 2)
+        if pair is None or not pki.is_issued_by(pair.cert, self.ca, renew_days):
             if rotate:
                 self.revoke(cert_path, username)
             pair = pki.issue_client_cert(self.ca, username, opts.key_type, opts.cert_days)

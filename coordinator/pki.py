@@ -58,9 +58,17 @@ def utc_now() -> datetime.datetime:
 
 
 def _builder(
-    subject: x509.Name, issuer: x509.Name, key: PrivateKey, days: int
+    subject: x509.Name,
+    issuer: x509.Name,
+    key: PrivateKey,
+    days: int,
+    not_after_limit: Optional[datetime.datetime] = None,
 ) -> x509.CertificateBuilder:
+    """Backdated 5 minutes for clock skew; never valid past `not_after_limit` (the CA's end)."""
     start = utc_now() - datetime.timedelta(minutes=5)
+    end = start + datetime.timedelta(days=days)
+    if not_after_limit is not None:
+        end = min(end, not_after_limit)
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -68,7 +76,7 @@ def _builder(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
-        .not_valid_after(start + datetime.timedelta(days=days))
+        .not_valid_after(end)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )
 
@@ -123,7 +131,7 @@ def _issue(
 ) -> KeyPair:
     key = new_private_key(key_type)
     builder = (
-        _builder(_name(common_name), ca.cert.subject, key, days)
+        _builder(_name(common_name), ca.cert.subject, key, days, ca.cert.not_valid_after_utc)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_leaf_key_usage(key_type), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)

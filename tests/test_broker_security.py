@@ -410,3 +410,20 @@ def test_python_hash_equals_mosquitto_passwd_for_the_same_salt(tmp_path: Path) -
     reference = plain.read_text().strip().split(":", 1)[1]
     salt = base64.b64decode(reference.split("$")[3])
     assert pbkdf2_password_hash("secretpass1234", salt) == reference
+
+
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        (BrokerConfigOptions(tls_port=0), "--tls-port"),
+        (BrokerConfigOptions(plain_localhost=True, plain_port=8883), "--plain-port"),
+        (BrokerConfigOptions(hosts=["bad host"]), "--host"),
+        (BrokerConfigOptions(bind_address="-x"), "--bind"),
+        (BrokerConfigOptions(device_install_dir="etc/jetfed"), "--device-install-dir"),
+        (BrokerConfigOptions(key_type="dsa"), "--key-type"),
+        (BrokerConfigOptions(rotate=["ghost"]), "--rotate"),
+    ],
+)
+def test_option_mistakes_are_user_errors(options: BrokerConfigOptions, fragment: str) -> None:
+    with pytest.raises(UserError, match=fragment):
+        options.validate(["A"])
