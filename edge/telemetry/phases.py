@@ -11,38 +11,86 @@ from typing import Dict, Iterator, List, Optional
 
 import psutil
 
+from edge.telemetry.context import DeviceContext, collect_context
+from edge.telemetry.memory import CudaPeakProbe
 from edge.telemetry.records import PhaseRecord
+from edge.telemetry.sampler import Sampler
+from edge.telemetry.window import WindowSummary
 
 
 @dataclass
 class PhaseCounters:
-    """Mutable counters a phase's code adds to while it runs."""
+    """Mutable counters a phase's code adds to while it runs; `record` is set when it closes."""
 
     bytes_sent: int = 0
     bytes_received: int = 0
     extra: Dict[str, float] = field(default_factory=dict)
+    record: Optional[PhaseRecord] = None
+
+
+def _lifetime_peak_rss_bytes() -> Optional[int]:
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except (ImportError, OSError):
+        return None
 
 
 class Profiler:
-    """Turns `with profiler.phase("train", round_index=3):` blocks into PhaseRecords."""
+    """Turns `with profiler.phase("train", round_index=3):` blocks into PhaseRecords.
 
-    def __init__(self, experiment: str, device_id: str, method: str = "") -> None:
+    With a started `sampler` the records carry energy per rail and in total, mean/peak power and
+    peak memory from the samples inside the phase; without one, time, bytes and RSS only.
+    """
+
+    def __init__(
+        self,
+        experiment: str,
+        device_id: str,
+        method: str = "",
+        sampler: Optional[Sampler] = None,
+    ) -> None:
         self.experiment = experiment
         self.device_id = device_id
         self.method = method
+        self.sampler = sampler
+        self.idle_power_w: Optional[float] = None
         self._records: List[PhaseRecord] = []
         self._lock = threading.Lock()
         self._process = psutil.Process(os.getpid())
 
+    @property
+    def backend_name(self) -> str:
+        return self.sampler.backend_name if self.sampler is not None else "none"
+
+    def _peak_rss_bytes(self, lifetime_peak_at_start: Optional[int]) -> int:
+        """The phase's RSS peak: the lifetime peak if it rose during the phase, else the larger
+        of now and the sampled peak (filled by the caller)."""
+        current = int(self._process.memory_info().rss)
+        lifetime_peak = _lifetime_peak_rss_bytes()
+        if (
+            lifetime_peak is not None
+            and lifetime_peak_at_start is not None
+            and lifetime_peak > lifetime_peak_at_start
+        ):
+            return max(current, lifetime_peak)
+        return current
+
     @contextmanager
     def phase(self, phase: str, round_index: int) -> Iterator[PhaseCounters]:
         counters = PhaseCounters()
+        cuda = CudaPeakProbe()
+        cuda.start()
+        lifetime_peak_at_start = _lifetime_peak_rss_bytes()
+        window = self.sampler.open_window() if self.sampler is not None else None
         start_unix_s = time.time()
         start_s = time.perf_counter()
         try:
             yield counters
         finally:
             duration_s = time.perf_counter() - start_s
+            summary = self.sampler.close_window(window) if self.sampler and window else None
             record = PhaseRecord(
                 experiment=self.experiment,
                 device_id=self.device_id,
@@ -52,21 +100,61 @@ class Profiler:
                 start_unix_s=start_unix_s,
                 end_unix_s=start_unix_s + duration_s,
                 duration_s=duration_s,
-                peak_rss_bytes=self._peak_rss_bytes(),
+                peak_rss_bytes=self._peak_rss_bytes(lifetime_peak_at_start),
+                peak_gpu_memory_bytes=cuda.peak_bytes(),
                 bytes_sent=counters.bytes_sent,
                 bytes_received=counters.bytes_received,
+                idle_power_w=self.idle_power_w,
                 extra=dict(counters.extra),
             )
+            if summary is not None:
+                self._apply(record, summary)
+            counters.record = record
             with self._lock:
                 self._records.append(record)
 
-    def _peak_rss_bytes(self) -> Optional[int]:
-        try:
-            import resource
+    def _apply(self, record: PhaseRecord, summary: WindowSummary) -> None:
+        """Fill the record's telemetry fields from the sampler's summary of the phase."""
+        assert self.sampler is not None
+        record.energy_j = summary.energy_j
+        record.energy_by_rail_j = summary.energy_by_rail_j
+        record.mean_power_w = summary.mean_power_w
+        record.peak_power_w = summary.peak_power_w
+        record.mean_power_by_rail_w = summary.mean_power_by_rail_w
+        record.peak_power_by_rail_w = summary.peak_power_by_rail_w
+        if summary.energy_j is not None and self.idle_power_w is not None:
+            record.energy_above_idle_j = summary.energy_j - self.idle_power_w * summary.duration_s
+        record.peak_rss_bytes = max(record.peak_rss_bytes or 0, summary.peak_rss_bytes or 0)
+        record.peak_system_used_bytes = summary.peak_system_used_bytes
+        if record.peak_gpu_memory_bytes is None:
+            record.peak_gpu_memory_bytes = summary.peak_gpu_memory_bytes
+        record.peak_shared_memory_bytes = summary.peak_shared_memory_bytes
+        record.backend = self.sampler.backend_name
+        record.sample_rate_hz = self.sampler.effective_rate_hz
+        record.sample_count = summary.sample_count
 
-            return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-        except (ImportError, OSError):
-            return int(self._process.memory_info().rss)
+    def measure_idle_baseline(self, seconds: float, round_index: int = 0) -> Optional[float]:
+        """Sit idle for `seconds` inside an "idle" phase and keep its mean module power as the
+        baseline that later phases' `energy_above_idle_j` subtracts. None without power."""
+        self.idle_power_w = None
+        with self.phase("idle", round_index) as counters:
+            time.sleep(seconds)
+        record = counters.record
+        assert record is not None
+        self.idle_power_w = record.mean_power_w
+        record.idle_power_w = self.idle_power_w
+        if record.energy_j is not None and self.idle_power_w is not None:
+            record.energy_above_idle_j = record.energy_j - self.idle_power_w * record.duration_s
+        return self.idle_power_w
+
+    def context(self) -> DeviceContext:
+        """The device context for this profiler's records (backend and measured sample rate)."""
+        sampler = self.sampler
+        return collect_context(
+            backend=self.backend_name,
+            sample_rate_hz=1.0 / sampler.interval_s if sampler is not None else None,
+            effective_sample_rate_hz=sampler.effective_rate_hz if sampler is not None else None,
+        )
 
     def drain(self) -> List[PhaseRecord]:
         """Records closed since the last drain, oldest first."""

@@ -33,6 +33,7 @@ class PhaseRecord(BaseModel):
     peak_rss_bytes: Optional[int] = None
     peak_system_used_bytes: Optional[int] = None
     peak_gpu_memory_bytes: Optional[int] = None
+    peak_shared_memory_bytes: Optional[int] = None
     bytes_sent: int = 0
     bytes_received: int = 0
     backend: str = "none"

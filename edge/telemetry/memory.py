@@ -1,0 +1,79 @@
+"""Memory readings: process RSS, system used, Jetson shared (NvMap) memory, CUDA allocator peak."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import psutil
+
+
+@dataclass
+class MemoryReading:
+    rss_bytes: Optional[int] = None
+    system_used_bytes: Optional[int] = None
+    shared_bytes: Optional[int] = None
+
+
+def parse_meminfo(text: str) -> Dict[str, int]:
+    """/proc/meminfo as bytes per key (the file states kB)."""
+    values: Dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            values[key.strip()] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    return values
+
+
+class MemoryProbe:
+    """Cheap per-sample memory reads. `proc_root` is configurable so tests can use a temp tree.
+
+    System used = MemTotal - MemAvailable (what a new allocation would have to compete with).
+    Jetson shared memory is NvMapMemUsed (CPU/GPU shared buffers); it is None off Jetson.
+    """
+
+    def __init__(self, proc_root: str = "/proc") -> None:
+        self._meminfo_path = os.path.join(proc_root, "meminfo")
+        self._process = psutil.Process(os.getpid())
+
+    def read(self) -> MemoryReading:
+        reading = MemoryReading(rss_bytes=int(self._process.memory_info().rss))
+        try:
+            with open(self._meminfo_path) as handle:
+                info = parse_meminfo(handle.read())
+        except OSError:
+            reading.system_used_bytes = int(psutil.virtual_memory().used)
+            return reading
+        if "MemTotal" in info and "MemAvailable" in info:
+            reading.system_used_bytes = info["MemTotal"] - info["MemAvailable"]
+        reading.shared_bytes = info.get("NvMapMemUsed")
+        return reading
+
+
+def cuda_torch() -> Optional[object]:
+    """torch, only if the program already imported it and CUDA works (never import it here)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    try:
+        return torch if torch.cuda.is_available() else None  # type: ignore[attr-defined]
+    except Exception:
+        return None
+
+
+class CudaPeakProbe:
+    """Peak CUDA allocator memory over a phase: reset at the start, read at the end."""
+
+    def start(self) -> None:
+        torch = cuda_torch()
+        if torch is not None:
+            torch.cuda.reset_peak_memory_stats()  # type: ignore[attr-defined]
+
+    def peak_bytes(self) -> Optional[int]:
+        torch = cuda_torch()
+        if torch is None:
+            return None
+        return int(torch.cuda.max_memory_allocated())  # type: ignore[attr-defined]
