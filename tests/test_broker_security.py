@@ -286,6 +286,8 @@ def test_mutual_tls_needs_a_cert_and_rotation_revokes_the_old_one(
             client.close()
         dep.restart()
         assert probe(probes, "old").connect(dep.tls_port, old_env, with_cert=True) is None
+        old_password = probe(probes, "oldpw").connect(dep.plain_port, old_env, tls=False)
+        assert old_password is not None and old_password.value in NOT_AUTHORISED
         rc = probe(probes, "new").connect(dep.tls_port, dep.env("A"), with_cert=True)
         assert rc is not None and not rc.is_failure
     finally:
