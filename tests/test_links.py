@@ -1,0 +1,471 @@
+"""Emulated device links: the spec grammar, the link timing model, and real fleets of network
+namespaces measured with real TCP, UDP and MQTT traffic (root only)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List
+
+import pytest
+
+from coordinator.links import LinkedFleet, LinkSpec, cleanup_stale
+from coordinator.links.model import LinkDirection
+from coordinator.links.netns import ROOT_ERROR, list_namespaces
+from coordinator.links.spec import EXPECTED_FORM
+from edge.errors import UserError
+from tests.brokers import MosquittoBroker, free_port
+
+PREFIX = "jft"
+OUR_TAGS = f"{PREFIX}{os.getpid()}"
+REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+MIB = 1 << 20
+RATE_TOLERANCE = 0.15
+
+root_only = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
+    reason="needs root and /dev/net/tun (network namespaces, TUN devices)",
+)
+
+
+# --- the spec grammar ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "100mbit,20ms,0.1%",
+            LinkSpec(up_rate_bit_s=1e8, down_rate_bit_s=1e8, delay_s=0.02, loss_pct=0.1),
+        ),
+        (
+            "100mbit,20ms±5ms",
+            LinkSpec(up_rate_bit_s=1e8, down_rate_bit_s=1e8, delay_s=0.02, jitter_s=0.005),
+        ),
+        ("delay=20ms,jitter=5ms", LinkSpec(delay_s=0.02, jitter_s=0.005)),
+        (
+            "up=10mbit,down=100mbit,delay=20ms",
+            LinkSpec(up_rate_bit_s=1e7, down_rate_bit_s=1e8, delay_s=0.02),
+        ),
+        (
+            "1.5Mbit/s, 0.5s+-100ms , loss=2%",
+            LinkSpec(
+                up_rate_bit_s=1.5e6, down_rate_bit_s=1.5e6, delay_s=0.5, jitter_s=0.1, loss_pct=2
+            ),
+        ),
+        ("rate=512kbit", LinkSpec(up_rate_bit_s=512e3, down_rate_bit_s=512e3)),
+    ],
+)
+def test_spec_forms_parse(text: str, expected: LinkSpec) -> None:
+    spec = LinkSpec.parse(text)
+    assert spec == expected
+    assert LinkSpec.parse(str(spec)) == spec
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("", "empty item"),
+        ("100mbit,,20ms", "empty item"),
+        ("100mb", "cannot tell what '100mb' is"),
+        ("100mbit,10mbit", "rate given twice"),
+        ("rate=10mbit,up=1mbit", "up given twice"),
+        ("speed=10mbit", "unknown key 'speed'"),
+        ("loss=0.1", "not a percentage"),
+        ("100%", "less than 100"),
+        ("20ms±30ms", "jitter must not exceed the delay"),
+        ("delay=fast", "time 'fast' is not like 20ms"),
+    ],
+)
+def test_malformed_spec_is_one_clear_line(text: str, reason: str) -> None:
+    with pytest.raises(UserError) as caught:
+        LinkSpec.parse(text)
+    message = str(caught.value)
+    assert reason in message and EXPECTED_FORM in message and "\n" not in message
+
+
+def test_to_dict_records_spec_and_numbers() -> None:
+    record = LinkSpec.parse("up=10mbit,down=100mbit,delay=20ms±5ms,loss=0.1%").to_dict()
+    assert record == {
+        "spec": "up=10mbit,down=100mbit,20ms±5ms,0.1%",
+        "up_rate_bit_s": 1e7,
+        "down_rate_bit_s": 1e8,
+        "delay_s": 0.02,
+        "jitter_s": 0.005,
+        "loss_pct": 0.1,
+    }
+
+
+# --- the timing model ---------------------------------------------------------------------
+
+
+def test_model_serialises_at_the_rate_then_adds_the_delay() -> None:
+    link = LinkDirection(8e6, delay_s=0.01, jitter_s=0.0, loss_fraction=0.0, rng=random.Random(0))
+    assert link.admit(1000, now_s=0.0) == pytest.approx(0.011)
+    assert link.admit(1000, now_s=0.0) == pytest.approx(0.012)
+    assert link.admit(1000, now_s=1.0) == pytest.approx(1.011)
+
+
+def test_model_jitter_never_reorders_and_loss_matches() -> None:
+    rng = random.Random(1)
+    link = LinkDirection(None, delay_s=0.01, jitter_s=0.005, loss_fraction=0.2, rng=rng)
+    arrivals = [link.admit(100, now_s=i * 1e-3) for i in range(5000)]
+    delivered = [at for at in arrivals if at is not None]
+    assert delivered == sorted(delivered)
+    assert 0.18 < 1 - len(delivered) / len(arrivals) < 0.22
+    assert min(at - i * 1e-3 for i, at in enumerate(arrivals) if at is not None) >= 0.005
+
+
+def test_model_tail_drops_a_full_queue() -> None:
+    link = LinkDirection(8e6, 0.0, 0.0, 0.0, random.Random(0), queue_s=0.1)
+    admitted = [link.admit(65536, now_s=0.0) for _ in range(20)]
+    assert None in admitted
+    assert admitted.index(None) * 65536 * 8 / 8e6 >= 0.1
+
+
+# --- real fleets (root) ---------------------------------------------------------------------
+
+
+def test_without_root_the_error_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(UserError, match="^" + ROOT_ERROR.replace("(", r"\(").replace(")", r"\)")):
+        LinkedFleet(1, LinkSpec.parse("10mbit"), prefix=PREFIX)
+
+
+@pytest.fixture
+def fleet() -> Iterator[LinkedFleet]:
+    """Two devices behind 100 Mbit/s links without added delay."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
+        pytest.skip("needs root and /dev/net/tun (network namespaces, TUN devices)")
+    with LinkedFleet(2, LinkSpec.parse("100mbit"), prefix=PREFIX) as made:
+        yield made
+
+
+def _python_in(fleet: LinkedFleet, index: int, code: str, *args: object) -> subprocess.Popen[str]:
+    """A Python snippet run in device `index`'s namespace; it reports on stdout."""
+    argv = [sys.executable, "-c", textwrap.dedent(code)] + [str(arg) for arg in args]
+    return subprocess.Popen(
+        fleet.device_command(index, argv),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+    )
+
+
+def _finish(process: subprocess.Popen[str], timeout_s: float = 60) -> str:
+    stdout, stderr = process.communicate(timeout=timeout_s)
+    assert process.returncode == 0, stderr
+    return stdout
+
+
+def _listener(host: str) -> socket.socket:
+    listener = socket.socket()
+    listener.bind((host, 0))
+    listener.listen()
+    return listener
+
+
+def _receive_all(listener: socket.socket, result: Dict[str, float]) -> None:
+    """Accept one connection and time its bytes from the first to the last."""
+    connection, _ = listener.accept()
+    received, first_s = 0, 0.0
+    with connection:
+        while True:
+            data = connection.recv(MIB)
+            if not data:
+                break
+            first_s = first_s or time.monotonic()
+            received += len(data)
+    result["seconds"] = time.monotonic() - first_s
+    result["bytes"] = received
+
+
+def _upload_s(fleet: LinkedFleet, index: int, n_bytes: int) -> float:
+    """Seconds a TCP upload of `n_bytes` from device `index` to the root namespace takes."""
+    listener = _listener(fleet.broker_host)
+    result: Dict[str, float] = {}
+    receiver = threading.Thread(target=_receive_all, args=(listener, result))
+    receiver.start()
+    port = listener.getsockname()[1]
+    _finish(
+        _python_in(
+            fleet,
+            index,
+            f"""
+        import socket
+        with socket.create_connection(({fleet.broker_host!r}, {port})) as sock:
+            sock.sendall(bytes({n_bytes}))
+    """,
+        )
+    )
+    receiver.join(timeout=60)
+    listener.close()
+    assert result["bytes"] == n_bytes
+    return result["seconds"]
+
+
+def _download_s(fleet: LinkedFleet, index: int, n_bytes: int) -> float:
+    """Seconds a TCP download of `n_bytes` from the root namespace to device `index` takes."""
+    listener = _listener(fleet.broker_host)
+    port = listener.getsockname()[1]
+    receiver = _python_in(
+        fleet,
+        index,
+        f"""
+        import socket, time
+        with socket.create_connection(({fleet.broker_host!r}, {port})) as sock:
+            received, first_s = 0, 0.0
+            while True:
+                data = sock.recv(1 << 20)
+                if not data:
+                    break
+                first_s = first_s or time.monotonic()
+                received += len(data)
+        print(received, time.monotonic() - first_s)
+    """,
+    )
+    connection, _ = listener.accept()
+    with connection:
+        connection.sendall(bytes(n_bytes))
+    listener.close()
+    received, seconds = _finish(receiver).split()
+    assert int(received) == n_bytes
+    return float(seconds)
+
+
+def _implied_s(n_bytes: int, rate_bit_s: float) -> float:
+    return n_bytes * 8 / rate_bit_s
+
+
+@pytest.mark.root
+@root_only
+def test_20mb_tcp_upload_takes_what_100mbit_implies(fleet: LinkedFleet) -> None:
+    n_bytes = 20 * MIB
+    seconds = _upload_s(fleet, 0, n_bytes)
+    implied_s = _implied_s(n_bytes, 1e8)
+    assert abs(seconds / implied_s - 1) <= RATE_TOLERANCE, (seconds, implied_s)
+
+
+SUBSCRIBER = """
+    import sys, time
+    import paho.mqtt.client as mqtt
+    host, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    received = []
+    def on_message(client, userdata, message):
+        received.append(len(message.payload))
+        if sum(received) >= total:
+            print("done", time.time(), flush=True)
+            client.disconnect()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="links-sub")
+    client.on_message = on_message
+    client.on_subscribe = lambda *args: print("subscribed", flush=True)
+    client.connect(host, port)
+    client.subscribe("jetfed/links-test/#", qos=1)
+    client.loop_forever()
+"""
+
+PUBLISHER = """
+    import sys, time
+    import paho.mqtt.client as mqtt
+    host, port, chunks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="links-pub")
+    client.connect(host, port)
+    client.loop_start()
+    payload = bytes(1 << 20)
+    start = time.time()
+    infos = [client.publish(f"jetfed/links-test/{i}", payload, qos=1) for i in range(chunks)]
+    for info in infos:
+        info.wait_for_publish(timeout=60)
+    print(start, time.time() - start, flush=True)
+    client.loop_stop()
+    client.disconnect()
+"""
+
+
+@pytest.mark.root
+@root_only
+def test_20mb_over_mqtt_through_mosquitto_takes_what_100mbit_implies(
+    fleet: LinkedFleet, tmp_path: Path
+) -> None:
+    """Device 0 publishes 20 MiB in 1 MiB QoS 1 chunks to a real Mosquitto in the root
+    namespace (up link); device 1 receives them all (down link)."""
+    broker = MosquittoBroker(tmp_path / "mosquitto", free_port(), host=fleet.broker_host)
+    broker.start()
+    try:
+        chunks = 20
+        subscriber = _python_in(fleet, 1, SUBSCRIBER, fleet.broker_host, broker.port, chunks * MIB)
+        assert subscriber.stdout is not None
+        assert subscriber.stdout.readline().strip() == "subscribed"
+        start, publish_s = map(
+            float,
+            _finish(
+                _python_in(fleet, 0, PUBLISHER, fleet.broker_host, broker.port, chunks)
+            ).split(),
+        )
+        _, done = _finish(subscriber).split()
+    finally:
+        broker.stop()
+    implied_s = _implied_s(chunks * MIB, 1e8)
+    assert abs(publish_s / implied_s - 1) <= RATE_TOLERANCE, (publish_s, implied_s)
+    end_to_end_s = float(done) - start
+    assert abs(end_to_end_s / implied_s - 1) <= RATE_TOLERANCE, (end_to_end_s, implied_s)
+
+
+@pytest.mark.root
+@root_only
+def test_asymmetric_link_limits_each_direction_on_its_own() -> None:
+    with LinkedFleet(1, LinkSpec.parse("up=20mbit,down=100mbit"), prefix=PREFIX) as slow_up:
+        up_s = _upload_s(slow_up, 0, 5 * MIB // 2)
+        down_s = _download_s(slow_up, 0, 5 * MIB)
+    assert abs(up_s / _implied_s(5 * MIB // 2, 2e7) - 1) <= RATE_TOLERANCE, up_s
+    assert abs(down_s / _implied_s(5 * MIB, 1e8) - 1) <= RATE_TOLERANCE, down_s
+
+
+CONNECT_RTT = """
+    import socket, sys, time
+    rtts = []
+    for _ in range(int(sys.argv[3])):
+        start = time.monotonic()
+        socket.create_connection((sys.argv[1], int(sys.argv[2]))).close()
+        rtts.append(time.monotonic() - start)
+    print(" ".join(map(str, rtts)))
+"""
+
+
+def _connect_rtts_s(fleet: LinkedFleet, count: int) -> List[float]:
+    """Round trips measured as TCP connect times (SYN → SYN-ACK) from device 0; the kernel
+    completes handshakes into the listen backlog, so nothing needs to accept them."""
+    with _listener(fleet.broker_host) as listener:
+        port = listener.getsockname()[1]
+        output = _finish(_python_in(fleet, 0, CONNECT_RTT, fleet.broker_host, port, count))
+    return [float(word) for word in output.split()]
+
+
+@pytest.mark.root
+@root_only
+def test_20ms_delay_shows_in_the_round_trip() -> None:
+    with LinkedFleet(1, LinkSpec.parse("100mbit,20ms"), prefix=PREFIX) as delayed:
+        rtts = _connect_rtts_s(delayed, 5)
+    assert 0.020 <= min(rtts) < 0.040, rtts
+
+
+@pytest.mark.root
+@root_only
+def test_jitter_spreads_the_round_trip() -> None:
+    with LinkedFleet(1, LinkSpec.parse("40ms±20ms"), prefix=PREFIX) as jittery:
+        rtts = _connect_rtts_s(jittery, 20)
+    assert all(0.020 <= rtt < 0.080 for rtt in rtts), rtts
+    assert max(rtts) - min(rtts) > 0.005, rtts
+
+
+UDP_SENDER = """
+    import socket, sys, time
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for _ in range(int(sys.argv[3])):
+        sock.sendto(bytes(100), (sys.argv[1], int(sys.argv[2])))
+        time.sleep(0.0002)
+"""
+
+
+def _count_datagrams(receiver: socket.socket, counted: List[int]) -> None:
+    """Count datagrams until none arrives for a second (read while they come: a full socket
+    buffer would drop them too)."""
+    receiver.settimeout(1.0)
+    try:
+        while True:
+            receiver.recv(1000)
+            counted.append(1)
+    except socket.timeout:
+        pass
+
+
+@pytest.mark.root
+@root_only
+def test_loss_drops_that_share_of_packets() -> None:
+    sent = 2000
+    counted: List[int] = []
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with LinkedFleet(1, LinkSpec.parse("loss=20%"), prefix=PREFIX) as lossy, receiver:
+        receiver.bind((lossy.broker_host, 0))
+        counter = threading.Thread(target=_count_datagrams, args=(receiver, counted))
+        counter.start()
+        port = receiver.getsockname()[1]
+        _finish(_python_in(lossy, 0, UDP_SENDER, lossy.broker_host, port, sent))
+        counter.join(timeout=30)
+    assert 0.15 < 1 - len(counted) / sent < 0.25, len(counted)
+
+
+def _our_leftovers(tag_start: str) -> List[str]:
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    names = [line.split(":")[1].strip().split("@")[0] for line in links.splitlines()]
+    return [name for name in list_namespaces() + names if name.startswith(tag_start)]
+
+
+OWNER = """
+    import subprocess, sys, time
+    from coordinator.links import LinkedFleet, LinkSpec
+    fleet = LinkedFleet(2, LinkSpec.parse("10mbit,10ms"), prefix=sys.argv[1])
+    sleeper = subprocess.Popen(fleet.device_command(0, ["sleep", "120"]))
+    print(fleet.tag, sleeper.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+def _wait_gone(tag: str, pid: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and (_our_leftovers(tag) or _alive(pid)):
+        time.sleep(0.1)
+    assert _our_leftovers(tag) == [] and not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.root
+@root_only
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_a_killed_owner_leaves_no_namespace_link_or_process(signum: int) -> None:
+    """SIGTERM runs the owner's teardown; after SIGKILL the relay notices and cleans up."""
+    owner = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(OWNER), PREFIX],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+    )
+    assert owner.stdout is not None
+    tag, sleeper = owner.stdout.readline().split()
+    assert len(_our_leftovers(tag)) == 4  # two namespaces, two hub-side links
+    owner.send_signal(signum)
+    owner.wait(timeout=10)
+    _wait_gone(tag, int(sleeper))
+
+
+@pytest.mark.root
+@root_only
+def test_cleanup_stale_removes_namespaces_of_dead_runs() -> None:
+    dead_pid = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
+    stale = f"{PREFIX}{dead_pid}a-d0"
+    subprocess.run(["ip", "netns", "add", stale], check=True)
+    assert stale in cleanup_stale(PREFIX)
+    assert stale not in list_namespaces()
+
+
+@pytest.mark.root
+@root_only
+def test_nothing_left_behind() -> None:
+    """Runs last in this file: no namespace or link from this test process remains."""
+    assert _our_leftovers(OUR_TAGS) == []
