@@ -106,8 +106,9 @@ usage() {
 Usage: install_jetson.sh [options]
 
 Service configuration (written to /etc/jetfed/edge.env, mode 600):
-  --broker URL           mqtt://HOST:1883 or mqtts://HOST:8883 (required on the first install;
-                         without it an existing edge.env is kept as it is)
+  --broker URL           mqtt://HOST:1883 or mqtts://HOST:8883. Required unless
+                         /etc/jetfed/edge.env exists (e.g. a `jetfed broker-config` device
+                         bundle copied there), which is then kept as it is
   --device-id ID         device id (default: the host name)
   --username NAME        MQTT user name
   --password PW          MQTT password (visible in `ps`; prefer --password-file)
@@ -116,7 +117,7 @@ Service configuration (written to /etc/jetfed/edge.env, mode 600):
   --cert-file FILE       client certificate (mutual TLS)
   --key-file FILE        client key (mutual TLS)
   --experiment NAME      experiment to join
-  --data DIR             data directory (default /var/lib/jetfed)
+  --data DIR             data directory, JETFED_DATA (default /var/lib/jetfed)
   --service-user NAME    account that runs the service (default: $SUDO_USER; never root)
 
 Device tuning:
@@ -140,7 +141,7 @@ Packages:
 
 Modes:
   --dry-run              print every step and the files it would write; change nothing
-  --config-only          only write edge.env and the unit and enable the service (no packages)
+  --config-only          skip the packages: only power settings, edge.env and the unit
   --no-service           do not write, enable or start jetfed-edge.service
   --root DIR             read the device identity from DIR and write files under DIR; commands
                          that act on the running system are skipped (tests, image staging)
@@ -306,6 +307,9 @@ validate_args() {
         die "--venv '${VENV}' must be an absolute path without spaces"
     [[ -z "$POWER_MODE" || "$POWER_MODE" =~ ^[0-9]{1,2}$ ]] ||
         die "--power-mode '${POWER_MODE}' must be an nvpmodel mode number such as 0 or 2"
+    if [[ "$JETPACK" == "generic" && (-n "$POWER_MODE" || "$JETSON_CLOCKS" == 1) ]]; then
+        die "--power-mode and --jetson-clocks need a Jetson (they drive nvpmodel and jetson_clocks)"
+    fi
     [[ -z "$SOURCE" || -z "$PACKAGE" ]] || die "--source and --package exclude each other"
     if [[ -n "$SOURCE" ]]; then
         [[ -f "$SOURCE/pyproject.toml" ]] || die "--source ${SOURCE}: no pyproject.toml there"
@@ -652,17 +656,24 @@ step_onnxruntime() {
         note "already installed: onnxruntime-gpu ${installed}"
         return 0
     fi
-    local source=$ORT_WHEEL
-    if [[ -n "$ORT_WHEEL" && -n "$ORT_WHEEL_NAME" ]]; then
-        source="${CACHE_DIR}/${ORT_WHEEL_NAME}"
-        run mkdir -p "$CACHE_DIR"
-        run curl -fSL --retry 3 -o "$source" "$ORT_WHEEL"
-    fi
-    local args=("$source")
-    [[ -n "$ORT_WHEEL" ]] || args=(--index-url "$ORT_INDEX" "$ORT_SPEC")
-    if ! pip_venv "${args[@]}"; then
+    if ! install_onnxruntime; then
         warn "onnxruntime-gpu did not install (only the ONNX inference bench needs it); retry with --ort-wheel or --ort-index-url"
     fi
+}
+
+install_onnxruntime() {
+    if [[ -z "$ORT_WHEEL" ]]; then
+        pip_venv --index-url "$ORT_INDEX" "$ORT_SPEC"
+        return
+    fi
+    local wheel=$ORT_WHEEL
+    if [[ -n "$ORT_WHEEL_NAME" ]]; then
+        # The Jetson Zoo link has no wheel file name, which pip needs: save it under one.
+        wheel="${CACHE_DIR}/${ORT_WHEEL_NAME}"
+        run mkdir -p "$CACHE_DIR" || return 1
+        run curl -fSL --retry 3 -o "$wheel" "$ORT_WHEEL" || return 1
+    fi
+    pip_venv "$wheel"
 }
 
 step_jetfed() {
@@ -688,7 +699,6 @@ step_verify() {
 
 step_power() {
     [[ -n "$POWER_MODE" ]] || ((JETSON_CLOCKS)) || return 0
-    [[ "$JETPACK" != "generic" ]] || die "--power-mode/--jetson-clocks need a Jetson"
     step "Power mode and clocks"
     if [[ -n "$POWER_MODE" ]]; then
         local current=""
@@ -721,11 +731,10 @@ env_value() {
 env_text() {
     local mask=$1 name value
     printf '# jetfed edge agent settings, read by %s (written by install_jetson.sh).\n' "$SERVICE_NAME"
-    for name in BROKER DEVICE_ID DATA USERNAME PASSWORD CA_FILE CERT_FILE KEY_FILE EXPERIMENT; do
+    for name in BROKER DEVICE_ID USERNAME PASSWORD CA_FILE CERT_FILE KEY_FILE EXPERIMENT; do
         case "$name" in
         BROKER) value=$BROKER ;;
         DEVICE_ID) value=$DEVICE_ID ;;
-        DATA) value=$DATA_DIR ;;
         USERNAME) value=$MQTT_USERNAME ;;
         PASSWORD) value=$MQTT_PASSWORD; [[ -z "$value" || "$mask" == 0 ]] || value="********" ;;
         CA_FILE) value=$CA_FILE ;;
@@ -758,8 +767,10 @@ User=${SERVICE_USER}
 EOF
     [[ "$JETPACK" == "generic" ]] || printf 'SupplementaryGroups=jtop\n'
     cat <<EOF
+# The data folder is a unit setting, so a credential bundle from jetfed broker-config
+# (devices/<id>/edge.env) can serve as the env file unchanged; the env file wins if it sets it.
+Environment=JETFED_DATA=${DATA_DIR} PYTHONUNBUFFERED=1
 EnvironmentFile=${ENV_PATH}
-Environment=PYTHONUNBUFFERED=1
 WorkingDirectory=${DATA_DIR}
 EOF
     ((!JETSON_CLOCKS)) || printf 'ExecStartPre=+%s\n' "$JETSON_CLOCKS_BIN"
@@ -856,8 +867,8 @@ main() {
         step_onnxruntime
         step_jetfed
         step_verify
-        step_power
     fi
+    step_power
     step_service
     print_next_steps
 }

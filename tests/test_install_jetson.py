@@ -302,6 +302,7 @@ def test_config_only_writes_a_valid_unit_and_is_idempotent(tmp_path: Path) -> No
         "ExecStart=/opt/jetfed/venv/bin/jetfed edge run",
         "ExecStartPre=+/usr/bin/jetson_clocks",
         "Restart=on-failure",
+        "Environment=JETFED_DATA=/var/lib/jetfed PYTHONUNBUFFERED=1",
     ]:
         assert line in unit_text.splitlines(), line
 
@@ -311,7 +312,7 @@ def test_config_only_writes_a_valid_unit_and_is_idempotent(tmp_path: Path) -> No
             "bash",
             "-c",
             'set -a; . "$1"; printf "%s\\n" "$JETFED_PASSWORD" "$JETFED_BROKER" '
-            '"$JETFED_DEVICE_ID" "$JETFED_USERNAME" "$JETFED_EXPERIMENT" "$JETFED_DATA"',
+            '"$JETFED_DEVICE_ID" "$JETFED_USERNAME" "$JETFED_EXPERIMENT"',
             "-",
             str(env_file),
         ],
@@ -326,7 +327,6 @@ def test_config_only_writes_a_valid_unit_and_is_idempotent(tmp_path: Path) -> No
         "orin-01",
         "dev1",
         "sst2",
-        "/var/lib/jetfed",
     ]
 
     before = snapshot(root)
@@ -369,6 +369,12 @@ def test_config_only_writes_a_valid_unit_and_is_idempotent(tmp_path: Path) -> No
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert verify.stderr.strip() == "", verify.stderr
+
+
+def test_generic_refuses_jetson_power_flags(tmp_path: Path) -> None:
+    result = dry_run(tmp_path, None, "--generic", "--power-mode", "0", machine="x86_64")
+    assert result.returncode != 0
+    assert "--power-mode and --jetson-clocks need a Jetson" in result.stderr
 
 
 def test_generic_unit_has_no_jtop(tmp_path: Path) -> None:
