@@ -1,10 +1,105 @@
-"""`jetfed` commands of the coordinator package."""
+"""`jetfed coordinator run` and `jetfed demo`."""
 
 from __future__ import annotations
 
+from typing import List, Optional
+
 import typer
+
+from edge.errors import UserError
+
+
+def coordinator_run(
+    config_path: str = typer.Argument(..., metavar="CONFIG", help="Experiment YAML."),
+    broker: Optional[str] = typer.Option(
+        None, "--broker", help="Overrides broker.url; none: embedded broker."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue after the last completed round."),
+    override: Optional[List[str]] = typer.Option(
+        None, "--set", help="section.key=value, repeatable."
+    ),
+) -> None:
+    """Run the rounds of an experiment; devices join with `jetfed edge run`."""
+    from contextlib import ExitStack
+
+    from coordinator.broker import EmbeddedBroker
+    from coordinator.config import load_config
+    from coordinator.progress import RoundTable
+    from coordinator.server import Coordinator
+    from edge.mqtt import BrokerSpec
+
+    config = load_config(config_path, override)
+    spec = config.broker or BrokerSpec()
+    with ExitStack() as stack:
+        if broker is not None:
+            spec = spec.model_copy(update={"url": broker})
+        elif config.broker is None:
+            embedded = stack.enter_context(EmbeddedBroker(host="0.0.0.0", port=1883))
+            typer.echo(
+                f"embedded broker on {embedded.url} (devices: --broker mqtt://THIS_HOST:1883)"
+            )
+            spec = BrokerSpec(url="mqtt://127.0.0.1:1883")
+        table = stack.enter_context(RoundTable(config, config.rounds.min_clients))
+        coordinator = Coordinator(config, spec, resume=resume, on_round=table.add)
+        coordinator.run()
+    typer.echo(f"run directory: {config.run_dir}")
+
+
+def demo(
+    clients: int = typer.Option(2, "--clients", min=1, max=32, help="Edge processes to start."),
+    rounds: int = typer.Option(3, "--rounds", min=1),
+    method: str = typer.Option("lora", "--method", help="lora, federa, full, ..."),
+    local_steps: int = typer.Option(50, "--local-steps", min=1),
+    data: Optional[str] = typer.Option(
+        None, "--data", help="Dataset folder (default: bundled SST-2 sample)."
+    ),
+    name: Optional[str] = typer.Option(
+        None, "--name", help="Experiment name (default: demo-METHOD-TIME)."
+    ),
+    output_dir: str = typer.Option("runs", "--output-dir"),
+    partition: str = typer.Option("iid", "--partition", help="iid, dirichlet or shards."),
+    alpha: float = typer.Option(1.0, "--alpha", help="Dirichlet concentration."),
+    learning_rate: Optional[float] = typer.Option(None, "--lr"),
+    max_eval_samples: Optional[int] = typer.Option(None, "--max-eval-samples"),
+    broker: Optional[str] = typer.Option(
+        None, "--broker", help="Use this broker instead of the embedded one."
+    ),
+) -> None:
+    """A whole federated run on this machine: embedded broker, coordinator, N devices."""
+    import time
+
+    from coordinator.demo import DEMO_DATA, demo_config, run_demo
+
+    data_path = data or str(DEMO_DATA)
+    run_name = name or f"demo-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = demo_config(
+        run_name,
+        method,
+        clients,
+        rounds,
+        local_steps,
+        data_path,
+        output_dir,
+        partition,
+        alpha,
+        max_eval_samples,
+        learning_rate,
+    )
+    metrics = run_demo(config, clients, broker)
+    if not metrics:
+        raise UserError(
+            "the demo completed no round; see the logs in " + str(config.run_dir / "logs")
+        )
+    last = metrics[-1]
+    total_s = last.wall_clock_s
+    typer.echo(
+        f"done: {len(metrics)} rounds in {total_s:.0f} s, final validation accuracy "
+        f"{last.accuracy:.3f}; run directory {config.run_dir}"
+    )
 
 
 def register(app: typer.Typer) -> None:
-    group = typer.Typer(help="coordinator commands", no_args_is_help=True)
+    group = typer.Typer(help="Run the coordinator side.", no_args_is_help=True)
+    group.command("run")(coordinator_run)
     app.add_typer(group, name="coordinator")
+    app.command("demo")(demo)

@@ -1,10 +1,129 @@
-"""`jetfed` commands of the edge package."""
+"""`jetfed edge ...` (run the device agent) and `jetfed partition` (inspect client shards)."""
 
 from __future__ import annotations
 
+import signal
+from typing import Any, Optional
+
 import typer
+
+from edge.errors import UserError
+
+
+def _broker_spec(**fields: Any) -> Any:
+    from pydantic import ValidationError
+
+    from edge.mqtt import BrokerSpec
+
+    try:
+        spec = BrokerSpec(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        raise UserError(f"broker: {exc.errors()[0]['msg']}") from None
+    spec.endpoint()
+    return spec
+
+
+def edge_run(
+    broker: str = typer.Option(
+        ..., envvar="JETFED_BROKER", help="mqtt://HOST:1883 or mqtts://HOST:8883"
+    ),
+    device_id: str = typer.Option(..., envvar="JETFED_DEVICE_ID", help="Unique id, e.g. orin-01."),
+    data: Optional[str] = typer.Option(
+        None, envvar="JETFED_DATA", help="Local dataset folder or file."
+    ),
+    experiment: str = typer.Option("default", envvar="JETFED_EXPERIMENT", help="Experiment name."),
+    username: Optional[str] = typer.Option(None, envvar="JETFED_USERNAME"),
+    password: Optional[str] = typer.Option(None, envvar="JETFED_PASSWORD"),
+    ca_file: Optional[str] = typer.Option(None, envvar="JETFED_CA_FILE"),
+    cert_file: Optional[str] = typer.Option(None, envvar="JETFED_CERT_FILE"),
+    key_file: Optional[str] = typer.Option(None, envvar="JETFED_KEY_FILE"),
+    torch_device: Optional[str] = typer.Option(
+        None, "--torch-device", help="cpu, cuda, cuda:1 (default: auto)."
+    ),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", envvar="JETFED_THREADS", help="torch CPU threads."
+    ),
+    max_rounds: Optional[int] = typer.Option(
+        None, "--max-rounds", help="Exit after this many rounds."
+    ),
+) -> None:
+    """Join an experiment and train whenever the coordinator selects this device."""
+    from pydantic import ValidationError
+
+    from edge.agent import EdgeAgent, EdgeConfig
+
+    spec = _broker_spec(
+        url=broker,
+        username=username,
+        password=password,
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
+    )
+    try:
+        config = EdgeConfig(
+            broker=spec,
+            device_id=device_id,
+            experiment=experiment,
+            data=data,
+            torch_device=torch_device,
+            num_threads=threads,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise UserError(f"--{'-'.join(map(str, first['loc']))}: {first['msg']}") from None
+    if data is None:
+        raise UserError("--data is required: the device's local dataset (folder or file)")
+    agent = EdgeAgent(config)
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    try:
+        agent.run(max_rounds=max_rounds)
+    except KeyboardInterrupt:
+        agent.stop()
+
+
+def partition_command(
+    data: str = typer.Option(..., "--data", help="Dataset folder or file."),
+    split: str = typer.Option("train", "--split"),
+    kind: str = typer.Option("dirichlet", "--kind", help="iid, dirichlet or shards."),
+    clients: int = typer.Option(10, "--clients"),
+    alpha: float = typer.Option(0.5, "--alpha"),
+    shards_per_client: int = typer.Option(2, "--shards-per-client"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Print per-client sample and class counts of a partition."""
+    from pydantic import ValidationError
+    from rich.console import Console
+    from rich.table import Table
+
+    from edge.data import class_counts, load_split, partition
+    from edge.wire import PartitionSpec
+
+    try:
+        spec = PartitionSpec(
+            kind=kind,
+            num_clients=clients,
+            alpha=alpha,
+            shards_per_client=shards_per_client,
+            seed=seed,
+        )
+    except ValidationError as exc:
+        raise UserError(f"--{exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+    dataset = load_split(data, split)
+    parts = partition(dataset.labels, spec)
+    counts = class_counts(dataset.labels, parts, dataset.num_classes)
+    table = Table(title=f"{kind} partition of {data} [{split}] into {len(parts)} clients")
+    table.add_column("client", justify="right")
+    table.add_column("samples", justify="right")
+    for label in range(dataset.num_classes):
+        table.add_column(f"class {label}", justify="right")
+    for index, row in enumerate(counts):
+        table.add_row(str(index), str(sum(row)), *map(str, row))
+    Console().print(table)
 
 
 def register(app: typer.Typer) -> None:
-    group = typer.Typer(help="edge commands", no_args_is_help=True)
+    group = typer.Typer(help="Run the device side.", no_args_is_help=True)
+    group.command("run")(edge_run)
     app.add_typer(group, name="edge")
+    app.command("partition")(partition_command)

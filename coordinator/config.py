@@ -1,0 +1,145 @@
+"""The experiment config (YAML), validated with one clear line per mistake naming the field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edge.errors import UserError
+from edge.mqtt import BrokerSpec
+from edge.wire import DEFAULT_CHUNK_SIZE_BYTES, ID_PATTERN, PartitionSpec, TrainingConfig
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(Section):
+    name_or_path: str = "minilm"
+    revision: Optional[str] = None
+    max_length: int = Field(default=64, ge=8, le=8192)
+    num_labels: Optional[int] = Field(default=None, ge=1)
+    num_hidden_layers: Optional[int] = Field(default=None, ge=1)
+
+
+class MethodSection(BaseModel):
+    """`name` picks the method; every other key is that method's hyper-parameter."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = "lora"
+
+    def settings(self) -> Dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DataSection(Section):
+    path: str
+    train_split: str = "train"
+    validation_split: str = "validation"
+    partition: PartitionSpec = PartitionSpec(kind="iid", num_clients=2)
+    client_indices: Dict[str, int] = Field(default_factory=dict)
+    max_eval_samples: Optional[int] = Field(default=None, ge=1)
+
+
+class RoundsSection(Section):
+    count: int = Field(default=3, ge=1)
+    min_clients: int = Field(default=2, ge=1)
+    clients_per_round: Optional[int] = Field(default=None, ge=1)
+    deadline_s: float = Field(default=900.0, gt=0)
+    wait_for_devices_s: float = Field(default=600.0, gt=0)
+
+
+class AggregationSection(Section):
+    strategy: Optional[str] = None
+
+
+class TransferSection(Section):
+    chunk_size_bytes: int = Field(default=DEFAULT_CHUNK_SIZE_BYTES, ge=1024)
+    update_dtype: str = Field(default="fp32", pattern="^(fp32|fp16|bf16)$")
+    max_update_bytes: int = Field(default=4 << 30, gt=0)
+    retry_after_s: float = Field(default=5.0, gt=0)
+    timeout_s: float = Field(default=300.0, gt=0)
+
+
+class ExperimentConfig(Section):
+    name: str = Field(pattern=ID_PATTERN)
+    broker: Optional[BrokerSpec] = None
+    model: ModelSection = ModelSection()
+    method: MethodSection = MethodSection()
+    training: TrainingConfig = TrainingConfig()
+    data: DataSection
+    rounds: RoundsSection = RoundsSection()
+    aggregation: AggregationSection = AggregationSection()
+    transfer: TransferSection = TransferSection()
+    output_dir: str = "runs"
+    seed: int = 0
+    eval_device: Optional[str] = None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def _describe(error: Any) -> str:
+    where = ".".join(str(part) for part in error.get("loc", ())) or "config"
+    message = error.get("msg", "invalid")
+    if error.get("type") == "extra_forbidden":
+        message = "unknown field (check the spelling; see README 'Experiment config')"
+    elif "input" in error and not isinstance(error["input"], (dict, list)):
+        message = f"{message} (got {error['input']!r})"
+    return f"{where}: {message}"
+
+
+def parse_config(raw: Any, origin: str = "config") -> ExperimentConfig:
+    if not isinstance(raw, dict):
+        raise UserError(f"{origin}: expected a mapping of sections (name, model, method, data...)")
+    try:
+        config = ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(f"{origin}: {_describe(exc.errors()[0])}") from None
+    if config.rounds.clients_per_round is not None and (
+        config.rounds.clients_per_round < config.rounds.min_clients
+    ):
+        raise UserError(f"{origin}: rounds.clients_per_round must be >= rounds.min_clients")
+    from edge.methods.base import get_method
+    from edge.wire import ModelRef
+
+    method_cls = get_method(config.method.name)
+    method_cls(config.method.settings(), ModelRef(name_or_path="x", num_labels=2))
+    return config
+
+
+def load_config(path: str, overrides: Optional[List[str]] = None) -> ExperimentConfig:
+    """Read YAML, apply `section.key=value` overrides (values parsed as YAML), validate."""
+    file = Path(path)
+    if not file.exists():
+        raise UserError(f"config file {path!r} does not exist")
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML: {exc}") from None
+    for override in overrides or []:
+        key, sep, value = override.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {override!r} must look like section.key=value")
+        target = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = yaml.safe_load(value)
+    return parse_config(raw, path)
+
+
+def config_digest(config: ExperimentConfig) -> str:
+    """Identifies what a resumed run must match (the broker and output dir may change)."""
+    import hashlib
+
+    fields = config.model_dump(
+        mode="json", exclude={"broker": True, "output_dir": True, "rounds": {"count"}}
+    )
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]

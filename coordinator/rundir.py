@@ -1,0 +1,149 @@
+"""The run directory `runs/<experiment>/`: config, metrics, profiles, adapters and checkpoint.
+
+```
+config.yaml            the validated experiment config
+metrics.jsonl          one RoundMetrics per completed round
+profiles.jsonl         every PhaseRecord devices sent (profiles.parquet / .csv beside it)
+devices.jsonl          each device's hello (capabilities and context), latest last
+global/round-NNNN/     the global model after round N in PEFT format (PeftModel.from_pretrained)
+checkpoint/            state.json + global.safetensors (+ init.safetensors): what --resume needs
+```
+Files are written atomically (temp file + rename), so a coordinator killed mid-write leaves the
+previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge.methods.base import Tensors
+from edge.telemetry.records import PhaseRecord
+from edge.wire import Hello
+
+
+class RoundMetrics(BaseModel):
+    """What one round achieved and cost, from the coordinator's point of view."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    round_index: int
+    status: str
+    method: str
+    devices: List[str] = Field(default_factory=list)
+    num_selected: int = 0
+    num_aggregated: int = 0
+    accuracy: Optional[float] = None
+    eval_loss: Optional[float] = None
+    train_loss: Optional[float] = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    round_s: float = 0.0
+    eval_s: float = 0.0
+    aggregate_s: float = 0.0
+    overhead_s: Optional[float] = None
+    wall_clock_s: float = 0.0
+    extra: Dict[str, float] = Field(default_factory=dict)
+
+
+class CheckpointState(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    experiment: str
+    config_digest: str
+    completed_round: int
+    client_indices: Dict[str, int]
+    wall_clock_s: float
+    has_init: bool
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class RunDir:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.checkpoint_dir = path / "checkpoint"
+
+    def create(self, config_dump: Dict[str, object]) -> None:
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        (self.path / "global").mkdir(exist_ok=True)
+        _atomic_write(
+            self.path / "config.yaml", yaml.safe_dump(config_dump, sort_keys=False).encode()
+        )
+
+    def exists(self) -> bool:
+        return (self.path / "metrics.jsonl").exists() or (
+            self.checkpoint_dir / "state.json"
+        ).exists()
+
+    def _append(self, name: str, lines: List[str]) -> None:
+        with open(self.path / name, "a", encoding="utf-8") as handle:
+            handle.writelines(line + "\n" for line in lines)
+
+    def append_metrics(self, metrics: RoundMetrics) -> None:
+        self._append("metrics.jsonl", [metrics.model_dump_json()])
+
+    def read_metrics(self) -> List[RoundMetrics]:
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return []
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return [RoundMetrics.model_validate_json(line) for line in lines if line.strip()]
+
+    def append_profiles(self, records: List[PhaseRecord]) -> None:
+        self._append("profiles.jsonl", [record.model_dump_json() for record in records])
+
+    def append_device(self, hello: Hello) -> None:
+        self._append("devices.jsonl", [hello.model_dump_json()])
+
+    def write_profile_tables(self) -> None:
+        """profiles.parquet and profiles.csv next to profiles.jsonl (needs pandas + pyarrow)."""
+        source = self.path / "profiles.jsonl"
+        if not source.exists():
+            return
+        try:
+            import pandas as pd
+        except ImportError:
+            return
+        rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+        frame = pd.json_normalize(rows, sep=".")
+        frame.to_csv(self.path / "profiles.csv", index=False)
+        with contextlib.suppress(ImportError):
+            frame.to_parquet(self.path / "profiles.parquet", index=False)
+
+    def adapter_dir(self, round_index: int) -> Path:
+        return self.path / "global" / f"round-{round_index:04d}"
+
+    def save_checkpoint(
+        self, state: CheckpointState, global_state: Tensors, init: Optional[Tensors]
+    ) -> None:
+        from safetensors.torch import save
+
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.checkpoint_dir / "global.safetensors", save(global_state))
+        if init is not None:
+            _atomic_write(self.checkpoint_dir / "init.safetensors", save(init))
+        _atomic_write(self.checkpoint_dir / "state.json", state.model_dump_json(indent=2).encode())
+
+    def load_checkpoint(self) -> Tuple[CheckpointState, Tensors, Optional[Tensors]]:
+        from safetensors.torch import load_file
+
+        state = CheckpointState.model_validate_json(
+            (self.checkpoint_dir / "state.json").read_text()
+        )
+        global_state = load_file(str(self.checkpoint_dir / "global.safetensors"))
+        init = load_file(str(self.checkpoint_dir / "init.safetensors")) if state.has_init else None
+        return state, global_state, init

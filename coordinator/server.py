@@ -1,0 +1,513 @@
+"""The coordinator's round state machine, with checkpoint and resume.
+
+Each round: wait for `min_clients` ready devices → select → publish the task (retained) and offer
+the global state → collect updates until every selected device answered or the deadline passed →
+aggregate if at least `min_clients` arrived → evaluate → export → checkpoint → metrics.
+
+All protocol state is owned by the thread calling `run()`; paho's thread only queues inbound
+messages and serves chunk requests. Every inbound message is validated; a bad one is logged once
+and answered with a nack on the device's nack topic, and it never changes accepted state.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+from coordinator.config import ExperimentConfig, config_digest
+from coordinator.registry import DeviceRegistry
+from coordinator.rundir import CheckpointState, RoundMetrics, RunDir
+from coordinator.strategies import AcceptedUpdate, Strategy, make_strategy
+from edge.data import TextDataset, load_split
+from edge.errors import ProtocolError, UserError
+from edge.logs import log_event
+from edge.methods.base import FederatedMethod, Tensors, get_method
+from edge.mqtt import BrokerSpec, MqttLink
+from edge.transfer import BlobServer, Download, TransferTimeout
+from edge.wire import (
+    Ack,
+    ChunkRequest,
+    Hello,
+    ModelRef,
+    Nack,
+    ProfileBatch,
+    Task,
+    Topics,
+    Update,
+    decode_tensors,
+    encode_message,
+    encode_tensors,
+    mqtt_publish_wire_bytes,
+    parse_message,
+    tensor_spec,
+)
+
+logger = logging.getLogger(__name__)
+
+DEVICE_TO_COORDINATOR = ("status", "hello", "update", "profile", "want", "up/#")
+
+
+@dataclass
+class _Inbound:
+    """Transfers and results of the round in progress."""
+
+    round_index: int
+    task: Task
+    transfers: Dict[str, Download] = field(default_factory=dict)
+    announced: Dict[str, Update] = field(default_factory=dict)
+    accepted: Dict[str, AcceptedUpdate] = field(default_factory=dict)
+    last_accept_s: Optional[float] = None
+
+
+class Coordinator:
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        broker: BrokerSpec,
+        resume: bool = False,
+        on_round: Optional[Callable[[RoundMetrics], None]] = None,
+    ) -> None:
+        self.config = config
+        self.broker = broker
+        self.topics = Topics(config.name)
+        self.run_dir = RunDir(config.run_dir)
+        self.on_round = on_round
+        self._stop = False
+        if self.run_dir.exists() and not resume:
+            raise UserError(
+                f"run directory {self.run_dir.path} already exists: pass --resume to continue it "
+                "or choose another experiment name"
+            )
+        self.validation = self._load_validation()
+        self.model_ref = ModelRef(
+            name_or_path=config.model.name_or_path,
+            revision=config.model.revision,
+            num_labels=config.model.num_labels or self._num_labels(),
+            max_length=config.model.max_length,
+            num_hidden_layers=config.model.num_hidden_layers,
+        )
+        self.method: FederatedMethod = get_method(config.method.name)(
+            config.method.settings(), self.model_ref
+        )
+        self.strategy: Strategy = make_strategy(
+            config.aggregation.strategy or self.method.strategy, self.method
+        )
+        self.start_round = 0
+        self.wall_clock_offset_s = 0.0
+        self.global_state: Tensors = {}
+        self.init: Optional[Tensors] = None
+        self.registry = DeviceRegistry(config.data.client_indices)
+        self._setup_state(resume)
+        self.eval_model = self.method.build(self.init, seed=config.seed)
+        from edge.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(self.model_ref)
+        self.expected = tensor_spec(self.method.get_state(self.eval_model))
+        self.blobs = BlobServer(self._publish_raw, config.transfer.chunk_size_bytes)
+        self.link = MqttLink(
+            broker,
+            client_id=f"jetfed-coordinator-{config.name}",
+            subscriptions=[self.topics.all_devices(leaf) for leaf in DEVICE_TO_COORDINATOR],
+        )
+        self.link.on_topic(self._is_want, self._serve_want)
+        self._inbound: Optional[_Inbound] = None
+        self._round_bytes = {"up": 0, "down": 0}
+
+    # ------------------------------------------------------------------ setup
+
+    def _load_validation(self) -> TextDataset:
+        data = self.config.data
+        dataset = load_split(data.path, data.validation_split)
+        if data.max_eval_samples is not None and len(dataset) > data.max_eval_samples:
+            dataset = dataset.subset(range(data.max_eval_samples))
+        return dataset
+
+    def _num_labels(self) -> int:
+        from pathlib import Path
+
+        labels_file = Path(self.config.data.path) / "labels.json"
+        if labels_file.exists():
+            import json
+
+            return len(json.loads(labels_file.read_text()))
+        return max(2, self.validation.num_classes)
+
+    def _setup_state(self, resume: bool) -> None:
+        digest = config_digest(self.config)
+        if resume and (self.run_dir.checkpoint_dir / "state.json").exists():
+            state, self.global_state, self.init = self.run_dir.load_checkpoint()
+            if state.config_digest != digest:
+                raise UserError(
+                    f"--resume: {self.config.name}'s config changed since the checkpoint "
+                    "(only rounds.count and broker may change)"
+                )
+            self.start_round = state.completed_round + 1
+            self.wall_clock_offset_s = state.wall_clock_s
+            self.registry.client_indices.update(state.client_indices)
+            log_event(logger, logging.WARNING, "run.resumed", next_round=self.start_round)
+            return
+        initial = self.method.initial_state(seed=self.config.seed)
+        self.global_state = initial.global_state
+        self.init = initial.init
+        self.run_dir.create(self.config.model_dump(mode="json", exclude={"broker"}))
+
+    # ------------------------------------------------------------------ paho thread
+
+    def _publish_raw(self, topic: str, payload: bytes) -> None:
+        self._round_bytes["down"] += self.link.publish(topic, payload)
+
+    def _is_want(self, topic: str) -> bool:
+        return topic.startswith(f"{self.topics.root}/devices/") and topic.endswith("/want")
+
+    def _serve_want(self, topic: str, payload: bytes) -> None:
+        device_id, _, _ = self.topics.parse_device_topic(topic)
+        try:
+            request = parse_message(ChunkRequest, payload)
+            if request.device_id != device_id:
+                raise ProtocolError(f"device_id {request.device_id!r} does not match the topic")
+            self.blobs.serve(
+                request.digest,
+                request.indices,
+                lambda digest, index: self.topics.chunk(device_id, "down", digest, index),
+            )
+        except ProtocolError as exc:
+            self._reject(device_id, None, "bad_request", str(exc))
+
+    # ------------------------------------------------------------------ run
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def run(self) -> List[RoundMetrics]:
+        self.link.connect()
+        started_s = time.monotonic() - self.wall_clock_offset_s
+        init_manifest = None
+        if self.init is not None:
+            init_manifest = self.blobs.offer(encode_tensors(self.init))
+        results: List[RoundMetrics] = []
+        previous_done_s: Optional[float] = None
+        try:
+            for round_index in range(self.start_round, self.config.rounds.count):
+                if self._stop:
+                    break
+                metrics = self._run_round(round_index, init_manifest, started_s, previous_done_s)
+                previous_done_s = self._inbound.last_accept_s if self._inbound else None
+                results.append(metrics)
+                if self.on_round is not None:
+                    self.on_round(metrics)
+        finally:
+            self.link.publish(self.topics.task, b"", retain=True)
+            self.link.wait_published(5)
+            self.link.close()
+            self.run_dir.write_profile_tables()
+        return results
+
+    def _run_round(
+        self,
+        round_index: int,
+        init_manifest: object,
+        started_s: float,
+        previous_done_s: Optional[float],
+    ) -> RoundMetrics:
+        round_start_s = time.monotonic()
+        self._round_bytes = {"up": 0, "down": 0}
+        selected = self._select(round_index)
+        extra = self.strategy.configure_round(round_index, self.global_state)
+        global_manifest = self.blobs.offer(encode_tensors(self.global_state))
+        extra_manifests = {name: self.blobs.offer(data) for name, data in extra.items()}
+        now = time.time()
+        task = Task(
+            experiment=self.config.name,
+            round_index=round_index,
+            method=self.method.name,
+            method_config=self.config.method.settings(),
+            model=self.model_ref,
+            training=self.config.training,
+            partition=self.config.data.partition,
+            client_indices={d: self.registry.client_indices[d] for d in selected},
+            selected_devices=selected,
+            global_state=global_manifest,
+            init_state=init_manifest,  # type: ignore[arg-type]
+            extra_blobs=extra_manifests,
+            update_dtype=self.config.transfer.update_dtype,
+            chunk_size_bytes=self.config.transfer.chunk_size_bytes,
+            issued_unix_s=now,
+            deadline_unix_s=now + self.config.rounds.deadline_s,
+        )
+        self._inbound = _Inbound(round_index, task)
+        self.link.publish(self.topics.task, encode_message(task), retain=True)
+        overhead_s = None if previous_done_s is None else time.monotonic() - previous_done_s
+        log_event(
+            logger,
+            logging.INFO,
+            "round.task_published",
+            round_index=round_index,
+            devices=len(selected),
+        )
+        self._collect(task)
+        inbound = self._inbound
+        accepted = [inbound.accepted[d] for d in sorted(inbound.accepted)]
+        aggregate_s = eval_s = 0.0
+        metrics = RoundMetrics(
+            round_index=round_index,
+            status="skipped",
+            method=self.method.name,
+            devices=sorted(inbound.accepted),
+            num_selected=len(selected),
+            num_aggregated=len(accepted),
+            overhead_s=overhead_s,
+        )
+        if len(accepted) >= self.config.rounds.min_clients:
+            t0 = time.monotonic()
+            self.global_state = self.strategy.aggregate(round_index, self.global_state, accepted)
+            aggregate_s = time.monotonic() - t0
+            metrics.status = "aggregated"
+            total = sum(a.update.num_samples for a in accepted)
+            metrics.train_loss = (
+                sum(a.update.train_loss * a.update.num_samples for a in accepted) / total
+            )
+        else:
+            log_event(
+                logger,
+                logging.WARNING,
+                "round.skipped",
+                round_index=round_index,
+                accepted=len(accepted),
+                min_clients=self.config.rounds.min_clients,
+            )
+        for digest in [global_manifest.digest, *(m.digest for m in extra_manifests.values())]:
+            self.blobs.withdraw(digest)
+        t0 = time.monotonic()
+        evaluation = self._evaluate()
+        eval_s = time.monotonic() - t0
+        self.method.export(self.eval_model, str(self.run_dir.adapter_dir(round_index)))
+        metrics.accuracy = evaluation.accuracy
+        metrics.eval_loss = evaluation.loss
+        metrics.aggregate_s = aggregate_s
+        metrics.eval_s = eval_s
+        metrics.bytes_up = self._round_bytes["up"]
+        metrics.bytes_down = self._round_bytes["down"]
+        metrics.round_s = time.monotonic() - round_start_s
+        metrics.wall_clock_s = time.monotonic() - started_s
+        self.run_dir.save_checkpoint(
+            CheckpointState(
+                experiment=self.config.name,
+                config_digest=config_digest(self.config),
+                completed_round=round_index,
+                client_indices=self.registry.client_indices,
+                wall_clock_s=metrics.wall_clock_s,
+                has_init=self.init is not None,
+            ),
+            self.global_state,
+            self.init,
+        )
+        self.run_dir.append_metrics(metrics)
+        self.run_dir.write_profile_tables()
+        return metrics
+
+    def _evaluate(self):  # type: ignore[no-untyped-def]
+        from edge.models import pick_device
+        from edge.train import evaluate
+
+        self.method.set_state(self.eval_model, self.global_state)
+        return evaluate(
+            self.eval_model,
+            self.tokenizer,
+            self.validation,
+            max_length=self.model_ref.max_length,
+            device=pick_device(self.config.eval_device),
+        )
+
+    # ------------------------------------------------------------------ devices
+
+    def _select(self, round_index: int) -> List[str]:
+        """Wait for enough ready devices with a data shard, then pick this round's devices."""
+        rounds = self.config.rounds
+        partition = self.config.data.partition
+        deadline = time.monotonic() + rounds.wait_for_devices_s
+        eligible: List[str] = []
+        while True:
+            self._pump(0.2)
+            ready = self.registry.ready()
+            if partition.kind != "none":
+                self.registry.assign_indices(ready, partition.num_clients)
+            else:
+                self.registry.assign_indices(ready, len(self.registry.devices) + 1)
+            eligible = [d for d in ready if d in self.registry.client_indices]
+            if len(eligible) >= rounds.min_clients or self._stop:
+                break
+            if time.monotonic() > deadline:
+                raise UserError(
+                    f"only {len(eligible)} of rounds.min_clients={rounds.min_clients} devices "
+                    f"joined within {rounds.wait_for_devices_s:.0f} s (ready: {ready})"
+                )
+        count = rounds.clients_per_round or len(eligible)
+        rng = random.Random(self.config.seed * 7919 + round_index)
+        return sorted(rng.sample(eligible, min(count, len(eligible))))
+
+    def _collect(self, task: Task) -> None:
+        """Until every selected device's update is accepted, or the deadline passes."""
+        inbound = self._inbound
+        assert inbound is not None
+        deadline_s = time.monotonic() + (task.deadline_unix_s - time.time())
+        selected = set(task.selected_devices)
+        while (
+            set(inbound.accepted) != selected and time.monotonic() < deadline_s and not self._stop
+        ):
+            self._pump(0.1)
+            for device_id, download in list(inbound.transfers.items()):
+                try:
+                    download.poll()
+                except TransferTimeout as exc:
+                    del inbound.transfers[device_id]
+                    self._reject(device_id, task.round_index, "transfer_timeout", str(exc))
+
+    def _pump(self, timeout_s: float) -> None:
+        try:
+            topic, payload = self.link.inbox.get(timeout=timeout_s)
+        except queue.Empty:
+            return
+        while True:
+            self._dispatch(topic, payload)
+            try:
+                topic, payload = self.link.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
+        """Route one inbound message; nothing a device sends can raise out of here."""
+        try:
+            device_id, leaf, rest = self.topics.parse_device_topic(topic)
+        except ProtocolError as exc:
+            log_event(logger, logging.WARNING, "message.rejected", topic=topic, reason=exc)
+            return
+        self._round_bytes["up"] += mqtt_publish_wire_bytes(topic, len(payload))
+        try:
+            if leaf == "status":
+                self.registry.on_status(device_id, payload == b"online")
+            elif leaf == "hello":
+                self._on_hello(device_id, payload)
+            elif leaf == "update":
+                self._on_update(device_id, payload)
+            elif leaf == "up" and len(rest) == 2:
+                self._on_chunk(device_id, rest[0], rest[1], payload)
+            elif leaf == "profile":
+                self._on_profile(device_id, payload)
+        except ProtocolError as exc:
+            round_index = self._inbound.round_index if self._inbound else None
+            self._reject(device_id, round_index, "invalid_" + leaf.replace("/", "_"), str(exc))
+        except Exception as exc:  # a message must never kill the coordinator
+            logger.exception("message.crashed topic=%s", topic)
+            self._reject(device_id, None, "internal_error", type(exc).__name__)
+
+    def _reject(self, device_id: str, round_index: Optional[int], code: str, reason: str) -> None:
+        log_event(
+            logger,
+            logging.WARNING,
+            "message.rejected",
+            device_id=device_id,
+            code=code,
+            reason=reason,
+        )
+        nack = Nack(device_id=device_id, round_index=round_index, code=code, reason=reason)
+        self.link.publish(self.topics.device(device_id, "nack"), encode_message(nack))
+
+    def _check_sender(self, device_id: str, claimed: str) -> None:
+        if claimed != device_id:
+            raise ProtocolError(
+                f"device_id {claimed!r} inside the message does not match the topic"
+            )
+
+    def _on_hello(self, device_id: str, payload: bytes) -> None:
+        hello = parse_message(Hello, payload)
+        self._check_sender(device_id, hello.device_id)
+        self.registry.on_hello(hello)
+        self.run_dir.append_device(hello)
+        log_event(
+            logger, logging.INFO, "device.hello", device_id=device_id, accelerator=hello.accelerator
+        )
+
+    def _on_profile(self, device_id: str, payload: bytes) -> None:
+        batch = parse_message(ProfileBatch, payload)
+        self._check_sender(device_id, batch.device_id)
+        if any(r.device_id != device_id or r.experiment != self.config.name for r in batch.records):
+            raise ProtocolError("profile records name another device or experiment")
+        self.run_dir.append_profiles(batch.records)
+
+    def _on_update(self, device_id: str, payload: bytes) -> None:
+        inbound = self._inbound
+        update = parse_message(Update, payload)
+        self._check_sender(device_id, update.device_id)
+        if inbound is None or update.experiment != self.config.name:
+            raise ProtocolError("no round is collecting updates")
+        if update.round_index != inbound.round_index:
+            raise ProtocolError(
+                f"stale round {update.round_index}; collecting round {inbound.round_index}"
+            )
+        if device_id not in inbound.task.selected_devices:
+            raise ProtocolError(
+                f"device {device_id} was not selected for round {inbound.round_index}"
+            )
+        if update.base_digest != inbound.task.global_state.digest:
+            raise ProtocolError("update was computed against another global state")
+        accepted = inbound.accepted.get(device_id)
+        if accepted is not None:
+            if accepted.update.blob.digest != update.blob.digest:
+                raise ProtocolError("a different update for this round was already accepted")
+            self._ack(device_id, update)
+            return
+        if (
+            device_id in inbound.transfers
+            and inbound.announced[device_id].blob.digest == update.blob.digest
+        ):
+            return
+        topic = self.topics.device(device_id, "pull")
+        download = Download(
+            update.blob,
+            request=lambda indices: self._publish_raw(
+                topic,
+                encode_message(
+                    ChunkRequest(
+                        device_id=device_id, digest=update.blob.digest, indices=list(indices)
+                    )
+                ),
+            ),
+            max_size_bytes=self.config.transfer.max_update_bytes,
+            retry_after_s=self.config.transfer.retry_after_s,
+            timeout_s=self.config.transfer.timeout_s,
+        )
+        inbound.transfers[device_id] = download
+        inbound.announced[device_id] = update
+        download.start()
+
+    def _on_chunk(self, device_id: str, digest: str, index_text: str, payload: bytes) -> None:
+        inbound = self._inbound
+        download = inbound.transfers.get(device_id) if inbound else None
+        if inbound is None or download is None or download.manifest.digest != digest:
+            return
+        if not index_text.isdigit():
+            raise ProtocolError(f"chunk index {index_text!r} is not a number")
+        download.add_chunk(int(index_text), payload)
+        if not download.complete:
+            return
+        del inbound.transfers[device_id]
+        update = inbound.announced.pop(device_id)
+        tensors = decode_tensors(download.result(), self.expected)
+        inbound.accepted[device_id] = AcceptedUpdate(update, tensors)
+        inbound.last_accept_s = time.monotonic()
+        self._ack(device_id, update)
+        log_event(
+            logger,
+            logging.INFO,
+            "update.accepted",
+            device_id=device_id,
+            round_index=update.round_index,
+        )
+
+    def _ack(self, device_id: str, update: Update) -> None:
+        ack = Ack(device_id=device_id, round_index=update.round_index, digest=update.blob.digest)
+        self.link.publish(self.topics.device(device_id, "ack"), encode_message(ack))

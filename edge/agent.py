@@ -1,0 +1,396 @@
+"""The edge agent: hello → wait for a task → fetch global state → train → upload → profile.
+
+One thread runs the protocol; paho's thread only queues messages and serves blob chunks the
+coordinator pulls (so uploads flow even while the next round trains). What a round does is the
+method's business (`edge/methods/`); this loop never changes when a method is added.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import psutil
+from pydantic import BaseModel, ConfigDict, Field
+
+import jetfed
+from edge.data import TextDataset, client_shard, load_split
+from edge.errors import ProtocolError, UserError
+from edge.logs import log_event
+from edge.methods.base import FederatedMethod, LocalRound, available_methods, get_method
+from edge.mqtt import BrokerSpec, MqttLink
+from edge.telemetry.phases import PhaseCounters, Profiler
+from edge.transfer import BlobServer, Download, TransferTimeout
+from edge.wire import (
+    Ack,
+    BlobManifest,
+    ChunkRequest,
+    Hello,
+    Nack,
+    ProfileBatch,
+    Task,
+    Topics,
+    Update,
+    decode_tensors,
+    encode_message,
+    encode_tensors,
+    parse_message,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class EdgeConfig(BaseModel):
+    """How this device joins an experiment (CLI flags / JETFED_* environment variables)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    broker: BrokerSpec
+    device_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    experiment: str = "default"
+    data: Optional[str] = None
+    train_split: str = "train"
+    torch_device: Optional[str] = None
+    num_threads: Optional[int] = Field(default=None, ge=1)
+    max_download_bytes: int = Field(default=8 << 30, gt=0)
+    transfer_retry_s: float = Field(default=5.0, gt=0)
+    transfer_timeout_s: float = Field(default=300.0, gt=0)
+    ack_retry_s: float = Field(default=10.0, gt=0)
+
+
+@dataclass
+class _ModelCache:
+    """The built model survives rounds; rebuilt only when the method, model or init changes."""
+
+    key: Tuple[str, str, str, str]
+    method: FederatedMethod
+    model: Any
+    tokenizer: Any
+
+
+class RoundAbandoned(Exception):
+    """This round cannot finish here (nack, newer task, timeout); wait for the next task."""
+
+
+class EdgeAgent:
+    def __init__(self, config: EdgeConfig) -> None:
+        self.config = config
+        self.topics = Topics(config.experiment)
+        self.device_id = config.device_id
+        self.profiler = Profiler(config.experiment, config.device_id)
+        self._stop = threading.Event()
+        self._pending_task: Optional[Task] = None
+        self._finished_rounds: Dict[int, str] = {}
+        self._downloads: Dict[str, Download] = {}
+        self._acks: Dict[int, str] = {}
+        self._nacks: Dict[int, Nack] = {}
+        self._model: Optional[_ModelCache] = None
+        self._datasets: Dict[Tuple[str, str], TextDataset] = {}
+        dev = self.topics.device
+        self.link = MqttLink(
+            config.broker,
+            client_id=f"jetfed-edge-{config.device_id}",
+            subscriptions=[
+                self.topics.task,
+                dev(self.device_id, "down/#"),
+                dev(self.device_id, "pull"),
+                dev(self.device_id, "ack"),
+                dev(self.device_id, "nack"),
+            ],
+            will=(dev(self.device_id, "status"), b"offline"),
+            on_connected=self._announce,
+        )
+        self.blobs = BlobServer(self._publish_raw, chunk_size_bytes=1 << 20)
+        pull_topic = dev(self.device_id, "pull")
+        self.link.on_topic(lambda topic: topic == pull_topic, self._serve_pull)
+
+    # ------------------------------------------------------------------ connection
+
+    def _publish_raw(self, topic: str, payload: bytes) -> None:
+        self.link.publish(topic, payload)
+
+    def _announce(self) -> None:
+        """On every (re)connect: retained `online` and a fresh hello."""
+        dev = self.topics.device
+        self.link.publish(dev(self.device_id, "status"), b"online", retain=True)
+        self.link.publish(dev(self.device_id, "hello"), encode_message(self.hello()))
+
+    def hello(self) -> Hello:
+        import torch
+
+        return Hello(
+            device_id=self.device_id,
+            jetfed_version=jetfed.__version__,
+            hostname=socket.gethostname(),
+            machine=platform.machine(),
+            accelerator="cuda" if torch.cuda.is_available() else "cpu",
+            memory_total_bytes=int(psutil.virtual_memory().total),
+            telemetry_backend="psutil",
+            methods=available_methods(),
+        )
+
+    def _serve_pull(self, topic: str, payload: bytes) -> None:
+        """paho thread: the coordinator asks for chunks of one of our uploads."""
+        try:
+            request = parse_message(ChunkRequest, payload)
+            self.blobs.serve(
+                request.digest,
+                request.indices,
+                lambda digest, index: self.topics.chunk(self.device_id, "up", digest, index),
+            )
+        except ProtocolError as exc:
+            log_event(logger, logging.WARNING, "pull.rejected", reason=exc)
+
+    # ------------------------------------------------------------------ main loop
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self, max_rounds: Optional[int] = None) -> None:
+        """Serve rounds until stopped (or `max_rounds` rounds were uploaded)."""
+        import torch
+
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        self.link.connect()
+        try:
+            while not self._stop.is_set():
+                if max_rounds is not None and len(self._finished_rounds) >= max_rounds:
+                    return
+                task = self._pending_task or self._wait_for_task()
+                self._pending_task = None
+                if task is not None:
+                    self._run_round(task)
+        finally:
+            self.link.close(final=(self.topics.device(self.device_id, "status"), b"offline"))
+
+    def _wait_for_task(self) -> Optional[Task]:
+        self._pump(timeout_s=0.5)
+        return self._pending_task
+
+    def _pump(self, timeout_s: float) -> None:
+        """Handle queued messages for up to `timeout_s` (returns early once the queue is empty)."""
+        try:
+            topic, payload = self.link.inbox.get(timeout=timeout_s)
+        except queue.Empty:
+            return
+        while True:
+            self._dispatch(topic, payload)
+            try:
+                topic, payload = self.link.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
+        try:
+            if topic == self.topics.task:
+                self._on_task(payload)
+                return
+            _, leaf, rest = self.topics.parse_device_topic(topic)
+            if leaf == "down" and len(rest) == 2:
+                download = self._downloads.get(rest[0])
+                if download is not None:
+                    download.add_chunk(int(rest[1]), payload)
+            elif leaf == "ack":
+                ack = parse_message(Ack, payload)
+                self._acks[ack.round_index] = ack.digest
+            elif leaf == "nack":
+                nack = parse_message(Nack, payload)
+                log_event(
+                    logger, logging.WARNING, "nack.received", code=nack.code, reason=nack.reason
+                )
+                if nack.round_index is not None:
+                    self._nacks[nack.round_index] = nack
+        except (ProtocolError, ValueError) as exc:
+            log_event(logger, logging.WARNING, "message.rejected", topic=topic, reason=exc)
+
+    def _on_task(self, payload: bytes) -> None:
+        if not payload:
+            return
+        task = parse_message(Task, payload)
+        if task.experiment != self.config.experiment:
+            raise ProtocolError(f"task for experiment {task.experiment!r}")
+        if task.round_index in self._finished_rounds:
+            return
+        if self._pending_task is None or task.round_index >= self._pending_task.round_index:
+            self._pending_task = task
+
+    # ------------------------------------------------------------------ one round
+
+    def _run_round(self, task: Task) -> None:
+        if self.device_id not in task.selected_devices:
+            log_event(logger, logging.INFO, "round.not_selected", round_index=task.round_index)
+            return
+        if time.time() > task.deadline_unix_s:
+            log_event(logger, logging.WARNING, "round.past_deadline", round_index=task.round_index)
+            self._finished_rounds[task.round_index] = "late"
+            return
+        log_event(logger, logging.INFO, "round.start", round_index=task.round_index)
+        self.profiler.method = task.method
+        try:
+            with self.profiler.phase("download", task.round_index) as counters:
+                blobs = self._download_all(task, counters)
+            with self.profiler.phase("setup", task.round_index):
+                job = self._prepare(task, blobs)
+            result = job.method_instance.local_round(job.local)
+            with self.profiler.phase("upload", task.round_index) as counters:
+                self._upload(task, result, counters)
+            self._finished_rounds[task.round_index] = "uploaded"
+            log_event(logger, logging.INFO, "round.uploaded", round_index=task.round_index)
+        except RoundAbandoned as exc:
+            log_event(
+                logger, logging.WARNING, "round.abandoned", round_index=task.round_index, reason=exc
+            )
+            self._finished_rounds[task.round_index] = "abandoned"
+        except (ProtocolError, TransferTimeout) as exc:
+            log_event(
+                logger, logging.WARNING, "round.failed", round_index=task.round_index, reason=exc
+            )
+            self._finished_rounds[task.round_index] = "failed"
+        finally:
+            self._publish_profile(task.round_index)
+
+    def _needed_blobs(self, task: Task) -> Dict[str, BlobManifest]:
+        needed = {"global": task.global_state, **task.extra_blobs}
+        cache = self._model
+        if task.init_state is not None and (
+            cache is None or cache.key[3] != task.init_state.digest
+        ):
+            needed["init"] = task.init_state
+        return needed
+
+    def _download_all(self, task: Task, counters: PhaseCounters) -> Dict[str, bytes]:
+        """Fetch every blob the task names, verified; resumes by re-asking for missing chunks."""
+        manifests = self._needed_blobs(task)
+        want_topic = self.topics.device(self.device_id, "want")
+        self._downloads = {}
+        for manifest in manifests.values():
+            download = Download(
+                manifest,
+                request=self._requester(want_topic, manifest.digest),
+                max_size_bytes=self.config.max_download_bytes,
+                retry_after_s=self.config.transfer_retry_s,
+                timeout_s=self.config.transfer_timeout_s,
+            )
+            self._downloads[manifest.digest] = download
+            download.start()
+        received_before = self.link.counters.bytes_received
+        while not all(d.complete for d in self._downloads.values()):
+            self._pump(timeout_s=0.2)
+            self._check_superseded(task)
+            for download in self._downloads.values():
+                download.poll()
+        counters.bytes_received += self.link.counters.bytes_received - received_before
+        results = {name: self._downloads[m.digest].result() for name, m in manifests.items()}
+        self._downloads = {}
+        return results
+
+    def _requester(self, topic: str, digest: str) -> Any:
+        def request(indices: Any) -> None:
+            message = ChunkRequest(device_id=self.device_id, digest=digest, indices=list(indices))
+            self.link.publish(topic, encode_message(message))
+
+        return request
+
+    def _check_superseded(self, task: Task) -> None:
+        pending = self._pending_task
+        if pending is not None and pending.round_index > task.round_index:
+            raise RoundAbandoned(f"round {pending.round_index} started")
+        if task.round_index in self._nacks:
+            raise RoundAbandoned(self._nacks[task.round_index].reason)
+
+    @dataclass
+    class _Job:
+        method_instance: FederatedMethod
+        local: LocalRound
+
+    def _prepare(self, task: Task, blobs: Dict[str, bytes]) -> EdgeAgent._Job:
+        """Decode the state, (re)build the model if needed, derive this device's data shard."""
+        from edge.models import load_tokenizer, pick_device
+
+        init_digest = task.init_state.digest if task.init_state is not None else ""
+        key = (task.method, repr(sorted(task.method_config.items())), repr(task.model), init_digest)
+        if self._model is None or self._model.key != key:
+            method = get_method(task.method)(task.method_config, task.model)
+            init = decode_tensors(blobs["init"]) if "init" in blobs else None
+            model = method.build(init, seed=task.training.seed)
+            self._model = _ModelCache(key, method, model, load_tokenizer(task.model))
+        cache = self._model
+        expected = {name: tuple(t.shape) for name, t in cache.method.get_state(cache.model).items()}
+        global_state = decode_tensors(blobs["global"], expected)
+        client_index = task.client_indices.get(self.device_id, 0)
+        dataset = self._dataset(task, client_index)
+        extra = {name: blobs[name] for name in task.extra_blobs}
+        local = LocalRound(
+            model=cache.model,
+            tokenizer=cache.tokenizer,
+            dataset=dataset,
+            training=task.training,
+            model_ref=task.model,
+            round_index=task.round_index,
+            seed=task.training.seed * 1_000_003 + task.round_index * 1009 + client_index,
+            device=pick_device(self.config.torch_device),
+            global_state=global_state,
+            profiler=self.profiler,
+            extra_blobs=extra,
+        )
+        return EdgeAgent._Job(cache.method, local)
+
+    def _dataset(self, task: Task, client_index: int) -> TextDataset:
+        if not self.config.data:
+            raise UserError("this device has no data: pass --data DIR (or JETFED_DATA)")
+        key = (repr(task.partition), str(client_index))
+        if key not in self._datasets:
+            full = load_split(self.config.data, self.config.train_split)
+            self._datasets = {key: client_shard(full, task.partition, client_index)}
+        return self._datasets[key]
+
+    def _upload(self, task: Task, result: Any, counters: PhaseCounters) -> None:
+        """Offer the update's tensors, announce them, and wait for the coordinator's ack."""
+        data = encode_tensors(result.tensors, task.update_dtype)
+        manifest = self.blobs.offer(data, task.chunk_size_bytes)
+        update = Update(
+            experiment=task.experiment,
+            device_id=self.device_id,
+            round_index=task.round_index,
+            base_digest=task.global_state.digest,
+            num_samples=result.num_samples,
+            local_steps=result.local_steps,
+            train_loss=result.train_loss,
+            blob=manifest,
+            metrics=result.metrics,
+        )
+        sent_before = self.link.counters.bytes_sent
+        update_topic = self.topics.device(self.device_id, "update")
+        deadline = time.monotonic() + self.config.transfer_timeout_s
+        last_sent = 0.0
+        try:
+            while task.round_index not in self._acks:
+                if time.monotonic() > deadline:
+                    raise TransferTimeout(f"no ack for round {task.round_index}")
+                if time.monotonic() - last_sent > self.config.ack_retry_s:
+                    self.link.publish(update_topic, encode_message(update))
+                    last_sent = time.monotonic()
+                self._pump(timeout_s=0.1)
+                self._check_superseded(task)
+        finally:
+            self.blobs.withdraw(manifest.digest)
+            counters.bytes_sent += self.link.counters.bytes_sent - sent_before
+        counters.extra["update_payload_bytes"] = float(len(data))
+
+    def _publish_profile(self, round_index: int) -> None:
+        records = self.profiler.drain()
+        if records:
+            batch = ProfileBatch(device_id=self.device_id, round_index=round_index, records=records)
+            self.link.publish(self.topics.device(self.device_id, "profile"), encode_message(batch))
+
+
+def default_num_threads() -> int:
+    return max(1, (os.cpu_count() or 1))

@@ -1,0 +1,179 @@
+"""What a federated method is, and the registry that finds one by name.
+
+A method is one file in `edge/methods/` defining a `FederatedMethod` subclass decorated with
+`@register_method`. `get_method(name)` imports `edge.methods.<name>` on demand, so adding a method
+never touches the agent loop or the coordinator's round loop. The coordinator pairs it with an
+aggregation strategy (`coordinator/strategies.py`), FedAvg unless the method names another.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Mapping, Optional, Type
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from edge.errors import UserError
+from edge.wire import ModelRef, TrainingConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from edge.data import TextDataset
+    from edge.telemetry.phases import Profiler
+
+logger = logging.getLogger(__name__)
+
+Tensors = Dict[str, "torch.Tensor"]
+
+
+class MethodConfig(BaseModel):
+    """Hyper-parameters of a method; subclasses add fields. Unknown keys are a user error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class InitialState:
+    """Round-0 state built once by the coordinator.
+
+    `init` is shipped once and fixed for the run (FeDeRA's SVD factors); `global_state` is what
+    rounds average and broadcast.
+    """
+
+    global_state: Tensors
+    init: Optional[Tensors] = None
+
+
+@dataclass
+class LocalRound:
+    """Everything one device's round needs; built by the agent, consumed by the method."""
+
+    model: Any
+    tokenizer: Any
+    dataset: TextDataset
+    training: TrainingConfig
+    model_ref: ModelRef
+    round_index: int
+    seed: int
+    device: str
+    global_state: Tensors
+    profiler: Profiler
+    extra_blobs: Dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class LocalResult:
+    """What a device uploads: `tensors` (a delta against the global state unless the method
+    says otherwise), the FedAvg weight `num_samples`, and train statistics."""
+
+    tensors: Tensors
+    num_samples: int
+    train_loss: float
+    local_steps: int
+    metrics: Dict[str, float] = field(default_factory=dict)
+
+
+class FederatedMethod(ABC):
+    """One federated fine-tuning method: model construction, state exchange, local round."""
+
+    name: ClassVar[str]
+    config_model: ClassVar[Type[MethodConfig]] = MethodConfig
+    strategy: ClassVar[str] = "fedavg"
+
+    def __init__(self, config: Mapping[str, Any], model_ref: ModelRef) -> None:
+        try:
+            self.config = self.config_model(**dict(config))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "method"
+            raise UserError(f"method.{where}: {first['msg']} (method {self.name})") from None
+        self.model_ref = model_ref
+
+    @abstractmethod
+    def initial_state(self, seed: int) -> InitialState:
+        """Coordinator, once per run: the round-0 global state (and fixed init, if any)."""
+
+    @abstractmethod
+    def build(self, init: Optional[Tensors], seed: int) -> Any:
+        """A trainable model; devices and the coordinator build it the same way."""
+
+    def get_state(self, model: Any) -> Tensors:
+        """The federated tensors: every trainable parameter, by name."""
+        return {
+            name: param.detach().clone()
+            for name, param in model.named_parameters()
+            if param.requires_grad
+        }
+
+    def set_state(self, model: Any, state: Mapping[str, torch.Tensor]) -> None:
+        import torch
+
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+    def local_round(self, job: LocalRound) -> LocalResult:
+        """Default: train locally, upload the change of the federated tensors."""
+        from edge.train import train_local
+
+        self.set_state(job.model, job.global_state)
+        with job.profiler.phase("train", job.round_index) as counters:
+            stats = train_local(
+                job.model,
+                job.tokenizer,
+                job.dataset,
+                job.training,
+                max_length=job.model_ref.max_length,
+                device=job.device,
+                seed=job.seed,
+            )
+            counters.extra["steps"] = float(stats.steps)
+        trained = self.get_state(job.model)
+        delta = {name: trained[name] - job.global_state[name].to(trained[name]) for name in trained}
+        return LocalResult(
+            tensors=delta,
+            num_samples=len(job.dataset),
+            train_loss=stats.mean_loss,
+            local_steps=stats.steps,
+            metrics={"samples_seen": float(stats.samples_seen)},
+        )
+
+    def export(self, model: Any, out_dir: str) -> None:
+        """Save the global model in a format users load directly (PEFT for adapters)."""
+        model.save_pretrained(out_dir)
+
+
+_REGISTRY: Dict[str, Type[FederatedMethod]] = {}
+
+
+def register_method(cls: Type[FederatedMethod]) -> Type[FederatedMethod]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> Type[FederatedMethod]:
+    """The method class registered as `name`, importing `edge.methods.<name>` if needed."""
+    if name not in _REGISTRY:
+        try:
+            importlib.import_module(f"edge.methods.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"edge.methods.{name}":
+                raise
+    if name not in _REGISTRY:
+        raise UserError(f"unknown method {name!r}; known: {', '.join(available_methods())}")
+    return _REGISTRY[name]
+
+
+def available_methods() -> List[str]:
+    import pkgutil
+
+    import edge.methods
+
+    return sorted(
+        info.name for info in pkgutil.iter_modules(edge.methods.__path__) if info.name != "base"
+    )

