@@ -124,6 +124,12 @@ def test_model_jitter_never_reorders_and_loss_matches() -> None:
     assert min(at - i * 1e-3 for i, at in enumerate(arrivals) if at is not None) >= 0.005
 
 
+def test_model_loses_a_burst_when_any_of_its_packets_would_be() -> None:
+    link = LinkDirection(None, 0.0, 0.0, loss_fraction=0.01, rng=random.Random(2))
+    lost = sum(link.admit(45 * 1500, now_s=0.0, packets=45) is None for _ in range(4000))
+    assert 0.31 < lost / 4000 < 0.40  # 1 - 0.99**45 = 0.36
+
+
 def test_model_tail_drops_a_full_queue() -> None:
     link = LinkDirection(8e6, 0.0, 0.0, 0.0, random.Random(0), queue_s=0.1)
     admitted = [link.admit(65536, now_s=0.0) for _ in range(20)]

@@ -151,10 +151,10 @@ class LinkedFleet:
                 for i, name in enumerate(self.namespaces)
             ],
         )
+        # The relay's stderr is ours: it writes only when it fails, and then the user needs it.
         self._relay = subprocess.Popen(
             [sys.executable, "-m", "coordinator.links.relay", config.model_dump_json()],
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
             text=True,
             cwd=_repo_root(),
         )
@@ -162,9 +162,8 @@ class LinkedFleet:
         ready, _, _ = select.select([self._relay.stdout], [], [], RELAY_START_TIMEOUT_S)
         if not ready or self._relay.stdout.readline().strip() != "ready":
             self._relay.kill()
-            _, stderr = self._relay.communicate()
-            lines = (stderr or "no output").strip().splitlines()
-            raise UserError(f"--link: the link relay did not start: {lines[-1]}")
+            self._relay.wait()
+            raise UserError("--link: the link relay process did not start (its error is above)")
 
     def teardown(self) -> None:
         """Remove every namespace and link this fleet made; safe to call more than once."""

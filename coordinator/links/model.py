@@ -41,9 +41,12 @@ class LinkDirection:
         self._last_delivery_s = 0.0
         self.dropped_packets = 0
 
-    def admit(self, wire_bytes: int, now_s: float) -> Optional[float]:
-        """When a packet offered at `now_s` arrives at the far end, or None when it is lost."""
-        if self.loss_fraction and self.rng.random() < self.loss_fraction:
+    def admit(self, wire_bytes: int, now_s: float, packets: int = 1) -> Optional[float]:
+        """When a frame offered at `now_s` arrives at the far end, or None when it is lost.
+
+        A frame may be a burst of `packets` (segmentation offload): it is lost when any of its
+        packets would be, so TCP sees as many loss events per packet as the loss rate says."""
+        if self.loss_fraction and self.rng.random() < 1 - (1 - self.loss_fraction) ** packets:
             self.dropped_packets += 1
             return None
         start_s = max(now_s, self._link_free_at_s)

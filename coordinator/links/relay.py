@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from coordinator.links.model import LinkDirection
 from coordinator.links.netns import remove_namespaces
 from coordinator.links.spec import LinkSpec
-from coordinator.links.tun import MAX_FRAME_BYTES, open_tun, wire_bytes
+from coordinator.links.tun import MAX_FRAME_BYTES, open_tun, wire_size
 
 READS_PER_WAKEUP = 64
 IDLE_WAKEUP_S = 0.2
@@ -55,7 +55,8 @@ class _Direction:
         self.in_flight: Deque[Tuple[float, bytes]] = collections.deque()
 
     def offer(self, frame: bytes) -> None:
-        arrival_s = self.model.admit(wire_bytes(frame), time.monotonic())
+        wire_bytes, packets = wire_size(frame)
+        arrival_s = self.model.admit(wire_bytes, time.monotonic(), packets)
         if arrival_s is not None:
             self.in_flight.append((arrival_s, frame))
 
@@ -109,7 +110,7 @@ def run(config: RelayConfig) -> None:
             for _ in range(READS_PER_WAKEUP):
                 try:
                     frame = os.read(key.fd, MAX_FRAME_BYTES)
-                except BlockingIOError:
+                except OSError:  # EAGAIN: drained; EIO: the interface is not up yet
                     break
                 key.data.offer(frame)
         now_s = time.monotonic()

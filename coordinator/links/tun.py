@@ -11,7 +11,7 @@ import ctypes
 import fcntl
 import os
 import struct
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
@@ -72,16 +72,16 @@ def open_tun(ifname: str, netns: Optional[str] = None) -> int:
     return fd
 
 
-def wire_bytes(frame: bytes) -> int:
-    """IP bytes this frame puts on a real link: a TSO burst becomes several packets, each with
-    its own IP and TCP headers."""
+def wire_size(frame: bytes) -> Tuple[int, int]:
+    """(IP bytes, packets) this frame puts on a real link: a TSO burst becomes several packets,
+    each with its own IP and TCP headers."""
     ip_bytes = len(frame) - VNET_HDR_BYTES
     _flags, gso_type, hdr_len, gso_size, _start, _offset = _VNET_HDR.unpack_from(frame)
     if not gso_type or not gso_size:
-        return ip_bytes
+        return ip_bytes, 1
     header_bytes = _header_bytes(frame) or hdr_len or _FALLBACK_HEADER_BYTES
-    segments = -(-(ip_bytes - header_bytes) // gso_size)
-    return ip_bytes + (segments - 1) * header_bytes
+    segments = max(1, -(-(ip_bytes - header_bytes) // gso_size))
+    return ip_bytes + (segments - 1) * header_bytes, segments
 
 
 def _header_bytes(frame: bytes) -> int:
