@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from collections import deque
+from typing import Deque, Optional, Sequence, Tuple
 
 Point = Tuple[float, Optional[float]]
+_TailPoint = Tuple[float, Optional[float], Optional[float], Optional[float]]
 
 
 def trapezoid_j(times_s: Sequence[float], power_w: Sequence[Optional[float]]) -> Optional[float]:
@@ -33,64 +35,63 @@ def _interpolate(left: Point, right: Point, at_s: float) -> Optional[float]:
 
 
 class WindowIntegral:
-    """Streaming trapezoid over [start_s, end_s], O(1) memory, for one power channel.
+    """Streaming trapezoid over [start_s, end_s] for one power channel, in O(1) memory.
 
     The value at start_s is interpolated between the last sample before the window (`before`)
     and the first one inside; after the last sample the value is held to end_s. So windows that
     tile a run add up to the run's integral, and a phase shorter than one sample period still
-    gets an estimate instead of nothing.
+    gets an estimate instead of nothing. Samples that arrive after end_s but before `close`
+    (up to TAIL_LENGTH of them) are cut back out exactly.
     """
+
+    TAIL_LENGTH = 16
 
     def __init__(self, start_s: float, before: Optional[Point] = None) -> None:
         self.start_s = start_s
         self._before = before
-        self._previous: Optional[Point] = None
-        self._last: Optional[Point] = None
+        # (t, value, energy up to t, peak up to t), most recent last
+        self._tail: Deque[_TailPoint] = deque(maxlen=self.TAIL_LENGTH)
         self.energy_j: Optional[float] = None
         self.peak_w: Optional[float] = None
         self.sample_count = 0
-
-    def _accumulate(self, left: Point, right: Point) -> None:
-        if left[1] is not None and right[1] is not None:
-            area = 0.5 * (left[1] + right[1]) * (right[0] - left[0])
-            self.energy_j = (self.energy_j or 0.0) + area
-
-    def _peak(self, value: Optional[float]) -> None:
-        if value is not None and (self.peak_w is None or value > self.peak_w):
-            self.peak_w = value
 
     def add(self, t_s: float, power_w: Optional[float]) -> None:
         if t_s <= self.start_s:
             self._before = (t_s, power_w)
             return
         point = (t_s, power_w)
-        if self._last is None:
+        if not self._tail:
             start_value = power_w
             if self._before is not None:
                 interpolated = _interpolate(self._before, point, self.start_s)
                 start_value = power_w if interpolated is None else interpolated
-            self._last = (self.start_s, start_value)
-            self._peak(start_value)
-        self._accumulate(self._last, point)
-        self._peak(power_w)
+            self._tail.append((self.start_s, start_value, None, start_value))
+        last_t, last_v, energy_j, peak_w = self._tail[-1]
+        if last_v is not None and power_w is not None:
+            energy_j = (energy_j or 0.0) + 0.5 * (last_v + power_w) * (t_s - last_t)
         if power_w is not None:
+            peak_w = power_w if peak_w is None else max(peak_w, power_w)
             self.sample_count += 1
-        self._previous, self._last = self._last, point
+        self._tail.append((t_s, power_w, energy_j, peak_w))
 
     def close(self, end_s: float) -> None:
-        """Finish at end_s: hold the last value forward, or cut back a sample that overshot."""
-        duration_s = end_s - self.start_s
-        if self._last is None:
+        """Finish at end_s: hold the last value forward, or cut back samples that overshot."""
+        if not self._tail:
             if self._before is not None and self._before[1] is not None:
-                self.energy_j = self._before[1] * duration_s
-                self._peak(self._before[1])
+                self.energy_j = self._before[1] * (end_s - self.start_s)
+                self.peak_w = self._before[1]
             return
-        last_t, last_v = self._last
-        if last_t <= end_s:
-            if last_v is not None:
-                self.energy_j = (self.energy_j or 0.0) + last_v * (end_s - last_t)
-            return
-        if self._previous is not None and self.energy_j is not None and last_v is not None:
-            end_v = _interpolate(self._previous, self._last, end_s)
-            if end_v is not None:
-                self.energy_j -= 0.5 * (end_v + last_v) * (last_t - end_s)
+        points = list(self._tail)
+        inside = [i for i, point in enumerate(points) if point[0] <= end_s] or [0]
+        index = inside[-1]
+        t_s, value, energy_j, peak_w = points[index]
+        if value is not None:
+            if index + 1 < len(points):
+                following = points[index + 1]
+                end_value = _interpolate((t_s, value), (following[0], following[1]), end_s)
+            else:
+                end_value = value
+            if end_value is not None:
+                energy_j = (energy_j or 0.0) + 0.5 * (value + end_value) * (end_s - t_s)
+                peak_w = end_value if peak_w is None else max(peak_w, end_value)
+        self.energy_j, self.peak_w = energy_j, peak_w

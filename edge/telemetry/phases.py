@@ -143,8 +143,8 @@ class Profiler:
         assert record is not None
         self.idle_power_w = record.mean_power_w
         record.idle_power_w = self.idle_power_w
-        if record.energy_j is not None and self.idle_power_w is not None:
-            record.energy_above_idle_j = record.energy_j - self.idle_power_w * record.duration_s
+        if self.idle_power_w is not None:
+            record.energy_above_idle_j = 0.0
         return self.idle_power_w
 
     def context(self) -> DeviceContext:

@@ -44,6 +44,7 @@ class Sampler:
         self.thread_cpu_s = 0.0
         self._started_monotonic_s: Optional[float] = None
         self._failed = False
+        self._clock_offset_s: Optional[float] = None
 
     @property
     def backend_name(self) -> str:
@@ -109,14 +110,16 @@ class Sampler:
 
     def _ingest(self, sample: Sample) -> None:
         self._last = sample
+        # Delivery delay only ever shrinks the observed offset: the largest is the best estimate.
+        if self._clock_offset_s is None or sample.clock_offset_s > self._clock_offset_s:
+            self._clock_offset_s = sample.clock_offset_s
         self.sample_count += 1
         self._trace.append((sample.wall_unix_s, sample.total_w))
         for window in self._windows:
             window.add(sample)
 
     def _now_on_backend_clock(self) -> float:
-        now = time.monotonic()
-        return now if self._last is None else now + self._last.clock_offset_s
+        return time.monotonic() + (self._clock_offset_s or 0.0)
 
     def open_window(self) -> PhaseWindow:
         """Start accumulating a phase now."""
