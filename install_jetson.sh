@@ -159,7 +159,21 @@ die() {
 warn() { printf '!! %s\n' "$1" >&2; }
 note() { printf '   %s\n' "$1"; }
 step() { printf '\n==> %s\n' "$1"; }
-show_cmd() { printf '%s' "$1"; shift; printf ' %q' "$@"; printf '\n'; }
+# Print a command so it can be pasted into a shell: plain words as they are, others quoted.
+show_cmd() {
+    local line=$1 arg
+    shift
+    for arg in "$@"; do
+        if [[ "$arg" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
+            line+=" ${arg}"
+        elif [[ "$arg" != *"'"* ]]; then
+            line+=" '${arg}'"
+        else
+            line+=" $(printf '%q' "$arg")"
+        fi
+    done
+    printf '%s\n' "$line"
+}
 
 on_host() { [[ "$ROOT" == "/" ]]; }
 
