@@ -153,7 +153,7 @@ class LinkedFleet:
         )
         # The relay's stderr is ours: it writes only when it fails, and then the user needs it.
         self._relay = subprocess.Popen(
-            [sys.executable, "-m", "coordinator.links.relay", config.model_dump_json()],
+            [sys.executable, "-m", "coordinator.links", config.model_dump_json()],
             stdout=subprocess.PIPE,
             text=True,
             cwd=_repo_root(),

@@ -3,7 +3,7 @@ device's end and the hub's end through a `LinkDirection` each way.
 
 Userspace on purpose: sch_netem (tc's delay/loss qdisc) is missing from many VM kernels,
 including the ones jetfed is developed and tested on, while TUN is everywhere. Run as
-`python -m coordinator.links.relay CONFIG_JSON`; it prints `ready` once every TUN exists, and
+`python -m coordinator.links CONFIG_JSON`; it prints `ready` once every TUN exists, and
 when the process that started it dies it deletes the fleet's namespaces itself.
 """
 
@@ -120,7 +120,3 @@ def run(config: RelayConfig) -> None:
 
 def main() -> None:
     run(RelayConfig.model_validate_json(sys.argv[1]))
-
-
-if __name__ == "__main__":
-    main()
