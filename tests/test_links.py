@@ -448,17 +448,17 @@ def _alive(pid: int) -> bool:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_a_killed_owner_leaves_no_namespace_link_or_process(signum: int) -> None:
     """SIGTERM runs the owner's teardown; after SIGKILL the relay notices and cleans up."""
-    owner = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(OWNER), PREFIX],
         stdout=subprocess.PIPE,
         text=True,
         cwd=REPO_ROOT,
-    )
-    assert owner.stdout is not None
-    tag, sleeper = owner.stdout.readline().split()
-    assert len(_our_leftovers(tag)) == 4  # two namespaces, two hub-side links
-    owner.send_signal(signum)
-    owner.wait(timeout=10)
+    ) as owner:
+        assert owner.stdout is not None
+        tag, sleeper = owner.stdout.readline().split()
+        assert len(_our_leftovers(tag)) == 4  # two namespaces, two hub-side links
+        owner.send_signal(signum)
+        owner.wait(timeout=10)
     _wait_gone(tag, int(sleeper))
 
 

@@ -113,32 +113,8 @@ class LinkedFleet:
             self.subnet = _free_subnet()
             self._start_relay()
             for i, name in enumerate(self.namespaces):
-                hub_if, device_if = f"{self.tag}h{i}", f"{self.tag}d{i}"
-                netns.ip(
-                    [
-                        "addr",
-                        "add",
-                        f"{self.broker_host}/32",
-                        "peer",
-                        self.device_address(i),
-                        "dev",
-                        hub_if,
-                    ]
-                )
-                netns.ip(["link", "set", hub_if, "up"])
-                netns.ip(
-                    [
-                        "addr",
-                        "add",
-                        f"{self.device_address(i)}/32",
-                        "peer",
-                        self.broker_host,
-                        "dev",
-                        device_if,
-                    ],
-                    netns=name,
-                )
-                netns.ip(["link", "set", device_if, "up"], netns=name)
+                _point_to_point(f"{self.tag}h{i}", self.broker_host, self.device_address(i))
+                _point_to_point(f"{self.tag}d{i}", self.device_address(i), self.broker_host, name)
 
     def _start_relay(self) -> None:
         config = RelayConfig(
@@ -170,8 +146,11 @@ class LinkedFleet:
         if self._torn_down:
             return
         self._torn_down = True
-        netns.remove_namespaces(n for n in self.namespaces if n in netns.list_namespaces())
+        existing = netns.list_namespaces()
+        netns.remove_namespaces(name for name in self.namespaces if name in existing)
         if self._relay is not None:
+            assert self._relay.stdout is not None
+            self._relay.stdout.close()
             self._relay.terminate()
             try:
                 self._relay.wait(timeout=netns.KILL_GRACE_S)
@@ -187,6 +166,11 @@ class LinkedFleet:
 
     def __exit__(self, *_exc: object) -> None:
         self.teardown()
+
+
+def _point_to_point(ifname: str, local: str, peer: str, namespace: Optional[str] = None) -> None:
+    netns.ip(["addr", "add", f"{local}/32", "peer", peer, "dev", ifname], netns=namespace)
+    netns.ip(["link", "set", ifname, "up"], netns=namespace)
 
 
 def _repo_root() -> str:
