@@ -211,3 +211,21 @@ def test_parsers_for_release_and_power_mode() -> None:
     assert parse_l4t("# R35 (release), REVISION: 5.0, GCID: 1") == "35.5.0"
     assert parse_l4t("garbage") is None
     assert parse_nvpmodel("NV Power Mode: 30W\n2\n") == ("30W", 2)
+
+
+def test_nvml_backend_on_a_real_gpu() -> None:
+    from edge.telemetry.backends.base import BackendUnavailable
+    from edge.telemetry.backends.nvml import NvmlBackend
+
+    backend = NvmlBackend()
+    try:
+        backend.open()
+    except BackendUnavailable as exc:
+        pytest.skip(f"no NVML GPU with power readings here: {exc}")
+    try:
+        first, second = backend.read(), backend.read()
+        assert first is not None and second is not None
+        assert second.gpu_memory_bytes is not None and second.gpu_memory_bytes > 0
+        assert all(name.startswith("GPU") for name in second.rails_w)
+    finally:
+        backend.close()

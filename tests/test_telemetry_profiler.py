@@ -96,3 +96,13 @@ def test_context_reports_backend_and_rates(orin: Tuple[Sampler, Dict[str, Path]]
     assert context.backend == "ina3221" and context.sample_rate_hz == pytest.approx(50.0)
     assert context.effective_sample_rate_hz is not None
     assert context.effective_sample_rate_hz > 10
+
+
+def test_sampler_auto_opens_the_named_backend(tmp_path: Path) -> None:
+    build_ina3221_tree(tmp_path, RAILS)
+    sampler = Sampler.auto("ina3221", rate_hz=20, sysfs_root=str(tmp_path))
+    try:
+        time.sleep(0.2)
+        assert sampler.backend_name == "ina3221" and sampler.sample_count > 0
+    finally:
+        sampler.stop()

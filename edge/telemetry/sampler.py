@@ -10,6 +10,7 @@ from typing import Deque, List, Optional, Tuple
 
 from edge.logs import log_event
 from edge.telemetry.backends.base import Backend
+from edge.telemetry.backends.detect import detect_backend
 from edge.telemetry.samples import Sample
 from edge.telemetry.window import PhaseWindow, WindowSummary
 
@@ -46,6 +47,14 @@ class Sampler:
         self._failed = False
         self._clock_offset_s: Optional[float] = None
 
+    @classmethod
+    def auto(
+        cls, preference: str = "auto", rate_hz: float = DEFAULT_RATE_HZ, sysfs_root: str = "/sys"
+    ) -> Sampler:
+        """A started sampler on the best backend here (or the named one; UserError if absent)."""
+        backend = detect_backend(preference, sysfs_root=sysfs_root, interval_s=1.0 / rate_hz)
+        return cls(backend, rate_hz=rate_hz).start()
+
     @property
     def backend_name(self) -> str:
         return self.backend.name
@@ -57,12 +66,13 @@ class Sampler:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, close_backend: bool = True) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
-        self.backend.close()
+        if close_backend:
+            self.backend.close()
 
     def __enter__(self) -> Sampler:
         return self.start()

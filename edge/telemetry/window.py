@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
-from edge.telemetry.energy import WindowIntegral
+from edge.telemetry.energy import Point, WindowIntegral
 from edge.telemetry.samples import Sample
 
 MEMORY_FIELDS = ("rss_bytes", "system_used_bytes", "gpu_memory_bytes", "shared_memory_bytes")
@@ -55,7 +55,7 @@ class PhaseWindow:
         self.sample_count = 0
 
     @staticmethod
-    def _point(sample: Optional[Sample], rail: Optional[str]):  # type: ignore[no-untyped-def]
+    def _point(sample: Optional[Sample], rail: Optional[str]) -> Optional[Point]:
         if sample is None:
             return None
         return (sample.t_s, sample.total_w if rail is None else sample.rails_w.get(rail))
