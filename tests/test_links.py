@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 
 from coordinator.links import LinkedFleet, LinkSpec, cleanup_stale
 from coordinator.links.model import LinkDirection
-from coordinator.links.netns import ROOT_ERROR, list_namespaces
+from coordinator.links.netns import ROOT_ERROR, list_namespaces, pid_alive
 from coordinator.links.spec import EXPECTED_FORM
 from edge.errors import UserError
 from tests.brokers import MosquittoBroker, free_port
@@ -30,10 +31,9 @@ REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 MIB = 1 << 20
 RATE_TOLERANCE = 0.15
 
-root_only = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
-    reason="needs root and /dev/net/tun (network namespaces, TUN devices)",
-)
+CAN_LINK = os.geteuid() == 0 and os.path.exists("/dev/net/tun")
+ROOT_REASON = "needs root and /dev/net/tun (network namespaces, TUN devices)"
+root_only = pytest.mark.skipif(not CAN_LINK, reason=ROOT_REASON)
 
 
 # --- the spec grammar ---------------------------------------------------------------------
@@ -137,20 +137,20 @@ def test_model_tail_drops_a_full_queue() -> None:
     assert admitted.index(None) * 65536 * 8 / 8e6 >= 0.1
 
 
-# --- real fleets (root) ---------------------------------------------------------------------
-
-
 def test_without_root_the_error_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    with pytest.raises(UserError, match="^" + ROOT_ERROR.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(UserError, match="^" + re.escape(ROOT_ERROR) + "$"):
         LinkedFleet(1, LinkSpec.parse("10mbit"), prefix=PREFIX)
+
+
+# --- real fleets (root) ---------------------------------------------------------------------
 
 
 @pytest.fixture
 def fleet() -> Iterator[LinkedFleet]:
     """Two devices behind 100 Mbit/s links without added delay."""
-    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
-        pytest.skip("needs root and /dev/net/tun (network namespaces, TUN devices)")
+    if not CAN_LINK:
+        pytest.skip(ROOT_REASON)
     with LinkedFleet(2, LinkSpec.parse("100mbit"), prefix=PREFIX) as made:
         yield made
 
@@ -430,17 +430,9 @@ OWNER = """
 
 def _wait_gone(tag: str, pid: int, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and (_our_leftovers(tag) or _alive(pid)):
+    while time.monotonic() < deadline and (_our_leftovers(tag) or pid_alive(pid)):
         time.sleep(0.1)
-    assert _our_leftovers(tag) == [] and not _alive(pid)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    assert _our_leftovers(tag) == [] and not pid_alive(pid)
 
 
 @pytest.mark.root
