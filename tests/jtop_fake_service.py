@@ -4,7 +4,7 @@ Run as root inside `unshare -m` (a private mount namespace): it mounts tmpfs ove
 /run/jtop.sock is private), over /fake_sys (the fixed path JTOP_TESTING reads) and over the
 service's config folder under sys.base_prefix, and bind-mounts an /etc/group that has a `jtop`
 group. Nothing it writes survives the namespace. Prints one JSON object on stdout.
-Usage: unshare -m python -m tests.jtop_fake_service
+Usage: unshare -m --propagation private python -m tests.jtop_fake_service
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ RAILS = {
 }
 RAISED_GPU = (5000, 1200)  # 6.0 W: module becomes 12.0 W
 FAKE_CPUS = 2
+PARENT_MOUNT_NS_ENV = "JETFED_PARENT_MOUNT_NS"
 
 
 def _write(path: Path, text: str) -> None:
@@ -167,7 +168,14 @@ def main() -> None:
     print(json.dumps(result))
 
 
+def _in_private_mount_namespace() -> bool:
+    """Mounting tmpfs over /run outside a private namespace would hide the host's /run, so the
+    launcher passes its own namespace in PARENT_MOUNT_NS_ENV and this must differ from it."""
+    parent = os.environ.get(PARENT_MOUNT_NS_ENV)
+    return bool(parent) and parent != os.readlink("/proc/self/ns/mnt")
+
+
 if __name__ == "__main__":
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        sys.exit("run as root inside `unshare -m`")
+    if os.geteuid() != 0 or shutil.which("mount") is None or not _in_private_mount_namespace():
+        sys.exit("run as root inside `unshare -m --propagation private`")
     main()

@@ -14,18 +14,20 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
 import pytest
 
-from tests.jtop_fake_service import FAKE_ROOT, RAILS
+from tests.jtop_fake_service import FAKE_ROOT, PARENT_MOUNT_NS_ENV, RAILS
 
 pytestmark = pytest.mark.root
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCK_PATH = "/tmp/jetfed-jtop-test.lock"
 SERVICE_TIMEOUT_S = 60
+UNSHARE = ["unshare", "-m", "--propagation", "private"]
 
 
 def _skip_reason() -> str:
@@ -37,7 +39,11 @@ def _skip_reason() -> str:
         import jtop  # noqa: F401
     except ImportError:
         return "jetson-stats is not installed (pip install jetson-stats)"
-    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, check=False)
+    probe = subprocess.run(
+        [*UNSHARE, "mount", "-t", "tmpfs", "tmpfs", tempfile.gettempdir()],
+        capture_output=True,
+        check=False,
+    )
     if probe.returncode != 0:
         return "cannot create a mount namespace here: " + probe.stderr.decode().strip()
     return ""
@@ -59,8 +65,9 @@ def jtop_run() -> Iterator[Dict[str, Any]]:
                     path.mkdir()
                     created.append(path)
             completed = subprocess.run(
-                ["unshare", "-m", sys.executable, "-m", "tests.jtop_fake_service"],
+                [*UNSHARE, sys.executable, "-m", "tests.jtop_fake_service"],
                 cwd=REPO_ROOT,
+                env={**os.environ, PARENT_MOUNT_NS_ENV: os.readlink("/proc/self/ns/mnt")},
                 capture_output=True,
                 text=True,
                 timeout=SERVICE_TIMEOUT_S,
