@@ -20,8 +20,11 @@ def energy(
         "(default 1000).",
     ),
 ) -> None:
-    """Print per-rail and module energy (J), duration and mean/peak power of a tegrastats log
-    as JSON. Module power on AGX Orin = VDD_GPU_SOC + VDD_CPU_CV + VIN_SYS_5V0; VDD_IN elsewhere."""
+    """Energy (J), duration and mean/peak power of a tegrastats log, as JSON.
+
+    Per rail and for the module: on AGX Orin module = VDD_GPU_SOC + VDD_CPU_CV + VIN_SYS_5V0
+    (VDDQ_VDD2_1V8AO is inside VIN_SYS_5V0); on Orin NX/Nano it is VDD_IN.
+    """
     from profiles.energy import analyse_tegrastats_file
 
     typer.echo(analyse_tegrastats_file(tegrastats, interval_ms).model_dump_json(indent=2))
