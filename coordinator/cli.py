@@ -18,6 +18,7 @@ def coordinator_run(
     override: Optional[List[str]] = typer.Option(
         None, "--set", help="section.key=value, repeatable."
     ),
+    embedded_port: int = typer.Option(1883, "--embedded-port", help="Port of the embedded broker."),
 ) -> None:
     """Run the rounds of an experiment; devices join with `jetfed edge run`."""
     from contextlib import ExitStack
@@ -34,11 +35,10 @@ def coordinator_run(
         if broker is not None:
             spec = spec.model_copy(update={"url": broker})
         elif config.broker is None:
-            embedded = stack.enter_context(EmbeddedBroker(host="0.0.0.0", port=1883))
-            typer.echo(
-                f"embedded broker on {embedded.url} (devices: --broker mqtt://THIS_HOST:1883)"
-            )
-            spec = BrokerSpec(url="mqtt://127.0.0.1:1883")
+            embedded = stack.enter_context(EmbeddedBroker(port=embedded_port))
+            typer.echo(f"embedded broker on {embedded.url} (loopback only; devices on other hosts")
+            typer.echo("  need Mosquitto: see README 'Deploying on real devices')")
+            spec = BrokerSpec(url=embedded.url)
         table = stack.enter_context(RoundTable(config, config.rounds.min_clients))
         coordinator = Coordinator(config, spec, resume=resume, on_round=table.add)
         coordinator.run()

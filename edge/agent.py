@@ -117,10 +117,11 @@ class EdgeAgent:
         self.link.publish(topic, payload)
 
     def _announce(self) -> None:
-        """On every (re)connect: retained `online` and a fresh hello."""
+        """On every (re)connect: retained hello and `online`, so a coordinator that (re)starts
+        later still learns about this device the moment it subscribes."""
         dev = self.topics.device
+        self.link.publish(dev(self.device_id, "hello"), encode_message(self.hello()), retain=True)
         self.link.publish(dev(self.device_id, "status"), b"online", retain=True)
-        self.link.publish(dev(self.device_id, "hello"), encode_message(self.hello()))
 
     def hello(self) -> Hello:
         import torch
@@ -225,6 +226,8 @@ class EdgeAgent:
     # ------------------------------------------------------------------ one round
 
     def _run_round(self, task: Task) -> None:
+        if task.round_index in self._finished_rounds:
+            return
         if self.device_id not in task.selected_devices:
             log_event(logger, logging.INFO, "round.not_selected", round_index=task.round_index)
             return
