@@ -1,4 +1,4 @@
-"""Real processes for integration tests: coordinator and edge agents started as `jetfed` commands."""
+"""Real processes for integration tests: the coordinator and edge agents as `jetfed` commands."""
 
 from __future__ import annotations
 

@@ -39,12 +39,12 @@ def test_csv_and_parquet_equal_jsonl(tmp_path: Path, sst2_dir: Path) -> None:
 
 def test_bad_data_is_a_one_line_user_error(tmp_path: Path) -> None:
     (tmp_path / "train.jsonl").write_text('{"sentence": "x", "label": 0}\n')
-    with pytest.raises(UserError, match="'text' or 'text_a'"):
+    with pytest.raises(UserError, match=r"'text' or 'text_a'"):
         load_split(str(tmp_path), "train")
     (tmp_path / "train.jsonl").write_text('{"text": "x", "label": "pos"}\n')
     with pytest.raises(UserError, match="integer label"):
         load_split(str(tmp_path), "train")
-    with pytest.raises(UserError, match="no validation.jsonl"):
+    with pytest.raises(UserError, match=r"no validation\.jsonl"):
         load_split(str(tmp_path), "validation")
     with pytest.raises(UserError, match="does not exist"):
         load_split(str(tmp_path / "missing"), "train")

@@ -39,7 +39,7 @@ def test_logits_at_init_equal_the_base_model(federa) -> None:  # type: ignore[no
 def test_factors_equal_peft_pissa_init(federa) -> None:  # type: ignore[no-untyped-def]
     from peft import LoraConfig, TaskType, get_peft_model
 
-    method, state = federa
+    _, state = federa
     pissa = get_peft_model(
         load_classifier(REF, seed=0),
         LoraConfig(
@@ -61,7 +61,8 @@ from safetensors.torch import load_file
 from edge.methods.base import get_method
 from edge.wire import ModelRef
 torch.set_num_threads(int(sys.argv[2]))
-method = get_method("federa")({"rank": 8, "alpha": 16}, ModelRef(name_or_path="minilm", num_labels=2))
+ref = ModelRef(name_or_path="minilm", num_labels=2)
+method = get_method("federa")({"rank": 8, "alpha": 16}, ref)
 model = method.build(load_file(sys.argv[1]), seed=int(sys.argv[3]))
 digest = hashlib.sha256()
 for name, tensor in sorted(model.state_dict().items()):
