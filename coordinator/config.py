@@ -54,8 +54,15 @@ class RoundsSection(Section):
     wait_for_devices_s: float = Field(default=600.0, gt=0)
 
 
-class AggregationSection(Section):
+class AggregationSection(BaseModel):
+    """`strategy` overrides the method's own; other keys are the strategy's settings."""
+
+    model_config = ConfigDict(extra="allow")
+
     strategy: Optional[str] = None
+
+    def settings(self) -> Dict[str, Any]:
+        return dict(self.model_extra or {})
 
 
 class TransferSection(Section):

@@ -106,6 +106,13 @@ class RunDir:
     def append_profiles(self, records: List[PhaseRecord]) -> None:
         self._append("profiles.jsonl", [record.model_dump_json() for record in records])
 
+    def read_profiles(self) -> List[PhaseRecord]:
+        path = self.path / "profiles.jsonl"
+        if not path.exists():
+            return []
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return [PhaseRecord.model_validate_json(line) for line in lines if line.strip()]
+
     def append_device(self, hello: Hello) -> None:
         self._append("devices.jsonl", [hello.model_dump_json()])
 

@@ -16,17 +16,18 @@ import queue
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from coordinator.config import ExperimentConfig, config_digest
 from coordinator.registry import DeviceRegistry
 from coordinator.rundir import CheckpointState, RoundMetrics, RunDir
-from coordinator.strategies import AcceptedUpdate, Strategy, make_strategy
+from coordinator.strategies import AcceptedUpdate, ServerContext, Strategy, make_strategy
 from edge.data import TextDataset, load_split
 from edge.errors import ProtocolError, UserError
 from edge.logs import log_event
 from edge.methods.base import FederatedMethod, Tensors, get_method
 from edge.mqtt import BrokerSpec, MqttLink
+from edge.telemetry.records import PhaseRecord
 from edge.transfer import BlobServer, Download, TransferTimeout
 from edge.wire import (
     Ack,
@@ -43,12 +44,11 @@ from edge.wire import (
     encode_tensors,
     mqtt_publish_wire_bytes,
     parse_message,
-    tensor_spec,
 )
 
 logger = logging.getLogger(__name__)
 
-DEVICE_TO_COORDINATOR = ("status", "hello", "update", "profile", "want", "up/#")
+DEVICE_TO_COORDINATOR = ("status", "hello", "update", "profile", "want", "up/#", "exchange/up/#")
 
 
 @dataclass
@@ -61,6 +61,22 @@ class _Inbound:
     announced: Dict[str, Update] = field(default_factory=dict)
     accepted: Dict[str, AcceptedUpdate] = field(default_factory=dict)
     last_accept_s: Optional[float] = None
+
+
+def profile_key(record: PhaseRecord) -> Tuple[str, int, str, float]:
+    return (record.device_id, record.round_index, record.phase, record.start_unix_s)
+
+
+def device_totals(records: List[PhaseRecord]) -> Dict[str, float]:
+    """Energy (J, where measured) and peak RSS over the devices' records of one round."""
+    totals: Dict[str, float] = {}
+    energies = [r.energy_j for r in records if r.energy_j is not None]
+    if energies:
+        totals["energy_j"] = float(sum(energies))
+    peaks = [r.peak_rss_bytes for r in records if r.peak_rss_bytes is not None]
+    if peaks:
+        totals["peak_rss_bytes"] = float(max(peaks))
+    return totals
 
 
 class Coordinator:
@@ -93,20 +109,29 @@ class Coordinator:
         self.method: FederatedMethod = get_method(config.method.name)(
             config.method.settings(), self.model_ref
         )
-        self.strategy: Strategy = make_strategy(
-            config.aggregation.strategy or self.method.strategy, self.method
-        )
         self.start_round = 0
         self.wall_clock_offset_s = 0.0
         self.global_state: Tensors = {}
         self.init: Optional[Tensors] = None
         self.registry = DeviceRegistry(config.data.client_indices)
         self._setup_state(resume)
-        self.eval_model = self.method.build(self.init, seed=config.seed)
-        from edge.models import load_tokenizer
+        from edge.models import load_tokenizer, pick_device
 
-        self.tokenizer = load_tokenizer(self.model_ref)
-        self.expected = tensor_spec(self.method.get_state(self.eval_model))
+        self.strategy: Strategy = make_strategy(
+            config.aggregation.strategy or self.method.strategy,
+            ServerContext(
+                method=self.method,
+                model_ref=self.model_ref,
+                eval_model=self.method.build(self.init, seed=config.seed),
+                tokenizer=load_tokenizer(self.model_ref),
+                validation=self.validation,
+                init=self.init,
+                torch_device=pick_device(config.eval_device),
+                settings=config.aggregation.settings(),
+                send=self._send_exchange,
+            ),
+        )
+        self.expected = self.strategy.update_spec()
         self.blobs = BlobServer(self._publish_raw, config.transfer.chunk_size_bytes)
         self.link = MqttLink(
             broker,
@@ -115,6 +140,8 @@ class Coordinator:
         )
         self.link.on_topic(self._is_want, self._serve_want)
         self._inbound: Optional[_Inbound] = None
+        self._profile_keys = {profile_key(r) for r in self.run_dir.read_profiles()}
+        self._round_records: Dict[int, List[PhaseRecord]] = {}
         self._round_bytes = {"up": 0, "down": 0}
 
     # ------------------------------------------------------------------ setup
@@ -159,6 +186,9 @@ class Coordinator:
 
     def _publish_raw(self, topic: str, payload: bytes) -> None:
         self._round_bytes["down"] += self.link.publish(topic, payload)
+
+    def _send_exchange(self, device_id: str, subtopic: str, payload: bytes) -> None:
+        self._publish_raw(self.topics.device(device_id, f"exchange/down/{subtopic}"), payload)
 
     def _is_want(self, topic: str) -> bool:
         return topic.startswith(f"{self.topics.root}/devices/") and topic.endswith("/want")
@@ -282,13 +312,15 @@ class Coordinator:
         for digest in [global_manifest.digest, *(m.digest for m in extra_manifests.values())]:
             self.blobs.withdraw(digest)
         t0 = time.monotonic()
-        evaluation = self._evaluate()
+        evaluation = dict(self.strategy.evaluate(self.global_state))
         eval_s = time.monotonic() - t0
-        self.method.export(self.eval_model, str(self.run_dir.adapter_dir(round_index)))
-        metrics.accuracy = evaluation.accuracy
-        metrics.eval_loss = evaluation.loss
+        self.strategy.export(self.global_state, str(self.run_dir.adapter_dir(round_index)))
+        metrics.accuracy = evaluation.pop("accuracy", None)
+        metrics.eval_loss = evaluation.pop("eval_loss", None)
+        metrics.extra.update(evaluation)
         metrics.aggregate_s = aggregate_s
         metrics.eval_s = eval_s
+        metrics.extra.update(device_totals(self._round_records.get(round_index, [])))
         metrics.bytes_up = self._round_bytes["up"]
         metrics.bytes_down = self._round_bytes["down"]
         metrics.round_s = time.monotonic() - round_start_s
@@ -308,19 +340,6 @@ class Coordinator:
         self.run_dir.append_metrics(metrics)
         self.run_dir.write_profile_tables()
         return metrics
-
-    def _evaluate(self):  # type: ignore[no-untyped-def]
-        from edge.models import pick_device
-        from edge.train import evaluate
-
-        self.method.set_state(self.eval_model, self.global_state)
-        return evaluate(
-            self.eval_model,
-            self.tokenizer,
-            self.validation,
-            max_length=self.model_ref.max_length,
-            device=pick_device(self.config.eval_device),
-        )
 
     # ------------------------------------------------------------------ devices
 
@@ -397,6 +416,8 @@ class Coordinator:
                 self._on_chunk(device_id, rest[0], rest[1], payload)
             elif leaf == "profile":
                 self._on_profile(device_id, payload)
+            elif leaf == "exchange" and len(rest) >= 2 and rest[0] == "up":
+                self.strategy.on_exchange(device_id, "/".join(rest[1:]), payload)
         except ProtocolError as exc:
             round_index = self._inbound.round_index if self._inbound else None
             self._reject(device_id, round_index, "invalid_" + leaf.replace("/", "_"), str(exc))
@@ -434,9 +455,17 @@ class Coordinator:
     def _on_profile(self, device_id: str, payload: bytes) -> None:
         batch = parse_message(ProfileBatch, payload)
         self._check_sender(device_id, batch.device_id)
-        if any(r.device_id != device_id or r.experiment != self.config.name for r in batch.records):
+        self._store_profiles(device_id, batch.records)
+
+    def _store_profiles(self, device_id: str, records: List[PhaseRecord]) -> None:
+        """Append records not seen before (devices re-send until an update carries them)."""
+        if any(r.device_id != device_id or r.experiment != self.config.name for r in records):
             raise ProtocolError("profile records name another device or experiment")
-        self.run_dir.append_profiles(batch.records)
+        fresh = [r for r in records if profile_key(r) not in self._profile_keys]
+        self._profile_keys.update(profile_key(r) for r in fresh)
+        for record in fresh:
+            self._round_records.setdefault(record.round_index, []).append(record)
+        self.run_dir.append_profiles(fresh)
 
     def _on_update(self, device_id: str, payload: bytes) -> None:
         inbound = self._inbound
@@ -460,6 +489,7 @@ class Coordinator:
                 raise ProtocolError("a different update for this round was already accepted")
             self._ack(device_id, update)
             return
+        self._store_profiles(device_id, update.profile)
         if (
             device_id in inbound.transfers
             and inbound.announced[device_id].blob.digest == update.blob.digest

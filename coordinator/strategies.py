@@ -1,20 +1,24 @@
 """Aggregation strategies by name: the coordinator-side half of each method.
 
 Shaped like Flower's Strategy: `configure_round` adds what the round's task needs beyond the
-global state, `aggregate` turns accepted updates into the next global state. A method names its
-strategy (`FederatedMethod.strategy`); the experiment config may override it.
+global state, `aggregate` turns accepted updates into the next global state, `evaluate` and
+`export` look at the result. A method names its strategy (`FederatedMethod.strategy`, FedAvg by
+default); the experiment config may override it. Methods that talk to the coordinator during a
+round (split learning) handle those messages in `on_exchange` and answer with `ctx.send`.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Type
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 import torch
 
-from edge.errors import UserError
+from edge.data import TextDataset
+from edge.errors import ProtocolError, UserError
 from edge.methods.base import FederatedMethod, Tensors
-from edge.wire import Update
+from edge.wire import ModelRef, Update, tensor_spec
 
 
 @dataclass
@@ -25,13 +29,33 @@ class AcceptedUpdate:
     tensors: Tensors
 
 
+@dataclass
+class ServerContext:
+    """What a strategy may use on the coordinator."""
+
+    method: FederatedMethod
+    model_ref: ModelRef
+    eval_model: Any
+    tokenizer: Any
+    validation: TextDataset
+    init: Optional[Tensors]
+    torch_device: str
+    settings: Dict[str, Any]
+    send: Callable[[str, str, bytes], None]
+    """send(device_id, subtopic, payload) → `devices/{id}/exchange/down/{subtopic}`."""
+
+
 class Strategy:
     """FedAvg over deltas: global + Σ nₖ·Δₖ / Σ nₖ (for LoRA: A, B and the head separately)."""
 
     name = "fedavg"
 
-    def __init__(self, method: FederatedMethod) -> None:
-        self.method = method
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+
+    def update_spec(self) -> Dict[str, Tuple[int, ...]]:
+        """Names and shapes an update must have; anything else is refused with a nack."""
+        return tensor_spec(self.ctx.method.get_state(self.ctx.eval_model))
 
     def configure_round(self, round_index: int, global_state: Tensors) -> Dict[str, bytes]:
         """Extra blobs (name → bytes) that devices fetch with the task; none for FedAvg."""
@@ -42,13 +66,36 @@ class Strategy:
     ) -> Tensors:
         return apply_mean_delta(global_state, updates)
 
+    def evaluate(self, global_state: Tensors) -> Dict[str, float]:
+        """`accuracy` and `eval_loss` of the global model on the validation split (+ extras)."""
+        from edge.train import evaluate
+
+        ctx = self.ctx
+        ctx.method.set_state(ctx.eval_model, global_state)
+        stats = evaluate(
+            ctx.eval_model,
+            ctx.tokenizer,
+            ctx.validation,
+            max_length=ctx.model_ref.max_length,
+            device=ctx.torch_device,
+        )
+        return {"accuracy": stats.accuracy, "eval_loss": stats.loss}
+
+    def export(self, global_state: Tensors, out_dir: str) -> None:
+        """Save the global model where users load it (PEFT format for adapters)."""
+        self.ctx.method.set_state(self.ctx.eval_model, global_state)
+        self.ctx.method.export(self.ctx.eval_model, out_dir)
+
+    def on_exchange(self, device_id: str, subtopic: str, payload: bytes) -> None:
+        """A device's in-round message on `devices/{id}/exchange/up/{subtopic}`."""
+        raise ProtocolError(f"method {self.ctx.method.name} exchanges no in-round messages")
+
 
 def weighted_mean(updates: List[AcceptedUpdate]) -> Tensors:
     """Σ nₖ·tₖ / Σ nₖ per tensor name, accumulated in float64."""
     total = float(sum(item.update.num_samples for item in updates))
-    names = updates[0].tensors.keys()
     mean: Tensors = {}
-    for name in names:
+    for name in updates[0].tensors:
         acc = torch.zeros_like(updates[0].tensors[name], dtype=torch.float64)
         for item in updates:
             acc += item.tensors[name].double() * (item.update.num_samples / total)
@@ -72,10 +119,20 @@ def register_strategy(cls: Type[Strategy]) -> Type[Strategy]:
     return cls
 
 
-def make_strategy(name: str, method: FederatedMethod) -> Strategy:
-    factory: Callable[[FederatedMethod], Strategy] | None = _STRATEGIES.get(name)
+STRATEGY_MODULES = ("coordinator.robust", "coordinator.split_server", "coordinator.distill")
+
+
+def make_strategy(name: str, ctx: ServerContext) -> Strategy:
+    """The strategy registered as `name` (modules in STRATEGY_MODULES register on import)."""
+    if name not in _STRATEGIES:
+        for module in STRATEGY_MODULES:
+            try:
+                importlib.import_module(module)
+            except ModuleNotFoundError as exc:
+                if exc.name != module:
+                    raise
+    factory = _STRATEGIES.get(name)
     if factory is None:
-        raise UserError(
-            f"unknown aggregation strategy {name!r}; known: {', '.join(sorted(_STRATEGIES))}"
-        )
-    return factory(method)
+        known = ", ".join(sorted(_STRATEGIES))
+        raise UserError(f"unknown aggregation strategy {name!r}; known: {known}")
+    return factory(ctx)

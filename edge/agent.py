@@ -8,14 +8,13 @@ method's business (`edge/methods/`); this loop never changes when a method is ad
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import queue
 import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import psutil
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,10 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field
 import jetfed
 from edge.data import TextDataset, client_shard, load_split
 from edge.errors import ProtocolError, UserError
+from edge.exchange import Exchange
 from edge.logs import log_event
 from edge.methods.base import FederatedMethod, LocalRound, available_methods, get_method
 from edge.mqtt import BrokerSpec, MqttLink
 from edge.telemetry.phases import PhaseCounters, Profiler
+from edge.telemetry.records import PhaseRecord
 from edge.transfer import BlobServer, Download, TransferTimeout
 from edge.wire import (
     Ack,
@@ -93,6 +94,7 @@ class EdgeAgent:
         self._nacks: Dict[int, Nack] = {}
         self._model: Optional[_ModelCache] = None
         self._datasets: Dict[Tuple[str, str], TextDataset] = {}
+        self._unsent_records: List[PhaseRecord] = []
         dev = self.topics.device
         self.link = MqttLink(
             config.broker,
@@ -103,6 +105,7 @@ class EdgeAgent:
                 dev(self.device_id, "pull"),
                 dev(self.device_id, "ack"),
                 dev(self.device_id, "nack"),
+                dev(self.device_id, "exchange/down/#"),
             ],
             will=(dev(self.device_id, "status"), b"offline"),
             on_connected=self._announce,
@@ -110,6 +113,9 @@ class EdgeAgent:
         self.blobs = BlobServer(self._publish_raw, chunk_size_bytes=1 << 20)
         pull_topic = dev(self.device_id, "pull")
         self.link.on_topic(lambda topic: topic == pull_topic, self._serve_pull)
+        self.exchange = Exchange(self.topics, self.device_id, self.link.publish)
+        prefix = self.exchange.down_prefix
+        self.link.on_topic(lambda topic: topic.startswith(prefix), self.exchange.deliver)
 
     # ------------------------------------------------------------------ connection
 
@@ -343,6 +349,7 @@ class EdgeAgent:
             global_state=global_state,
             profiler=self.profiler,
             extra_blobs=extra,
+            exchange=self.exchange,
         )
         return EdgeAgent._Job(cache.method, local)
 
@@ -369,7 +376,9 @@ class EdgeAgent:
             train_loss=result.train_loss,
             blob=manifest,
             metrics=result.metrics,
+            profile=self._unsent_records + self.profiler.drain(),
         )
+        self._unsent_records = list(update.profile)
         sent_before = self.link.counters.bytes_sent
         update_topic = self.topics.device(self.device_id, "update")
         deadline = time.monotonic() + self.config.transfer_timeout_s
@@ -386,14 +395,15 @@ class EdgeAgent:
         finally:
             self.blobs.withdraw(manifest.digest)
             counters.bytes_sent += self.link.counters.bytes_sent - sent_before
+        self._unsent_records = []
         counters.extra["update_payload_bytes"] = float(len(data))
 
     def _publish_profile(self, round_index: int) -> None:
-        records = self.profiler.drain()
-        if records:
-            batch = ProfileBatch(device_id=self.device_id, round_index=round_index, records=records)
+        """Send what the last update could not carry (its own upload phase); kept until the
+        next acknowledged update carries it again, the coordinator drops duplicates."""
+        self._unsent_records.extend(self.profiler.drain())
+        if self._unsent_records:
+            batch = ProfileBatch(
+                device_id=self.device_id, round_index=round_index, records=self._unsent_records
+            )
             self.link.publish(self.topics.device(self.device_id, "profile"), encode_message(batch))
-
-
-def default_num_threads() -> int:
-    return max(1, (os.cpu_count() or 1))

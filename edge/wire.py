@@ -194,6 +194,8 @@ class Update(WireModel):
     train_loss: float
     blob: BlobManifest
     metrics: Dict[str, float] = Field(default_factory=dict)
+    profile: List[PhaseRecord] = Field(default_factory=list, max_length=10000)
+    """Phase records not yet acknowledged; riding on the update makes them as reliable as it."""
 
     @field_validator("train_loss")
     @classmethod

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import torch
 
     from edge.data import TextDataset
+    from edge.exchange import Exchange
     from edge.telemetry.phases import Profiler
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class LocalRound:
     global_state: Tensors
     profiler: Profiler
     extra_blobs: Dict[str, bytes] = field(default_factory=dict)
+    exchange: Optional[Exchange] = None
 
 
 @dataclass
