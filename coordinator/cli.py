@@ -98,8 +98,11 @@ def demo(
     )
 
 
+group = typer.Typer(help="Run the coordinator side.", no_args_is_help=True)
+"""`jetfed coordinator ...`; other modules may add commands to it from their own `register`."""
+group.command("run")(coordinator_run)
+
+
 def register(app: typer.Typer) -> None:
-    group = typer.Typer(help="Run the coordinator side.", no_args_is_help=True)
-    group.command("run")(coordinator_run)
     app.add_typer(group, name="coordinator")
     app.command("demo")(demo)

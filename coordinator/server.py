@@ -526,8 +526,9 @@ class Coordinator:
             return
         del inbound.transfers[device_id]
         update = inbound.announced.pop(device_id)
-        tensors = decode_tensors(download.result(), self.expected)
-        inbound.accepted[device_id] = AcceptedUpdate(update, tensors)
+        candidate = AcceptedUpdate(update, decode_tensors(download.result(), self.expected))
+        self.strategy.validate_update(candidate, self.global_state)
+        inbound.accepted[device_id] = candidate
         inbound.last_accept_s = time.monotonic()
         self._ack(device_id, update)
         log_event(

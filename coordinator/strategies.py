@@ -57,6 +57,9 @@ class Strategy:
         """Names and shapes an update must have; anything else is refused with a nack."""
         return tensor_spec(self.ctx.method.get_state(self.ctx.eval_model))
 
+    def validate_update(self, candidate: AcceptedUpdate, global_state: Tensors) -> None:
+        """Last check before an update is accepted; raise ProtocolError to refuse it (nack)."""
+
     def configure_round(self, round_index: int, global_state: Tensors) -> Dict[str, bytes]:
         """Extra blobs (name → bytes) that devices fetch with the task; none for FedAvg."""
         return {}

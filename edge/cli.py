@@ -122,8 +122,11 @@ def partition_command(
     Console().print(table)
 
 
+group = typer.Typer(help="Run the device side.", no_args_is_help=True)
+"""`jetfed edge ...`; other modules may add commands to it from their own `register`."""
+group.command("run")(edge_run)
+
+
 def register(app: typer.Typer) -> None:
-    group = typer.Typer(help="Run the device side.", no_args_is_help=True)
-    group.command("run")(edge_run)
     app.add_typer(group, name="edge")
     app.command("partition")(partition_command)
