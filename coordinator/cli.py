@@ -12,29 +12,50 @@ from edge.errors import UserError
 def coordinator_run(
     config_path: str = typer.Argument(..., metavar="CONFIG", help="Experiment YAML."),
     broker: Optional[str] = typer.Option(
-        None, "--broker", help="Overrides broker.url; none: embedded broker."
+        None,
+        "--broker",
+        envvar="JETFED_BROKER",
+        help="Overrides broker.url (mqtt://HOST:1883, mqtts://HOST:8883); none: embedded broker.",
     ),
+    username: Optional[str] = typer.Option(None, envvar="JETFED_USERNAME"),
+    password: Optional[str] = typer.Option(None, envvar="JETFED_PASSWORD"),
+    ca_file: Optional[str] = typer.Option(None, envvar="JETFED_CA_FILE"),
+    cert_file: Optional[str] = typer.Option(None, envvar="JETFED_CERT_FILE"),
+    key_file: Optional[str] = typer.Option(None, envvar="JETFED_KEY_FILE"),
     resume: bool = typer.Option(False, "--resume", help="Continue after the last completed round."),
     override: Optional[List[str]] = typer.Option(
         None, "--set", help="section.key=value, repeatable."
     ),
     embedded_port: int = typer.Option(1883, "--embedded-port", help="Port of the embedded broker."),
 ) -> None:
-    """Run the rounds of an experiment; devices join with `jetfed edge run`."""
+    """Run the rounds of an experiment; devices join with `jetfed edge run`.
+
+    Flags (or the JETFED_* variables of the coordinator.env that `jetfed broker-config` writes)
+    override the config's `broker:` section field by field."""
     from contextlib import ExitStack
 
     from coordinator.broker import EmbeddedBroker
     from coordinator.config import load_config
     from coordinator.progress import RoundTable
     from coordinator.server import Coordinator
+    from edge.cli import _broker_spec
     from edge.mqtt import BrokerSpec
 
     config = load_config(config_path, override)
+    given = {
+        "url": broker,
+        "username": username,
+        "password": password,
+        "ca_file": ca_file,
+        "cert_file": cert_file,
+        "key_file": key_file,
+    }
     spec = config.broker or BrokerSpec()
     with ExitStack() as stack:
-        if broker is not None:
-            spec = spec.model_copy(update={"url": broker})
-        elif config.broker is None:
+        if broker is not None or config.broker is not None:
+            given_values = {k: v for k, v in given.items() if v is not None}
+            spec = _broker_spec(**{**spec.model_dump(), **given_values})
+        else:
             embedded = stack.enter_context(EmbeddedBroker(port=embedded_port))
             typer.echo(f"embedded broker on {embedded.url} (loopback only; devices on other hosts")
             typer.echo("  need Mosquitto: see README 'Deploying on real devices')")

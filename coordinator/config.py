@@ -106,7 +106,7 @@ def parse_config(raw: Any, origin: str = "config") -> ExperimentConfig:
     if not isinstance(raw, dict):
         raise UserError(f"{origin}: expected a mapping of sections (name, model, method, data...)")
     try:
-        config = ExperimentConfig.model_validate(raw)
+        config = ExperimentConfig.model_validate(raw, strict=False)
     except ValidationError as exc:
         raise UserError(f"{origin}: {_describe(exc.errors()[0])}") from None
     if config.rounds.clients_per_round is not None and (

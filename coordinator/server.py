@@ -49,6 +49,7 @@ from edge.wire import (
 logger = logging.getLogger(__name__)
 
 DEVICE_TO_COORDINATOR = ("status", "hello", "update", "profile", "want", "up/#", "exchange/up/#")
+LAST_UPLOAD_RECORDS_WAIT_S = 5.0
 
 
 @dataclass
@@ -68,12 +69,14 @@ def profile_key(record: PhaseRecord) -> Tuple[str, int, str, float]:
 
 
 def device_totals(records: List[PhaseRecord]) -> Dict[str, float]:
-    """Energy (J, where measured) and peak RSS over the devices' records of one round."""
+    """Energy (J) and peak RSS over the devices' records of one round. The idle baseline is no
+    part of a round; energy is summed only when every phase measured it (never a partial sum)."""
     totals: Dict[str, float] = {}
-    energies = [r.energy_j for r in records if r.energy_j is not None]
-    if energies:
+    work = [r for r in records if r.phase != "idle"]
+    energies = [r.energy_j for r in work if r.energy_j is not None]
+    if work and len(energies) == len(work):
         totals["energy_j"] = float(sum(energies))
-    peaks = [r.peak_rss_bytes for r in records if r.peak_rss_bytes is not None]
+    peaks = [r.peak_rss_bytes for r in work if r.peak_rss_bytes is not None]
     if peaks:
         totals["peak_rss_bytes"] = float(max(peaks))
     return totals
@@ -229,12 +232,27 @@ class Coordinator:
                 results.append(metrics)
                 if self.on_round is not None:
                     self.on_round(metrics)
+            self._await_upload_records(LAST_UPLOAD_RECORDS_WAIT_S)
         finally:
             self.link.publish(self.topics.task, b"", retain=True)
             self.link.wait_published(5)
             self.link.close()
             self.run_dir.write_profile_tables()
         return results
+
+    def _await_upload_records(self, timeout_s: float) -> None:
+        """A device reports a round's upload phase only once that upload was acknowledged (on
+        its next update, or a profile message): wait briefly for the last round's ones."""
+        inbound = self._inbound
+        if inbound is None or self._stop:
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            records = self._round_records.get(inbound.round_index, [])
+            reported = {r.device_id for r in records if r.phase == "upload"}
+            if set(inbound.accepted) <= reported:
+                return
+            self._pump(0.1)
 
     def _run_round(
         self,

@@ -26,8 +26,10 @@ from edge.exchange import Exchange
 from edge.logs import log_event
 from edge.methods.base import FederatedMethod, LocalRound, available_methods, get_method
 from edge.mqtt import BrokerSpec, MqttLink
+from edge.telemetry.context import DeviceContext
 from edge.telemetry.phases import PhaseCounters, Profiler
 from edge.telemetry.records import PhaseRecord
+from edge.telemetry.sampler import DEFAULT_RATE_HZ, Sampler
 from edge.transfer import BlobServer, Download, TransferTimeout
 from edge.wire import (
     Ack,
@@ -64,6 +66,10 @@ class EdgeConfig(BaseModel):
     transfer_retry_s: float = Field(default=5.0, gt=0)
     transfer_timeout_s: float = Field(default=300.0, gt=0)
     ack_retry_s: float = Field(default=10.0, gt=0)
+    telemetry: str = "auto"
+    sample_rate_hz: float = Field(default=DEFAULT_RATE_HZ, gt=0, le=1000)
+    sysfs_root: str = "/sys"
+    idle_baseline_s: float = Field(default=5.0, ge=0)
 
 
 @dataclass
@@ -86,6 +92,7 @@ class EdgeAgent:
         self.topics = Topics(config.experiment)
         self.device_id = config.device_id
         self.profiler = Profiler(config.experiment, config.device_id)
+        self._context: Optional[DeviceContext] = None
         self._stop = threading.Event()
         self._pending_task: Optional[Task] = None
         self._finished_rounds: Dict[int, str] = {}
@@ -139,8 +146,9 @@ class EdgeAgent:
             machine=platform.machine(),
             accelerator="cuda" if torch.cuda.is_available() else "cpu",
             memory_total_bytes=int(psutil.virtual_memory().total),
-            telemetry_backend="psutil",
+            telemetry_backend=self.profiler.backend_name,
             methods=available_methods(),
+            context=self._context.model_dump(mode="json") if self._context else {},
         )
 
     def _serve_pull(self, topic: str, payload: bytes) -> None:
@@ -166,6 +174,7 @@ class EdgeAgent:
 
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
+        self._start_telemetry()
         self.link.connect()
         try:
             while not self._stop.is_set():
@@ -177,6 +186,20 @@ class EdgeAgent:
                     self._run_round(task)
         finally:
             self.link.close(final=(self.topics.device(self.device_id, "status"), b"offline"))
+            if self.profiler.sampler is not None:
+                self.profiler.sampler.stop()
+                self.profiler.sampler = None
+
+    def _start_telemetry(self) -> None:
+        """Start sampling, measure the idle baseline before any training (its record rides on
+        the first update), then read the context the hello carries."""
+        config = self.config
+        self.profiler.sampler = Sampler.auto(
+            config.telemetry, rate_hz=config.sample_rate_hz, sysfs_root=config.sysfs_root
+        )
+        if config.idle_baseline_s > 0:
+            self.profiler.measure_idle_baseline(config.idle_baseline_s)
+        self._context = self.profiler.context()
 
     def _wait_for_task(self) -> Optional[Task]:
         self._pump(timeout_s=0.5)

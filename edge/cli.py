@@ -46,6 +46,24 @@ def edge_run(
     max_rounds: Optional[int] = typer.Option(
         None, "--max-rounds", help="Exit after this many rounds."
     ),
+    telemetry: str = typer.Option(
+        "auto",
+        "--telemetry",
+        envvar="JETFED_TELEMETRY",
+        help="auto, jtop, ina3221, tegrastats, nvml, rapl or psutil (auto: best available).",
+    ),
+    sample_rate_hz: float = typer.Option(
+        10.0, "--sample-rate-hz", envvar="JETFED_SAMPLE_RATE_HZ", help="Telemetry sampling rate."
+    ),
+    sysfs_root: str = typer.Option(
+        "/sys", "--sysfs-root", envvar="JETFED_SYSFS_ROOT", help="Where ina3221/rapl read sysfs."
+    ),
+    idle_baseline_s: float = typer.Option(
+        5.0,
+        "--idle-baseline-s",
+        envvar="JETFED_IDLE_BASELINE_S",
+        help="Seconds of idle power measured before the first round (0: none).",
+    ),
 ) -> None:
     """Join an experiment and train whenever the coordinator selects this device."""
     from pydantic import ValidationError
@@ -68,10 +86,14 @@ def edge_run(
             data=data,
             torch_device=torch_device,
             num_threads=threads,
+            telemetry=telemetry,
+            sample_rate_hz=sample_rate_hz,
+            sysfs_root=sysfs_root,
+            idle_baseline_s=idle_baseline_s,
         )
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise UserError(f"--{'-'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise UserError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
     if data is None:
         raise UserError("--data is required: the device's local dataset (folder or file)")
     agent = EdgeAgent(config)

@@ -50,10 +50,15 @@ def write_config(
     return path
 
 
-def jetfed(*args: str, log: Optional[Path] = None) -> subprocess.Popen[bytes]:
+def jetfed(
+    *args: str, log: Optional[Path] = None, env: Optional[Dict[str, str]] = None
+) -> subprocess.Popen[bytes]:
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - owned by the process
     return subprocess.Popen(
-        [sys.executable, "-m", "jetfed", *args], stdout=out, stderr=subprocess.STDOUT, env=ENV
+        [sys.executable, "-m", "jetfed", *args],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=env or ENV,
     )
 
 

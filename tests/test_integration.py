@@ -24,6 +24,14 @@ def _assert_two_aggregated_rounds(run_dir: Path) -> None:
     second = load_file(str(run_dir / "global/round-0001/adapter_model.safetensors"))
     assert set(first) == set(second)
     assert any(not first[name].equal(second[name]) for name in first), "global adapter unchanged"
+    from peft import PeftModel
+
+    from edge.models import load_classifier
+    from edge.wire import ModelRef
+
+    base = load_classifier(ModelRef(name_or_path="minilm", num_labels=2))
+    loaded = PeftModel.from_pretrained(base, str(run_dir / "global/round-0001"))
+    assert any("lora_A" in name for name, _ in loaded.named_parameters())
     profiles = (run_dir / "profiles.jsonl").read_text()
     assert '"phase":"train"' in profiles and '"device_id":"dev-1"' in profiles
 
