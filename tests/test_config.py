@@ -67,7 +67,7 @@ def test_overrides_and_missing_file(tmp_path: Path) -> None:
     config = load_config(path, ["rounds.count=7", "method.rank=4", "training.learning_rate=5e-4"])
     assert config.rounds.count == 7 and config.method.settings() == {"rank": 4}
     assert config.training.learning_rate == 5e-4
-    with pytest.raises(UserError, match="section.key=value"):
+    with pytest.raises(UserError, match=r"section\.key=value"):
         load_config(path, ["rounds.count"])
     with pytest.raises(UserError, match="does not exist"):
         load_config(str(tmp_path / "missing.yaml"))
