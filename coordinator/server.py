@@ -132,6 +132,7 @@ class Coordinator:
                 torch_device=pick_device(config.eval_device),
                 settings=config.aggregation.settings(),
                 send=self._send_exchange,
+                data_path=config.data.path,
             ),
         )
         self.expected = self.strategy.update_spec()

@@ -43,6 +43,8 @@ class ServerContext:
     settings: Dict[str, Any]
     send: Callable[[str, str, bytes], None]
     """send(device_id, subtopic, payload) → `devices/{id}/exchange/down/{subtopic}`."""
+    data_path: str = ""
+    """The experiment's data.path: public/auxiliary splits of distillation strategies."""
 
 
 class Strategy:

@@ -373,6 +373,7 @@ class EdgeAgent:
             profiler=self.profiler,
             extra_blobs=extra,
             exchange=self.exchange,
+            data_path=self.config.data,
         )
         return EdgeAgent._Job(cache.method, local)
 
@@ -387,7 +388,7 @@ class EdgeAgent:
 
     def _upload(self, task: Task, result: Any, counters: PhaseCounters) -> None:
         """Offer the update's tensors, announce them, and wait for the coordinator's ack."""
-        data = encode_tensors(result.tensors, task.update_dtype)
+        data = encode_tensors(result.tensors, result.wire_dtype or task.update_dtype)
         manifest = self.blobs.offer(data, task.chunk_size_bytes)
         update = Update(
             experiment=task.experiment,

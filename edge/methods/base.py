@@ -65,6 +65,8 @@ class LocalRound:
     profiler: Profiler
     extra_blobs: Dict[str, bytes] = field(default_factory=dict)
     exchange: Optional[Exchange] = None
+    data_path: Optional[str] = None
+    """The device's --data source, for methods that read a public split by index (KD's proxy)."""
 
 
 @dataclass
@@ -77,6 +79,8 @@ class LocalResult:
     train_loss: float
     local_steps: int
     metrics: Dict[str, float] = field(default_factory=dict)
+    wire_dtype: Optional[str] = None
+    """Overrides the task's update_dtype (KD logits always travel fp16)."""
 
 
 class FederatedMethod(ABC):
