@@ -28,10 +28,8 @@ def coordinator_run(
     ),
     embedded_port: int = typer.Option(1883, "--embedded-port", help="Port of the embedded broker."),
 ) -> None:
-    """Run the rounds of an experiment; devices join with `jetfed edge run`.
-
-    Flags (or the JETFED_* variables of the coordinator.env that `jetfed broker-config` writes)
-    override the config's `broker:` section field by field."""
+    """Run the rounds of an experiment; devices join with `jetfed edge run`. Broker flags (or
+    JETFED_* variables, e.g. broker-config's coordinator.env) override the config's `broker:`."""
     from contextlib import ExitStack
 
     from coordinator.broker import EmbeddedBroker
@@ -85,11 +83,20 @@ def demo(
     broker: Optional[str] = typer.Option(
         None, "--broker", help="Use this broker instead of the embedded one."
     ),
+    link: Optional[str] = typer.Option(
+        None,
+        "--link",
+        help="Put each device behind an emulated link, e.g. 100mbit,20ms,0.1% or "
+        "up=10mbit,down=100mbit,delay=20ms (root; see docs/LINKS.md).",
+    ),
 ) -> None:
     """A whole federated run on this machine: embedded broker, coordinator, N devices."""
     import time
 
     from coordinator.demo import DEMO_DATA, demo_config, run_demo
+    from coordinator.links import LinkSpec
+
+    link_spec = LinkSpec.parse(link) if link is not None else None
 
     data_path = data or str(DEMO_DATA)
     run_name = name or f"demo-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -106,16 +113,17 @@ def demo(
         max_eval_samples,
         learning_rate,
     )
-    metrics = run_demo(config, clients, broker)
+    metrics = run_demo(config, clients, broker, link_spec)
     if not metrics:
         raise UserError(
             "the demo completed no round; see the logs in " + str(config.run_dir / "logs")
         )
     last = metrics[-1]
     total_s = last.wall_clock_s
+    behind = f", devices behind {link_spec} links" if link_spec is not None else ""
     typer.echo(
         f"done: {len(metrics)} rounds in {total_s:.0f} s, final validation accuracy "
-        f"{last.accuracy:.3f}; run directory {config.run_dir}"
+        f"{last.accuracy:.3f}{behind}; run directory {config.run_dir}"
     )
 
 
