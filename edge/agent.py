@@ -70,6 +70,9 @@ class EdgeConfig(BaseModel):
     sample_rate_hz: float = Field(default=DEFAULT_RATE_HZ, gt=0, le=1000)
     sysfs_root: str = "/sys"
     idle_baseline_s: float = Field(default=5.0, ge=0)
+    link_info: Optional[str] = Field(default=None, max_length=200)
+    """How this device reaches the broker (the `--link` spec of an emulated link, or a label
+    such as `wifi-5ghz`); its hello's context records it as `link`."""
 
 
 @dataclass
@@ -148,8 +151,14 @@ class EdgeAgent:
             memory_total_bytes=int(psutil.virtual_memory().total),
             telemetry_backend=self.profiler.backend_name,
             methods=available_methods(),
-            context=self._context.model_dump(mode="json") if self._context else {},
+            context=self._hello_context(),
         )
+
+    def _hello_context(self) -> Dict[str, Any]:
+        context = self._context.model_dump(mode="json") if self._context else {}
+        if self.config.link_info:
+            context["link"] = self.config.link_info
+        return context
 
     def _serve_pull(self, topic: str, payload: bytes) -> None:
         """paho thread: the coordinator asks for chunks of one of our uploads."""

@@ -64,6 +64,12 @@ def edge_run(
         envvar="JETFED_IDLE_BASELINE_S",
         help="Seconds of idle power measured before the first round (0: none).",
     ),
+    link_info: Optional[str] = typer.Option(
+        None,
+        "--link-info",
+        envvar="JETFED_LINK_INFO",
+        help="How this device reaches the broker (e.g. 100mbit,20ms or wifi); kept in profiles.",
+    ),
 ) -> None:
     """Join an experiment and train whenever the coordinator selects this device."""
     from pydantic import ValidationError
@@ -90,6 +96,7 @@ def edge_run(
             sample_rate_hz=sample_rate_hz,
             sysfs_root=sysfs_root,
             idle_baseline_s=idle_baseline_s,
+            link_info=link_info,
         )
     except ValidationError as exc:
         first = exc.errors()[0]
