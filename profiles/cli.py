@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -28,6 +28,32 @@ def energy(
     from profiles.energy import analyse_tegrastats_file
 
     typer.echo(analyse_tegrastats_file(tegrastats, interval_ms).model_dump_json(indent=2))
+
+
+@group.command("report")
+def report(
+    run_dirs: List[Path] = typer.Argument(
+        ..., metavar="RUN_DIR...", help="runs/<experiment> folders."
+    ),
+    target_accuracy: Optional[float] = typer.Option(
+        None,
+        "--target-accuracy",
+        help="Accuracy for the *-to-target table (default: the best every run reached).",
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Output folder (default: RUN_DIR/report, or beside the first run)."
+    ),
+    round_index: Optional[int] = typer.Option(
+        None, "--round", help="Round index (0-based) of the power trace plot (default: last)."
+    ),
+) -> None:
+    """report.md, report.html and PNG plots comparing runs: accuracy vs time and energy,
+    time/energy/bytes-to-target, energy per phase, power traces, peak memory, bytes per round."""
+    from profiles.report import build_report, default_out_dir
+
+    result = build_report(run_dirs, out or default_out_dir(run_dirs), target_accuracy, round_index)
+    typer.echo(f"report: {result.markdown_path}")
+    typer.echo(f"        {result.html_path}")
 
 
 def register(app: typer.Typer) -> None:

@@ -7,13 +7,13 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import psutil
 
 from edge.telemetry.context import DeviceContext, collect_context
 from edge.telemetry.memory import CudaPeakProbe
-from edge.telemetry.records import PhaseRecord
+from edge.telemetry.records import MAX_TRACE_POINTS, PhaseRecord
 from edge.telemetry.sampler import Sampler
 from edge.telemetry.window import WindowSummary
 
@@ -35,6 +35,20 @@ def _lifetime_peak_rss_bytes() -> Optional[int]:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
     except (ImportError, OSError):
         return None
+
+
+def thin_trace(
+    points: Sequence[Tuple[float, Optional[float]]],
+    start_unix_s: float,
+    max_points: int = MAX_TRACE_POINTS,
+) -> List[Tuple[float, float]]:
+    """Measured (wall s, W) points as (s since start, W), evenly thinned to at most max_points
+    (first and last kept) so a record stays small however long the phase ran."""
+    measured = [(t - start_unix_s, w) for t, w in points if w is not None]
+    if len(measured) > max_points:
+        step = (len(measured) - 1) / (max_points - 1)
+        measured = [measured[round(i * step)] for i in range(max_points)]
+    return [(round(t, 3), round(w, 3)) for t, w in measured]
 
 
 class Profiler:
@@ -132,6 +146,11 @@ class Profiler:
         record.backend = self.sampler.backend_name
         record.sample_rate_hz = self.sampler.effective_rate_hz
         record.sample_count = summary.sample_count
+        if self.sampler.backend.has_power:
+            record.power_trace = thin_trace(
+                self.sampler.power_trace(record.start_unix_s, record.end_unix_s),
+                record.start_unix_s,
+            )
 
     def measure_idle_baseline(self, seconds: float, round_index: int = 0) -> Optional[float]:
         """Sit idle for `seconds` inside an "idle" phase and keep its mean module power as the

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
 PHASES = ("download", "setup", "train", "eval", "upload", "idle")
+MAX_TRACE_POINTS = 200
+"""A phase's power trace is thinned to this many points: bounded messages, enough to plot."""
 
 
 class PhaseRecord(BaseModel):
@@ -40,3 +42,7 @@ class PhaseRecord(BaseModel):
     sample_rate_hz: Optional[float] = None
     sample_count: int = 0
     extra: Dict[str, float] = Field(default_factory=dict)
+    power_trace: List[Tuple[float, float]] = Field(
+        default_factory=list, max_length=MAX_TRACE_POINTS
+    )
+    """(seconds since start_unix_s, module W) of measured samples, thinned; empty without power."""
