@@ -4,77 +4,188 @@ The holder of a blob (`BlobServer`) publishes chunks only when asked; the receiv
 asks for what it is missing, re-asks when progress stalls, verifies every chunk against the
 manifest and the whole payload against its digest. Asking again after a reconnect is the resume:
 only missing chunks travel again, and duplicates are ignored.
+
+Memory stays at a few chunks per transfer whatever the payload size (KB adapters to GB models):
+big blobs are served from files (`offer_file`, `offer_tensors`) read one chunk at a time, a
+download writes each verified chunk straight to a file on disk, and a receiver with a
+`window_bytes` keeps only that much asked-for-but-not-received data in flight (in the broker,
+both MQTT clients and the receiver's inbox), asking for more as chunks land.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
+import os
 import tempfile
 import threading
 import time
-from typing import IO, Callable, Dict, List, Optional, Set
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Mapping, Optional, Set
 
 from edge.errors import ProtocolError
 from edge.logs import log_event
+from edge.tensorfile import write_tensor_file
 from edge.wire import BlobManifest, make_manifest, sha256_hex
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes], None]
 ChunkTopic = Callable[[str, int], str]
 
-SPOOL_TO_DISK_BYTES = 32 << 20
+READ_BLOCK_BYTES = 1 << 20
 
 
 class TransferTimeout(Exception):
     """A transfer made no progress for longer than its timeout."""
 
 
+def manifest_of_file(
+    path: str, chunk_size_bytes: int, content: str = "safetensors"
+) -> BlobManifest:
+    """The manifest of a file on disk, read one chunk at a time."""
+    whole = hashlib.sha256()
+    digests: List[str] = []
+    with open(path, "rb") as handle:
+        while True:
+            chunk = handle.read(chunk_size_bytes)
+            if chunk or not digests:  # an empty payload is one empty chunk, as in make_manifest
+                whole.update(chunk)
+                digests.append(sha256_hex(chunk))
+            if len(chunk) < chunk_size_bytes:
+                break
+    size = os.path.getsize(path)
+    return BlobManifest(
+        digest=whole.hexdigest(),
+        size_bytes=size,
+        chunk_size_bytes=chunk_size_bytes,
+        chunk_digests=digests,
+        content=content,
+    )
+
+
+@dataclass
+class _Offered:
+    """One offered blob: in memory (`data`) or in a file (`fd`, deleted on withdraw if owned)."""
+
+    manifest: BlobManifest
+    data: Optional[bytes] = None
+    path: Optional[str] = None
+    fd: Optional[int] = None
+    owned: bool = False
+
+    def read(self, start: int, end: int) -> bytes:
+        if self.data is not None:
+            return self.data[start:end]
+        assert self.fd is not None
+        return os.pread(self.fd, end - start, start)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.owned and self.path is not None:
+            _unlink_quietly(self.path)
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 class BlobServer:
     """Holds blobs this side offers and publishes requested chunks of them (thread-safe)."""
 
-    def __init__(self, publish: Publish, chunk_size_bytes: int) -> None:
+    def __init__(
+        self, publish: Publish, chunk_size_bytes: int, spool_dir: Optional[str] = None
+    ) -> None:
         self._publish = publish
         self._chunk_size_bytes = chunk_size_bytes
-        self._blobs: Dict[str, bytes] = {}
-        self._manifests: Dict[str, BlobManifest] = {}
+        self._spool_dir = spool_dir
+        self._offered: Dict[str, _Offered] = {}
         self._lock = threading.Lock()
+        self.chunks_served = 0
+
+    def _add(self, blob: _Offered) -> BlobManifest:
+        with self._lock:
+            previous = self._offered.get(blob.manifest.digest)
+            if previous is not None:
+                blob.release()
+                return previous.manifest
+            self._offered[blob.manifest.digest] = blob
+        return blob.manifest
 
     def offer(self, data: bytes, chunk_size_bytes: Optional[int] = None) -> BlobManifest:
+        """Offer bytes held in memory (small blobs: adapters, exchange payloads)."""
         manifest = make_manifest(data, chunk_size_bytes or self._chunk_size_bytes)
-        with self._lock:
-            self._blobs[manifest.digest] = data
-            self._manifests[manifest.digest] = manifest
-        return manifest
+        return self._add(_Offered(manifest, data=data))
+
+    def offer_file(
+        self, path: str, chunk_size_bytes: Optional[int] = None, owned: bool = False
+    ) -> BlobManifest:
+        """Offer a file, served one chunk at a time; `owned` files are deleted on withdraw."""
+        manifest = manifest_of_file(path, chunk_size_bytes or self._chunk_size_bytes)
+        return self._add(_Offered(manifest, path=path, fd=os.open(path, os.O_RDONLY), owned=owned))
+
+    def offer_tensors(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        dtype: str = "fp32",
+        chunk_size_bytes: Optional[int] = None,
+    ) -> BlobManifest:
+        """Encode `tensors` to a spool file (one tensor at a time) and offer it."""
+        handle, path = tempfile.mkstemp(prefix="jetfed-blob-", dir=self._spool_dir)
+        os.close(handle)
+        try:
+            write_tensor_file(path, tensors, dtype)
+            return self.offer_file(path, chunk_size_bytes, owned=True)
+        except BaseException:
+            _unlink_quietly(path)
+            raise
 
     def has(self, digest: str) -> bool:
         with self._lock:
-            return digest in self._blobs
+            return digest in self._offered
 
     def withdraw(self, digest: str) -> None:
         with self._lock:
-            self._blobs.pop(digest, None)
-            self._manifests.pop(digest, None)
+            blob = self._offered.pop(digest, None)
+            if blob is not None:
+                blob.release()
 
     def serve(self, digest: str, indices: List[int], topic_for: ChunkTopic) -> int:
         """Publish the requested chunks; returns the payload bytes sent. Unknown → ProtocolError."""
-        with self._lock:
-            data = self._blobs.get(digest)
-            manifest = self._manifests.get(digest)
-        if data is None or manifest is None:
-            raise ProtocolError(f"no blob {digest[:12]} is offered here")
         sent = 0
         for index in sorted(set(indices)):
-            if index >= manifest.chunk_count:
-                raise ProtocolError(f"chunk {index} out of range (blob has {manifest.chunk_count})")
-            start, end = manifest.chunk_range(index)
-            self._publish(topic_for(digest, index), data[start:end])
+            with self._lock:  # withdraw() may close the file between chunks
+                blob = self._offered.get(digest)
+                if blob is None:
+                    raise ProtocolError(f"no blob {digest[:12]} is offered here")
+                manifest = blob.manifest
+                if index >= manifest.chunk_count:
+                    raise ProtocolError(
+                        f"chunk {index} out of range (blob has {manifest.chunk_count})"
+                    )
+                start, end = manifest.chunk_range(index)
+                chunk = blob.read(start, end)
+                self.chunks_served += 1
+            self._publish(topic_for(digest, index), chunk)
             sent += end - start
         return sent
 
 
 class Download:
-    """Receives one blob: verifies chunks, tracks what is missing, re-asks on stalls."""
+    """Receives one blob into a file: verifies chunks, tracks what is missing, re-asks on stalls.
+
+    With `window_bytes`, at most that much is asked for and not yet received at any time (more is
+    asked for as chunks land); without it, everything missing is asked for at once. A chunk
+    failing its checks is asked for again at once. Call `close()` when done (deletes the file).
+    """
 
     def __init__(
         self,
@@ -83,6 +194,8 @@ class Download:
         max_size_bytes: int,
         retry_after_s: float = 5.0,
         timeout_s: float = 120.0,
+        window_bytes: Optional[int] = None,
+        spool_dir: Optional[str] = None,
     ) -> None:
         if manifest.size_bytes > max_size_bytes:
             raise ProtocolError(
@@ -92,15 +205,24 @@ class Download:
         self._request = request
         self._retry_after_s = retry_after_s
         self._timeout_s = timeout_s
-        self._missing: Set[int] = set(range(manifest.chunk_count))
-        self._buffer: IO[bytes] = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed in result()
-            max_size=SPOOL_TO_DISK_BYTES
+        count = manifest.chunk_count
+        self._window_chunks = (
+            count if window_bytes is None else max(2, window_bytes // manifest.chunk_size_bytes)
         )
+        self._missing: Set[int] = set(range(count))
+        self._in_flight: Set[int] = set()
+        self._not_asked: Deque[int] = deque(range(count))
+        handle, self.path = tempfile.mkstemp(prefix="jetfed-download-", dir=spool_dir)
+        self._file = os.fdopen(handle, "r+b")
+        self._file.truncate(manifest.size_bytes)
+        self._verified = False
         self._last_progress_s = time.monotonic()
         self._last_request_s = 0.0
         self.bytes_received = 0
         self.duplicate_chunks = 0
+        self.rejected_chunks = 0
         self.requests_sent = 0
+        self.chunks_requested = 0
 
     @property
     def complete(self) -> bool:
@@ -110,15 +232,30 @@ class Download:
         return sorted(self._missing)
 
     def start(self) -> None:
-        self._ask(self.missing())
+        self._fill()
 
     def _ask(self, indices: List[int]) -> None:
         self._last_request_s = time.monotonic()
         self.requests_sent += 1
+        self.chunks_requested += len(indices)
         self._request(indices)
 
+    def _fill(self) -> None:
+        """Ask for more chunks once at most half the window is still in flight."""
+        if len(self._in_flight) > self._window_chunks // 2:
+            return
+        fresh: List[int] = []
+        while self._not_asked and len(self._in_flight) + len(fresh) < self._window_chunks:
+            index = self._not_asked.popleft()
+            if index in self._missing:
+                fresh.append(index)
+        if fresh:
+            self._in_flight.update(fresh)
+            self._ask(fresh)
+
     def add_chunk(self, index: int, payload: bytes) -> bool:
-        """Store a verified chunk; False for a duplicate, ProtocolError for a bad one."""
+        """Store a verified chunk; False for a duplicate, ProtocolError (after asking for it
+        again) for a bad one."""
         if not 0 <= index < self.manifest.chunk_count:
             raise ProtocolError(f"chunk index {index} out of range")
         self.bytes_received += len(payload)
@@ -126,14 +263,22 @@ class Download:
             self.duplicate_chunks += 1
             return False
         start, end = self.manifest.chunk_range(index)
+        problem = ""
         if len(payload) != end - start:
-            raise ProtocolError(f"chunk {index} has {len(payload)} bytes, expected {end - start}")
-        if sha256_hex(payload) != self.manifest.chunk_digests[index]:
-            raise ProtocolError(f"chunk {index} digest mismatch")
-        self._buffer.seek(start)
-        self._buffer.write(payload)
+            problem = f"chunk {index} has {len(payload)} bytes, expected {end - start}"
+        elif sha256_hex(payload) != self.manifest.chunk_digests[index]:
+            problem = f"chunk {index} digest mismatch"
+        if problem:
+            self.rejected_chunks += 1
+            self._in_flight.add(index)
+            self._ask([index])
+            raise ProtocolError(problem)
+        self._file.seek(start)
+        self._file.write(payload)
         self._missing.discard(index)
+        self._in_flight.discard(index)
         self._last_progress_s = time.monotonic()
+        self._fill()
         return True
 
     def poll(self) -> None:
@@ -144,7 +289,8 @@ class Download:
         if now - self._last_progress_s > self._timeout_s:
             raise TransferTimeout(
                 f"blob {self.manifest.digest[:12]}: {len(self._missing)} of "
-                f"{self.manifest.chunk_count} chunks missing after {self._timeout_s:.0f} s"
+                f"{self.manifest.chunk_count} chunks missing after {self._timeout_s:.0f} s "
+                "without progress"
             )
         if now - max(self._last_progress_s, self._last_request_s) > self._retry_after_s:
             log_event(
@@ -154,15 +300,38 @@ class Download:
                 digest=self.manifest.digest[:12],
                 missing=len(self._missing),
             )
-            self._ask(self.missing())
+            self._in_flight &= self._missing
+            if self._in_flight:
+                self._ask(sorted(self._in_flight))
+            else:
+                self._fill()
 
-    def result(self) -> bytes:
-        """The whole payload, verified against the manifest digest."""
+    def result_path(self) -> str:
+        """The file holding the whole payload, verified against the manifest digest."""
         if not self.complete:
             raise ProtocolError("transfer incomplete")
-        self._buffer.seek(0)
-        data = self._buffer.read(self.manifest.size_bytes)
-        self._buffer.close()
-        if sha256_hex(data) != self.manifest.digest:
-            raise ProtocolError("payload digest mismatch")
-        return data
+        if not self._verified:
+            self._file.flush()
+            self._file.seek(0)
+            whole = hashlib.sha256()
+            for block in iter(lambda: self._file.read(READ_BLOCK_BYTES), b""):
+                whole.update(block)
+            if whole.hexdigest() != self.manifest.digest:
+                raise ProtocolError("payload digest mismatch")
+            self._verified = True
+        return self.path
+
+    def result(self) -> bytes:
+        """The whole payload in memory, verified (small blobs; big ones: `result_path`)."""
+        with open(self.result_path(), "rb") as handle:
+            return handle.read()
+
+    def close(self) -> None:
+        """Delete the spool file (idempotent)."""
+        if not self._file.closed:
+            self._file.close()
+        _unlink_quietly(self.path)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()

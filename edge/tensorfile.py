@@ -1,0 +1,214 @@
+"""Tensor payloads as safetensors FILES, written and read one tensor (or a few rows) at a time.
+
+A full model's state is ~91 MB (MiniLM) to several GB; holding a second encoded copy in memory
+next to the decoded one is what breaks small devices and a coordinator receiving many updates.
+`write_tensor_file` streams each tensor to disk cast to the wire dtype; `TensorFile` validates a
+received file (names, shapes, dtypes, finite values; refused with ProtocolError like
+`edge.wire.decode_tensors`) and then reads tensors lazily, as a read-only mapping.
+
+Wire dtypes: fp32, fp16, bf16, and int8 (per-row scales, `edge.compression`), which stores each
+tensor as int8 under its name plus its scales under `name + SCALE_SUFFIX`, and says so in the
+safetensors metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+from edge.compression import dequantize_int8, quantize_int8, scale_shape
+from edge.errors import ProtocolError
+
+if TYPE_CHECKING:
+    import torch
+
+    from edge.wire import TensorSpec
+
+FLOAT_DTYPES = ("fp32", "fp16", "bf16")
+UPDATE_DTYPES = (*FLOAT_DTYPES, "int8")
+SCALE_SUFFIX = ":scale"
+COMPRESSION_KEY = "jetfed.compression"
+ROW_BLOCK_BYTES = 8 << 20
+_ST_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "int8": "I8"}
+_ITEM_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1}
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return {
+        "fp32": torch.float32,
+        "fp16": torch.float16,
+        "bf16": torch.bfloat16,
+        "int8": torch.int8,
+    }[name]
+
+
+def _entries(
+    tensors: Mapping[str, torch.Tensor], dtype: str
+) -> List[Tuple[str, str, Tuple[int, ...]]]:
+    """(stored name, wire dtype, shape) of every tensor the file will hold, in file order."""
+    entries: List[Tuple[str, str, Tuple[int, ...]]] = []
+    for name, tensor in tensors.items():
+        shape = tuple(tensor.shape)
+        entries.append((name, dtype, shape))
+        if dtype == "int8":
+            entries.append((name + SCALE_SUFFIX, "fp32", scale_shape(shape)))
+    return entries
+
+
+def _header(entries: List[Tuple[str, str, Tuple[int, ...]]], dtype: str) -> bytes:
+    header: Dict[str, object] = {"__metadata__": {"format": "pt", COMPRESSION_KEY: dtype}}
+    offset = 0
+    for name, wire_dtype, shape in entries:
+        st_dtype = _ST_DTYPES[wire_dtype]
+        size = math.prod(shape) * _ITEM_BYTES[st_dtype]
+        header[name] = {
+            "dtype": st_dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_tensor_file(path: str, tensors: Mapping[str, torch.Tensor], dtype: str = "fp32") -> int:
+    """Write `tensors` cast to the wire `dtype` as a safetensors file; returns its size in bytes.
+
+    Only one converted tensor exists at a time, so memory stays at the caller's own copy."""
+    import torch
+
+    if dtype not in UPDATE_DTYPES:
+        raise ValueError(f"wire dtype {dtype!r} is not one of {UPDATE_DTYPES}")
+    with open(path, "wb") as handle:
+        handle.write(_header(_entries(tensors, dtype), dtype))
+        for tensor in tensors.values():
+            parts = (
+                quantize_int8(tensor)
+                if dtype == "int8"
+                else (tensor.detach().to("cpu", _torch_dtype(dtype)),)
+            )
+            for part in parts:
+                flat = part.contiguous().reshape(-1).view(torch.uint8)
+                handle.write(flat.numpy().data)
+        return handle.tell()
+
+
+class TensorFile(Mapping[str, "torch.Tensor"]):
+    """A validated safetensors file read lazily as fp32 tensors: `tf[name]`, `tf.row_blocks(name)`.
+
+    Construction refuses anything not exactly as expected (ProtocolError); afterwards every read
+    is of data already checked. The file must stay on disk while the mapping is used."""
+
+    def __init__(
+        self,
+        path: str,
+        expected: Optional[TensorSpec] = None,
+        allow_dtypes: Sequence[str] = FLOAT_DTYPES,
+    ) -> None:
+        self.path = path
+        self.compression = self._read_header(expected, allow_dtypes)
+        for name in self._shapes:
+            for _, block in self.row_blocks(name):
+                self._check_finite(name, block)
+
+    def _read_header(self, expected: Optional[TensorSpec], allow_dtypes: Sequence[str]) -> str:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(self.path, framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                stored = {
+                    name: (
+                        handle.get_slice(name).get_dtype(),
+                        tuple(handle.get_slice(name).get_shape()),
+                    )
+                    for name in handle.keys()  # noqa: SIM118 - safe_open is not iterable
+                }
+        except Exception as exc:  # safetensors raises its own error types for malformed headers
+            raise ProtocolError(f"not a valid safetensors payload: {exc}") from None
+        compression = metadata.get(COMPRESSION_KEY, "")
+        if compression == "int8" and "int8" not in allow_dtypes:
+            raise ProtocolError(f"int8 payloads are not accepted here (allowed {allow_dtypes})")
+        quantized = compression == "int8"
+        shapes = {
+            n: s for n, (_, s) in stored.items() if not (quantized and n.endswith(SCALE_SUFFIX))
+        }
+        if expected is not None:
+            missing = sorted(set(expected) - set(shapes))
+            unknown = sorted(set(shapes) - set(expected))
+            if missing or unknown:
+                raise ProtocolError(
+                    f"tensor names differ: missing {missing[:3]}, unexpected {unknown[:3]}"
+                )
+        allowed = {_ST_DTYPES[d] for d in allow_dtypes if d in FLOAT_DTYPES}
+        for name, shape in shapes.items():
+            st_dtype = stored[name][0]
+            if quantized:
+                scales = stored.get(name + SCALE_SUFFIX)
+                if st_dtype != "I8" or scales != ("F32", scale_shape(shape)):
+                    raise ProtocolError(f"tensor {name} is not int8 with fp32 per-row scales")
+            elif st_dtype not in allowed:
+                raise ProtocolError(f"tensor {name} has dtype {st_dtype}, allowed {allow_dtypes}")
+            if expected is not None and shape != tuple(expected[name]):
+                raise ProtocolError(
+                    f"tensor {name} has shape {shape}, expected {tuple(expected[name])}"
+                )
+        self._shapes: Dict[str, Tuple[int, ...]] = shapes
+        return "int8" if quantized else ""
+
+    @staticmethod
+    def _check_finite(name: str, block: torch.Tensor) -> None:
+        import torch
+
+        if not bool(torch.isfinite(block).all()):
+            raise ProtocolError(f"tensor {name} contains NaN or Inf")
+
+    def row_blocks(
+        self, name: str, max_bytes: int = ROW_BLOCK_BYTES
+    ) -> Iterator[Tuple[int, torch.Tensor]]:
+        """(first row, fp32 rows) of tensor `name`, at most ~`max_bytes` of fp32 at a time."""
+        from safetensors import safe_open
+
+        shape = self._shapes[name]
+        row_bytes = 4 * math.prod(shape[1:]) if len(shape) >= 2 else 4 * math.prod(shape)
+        rows = shape[0] if len(shape) >= 2 else 1
+        step = max(1, max_bytes // max(row_bytes, 1))
+        with safe_open(self.path, framework="pt") as handle:
+            for start in range(0, rows, step):
+                yield start, self._read(handle, name, start, min(rows, start + step))
+
+    def _read(self, handle: Any, name: str, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of `name` as fp32 (the whole tensor when it has no rows)."""
+        import torch
+
+        whole = len(self._shapes[name]) < 2
+        values = handle.get_tensor(name) if whole else handle.get_slice(name)[start:end]
+        if self.compression == "int8":
+            scale_name = name + SCALE_SUFFIX
+            scales = (
+                handle.get_tensor(scale_name) if whole else handle.get_slice(scale_name)[start:end]
+            )
+            return dequantize_int8(values, scales)
+        return values.to(torch.float32)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        import torch
+
+        if name not in self._shapes:
+            raise KeyError(name)
+        blocks = [block for _, block in self.row_blocks(name, max_bytes=1 << 62)]
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def spec(self) -> Dict[str, Tuple[int, ...]]:
+        return dict(self._shapes)
