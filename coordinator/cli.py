@@ -125,6 +125,10 @@ def demo(
         f"done: {len(metrics)} rounds in {total_s:.0f} s, final validation accuracy "
         f"{last.accuracy:.3f}{behind}; run directory {config.run_dir}"
     )
+    from profiles.report import build_report
+
+    report = build_report([config.run_dir], config.run_dir / "report")
+    typer.echo(f"report: {report.markdown_path} (also report.html and PNG plots beside it)")
 
 
 group = typer.Typer(help="Run the coordinator side.", no_args_is_help=True)
