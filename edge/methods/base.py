@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from edge.data import TextDataset
     from edge.exchange import Exchange
     from edge.telemetry.phases import Profiler
+    from edge.train import TrainStats
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +140,10 @@ class FederatedMethod(ABC):
                 seed=job.seed,
             )
             counters.extra["steps"] = float(stats.steps)
+        return self.delta_result(job, stats)
+
+    def delta_result(self, job: LocalRound, stats: TrainStats) -> LocalResult:
+        """The upload after local training: the change of the federated tensors."""
         trained = self.get_state(job.model)
         delta = {name: trained[name] - job.global_state[name].to(trained[name]) for name in trained}
         return LocalResult(
