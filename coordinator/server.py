@@ -62,6 +62,8 @@ class _Inbound:
     announced: Dict[str, Update] = field(default_factory=dict)
     accepted: Dict[str, AcceptedUpdate] = field(default_factory=dict)
     last_accept_s: Optional[float] = None
+    collecting: bool = True
+    """False once the round stopped collecting: a late update is refused, never acked."""
 
 
 def profile_key(record: PhaseRecord) -> Tuple[str, int, str, float]:
@@ -299,6 +301,7 @@ class Coordinator:
         )
         self._collect(task)
         inbound = self._inbound
+        inbound.collecting = False
         accepted = [inbound.accepted[d] for d in sorted(inbound.accepted)]
         aggregate_s = eval_s = 0.0
         metrics = RoundMetrics(
@@ -426,7 +429,7 @@ class Coordinator:
         self._round_bytes["up"] += mqtt_publish_wire_bytes(topic, len(payload))
         try:
             if leaf == "status":
-                self.registry.on_status(device_id, payload == b"online")
+                self._on_status(device_id, payload)
             elif leaf == "hello":
                 self._on_hello(device_id, payload)
             elif leaf == "update":
@@ -439,7 +442,8 @@ class Coordinator:
                 self.strategy.on_exchange(device_id, "/".join(rest[1:]), payload)
         except ProtocolError as exc:
             round_index = self._inbound.round_index if self._inbound else None
-            self._reject(device_id, round_index, "invalid_" + leaf.replace("/", "_"), str(exc))
+            code = exc.code or "invalid_" + leaf.replace("/", "_")
+            self._reject(device_id, round_index, code, str(exc))
         except Exception as exc:  # a message must never kill the coordinator
             logger.exception("message.crashed topic=%s", topic)
             self._reject(device_id, None, "internal_error", type(exc).__name__)
@@ -459,8 +463,15 @@ class Coordinator:
     def _check_sender(self, device_id: str, claimed: str) -> None:
         if claimed != device_id:
             raise ProtocolError(
-                f"device_id {claimed!r} inside the message does not match the topic"
+                f"device_id {claimed!r} inside the message does not match the topic",
+                "sender_mismatch",
             )
+
+    def _on_status(self, device_id: str, payload: bytes) -> None:
+        """`online`/`offline`; empty is a cleared retained status (offline)."""
+        if payload not in (b"online", b"offline", b""):
+            raise ProtocolError(f"status {payload[:32]!r} is not online or offline")
+        self.registry.on_status(device_id, payload == b"online")
 
     def _on_hello(self, device_id: str, payload: bytes) -> None:
         hello = parse_message(Hello, payload)
@@ -490,24 +501,30 @@ class Coordinator:
         inbound = self._inbound
         update = parse_message(Update, payload)
         self._check_sender(device_id, update.device_id)
-        if inbound is None or update.experiment != self.config.name:
-            raise ProtocolError("no round is collecting updates")
-        if update.round_index != inbound.round_index:
+        if update.experiment != self.config.name:
+            raise ProtocolError(f"update for experiment {update.experiment!r}", "wrong_experiment")
+        if inbound is None or update.round_index != inbound.round_index:
+            collecting = "none" if inbound is None else inbound.round_index
             raise ProtocolError(
-                f"stale round {update.round_index}; collecting round {inbound.round_index}"
+                f"stale round {update.round_index}; collecting round {collecting}", "stale_round"
             )
-        if device_id not in inbound.task.selected_devices:
-            raise ProtocolError(
-                f"device {device_id} was not selected for round {inbound.round_index}"
-            )
-        if update.base_digest != inbound.task.global_state.digest:
-            raise ProtocolError("update was computed against another global state")
         accepted = inbound.accepted.get(device_id)
         if accepted is not None:
             if accepted.update.blob.digest != update.blob.digest:
-                raise ProtocolError("a different update for this round was already accepted")
+                raise ProtocolError(
+                    "a different update for this round was already accepted", "conflicting_update"
+                )
             self._ack(device_id, update)
             return
+        if not inbound.collecting:
+            raise ProtocolError(f"round {inbound.round_index} is closed", "round_closed")
+        if device_id not in inbound.task.selected_devices:
+            raise ProtocolError(
+                f"device {device_id} was not selected for round {inbound.round_index}",
+                "not_selected",
+            )
+        if update.base_digest != inbound.task.global_state.digest:
+            raise ProtocolError("update was computed against another global state", "wrong_base")
         self._store_profiles(device_id, update.profile)
         if (
             device_id in inbound.transfers
@@ -537,6 +554,9 @@ class Coordinator:
         inbound = self._inbound
         download = inbound.transfers.get(device_id) if inbound else None
         if inbound is None or download is None or download.manifest.digest != digest:
+            log_event(logger, logging.DEBUG, "chunk.unexpected", device_id=device_id)
+            return
+        if not inbound.collecting:
             return
         if not index_text.isdigit():
             raise ProtocolError(f"chunk index {index_text!r} is not a number")
@@ -545,7 +565,11 @@ class Coordinator:
             return
         del inbound.transfers[device_id]
         update = inbound.announced.pop(device_id)
-        candidate = AcceptedUpdate(update, decode_tensors(download.result(), self.expected))
+        try:
+            tensors = decode_tensors(download.result(), self.expected)
+        except ProtocolError as exc:
+            raise ProtocolError(str(exc), exc.code or "invalid_tensors") from None
+        candidate = AcceptedUpdate(update, tensors)
         self.strategy.validate_update(candidate, self.global_state)
         inbound.accepted[device_id] = candidate
         inbound.last_accept_s = time.monotonic()

@@ -1,0 +1,98 @@
+"""Robust strategies: clipping, coordinate-wise median, trimmed mean, and the norm bound."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import pytest
+import torch
+
+from coordinator.robust import UPDATE_NORM_TOO_LARGE, update_norm
+from coordinator.strategies import AcceptedUpdate, ServerContext, Strategy, make_strategy
+from edge.errors import ProtocolError, UserError
+from tests.test_strategies import accepted
+
+
+def strategy(name: str, **settings: Any) -> Strategy:
+    """Only `settings` matter to these strategies' aggregation; the model fields stay empty."""
+    ctx = ServerContext(
+        method=None,  # type: ignore[arg-type]
+        model_ref=None,  # type: ignore[arg-type]
+        eval_model=None,
+        tokenizer=None,
+        validation=None,  # type: ignore[arg-type]
+        init=None,
+        torch_device="cpu",
+        settings=settings,
+        send=lambda device_id, subtopic, payload: None,
+    )
+    return make_strategy(name, ctx)
+
+
+def updates_of(values: List[List[float]], samples: List[int]) -> List[AcceptedUpdate]:
+    return [accepted(n, {"w": torch.tensor(v)}) for v, n in zip(values, samples)]
+
+
+GLOBAL: Dict[str, torch.Tensor] = {"w": torch.tensor([1.0, 1.0, 1.0])}
+
+
+def test_median_ignores_an_outlier_and_sample_counts() -> None:
+    updates = updates_of([[0.1, 0.2, 0.3], [0.2, 0.1, 0.5], [1e6, -1e6, 0.4]], [1, 1, 1000])
+    new = strategy("median").aggregate(0, GLOBAL, updates)
+    assert torch.allclose(new["w"], torch.tensor([1.2, 1.1, 1.4]))
+
+
+def test_median_of_an_even_count_is_the_mean_of_the_middle_two() -> None:
+    updates = updates_of([[0.0], [1.0], [3.0], [100.0]], [1, 1, 1, 1])
+    new = strategy("median").aggregate(0, {"w": torch.tensor([0.0])}, updates)
+    assert torch.allclose(new["w"], torch.tensor([2.0]))
+
+
+def test_trimmed_mean_drops_the_fraction_at_each_end() -> None:
+    values = [[float(v)] for v in (-100, 1, 2, 3, 4, 5, 6, 7, 8, 1000)]
+    updates = updates_of(values, [1] * 10)
+    new = strategy("trimmed_mean", trim_fraction=0.1).aggregate(
+        0, {"w": torch.tensor([0.0])}, updates
+    )
+    assert torch.allclose(new["w"], torch.tensor([4.5]))
+    untrimmed = strategy("trimmed_mean", trim_fraction=0.0).aggregate(
+        0, {"w": torch.tensor([0.0])}, updates
+    )
+    assert torch.allclose(untrimmed["w"], torch.tensor([sum(v[0] for v in values) / 10]))
+
+
+def test_clipped_fedavg_scales_only_large_deltas_then_weights_by_samples() -> None:
+    updates = updates_of([[3.0, 4.0, 0.0], [0.0, 0.0, 1.0]], [1, 3])
+    new = strategy("clipped_fedavg", clip_norm=2.0).aggregate(0, GLOBAL, updates)
+    clipped_first = torch.tensor([3.0, 4.0, 0.0]) * (2.0 / 5.0)
+    expected = GLOBAL["w"] + 0.25 * clipped_first + 0.75 * torch.tensor([0.0, 0.0, 1.0])
+    assert torch.allclose(new["w"], expected)
+
+
+def test_update_norm_is_the_global_l2_norm_over_all_tensors() -> None:
+    assert update_norm({"a": torch.tensor([3.0]), "b": torch.tensor([[4.0]])}) == 5.0
+
+
+def test_absurd_norm_is_refused_with_a_stable_code() -> None:
+    guarded = strategy("trimmed_mean", max_update_norm=10.0)
+    guarded.validate_update(updates_of([[6.0, 8.0, 0.0]], [1])[0], GLOBAL)
+    with pytest.raises(ProtocolError) as refused:
+        guarded.validate_update(updates_of([[6.0, 8.0, 0.1]], [1])[0], GLOBAL)
+    assert refused.value.code == UPDATE_NORM_TOO_LARGE
+    assert "max_update_norm=10" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "settings", "fragment"),
+    [
+        ("clipped_fedavg", {}, "aggregation.clip_norm is required"),
+        ("median", {"max_update_norm": -1}, "aggregation.max_update_norm"),
+        ("trimmed_mean", {"trim_fraction": 0.5}, "aggregation.trim_fraction"),
+        ("median", {"trim_fration": 0.1}, "aggregation.trim_fration"),
+    ],
+)
+def test_setting_mistakes_are_one_line_user_errors(
+    name: str, settings: Dict[str, Any], fragment: str
+) -> None:
+    with pytest.raises(UserError, match=fragment.replace(".", r"\.")):
+        strategy(name, **settings)
