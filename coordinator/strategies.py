@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple, Type
 
 import torch
 
 from edge.data import TextDataset
 from edge.errors import ProtocolError, UserError
 from edge.methods.base import FederatedMethod, Tensors
+from edge.tensorfile import row_blocks, tensor_shape
 from edge.wire import ModelRef, Update, tensor_spec
 
 
 @dataclass
 class AcceptedUpdate:
-    """A verified update: its announcement and its decoded tensors (fp32)."""
+    """A verified update: its announcement and its decoded tensors (fp32; empty for streaming
+    strategies, which folded them in with `accumulate` already)."""
 
     update: Update
     tensors: Tensors
@@ -51,6 +53,10 @@ class Strategy:
     """FedAvg over deltas: global + Σ nₖ·Δₖ / Σ nₖ (for LoRA: A, B and the head separately)."""
 
     name = "fedavg"
+    streaming: ClassVar[bool] = False
+    """True: the server hands each update to `accumulate` as it is accepted and calls `finalize`
+    instead of `aggregate`, so a round never holds every device's tensors at once (full models).
+    False: updates are collected and `aggregate` sees them all (median, trimmed mean)."""
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
@@ -70,6 +76,19 @@ class Strategy:
         self, round_index: int, global_state: Tensors, updates: List[AcceptedUpdate]
     ) -> Tensors:
         return apply_mean_delta(global_state, updates)
+
+    def accumulate(
+        self, round_index: int, update: Update, tensors: Mapping[str, torch.Tensor]
+    ) -> None:
+        """Streaming strategies: fold in one verified update (`tensors` may be read lazily from
+        disk); raise ProtocolError before changing anything to refuse it (nack)."""
+        raise NotImplementedError(f"strategy {self.name} does not stream")
+
+    def finalize(
+        self, round_index: int, global_state: Tensors, updates: List[AcceptedUpdate]
+    ) -> Tensors:
+        """Streaming strategies: the next global state from what `accumulate` folded in."""
+        raise NotImplementedError(f"strategy {self.name} does not stream")
 
     def evaluate(self, global_state: Tensors) -> Dict[str, float]:
         """`accuracy` and `eval_loss` of the global model on the validation split (+ extras)."""
@@ -116,7 +135,48 @@ def apply_mean_delta(global_state: Tensors, updates: List[AcceptedUpdate]) -> Te
     }
 
 
-_STRATEGIES: Dict[str, Type[Strategy]] = {"fedavg": Strategy}
+class FedAvg(Strategy):
+    """FedAvg as a running sum: global + Σ nₖ·Δₖ / Σ nₖ with Σ nₖ·Δₖ accumulated as each update
+    is accepted (fp32, a few MB of rows at a time), so the coordinator holds the global state
+    and one sum, not one copy per device: 2 × model size for any number of devices."""
+
+    streaming = True
+
+    def __init__(self, ctx: ServerContext) -> None:
+        super().__init__(ctx)
+        self._round_index = -1
+        self._sum: Tensors = {}
+        self._weight = 0
+
+    def accumulate(
+        self, round_index: int, update: Update, tensors: Mapping[str, torch.Tensor]
+    ) -> None:
+        if round_index != self._round_index:  # a skipped round leaves its sum behind
+            self._round_index, self._sum, self._weight = round_index, {}, 0
+        weight = float(update.num_samples)
+        for name in tensors:
+            for start, block in row_blocks(tensors, name):
+                total = self._sum.get(name)
+                if total is None:
+                    shape = tensor_shape(tensors, name)
+                    total = self._sum[name] = torch.zeros(shape, dtype=torch.float32)
+                target = total[start : start + block.shape[0]] if total.dim() >= 2 else total
+                target.add_(block, alpha=weight)
+        self._weight += update.num_samples
+
+    def finalize(
+        self, round_index: int, global_state: Tensors, updates: List[AcceptedUpdate]
+    ) -> Tensors:
+        if round_index != self._round_index or not self._weight:
+            raise RuntimeError(f"round {round_index} accumulated no update")
+        new_state, self._sum = self._sum, {}
+        for name, value in global_state.items():
+            new_state[name].div_(float(self._weight)).add_(value.to(torch.float32))
+        self._round_index, self._weight = -1, 0
+        return new_state
+
+
+_STRATEGIES: Dict[str, Type[Strategy]] = {"fedavg": FedAvg}
 
 
 def register_strategy(cls: Type[Strategy]) -> Type[Strategy]:
