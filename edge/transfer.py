@@ -199,7 +199,8 @@ class Download:
     ) -> None:
         if manifest.size_bytes > max_size_bytes:
             raise ProtocolError(
-                f"blob of {manifest.size_bytes} bytes exceeds the limit of {max_size_bytes}"
+                f"blob of {manifest.size_bytes} bytes exceeds the limit of {max_size_bytes}",
+                "blob_too_large",
             )
         self.manifest = manifest
         self._request = request
@@ -272,7 +273,7 @@ class Download:
             self.rejected_chunks += 1
             self._in_flight.add(index)
             self._ask([index])
-            raise ProtocolError(problem)
+            raise ProtocolError(problem, "bad_chunk")
         self._file.seek(start)
         self._file.write(payload)
         self._missing.discard(index)
@@ -317,7 +318,7 @@ class Download:
             for block in iter(lambda: self._file.read(READ_BLOCK_BYTES), b""):
                 whole.update(block)
             if whole.hexdigest() != self.manifest.digest:
-                raise ProtocolError("payload digest mismatch")
+                raise ProtocolError("payload digest mismatch", "digest_mismatch")
             self._verified = True
         return self.path
 
