@@ -12,6 +12,8 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from coordinator.links.netns import list_namespaces
+
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
 
 
@@ -119,3 +121,10 @@ def log_tail(*paths: Path, chars: int = 3000) -> str:
     return "\n".join(
         f"--- {p}\n{p.read_text(errors='replace')[-chars:]}" for p in paths if p.exists()
     )
+
+
+def link_leftovers(tag_start: str) -> List[str]:
+    """Network namespaces and links whose names start with `tag_start` (a LinkedFleet's tag)."""
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    names = [line.split(":")[1].strip().split("@")[0] for line in links.splitlines()]
+    return [name for name in list_namespaces() + names if name.startswith(tag_start)]

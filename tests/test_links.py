@@ -24,6 +24,7 @@ from coordinator.links.netns import ROOT_ERROR, list_namespaces, pid_alive
 from coordinator.links.spec import EXPECTED_FORM
 from edge.errors import UserError
 from tests.brokers import MosquittoBroker, free_port
+from tests.fleet import link_leftovers
 
 PREFIX = "jft"
 OUR_TAGS = f"{PREFIX}{os.getpid()}"
@@ -412,12 +413,6 @@ def test_loss_drops_that_share_of_packets() -> None:
     assert 0.15 < 1 - len(counted) / sent < 0.25, len(counted)
 
 
-def _our_leftovers(tag_start: str) -> List[str]:
-    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-    names = [line.split(":")[1].strip().split("@")[0] for line in links.splitlines()]
-    return [name for name in list_namespaces() + names if name.startswith(tag_start)]
-
-
 OWNER = """
     import subprocess, sys, time
     from coordinator.links import LinkedFleet, LinkSpec
@@ -430,9 +425,9 @@ OWNER = """
 
 def _wait_gone(tag: str, pid: int, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and (_our_leftovers(tag) or pid_alive(pid)):
+    while time.monotonic() < deadline and (link_leftovers(tag) or pid_alive(pid)):
         time.sleep(0.1)
-    assert _our_leftovers(tag) == [] and not pid_alive(pid)
+    assert link_leftovers(tag) == [] and not pid_alive(pid)
 
 
 @pytest.mark.root
@@ -448,7 +443,7 @@ def test_a_killed_owner_leaves_no_namespace_link_or_process(signum: int) -> None
     ) as owner:
         assert owner.stdout is not None
         tag, sleeper = owner.stdout.readline().split()
-        assert len(_our_leftovers(tag)) == 4  # two namespaces, two hub-side links
+        assert len(link_leftovers(tag)) == 4  # two namespaces, two hub-side links
         owner.send_signal(signum)
         owner.wait(timeout=10)
     _wait_gone(tag, int(sleeper))
@@ -468,4 +463,4 @@ def test_cleanup_stale_removes_namespaces_of_dead_runs() -> None:
 @root_only
 def test_nothing_left_behind() -> None:
     """Runs last in this file: no namespace or link from this test process remains."""
-    assert _our_leftovers(OUR_TAGS) == []
+    assert link_leftovers(OUR_TAGS) == []
