@@ -1,0 +1,263 @@
+"""Coordinator halves of KD-FedLLM (`kd`) and FedCoLLM (`fedcollm`).
+
+`kd`: the devices' proxy-set logits are combined into a consensus (`mixture_logits`: the
+sample-weighted mean of probabilities at temperature T), broadcast in the next round's `kd_proxy`
+blob. The global model of round r, the one evaluated and exported, is the coordinator's student:
+the base model with a FRESH adapter distilled for `server_steps` steps on the proxy set toward the
+consensus of round r (KL at T, no labels). Rebuilding it every round makes it a pure function of
+the consensus. The federated global state is empty; after `--resume` the first round trains
+without a consensus (it lives only in memory and in the exported `consensus.safetensors`).
+
+`fedcollm`: FedAvg of the SLM adapters, then `server_steps` steps of mutual distillation on the
+auxiliary labelled data: the SLM minimises CE + λ·KL(LLM ‖ SLM), the LLM CE + λ·KL(SLM ‖ LLM),
+each direction's teacher detached; the distilled SLM adapter is the next global state. The
+SLM is evaluated as `accuracy`, the LLM as `llm_accuracy` / `llm_eval_loss`. The LLM adapter is
+coordinator-only state (in memory, exported under `llm/`); `--resume` restarts it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from coordinator.strategies import (
+    AcceptedUpdate,
+    ServerContext,
+    Strategy,
+    apply_mean_delta,
+    register_strategy,
+)
+from edge.data import TextDataset, load_split
+from edge.distillation import (
+    DistillationSettings,
+    ce_plus_kl,
+    consensus_kl,
+    mixture_logits,
+    texts_digest,
+    unlabelled,
+)
+from edge.errors import UserError
+from edge.methods.base import Tensors
+from edge.methods.fedcollm import FedCoLLMMethod
+from edge.methods.kd import PROXY_BLOB, KdMethod, ProxyRound
+from edge.models import load_tokenizer
+from edge.train import batch_indices, evaluate, tokenize_batch, train_local
+from edge.wire import TrainingConfig
+
+
+def sample_rows(num_rows: int, count: int, seed: int) -> List[int]:
+    """`count` distinct row numbers (all when the split is smaller), sorted, seeded."""
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(num_rows, min(count, num_rows), replace=False).tolist())
+
+
+def server_training(settings: DistillationSettings, seed: int) -> TrainingConfig:
+    return TrainingConfig(
+        local_steps=settings.server_steps,
+        batch_size=settings.server_batch_size,
+        learning_rate=settings.server_learning_rate,
+        seed=seed,
+    )
+
+
+class PayloadAccounting(Strategy):
+    """Adds `update_payload_bytes` (the round's accepted update blobs, summed) to the metrics:
+    what these methods claim to save is exactly that payload."""
+
+    update_payload_bytes: Optional[float] = None
+
+    def note_updates(self, updates: List[AcceptedUpdate]) -> None:
+        self.update_payload_bytes = float(sum(item.update.blob.size_bytes for item in updates))
+
+    def evaluate(self, global_state: Tensors) -> Dict[str, float]:
+        results = super().evaluate(global_state)
+        if self.update_payload_bytes is not None:
+            results["update_payload_bytes"] = self.update_payload_bytes
+        self.update_payload_bytes = None
+        return results
+
+
+@register_strategy
+class KdStrategy(PayloadAccounting):
+    name = "kd"
+
+    def __init__(self, ctx: ServerContext) -> None:
+        super().__init__(ctx)
+        if not isinstance(ctx.method, KdMethod):
+            raise UserError(f"aggregation.strategy kd needs method kd, not {ctx.method.name}")
+        self.method: KdMethod = ctx.method
+        settings = self.method.config
+        split = load_split(ctx.data_path, settings.proxy_split)
+        self.indices = sample_rows(len(split), settings.proxy_size, settings.proxy_seed)
+        self.proxy = unlabelled(split.subset(self.indices))
+        self.texts_sha256 = texts_digest(self.proxy)
+        self.consensus: Optional[torch.Tensor] = None
+        self.student_init = self.method.adapter_state(ctx.eval_model)
+
+    def update_spec(self) -> Dict[str, Tuple[int, ...]]:
+        return {"logits": (len(self.indices), self.ctx.model_ref.num_labels)}
+
+    def configure_round(self, round_index: int, global_state: Tensors) -> Dict[str, bytes]:
+        proxy = ProxyRound(self.indices, self.texts_sha256, self.consensus)
+        return {PROXY_BLOB: proxy.encode()}
+
+    def aggregate(
+        self, round_index: int, global_state: Tensors, updates: List[AcceptedUpdate]
+    ) -> Tensors:
+        """Consensus of the uploaded logits, then a fresh student distilled toward it."""
+        settings = self.method.config
+        self.note_updates(updates)
+        self.consensus = mixture_logits(
+            [item.tensors["logits"] for item in updates],
+            [float(item.update.num_samples) for item in updates],
+            settings.temperature,
+        )
+        self.distil_student(round_index)
+        return global_state
+
+    def distil_student(self, round_index: int) -> None:
+        ctx, settings, consensus = self.ctx, self.method.config, self.consensus
+        assert consensus is not None
+        self.method.set_state(ctx.eval_model, self.student_init)
+        train_local(
+            ctx.eval_model,
+            ctx.tokenizer,
+            self.proxy,
+            server_training(settings, seed=round_index),
+            max_length=ctx.model_ref.max_length,
+            device=ctx.torch_device,
+            seed=round_index,
+            loss_fn=lambda model, batch: consensus_kl(
+                model, batch, consensus, settings.temperature
+            ),
+        )
+
+    def export(self, global_state: Tensors, out_dir: str) -> None:
+        """The student adapter (PEFT) and, once there is one, `consensus.safetensors`."""
+        from safetensors.torch import save_file
+
+        self.method.export(self.ctx.eval_model, out_dir)
+        if self.consensus is not None:
+            indices = torch.tensor(self.indices, dtype=torch.int64)
+            save_file(
+                {"consensus": self.consensus, "indices": indices},
+                str(Path(out_dir) / "consensus.safetensors"),
+            )
+
+
+def mutual_distillation(
+    slm: Any,
+    llm: Any,
+    tokenizer: Any,
+    data: TextDataset,
+    settings: DistillationSettings,
+    max_length: int,
+    device: str,
+    seed: int,
+) -> Tuple[float, float]:
+    """`server_steps` steps, each: SLM ← CE + λ·KL(LLM ‖ SLM), LLM ← CE + λ·KL(SLM ‖ LLM).
+
+    Both losses come from the same forward passes; each detaches its teacher, so one backward of
+    the sum gives each model exactly the gradient of its own loss. Returns mean (SLM, LLM) loss.
+    """
+    torch.manual_seed(seed)
+    models = (slm, llm)
+    optimizers = []
+    for model in models:
+        model.to(device)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizers.append(torch.optim.AdamW(params, lr=settings.server_learning_rate))
+    totals = [0.0, 0.0]
+    steps = settings.server_steps
+    for indices in batch_indices(len(data), settings.server_batch_size, steps, seed):
+        batch = tokenize_batch(tokenizer, data, indices, max_length, device)
+        labels = batch.pop("labels")
+        slm_logits = slm(**batch).logits
+        llm_logits = llm(**batch).logits
+        t, weight = settings.temperature, settings.kl_weight
+        slm_loss = ce_plus_kl(slm_logits, labels, llm_logits, t, weight)
+        llm_loss = ce_plus_kl(llm_logits, labels, slm_logits, t, weight)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        (slm_loss + llm_loss).backward()
+        for model, optimizer in zip(models, optimizers):
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            optimizer.step()
+        totals[0] += float(slm_loss.detach())
+        totals[1] += float(llm_loss.detach())
+    for model in models:
+        model.eval()
+    return totals[0] / steps, totals[1] / steps
+
+
+def check_same_tokenizer(slm_tokenizer: Any, llm_tokenizer: Any, slm: str, llm: str) -> None:
+    """Both models read the same token ids: their vocabularies must be identical."""
+    if slm_tokenizer.get_vocab() != llm_tokenizer.get_vocab():
+        raise UserError(
+            f"method.llm {llm!r} and model.name_or_path {slm!r} have different tokenizers; "
+            "FedCoLLM needs a pair from one family (e.g. Qwen2.5-0.5B with Qwen2.5-1.5B)"
+        )
+
+
+@register_strategy
+class FedCoLLMStrategy(PayloadAccounting):
+    name = "fedcollm"
+
+    def __init__(self, ctx: ServerContext) -> None:
+        super().__init__(ctx)
+        if not isinstance(ctx.method, FedCoLLMMethod):
+            raise UserError(
+                f"aggregation.strategy fedcollm needs method fedcollm, not {ctx.method.name}"
+            )
+        self.method: FedCoLLMMethod = ctx.method
+        settings = self.method.config
+        self.llm_method = self.method.llm_method()
+        check_same_tokenizer(
+            ctx.tokenizer,
+            load_tokenizer(self.llm_method.model_ref),
+            ctx.model_ref.name_or_path,
+            settings.llm,
+        )
+        self.llm = self.llm_method.build(None, seed=0)
+        split = load_split(ctx.data_path, settings.aux_split)
+        self.aux = split.subset(sample_rows(len(split), settings.aux_size, settings.aux_seed))
+
+    def aggregate(
+        self, round_index: int, global_state: Tensors, updates: List[AcceptedUpdate]
+    ) -> Tensors:
+        ctx = self.ctx
+        self.note_updates(updates)
+        self.method.set_state(ctx.eval_model, apply_mean_delta(global_state, updates))
+        mutual_distillation(
+            ctx.eval_model,
+            self.llm,
+            ctx.tokenizer,
+            self.aux,
+            self.method.config,
+            max_length=ctx.model_ref.max_length,
+            device=ctx.torch_device,
+            seed=round_index,
+        )
+        return self.method.get_state(ctx.eval_model)
+
+    def evaluate(self, global_state: Tensors) -> Dict[str, float]:
+        results = super().evaluate(global_state)
+        ctx = self.ctx
+        llm = evaluate(
+            self.llm,
+            ctx.tokenizer,
+            ctx.validation,
+            max_length=ctx.model_ref.max_length,
+            device=ctx.torch_device,
+        )
+        results.update(llm_accuracy=llm.accuracy, llm_eval_loss=llm.loss)
+        return results
+
+    def export(self, global_state: Tensors, out_dir: str) -> None:
+        """The SLM adapter where users expect the global model, the LLM adapter under `llm/`."""
+        super().export(global_state, out_dir)
+        self.llm_method.export(self.llm, str(Path(out_dir) / "llm"))
