@@ -55,6 +55,21 @@ class BrokerSpec(BaseModel):
         return parsed.hostname, parsed.port or (8883 if tls else 1883), tls
 
 
+def apply_credentials(client: paho.Client, spec: BrokerSpec) -> Tuple[str, int]:
+    """Username/password and TLS from `spec` on a paho client; returns (host, port)."""
+    if spec.username:
+        client.username_pw_set(spec.username, spec.password)
+    host, port, tls = spec.endpoint()
+    if tls:
+        client.tls_set(
+            ca_certs=spec.ca_file,
+            certfile=spec.cert_file,
+            keyfile=spec.key_file,
+            cert_reqs=ssl.CERT_REQUIRED,
+        )
+    return host, port
+
+
 @dataclass
 class LinkCounters:
     """Estimated MQTT packet bytes in each direction (payload + topic + headers)."""
@@ -96,16 +111,7 @@ class MqttLink:
         )
         self._client.reconnect_delay_set(min_delay=1, max_delay=15)
         self._client.max_queued_messages_set(0)
-        if spec.username:
-            self._client.username_pw_set(spec.username, spec.password)
-        host, port, tls = spec.endpoint()
-        if tls:
-            self._client.tls_set(
-                ca_certs=spec.ca_file,
-                certfile=spec.cert_file,
-                keyfile=spec.key_file,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
+        host, port = apply_credentials(self._client, spec)
         if will is not None:
             self._client.will_set(will[0], will[1], qos=1, retain=True)
         self._client.on_connect = self._handle_connect
