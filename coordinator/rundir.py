@@ -5,6 +5,7 @@ config.yaml            the validated experiment config
 metrics.jsonl          one RoundMetrics per completed round
 profiles.jsonl         every PhaseRecord devices sent (profiles.parquet / .csv beside it)
 devices.jsonl          each device's hello (capabilities and context), latest last
+link.json              the emulated links devices sat behind (local fleets with --link only)
 global/round-NNNN/     the global model after round N in PEFT format (PeftModel.from_pretrained)
 checkpoint/            state.json + global.safetensors (+ init.safetensors): what --resume needs
 ```
