@@ -20,6 +20,9 @@ REGISTRARS = [
     "coordinator.cli",
     "coordinator.security_cli",
     "profiles.cli",
+    "edge.doctor_cli",
+    "edge.inference_cli",
+    "coordinator.onnx_cli",
 ]
 
 app = typer.Typer(

@@ -1,0 +1,190 @@
+"""Will local training fit? Memory estimated from the model's config, before any weight loads.
+
+The model is instantiated on PyTorch's `meta` device (shapes, no storage), so parameter counts
+and the LoRA target layers are exact for any architecture transformers knows. On top of that:
+
+- weights fp32 (the methods train in fp32), gradients and AdamW's two moments for the trainable
+  parameters only;
+- activations of an encoder layer kept for the backward pass, per token:
+  ≈ 12·hidden + 2·intermediate values, plus heads·seq attention probabilities, all fp32, with the
+  batch padded to `max_length` (the worst case: batches are padded to their longest sample);
+- the runtime: Python + torch + transformers + peft as imported by the agent. On CPU that is
+  RUNTIME_CPU_BYTES (measured: torch 2.13 CPU, transformers 5.23, x86); CUDA adds its context
+  and kernels, CUDA_RUNTIME_BYTES (an assumption, not a measurement: cuBLAS/cuDNN handles on
+  Orin are of this order).
+
+Per method, what the DEVICE holds: lora, federa (+ the fixed A₀/B₀ copy), kd (LoRA; each step
+also runs a proxy batch of the same size through the graph, so twice the activations) and
+fedcollm (the small model's LoRA: pass the small model) train LoRA on the architecture's default
+targets plus the task head; full trains every weight; split holds the embeddings and its first
+`client_layers` layers (split's default `cut_layer`, 2) with LoRA.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+from pydantic import BaseModel, ConfigDict
+
+from edge.errors import UserError
+
+FP32_BYTES = 4
+ADAMW_STATES = 2
+RUNTIME_CPU_BYTES = 420 << 20
+CUDA_RUNTIME_BYTES = 1 << 30
+ACTIVATION_HIDDEN_FACTOR = 12
+ACTIVATION_INTERMEDIATE_FACTOR = 2
+METHODS = ("lora", "federa", "full", "split", "kd", "fedcollm")
+SPLIT_DEFAULT_CLIENT_LAYERS = 2
+"""`method.cut_layer`'s default in edge/methods/split.py."""
+
+
+class MemoryEstimate(BaseModel):
+    """Bytes per component of one device's training process; `total_bytes` is their sum."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    method: str
+    batch_size: int
+    max_length: int
+    total_params: int
+    trainable_params: int
+    layers_on_device: int
+    weights_bytes: int
+    gradients_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    runtime_bytes: int
+    total_bytes: int
+
+
+def _meta_model(name_or_path: str, num_labels: int) -> Any:
+    """The classifier with every tensor on the meta device: shapes without memory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from edge.models import quiet_transformers, resolve_model_path
+
+    path = resolve_model_path(name_or_path)
+    with quiet_transformers():
+        try:
+            config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--model {name_or_path!r}: cannot read its config: {exc}") from None
+        with torch.device("meta"):
+            return AutoModelForSequenceClassification.from_config(config)
+
+
+def _lora_trainable(model: Any, rank: int, layers: Optional[int]) -> int:
+    """r·(in + out) per targeted Linear, in the first `layers` layers if given."""
+    import torch
+
+    from edge.models import default_target_modules
+
+    targets = set(default_target_modules(model))
+    count = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name.rsplit(".", 1)[-1] not in targets:
+            continue
+        if layers is not None and _layer_index(name) not in range(layers):
+            continue
+        count += rank * (module.in_features + module.out_features)
+    return count
+
+
+def _layer_index(name: str) -> Optional[int]:
+    """`bert.encoder.layer.3.attention...` → 3."""
+    parts = name.split(".")
+    for before, part in zip(parts, parts[1:]):
+        if before in ("layer", "layers", "h", "block") and part.isdigit():
+            return int(part)
+    return None
+
+
+def _client_params(model: Any, layers: int) -> int:
+    """Split learning: the device holds the embeddings and the first `layers` layers."""
+    held = 0
+    for name, param in model.named_parameters():
+        index = _layer_index(name)
+        if "embed" in name or (index is not None and index < layers):
+            held += param.numel()
+    return held
+
+
+def _is_head(name: str) -> bool:
+    return name.startswith(("classifier.", "score."))
+
+
+def estimate_training_memory(
+    name_or_path: str,
+    method: str,
+    batch_size: int,
+    max_length: int,
+    num_labels: int = 2,
+    lora_rank: int = 8,
+    client_layers: Optional[int] = None,
+    cuda: bool = False,
+) -> MemoryEstimate:
+    """Peak memory of a device's local round for `method`, from the config alone."""
+    if method not in METHODS:
+        raise UserError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    model = _meta_model(name_or_path, num_labels)
+    config = model.config
+    hidden = int(config.hidden_size)
+    intermediate = int(getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden)
+    heads = int(config.num_attention_heads)
+    num_layers = int(config.num_hidden_layers)
+    total_params = sum(param.numel() for param in model.parameters())
+    head_params = sum(p.numel() for name, p in model.named_parameters() if _is_head(name))
+    layers = num_layers
+    held_params = total_params
+    if method == "full":
+        trainable = total_params
+    elif method == "split":
+        layers = client_layers if client_layers is not None else SPLIT_DEFAULT_CLIENT_LAYERS
+        if not 1 <= layers <= num_layers:
+            raise UserError(f"client layers must be in 1..{num_layers}, got {layers}")
+        held_params = _client_params(model, layers)
+        trainable = _lora_trainable(model, lora_rank, layers)
+    else:
+        trainable = _lora_trainable(model, lora_rank, None) + head_params
+    extra_params = _lora_trainable(model, lora_rank, None) if method == "federa" else 0
+    tokens = batch_size * max_length
+    per_layer = (
+        tokens * (ACTIVATION_HIDDEN_FACTOR * hidden + ACTIVATION_INTERMEDIATE_FACTOR * intermediate)
+        + batch_size * heads * max_length * max_length
+    )
+    graphs = 2 if method == "kd" else 1
+    activations = graphs * (layers * per_layer + tokens * hidden) * FP32_BYTES
+    runtime = RUNTIME_CPU_BYTES + (CUDA_RUNTIME_BYTES if cuda else 0)
+    weights = (held_params + extra_params) * FP32_BYTES
+    gradients = trainable * FP32_BYTES
+    optimizer = trainable * FP32_BYTES * ADAMW_STATES
+    return MemoryEstimate(
+        model=name_or_path,
+        method=method,
+        batch_size=batch_size,
+        max_length=max_length,
+        total_params=total_params,
+        trainable_params=trainable,
+        layers_on_device=layers,
+        weights_bytes=weights,
+        gradients_bytes=gradients,
+        optimizer_bytes=optimizer,
+        activations_bytes=activations,
+        runtime_bytes=runtime,
+        total_bytes=weights + gradients + optimizer + activations + runtime,
+    )
+
+
+def describe(estimate: MemoryEstimate) -> List[str]:
+    """Short `component size` lines for a report."""
+    mib = 1 << 20
+    return [
+        f"weights {estimate.weights_bytes / mib:.0f} MiB",
+        f"grads+AdamW {(estimate.gradients_bytes + estimate.optimizer_bytes) / mib:.0f} MiB "
+        f"({estimate.trainable_params:,} trainable)",
+        f"activations {estimate.activations_bytes / mib:.0f} MiB",
+        f"runtime {estimate.runtime_bytes / mib:.0f} MiB",
+    ]
