@@ -33,15 +33,18 @@ def demo_config(
     learning_rate: Optional[float],
 ) -> ExperimentConfig:
     """The demo's experiment, as a user would write it in YAML (see examples/)."""
-    default_lr = {"lora": 1e-3, "federa": 5e-4, "full": 2e-5}.get(method, 5e-4)
+    default_lr = {"lora": 1e-3, "federa": 5e-4, "full": 2e-5, "kd": 1e-3, "fedcollm": 1e-3}
+    model: Dict[str, Any] = {"name_or_path": "minilm", "max_length": 64}
+    if method == "fedcollm":
+        model["num_hidden_layers"] = 3  # the offline pair: 3-layer SLM, 6-layer LLM (method.llm)
     raw: Dict[str, Any] = {
         "name": name,
-        "model": {"name_or_path": "minilm", "max_length": 64},
+        "model": model,
         "method": {"name": method},
         "training": {
             "local_steps": local_steps,
             "batch_size": 16,
-            "learning_rate": learning_rate or default_lr,
+            "learning_rate": learning_rate or default_lr.get(method, 5e-4),
         },
         "data": {
             "path": data,
