@@ -67,7 +67,7 @@ class AggregationSection(BaseModel):
 
 class TransferSection(Section):
     chunk_size_bytes: int = Field(default=DEFAULT_CHUNK_SIZE_BYTES, ge=1024)
-    update_dtype: str = Field(default="fp32", pattern="^(fp32|fp16|bf16)$")
+    update_dtype: str = Field(default="fp32", pattern="^(fp32|fp16|bf16|int8)$")
     max_update_bytes: int = Field(default=4 << 30, gt=0)
     retry_after_s: float = Field(default=5.0, gt=0)
     timeout_s: float = Field(default=300.0, gt=0)

@@ -28,6 +28,7 @@ from edge.logs import log_event
 from edge.methods.base import FederatedMethod, Tensors, get_method
 from edge.mqtt import BrokerSpec, MqttLink
 from edge.telemetry.records import PhaseRecord
+from edge.tensorfile import UPDATE_DTYPES, TensorFile
 from edge.transfer import BlobServer, Download, TransferTimeout
 from edge.wire import (
     Ack,
@@ -39,9 +40,7 @@ from edge.wire import (
     Task,
     Topics,
     Update,
-    decode_tensors,
     encode_message,
-    encode_tensors,
     mqtt_publish_wire_bytes,
     parse_message,
 )
@@ -200,18 +199,20 @@ class Coordinator:
         return topic.startswith(f"{self.topics.root}/devices/") and topic.endswith("/want")
 
     def _serve_want(self, topic: str, payload: bytes) -> None:
-        device_id, _, _ = self.topics.parse_device_topic(topic)
+        parsed = self._parse_topic(topic)
+        if parsed is None:
+            return
+        device_id = parsed[0]
         try:
             request = parse_message(ChunkRequest, payload)
-            if request.device_id != device_id:
-                raise ProtocolError(f"device_id {request.device_id!r} does not match the topic")
+            self._check_sender(device_id, request.device_id)
             self.blobs.serve(
                 request.digest,
                 request.indices,
                 lambda digest, index: self.topics.chunk(device_id, "down", digest, index),
             )
         except ProtocolError as exc:
-            self._reject(device_id, None, "bad_request", str(exc))
+            self._reject(device_id, None, exc.code or "bad_request", str(exc))
 
     # ------------------------------------------------------------------ run
 
@@ -223,7 +224,7 @@ class Coordinator:
         started_s = time.monotonic() - self.wall_clock_offset_s
         init_manifest = None
         if self.init is not None:
-            init_manifest = self.blobs.offer(encode_tensors(self.init))
+            init_manifest = self.blobs.offer_tensors(self.init)
         results: List[RoundMetrics] = []
         previous_done_s: Optional[float] = None
         try:
@@ -268,7 +269,7 @@ class Coordinator:
         self._round_bytes = {"up": 0, "down": 0}
         selected = self._select(round_index)
         extra = self.strategy.configure_round(round_index, self.global_state)
-        global_manifest = self.blobs.offer(encode_tensors(self.global_state))
+        global_manifest = self.blobs.offer_tensors(self.global_state)
         extra_manifests = {name: self.blobs.offer(data) for name, data in extra.items()}
         now = time.time()
         task = Task(
@@ -315,7 +316,12 @@ class Coordinator:
         )
         if len(accepted) >= self.config.rounds.min_clients:
             t0 = time.monotonic()
-            self.global_state = self.strategy.aggregate(round_index, self.global_state, accepted)
+            if self.strategy.streaming:
+                self.global_state = self.strategy.finalize(round_index, self.global_state, accepted)
+            else:
+                self.global_state = self.strategy.aggregate(
+                    round_index, self.global_state, accepted
+                )
             aggregate_s = time.monotonic() - t0
             metrics.status = "aggregated"
             total = sum(a.update.num_samples for a in accepted)
@@ -421,11 +427,10 @@ class Coordinator:
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
         """Route one inbound message; nothing a device sends can raise out of here."""
-        try:
-            device_id, leaf, rest = self.topics.parse_device_topic(topic)
-        except ProtocolError as exc:
-            log_event(logger, logging.WARNING, "message.rejected", topic=topic, reason=exc)
+        parsed = self._parse_topic(topic)
+        if parsed is None:
             return
+        device_id, leaf, rest = parsed
         self._round_bytes["up"] += mqtt_publish_wire_bytes(topic, len(payload))
         try:
             if leaf == "status":
@@ -447,6 +452,14 @@ class Coordinator:
         except Exception as exc:  # a message must never kill the coordinator
             logger.exception("message.crashed topic=%s", topic)
             self._reject(device_id, None, "internal_error", type(exc).__name__)
+
+    def _parse_topic(self, topic: str) -> Optional[Tuple[str, str, List[str]]]:
+        """(device id, leaf, rest), or None after one log line (no device to nack)."""
+        try:
+            return self.topics.parse_device_topic(topic)
+        except ProtocolError as exc:
+            log_event(logger, logging.WARNING, "message.rejected", topic=topic, reason=exc)
+            return None
 
     def _reject(self, device_id: str, round_index: Optional[int], code: str, reason: str) -> None:
         log_event(
@@ -560,17 +573,19 @@ class Coordinator:
             return
         if not index_text.isdigit():
             raise ProtocolError(f"chunk index {index_text!r} is not a number")
-        download.add_chunk(int(index_text), payload)
+        try:
+            download.add_chunk(int(index_text), payload)
+        except ProtocolError as exc:  # already asked for again: no nack, the round goes on
+            log_event(logger, logging.WARNING, "chunk.rejected", device_id=device_id, reason=exc)
+            return
         if not download.complete:
             return
         del inbound.transfers[device_id]
         update = inbound.announced.pop(device_id)
         try:
-            tensors = decode_tensors(download.result(), self.expected)
-        except ProtocolError as exc:
-            raise ProtocolError(str(exc), exc.code or "invalid_tensors") from None
-        candidate = AcceptedUpdate(update, tensors)
-        self.strategy.validate_update(candidate, self.global_state)
+            candidate = self._decode_update(inbound.round_index, update, download)
+        finally:
+            download.close()
         inbound.accepted[device_id] = candidate
         inbound.last_accept_s = time.monotonic()
         self._ack(device_id, update)
@@ -581,6 +596,22 @@ class Coordinator:
             device_id=device_id,
             round_index=update.round_index,
         )
+
+    def _decode_update(
+        self, round_index: int, update: Update, download: Download
+    ) -> AcceptedUpdate:
+        """Validate a complete upload from its spool file; a streaming strategy folds it in
+        right away (tensors read a few MB at a time), others get the decoded tensors."""
+        try:
+            tensors = TensorFile(download.result_path(), self.expected, UPDATE_DTYPES)
+        except ProtocolError as exc:
+            raise ProtocolError(str(exc), exc.code or "invalid_tensors") from None
+        if self.strategy.streaming:
+            self.strategy.accumulate(round_index, update, tensors)
+            return AcceptedUpdate(update, {})
+        candidate = AcceptedUpdate(update, dict(tensors))
+        self.strategy.validate_update(candidate, self.global_state)
+        return candidate
 
     def _ack(self, device_id: str, update: Update) -> None:
         ack = Ack(device_id=device_id, round_index=update.round_index, digest=update.blob.digest)

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import psutil
@@ -30,6 +31,7 @@ from edge.telemetry.context import DeviceContext
 from edge.telemetry.phases import PhaseCounters, Profiler
 from edge.telemetry.records import PhaseRecord
 from edge.telemetry.sampler import DEFAULT_RATE_HZ, Sampler
+from edge.tensorfile import TensorFile
 from edge.transfer import BlobServer, Download, TransferTimeout
 from edge.wire import (
     Ack,
@@ -41,9 +43,7 @@ from edge.wire import (
     Task,
     Topics,
     Update,
-    decode_tensors,
     encode_message,
-    encode_tensors,
     parse_message,
 )
 
@@ -279,7 +279,10 @@ class EdgeAgent:
             with self.profiler.phase("download", task.round_index) as counters:
                 blobs = self._download_all(task, counters)
             with self.profiler.phase("setup", task.round_index):
-                job = self._prepare(task, blobs)
+                try:
+                    job = self._prepare(task, blobs)
+                finally:
+                    self._release_downloads()
             result = job.method_instance.local_round(job.local)
             with self.profiler.phase("upload", task.round_index) as counters:
                 self._upload(task, result, counters)
@@ -307,11 +310,12 @@ class EdgeAgent:
             needed["init"] = task.init_state
         return needed
 
-    def _download_all(self, task: Task, counters: PhaseCounters) -> Dict[str, bytes]:
-        """Fetch every blob the task names, verified; resumes by re-asking for missing chunks."""
+    def _download_all(self, task: Task, counters: PhaseCounters) -> Dict[str, str]:
+        """Fetch every blob the task names into spool files (verified; name → path) that live
+        until `_release_downloads`; resumes by re-asking for missing chunks."""
         manifests = self._needed_blobs(task)
         want_topic = self.topics.device(self.device_id, "want")
-        self._downloads = {}
+        self._release_downloads()
         for manifest in manifests.values():
             download = Download(
                 manifest,
@@ -323,15 +327,26 @@ class EdgeAgent:
             self._downloads[manifest.digest] = download
             download.start()
         received_before = self.link.counters.bytes_received
+        sent_before = self.link.counters.bytes_sent
         while not all(d.complete for d in self._downloads.values()):
             self._pump(timeout_s=0.2)
             self._check_superseded(task)
             for download in self._downloads.values():
                 download.poll()
         counters.bytes_received += self.link.counters.bytes_received - received_before
-        results = {name: self._downloads[m.digest].result() for name, m in manifests.items()}
+        counters.bytes_sent += self.link.counters.bytes_sent - sent_before
+        counters.extra["download_payload_bytes"] = float(
+            sum(m.size_bytes for m in manifests.values())
+        )
+        counters.extra["duplicate_chunks"] = float(
+            sum(d.duplicate_chunks for d in self._downloads.values())
+        )
+        return {name: self._downloads[m.digest].result_path() for name, m in manifests.items()}
+
+    def _release_downloads(self) -> None:
+        for download in self._downloads.values():
+            download.close()
         self._downloads = {}
-        return results
 
     def _requester(self, topic: str, digest: str) -> Any:
         def request(indices: Any) -> None:
@@ -352,7 +367,7 @@ class EdgeAgent:
         method_instance: FederatedMethod
         local: LocalRound
 
-    def _prepare(self, task: Task, blobs: Dict[str, bytes]) -> EdgeAgent._Job:
+    def _prepare(self, task: Task, blobs: Dict[str, str]) -> EdgeAgent._Job:
         """Decode the state, (re)build the model if needed, derive this device's data shard."""
         from edge.models import load_tokenizer, pick_device
 
@@ -360,15 +375,15 @@ class EdgeAgent:
         key = (task.method, repr(sorted(task.method_config.items())), repr(task.model), init_digest)
         if self._model is None or self._model.key != key:
             method = get_method(task.method)(task.method_config, task.model)
-            init = decode_tensors(blobs["init"]) if "init" in blobs else None
+            init = dict(TensorFile(blobs["init"])) if "init" in blobs else None
             model = method.build(init, seed=task.training.seed)
             self._model = _ModelCache(key, method, model, load_tokenizer(task.model))
         cache = self._model
         expected = {name: tuple(t.shape) for name, t in cache.method.get_state(cache.model).items()}
-        global_state = decode_tensors(blobs["global"], expected)
+        global_state = dict(TensorFile(blobs["global"], expected))
         client_index = task.client_indices.get(self.device_id, 0)
         dataset = self._dataset(task, client_index)
-        extra = {name: blobs[name] for name in task.extra_blobs}
+        extra = {name: Path(blobs[name]).read_bytes() for name in task.extra_blobs}
         local = LocalRound(
             model=cache.model,
             tokenizer=cache.tokenizer,
@@ -397,8 +412,9 @@ class EdgeAgent:
 
     def _upload(self, task: Task, result: Any, counters: PhaseCounters) -> None:
         """Offer the update's tensors, announce them, and wait for the coordinator's ack."""
-        data = encode_tensors(result.tensors, result.wire_dtype or task.update_dtype)
-        manifest = self.blobs.offer(data, task.chunk_size_bytes)
+        manifest = self.blobs.offer_tensors(
+            result.tensors, result.wire_dtype or task.update_dtype, task.chunk_size_bytes
+        )
         update = Update(
             experiment=task.experiment,
             device_id=self.device_id,
@@ -413,6 +429,7 @@ class EdgeAgent:
         )
         self._unsent_records = list(update.profile)
         sent_before = self.link.counters.bytes_sent
+        received_before = self.link.counters.bytes_received
         update_topic = self.topics.device(self.device_id, "update")
         deadline = time.monotonic() + self.config.transfer_timeout_s
         last_sent = 0.0
@@ -428,8 +445,9 @@ class EdgeAgent:
         finally:
             self.blobs.withdraw(manifest.digest)
             counters.bytes_sent += self.link.counters.bytes_sent - sent_before
+            counters.bytes_received += self.link.counters.bytes_received - received_before
         self._unsent_records = []
-        counters.extra["update_payload_bytes"] = float(len(data))
+        counters.extra["update_payload_bytes"] = float(manifest.size_bytes)
 
     def _publish_profile(self, round_index: int) -> None:
         """Send what the last update could not carry (its own upload phase); kept until the

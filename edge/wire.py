@@ -160,7 +160,7 @@ class Task(WireModel):
     global_state: BlobManifest
     init_state: Optional[BlobManifest] = None
     extra_blobs: Dict[str, BlobManifest] = Field(default_factory=dict)
-    update_dtype: str = Field(default="fp32", pattern="^(fp32|fp16|bf16)$")
+    update_dtype: str = Field(default="fp32", pattern="^(fp32|fp16|bf16|int8)$")
     chunk_size_bytes: int = Field(default=DEFAULT_CHUNK_SIZE_BYTES, gt=0)
     issued_unix_s: float
     deadline_unix_s: float

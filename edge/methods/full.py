@@ -1,0 +1,30 @@
+"""Full fine-tuning (the FedLLM baseline every PEFT method is judged against).
+
+Every weight is trained locally, the task head included; devices upload the delta of the whole
+model and the coordinator's streaming FedAvg (`coordinator.strategies.FedAvg`) averages them by
+sample count. The payload is the whole model (MiniLM fp32 ≈ 91 MB, GB for larger models), which
+is why it travels as chunked, disk-backed blobs and can be compressed (`transfer.update_dtype`:
+fp16, bf16 or int8 deltas). The export is a plain Hugging Face folder:
+`AutoModelForSequenceClassification.from_pretrained(runs/<exp>/global/round-NNNN)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from edge.methods.base import FederatedMethod, InitialState, Tensors, register_method
+from edge.models import load_classifier
+
+
+@register_method
+class FullMethod(FederatedMethod):
+    name = "full"
+
+    def build(self, init: Optional[Tensors], seed: int) -> Any:
+        model = load_classifier(self.model_ref, seed=seed)
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
+
+    def initial_state(self, seed: int) -> InitialState:
+        return InitialState(global_state=self.get_state(self.build(None, seed)))
