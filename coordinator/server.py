@@ -12,7 +12,6 @@ and answered with a nack on the device's nack topic, and it never changes accept
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import time
 from dataclasses import dataclass, field
@@ -414,16 +413,7 @@ class Coordinator:
                     self._reject(device_id, task.round_index, "transfer_timeout", str(exc))
 
     def _pump(self, timeout_s: float) -> None:
-        try:
-            topic, payload = self.link.inbox.get(timeout=timeout_s)
-        except queue.Empty:
-            return
-        while True:
-            self._dispatch(topic, payload)
-            try:
-                topic, payload = self.link.inbox.get_nowait()
-            except queue.Empty:
-                return
+        self.link.drain(self._dispatch, timeout_s)
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
         """Route one inbound message; nothing a device sends can raise out of here."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import queue
 import socket
 import threading
 import time
@@ -215,17 +214,7 @@ class EdgeAgent:
         return self._pending_task
 
     def _pump(self, timeout_s: float) -> None:
-        """Handle queued messages for up to `timeout_s` (returns early once the queue is empty)."""
-        try:
-            topic, payload = self.link.inbox.get(timeout=timeout_s)
-        except queue.Empty:
-            return
-        while True:
-            self._dispatch(topic, payload)
-            try:
-                topic, payload = self.link.inbox.get_nowait()
-            except queue.Empty:
-                return
+        self.link.drain(self._dispatch, timeout_s)
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
         try:

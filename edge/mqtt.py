@@ -176,6 +176,20 @@ class MqttLink:
             time.sleep(0.01)
         return False
 
+    def drain(self, handle: Handler, timeout_s: float) -> None:
+        """Handle queued messages on the calling thread: waits up to `timeout_s` for the first,
+        then handles whatever else is already queued."""
+        try:
+            topic, payload = self.inbox.get(timeout=timeout_s)
+        except queue.Empty:
+            return
+        while True:
+            handle(topic, payload)
+            try:
+                topic, payload = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
     # ------------------------------------------------------------------ callbacks
 
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
