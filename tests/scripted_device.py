@@ -160,6 +160,8 @@ class ScriptedDevice:
 
     def _serve_pull(self, topic: str, payload: bytes) -> None:
         request = parse_message(ChunkRequest, payload)
+        if request.digest not in self.served:
+            return
         manifest, data = self.served[request.digest]
         data = self._first_serve.pop(request.digest, data)
         for index in request.indices:
