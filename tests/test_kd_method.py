@@ -1,0 +1,103 @@
+"""The `kd` method's pieces: the kd_proxy blob, the empty global state, the device's proxy rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from edge.data import load_split
+from edge.distillation import texts_digest, unlabelled
+from edge.errors import ProtocolError, UserError
+from edge.methods.base import get_method
+from edge.methods.kd import KdMethod, ProxyRound
+from edge.wire import ModelRef, decode_tensors, encode_tensors
+
+REF = ModelRef(name_or_path="minilm", num_labels=2)
+
+
+def write_split(folder: Path, texts: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [json.dumps({"text": text, "label": i % 2}) for i, text in enumerate(texts)]
+    (folder / "train.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_proxy_round_survives_the_wire_with_fp16_consensus() -> None:
+    consensus = torch.tensor([[-0.5, -1.25], [-3.0, 0.0], [-0.125, -2.0]])
+    blob = ProxyRound([4, 9, 17], b"\x07" * 32, consensus).encode()
+    decoded = ProxyRound.decode(blob, num_classes=2)
+    assert decoded.indices == [4, 9, 17] and decoded.texts_sha256 == b"\x07" * 32
+    assert decoded.consensus is not None and torch.equal(decoded.consensus, consensus)
+    first_round = ProxyRound.decode(ProxyRound([1, 2], b"\x00" * 32).encode(), num_classes=2)
+    assert first_round.consensus is None
+    # indices int32 + digest + fp16 consensus, plus a small JSON header
+    assert len(blob) < 3 * 4 + 32 + 3 * 2 * 2 + 300
+
+
+@pytest.mark.parametrize(
+    "tensors, message",
+    [
+        ({"texts_sha256": torch.zeros(32, dtype=torch.uint8)}, "'indices'"),
+        ({"indices": torch.zeros(2, dtype=torch.int64)}, "'indices'"),
+        ({"indices": torch.zeros(2, dtype=torch.int32)}, "'texts_sha256'"),
+        (
+            {
+                "indices": torch.zeros(2, dtype=torch.int32),
+                "texts_sha256": torch.zeros(32, dtype=torch.uint8),
+                "consensus": torch.zeros(3, 2, dtype=torch.float16),
+            },
+            "consensus shape",
+        ),
+        (
+            {
+                "indices": torch.zeros(1, dtype=torch.int32),
+                "texts_sha256": torch.zeros(32, dtype=torch.uint8),
+                "consensus": torch.tensor([[float("nan"), 0.0]], dtype=torch.float16),
+            },
+            "NaN",
+        ),
+    ],
+)
+def test_malformed_proxy_blob_is_a_protocol_error(
+    tensors: dict[str, torch.Tensor], message: str
+) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        ProxyRound.decode(bytes(save(tensors)), num_classes=2)
+    with pytest.raises(ProtocolError, match="safetensors"):
+        ProxyRound.decode(b"not safetensors", num_classes=2)
+
+
+def test_nothing_is_federated_and_the_empty_global_state_is_a_valid_blob() -> None:
+    method = get_method("kd")({"proxy_size": 8}, REF)
+    assert isinstance(method, KdMethod) and method.strategy == "kd"
+    state = method.initial_state(seed=0).global_state
+    assert state == {} and method.get_state(object()) == {}
+    assert decode_tensors(encode_tensors(state), expected={}) == {}
+
+
+def test_settings_are_validated_with_the_field_name() -> None:
+    with pytest.raises(UserError, match=r"method\.temperature"):
+        KdMethod({"temperature": 0}, REF)
+    with pytest.raises(UserError, match=r"method\.proxy_sise"):
+        KdMethod({"proxy_sise": 64}, REF)
+
+
+def test_device_reads_the_named_rows_and_refuses_other_data(tmp_path: Path) -> None:
+    texts = [f"sentence number {i}" for i in range(10)]
+    mine = write_split(tmp_path / "same", texts)
+    coordinator_rows = unlabelled(load_split(str(mine), "train").subset([2, 5, 7]))
+    proxy = ProxyRound([2, 5, 7], texts_digest(coordinator_rows))
+    method = KdMethod({}, REF)
+    rows = method.proxy_set(str(mine), proxy)
+    assert rows.texts_a == [texts[2], texts[5], texts[7]] and rows.labels == [0, 1, 2]
+    other = write_split(tmp_path / "other", [t.upper() for t in texts])
+    with pytest.raises(UserError, match="differ from the coordinator's"):
+        KdMethod({}, REF).proxy_set(str(other), proxy)
+    with pytest.raises(UserError, match="has 10 rows"):
+        KdMethod({}, REF).proxy_set(str(mine), ProxyRound([3, 12], proxy.texts_sha256))
+    with pytest.raises(UserError, match="--data"):
+        KdMethod({}, REF).proxy_set(None, proxy)
