@@ -379,10 +379,13 @@ class Coordinator:
         while True:
             self._pump(0.2)
             ready = self.registry.ready()
-            if partition.kind != "none":
-                self.registry.assign_indices(ready, partition.num_clients)
-            else:
-                self.registry.assign_indices(ready, len(self.registry.devices) + 1)
+            # Indices (hence shards and seeds) go to a whole quorum at once, in sorted id order,
+            # never in the order devices happened to arrive: reruns train identically.
+            if len(ready) >= rounds.min_clients:
+                if partition.kind != "none":
+                    self.registry.assign_indices(ready, partition.num_clients)
+                else:
+                    self.registry.assign_indices(ready, len(self.registry.devices) + 1)
             eligible = [d for d in ready if d in self.registry.client_indices]
             if len(eligible) >= rounds.min_clients or self._stop:
                 break
