@@ -106,6 +106,19 @@ def device_trace(records: Sequence[PhaseRecord]) -> List[Tuple[float, float]]:
     return [(r.start_unix_s - origin + t, w) for r in ordered for t, w in r.power_trace]
 
 
+def _shade_phases(axes: Any, records: Sequence[PhaseRecord]) -> None:
+    """Background spans for one device's phases (the first device's: others' differ slightly)."""
+    origin = min(r.start_unix_s for r in records)
+    for r in records:
+        axes.axvspan(
+            r.start_unix_s - origin,
+            r.end_unix_s - origin,
+            color=PHASE_COLORS.get(r.phase, "#999999"),
+            alpha=0.12,
+            label=r.phase,
+        )
+
+
 def plot_power_trace(summaries: Sequence[RunSummary], round_index: int, out_dir: Path) -> Path:
     plt = _pyplot()
     figure, grid = plt.subplots(
@@ -118,8 +131,11 @@ def plot_power_trace(summaries: Sequence[RunSummary], round_index: int, out_dir:
         ]
         drawn = False
         for device_id in sorted({r.device_id for r in records}):
-            points = device_trace([r for r in records if r.device_id == device_id])
+            own = [r for r in records if r.device_id == device_id]
+            points = device_trace(own)
             if points:
+                if not drawn:
+                    _shade_phases(axes, own)
                 axes.plot([p[0] for p in points], [p[1] for p in points], label=device_id)
                 drawn = True
         if drawn:
