@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -35,7 +36,7 @@ def export_onnx_command(
         f"(tolerance {PARITY_TOLERANCE:g}) {verdict}"
     )
     if not result.parity_ok:
-        raise typer.Exit(1)
+        sys.exit(1)  # jetfed.cli.main drops typer.Exit codes under standalone_mode=False
 
 
 def register(app: typer.Typer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import typer
@@ -79,7 +80,7 @@ def doctor_command(
         table.add_row(result.name, f"[{style}]{result.status}[/]", result.detail)
     Console().print(table)
     if failed(results):
-        raise typer.Exit(1)
+        sys.exit(1)  # jetfed.cli.main drops typer.Exit codes under standalone_mode=False
 
 
 def register(app: typer.Typer) -> None:
