@@ -14,7 +14,13 @@ import yaml
 
 from coordinator.links.netns import list_namespaces
 
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+ENV = dict(
+    os.environ,
+    HF_HUB_OFFLINE="1",
+    TOKENIZERS_PARALLELISM="false",
+    PYTHONUNBUFFERED="1",
+    JETFED_IDLE_BASELINE_S="0.5",  # edges measure idle power before round 0: keep tests short
+)
 
 
 def write_config(

@@ -46,7 +46,7 @@ def run_demo(method: str, output_dir: Path) -> Tuple[Path, str]:
             "--output-dir",
             str(output_dir),
         ],
-        env=dict(ENV, JETFED_IDLE_BASELINE_S=IDLE_BASELINE_S),
+        env=ENV,
         capture_output=True,
         text=True,
         timeout=600,
@@ -230,6 +230,22 @@ def test_report_rejects_a_folder_that_is_no_run(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "no metrics.jsonl" in result.stdout + result.stderr
+
+
+def test_edge_refuses_an_unavailable_telemetry_backend(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            *JETFED,
+            *("edge", "run", "--broker", "mqtt://127.0.0.1:9", "--device-id", "d1"),
+            *("--data", str(tmp_path), "--telemetry", "ina3221", "--sysfs-root", str(tmp_path)),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "telemetry backend ina3221 is unavailable" in result.stdout + result.stderr
 
 
 def test_profiles_report_does_not_import_torch() -> None:
