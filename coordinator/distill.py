@@ -115,12 +115,12 @@ class KdStrategy(PayloadAccounting):
             [float(item.update.num_samples) for item in updates],
             settings.temperature,
         )
-        self.distil_student(round_index)
+        self.distil_student(self.consensus, round_index)
         return global_state
 
-    def distil_student(self, round_index: int) -> None:
-        ctx, settings, consensus = self.ctx, self.method.config, self.consensus
-        assert consensus is not None
+    def distil_student(self, consensus: torch.Tensor, round_index: int) -> None:
+        """The global model: a fresh adapter trained on the proxy set toward the consensus."""
+        ctx, settings = self.ctx, self.method.config
         self.method.set_state(ctx.eval_model, self.student_init)
         train_local(
             ctx.eval_model,
