@@ -188,10 +188,17 @@ def export_onnx(
 ) -> ExportResult:
     """Merge, export with dynamic batch and sequence axes, and check parity on ONNX Runtime."""
     import numpy as np
-    import onnxruntime
     import torch
     from torch.export import Dim
 
+    try:
+        import onnxruntime
+        import onnxscript  # noqa: F401 - torch.onnx's exporter needs it
+    except ImportError as exc:
+        raise UserError(
+            f"export-onnx needs {exc.name}: pip install 'jetfed[onnx]' "
+            "(onnx, onnxscript, onnxruntime)"
+        ) from None
     if opset < DEFAULT_OPSET:
         raise UserError(f"--opset must be >= {DEFAULT_OPSET}, got {opset}")
     round_index, model_dir = pick_round(run_dir, round_index)
