@@ -1,0 +1,517 @@
+"""Split learning (Split-FedLLM, SFL-style): the device runs the bottom of the model only.
+
+The device holds the embeddings and the first `cut_layer` encoder layers (with LoRA); the split
+server on the coordinator (`coordinator/split_server.py`) holds the other layers and the task head
+(with LoRA). Per batch the device sends the cut activations, the attention mask and the labels;
+the server runs forward and backward, steps its part and returns the gradient at the cut; the
+device finishes backward and steps. In U-shaped mode (`u_shaped: true`) the head stays on the
+device and labels never leave it: the server returns the top activations, the device runs head +
+loss and sends back their gradient, and the server answers with the gradient at the cut.
+
+Rounds are SFL-style: the device-side tensors (bottom LoRA, + the head when U-shaped) are the
+global state and are averaged like LoRA; the server-side tensors live in the strategy.
+
+Which models: encoders laid out as `<backbone>.embeddings` + `<backbone>.encoder.layer[i]` + a
+head (BERT, MiniLM, RoBERTa, ELECTRA, DeBERTa-v2/v3). Every part runs through the model's own
+Hugging Face forward with the other parts swapped out (an identity in place of the embeddings, a
+slice of the layer list), so attention masks, poolers and heads stay exactly HF's. Not supported:
+decoder LLMs (Llama, Qwen, GPT-2: their layers live elsewhere, rotary position embeddings and
+causal masks are built outside the layers, the head reads the last token; KV caches would have to
+travel), DeBERTa-v2 models with a convolution after layer 0 (`conv_kernel_size` > 0), and
+trainable encoder-level tensors shared by all layers (DeBERTa's relative embeddings stay frozen).
+Differences from unsplit training: dropout masks come from each side's own RNG, and gradient
+clipping (`max_grad_norm`, `server_max_grad_norm`) applies per side.
+
+Wire: each message is one safetensors file whose metadata holds the JSON `SplitHeader`
+(correlation id = session + step, round); no pickle. Activations travel as `activation_dtype`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Set, Tuple
+
+from pydantic import Field
+
+from edge.errors import ProtocolError, UserError
+from edge.logs import log_event
+from edge.methods.base import LocalResult, LocalRound, Tensors, register_method
+from edge.methods.lora import LoraMethod, LoraSettings
+from edge.transfer import TransferTimeout
+from edge.wire import PayloadTooLarge, WireModel, parse_message
+
+if TYPE_CHECKING:
+    import torch
+
+    from edge.exchange import Exchange
+
+logger = logging.getLogger(__name__)
+
+MAX_SPLIT_MESSAGE_BYTES = 256 << 20
+MAX_HEADER_BYTES = 64 << 10
+SESSION_PATTERN = r"^[0-9a-f]{16}$"
+EMBEDDING_PROJECTIONS = ("embeddings_project",)
+"""Backbone modules applied right after the embeddings (ELECTRA): part of the device's bottom."""
+
+
+class SplitSettings(LoraSettings):
+    """`method:` keys of split learning (LoRA keys apply to both halves)."""
+
+    cut_layer: int = Field(default=2, ge=1)
+    u_shaped: bool = False
+    activation_dtype: str = Field(default="fp32", pattern="^(fp32|fp16|bf16)$")
+    server_copies: str = Field(default="shared", pattern="^(shared|per_device)$")
+    server_learning_rate: float = Field(default=1e-3, gt=0, le=1)
+    server_max_grad_norm: Optional[float] = Field(default=1.0, gt=0)
+    reply_timeout_s: float = Field(default=30.0, gt=0)
+    max_retries: int = Field(default=5, ge=0)
+
+
+# --------------------------------------------------------------------------- model layout
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def _passthrough_embeddings() -> Any:
+    import torch
+
+    class PassthroughEmbeddings(torch.nn.Module):
+        """Stands in for the embeddings when the backbone's input is already a hidden state."""
+
+        def forward(self, *args: Any, inputs_embeds: Any = None, **kwargs: Any) -> Any:
+            return inputs_embeds
+
+    return PassthroughEmbeddings()
+
+
+def _head_only_backbone(pooler: Any) -> Any:
+    """Stands in for the whole backbone: the input is the top hidden state; only the pooler
+    (BERT keeps it inside the backbone) still runs, so the classifier sees what it always sees."""
+    import torch
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    class HeadOnlyBackbone(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pooler = pooler
+
+        def forward(self, *args: Any, inputs_embeds: Any = None, **kwargs: Any) -> Any:
+            pooled = self.pooler(inputs_embeds) if self.pooler is not None else None
+            return BaseModelOutputWithPooling(last_hidden_state=inputs_embeds, pooler_output=pooled)
+
+    return HeadOnlyBackbone()
+
+
+@dataclass
+class SplitLayout:
+    """Where a model is cut, and the four segments either side runs.
+
+    `model` is the Hugging Face classifier (PEFT unwrapped); its modules are shared with the
+    PEFT wrapper, so LoRA layers and the wrapped head are active in every segment.
+    """
+
+    model: Any
+    cut_layer: int
+    u_shaped: bool
+    num_layers: int
+    _passthrough: Any = None
+
+    @classmethod
+    def of(cls, model: Any, cut_layer: int, u_shaped: bool) -> SplitLayout:
+        import torch
+
+        hf = model.get_base_model() if hasattr(model, "peft_config") else model
+        backbone = hf.base_model
+        encoder: Any = getattr(backbone, "encoder", None)
+        model_type = getattr(hf.config, "model_type", "?")
+        if getattr(backbone, "embeddings", None) is None or not isinstance(
+            getattr(encoder, "layer", None), torch.nn.ModuleList
+        ):
+            raise UserError(
+                f"method split: model type {model_type!r} is not a BERT-like encoder "
+                "(<backbone>.embeddings + <backbone>.encoder.layer); decoder LLMs are not supported"
+            )
+        if getattr(encoder, "conv", None) is not None:
+            raise UserError(f"method split: {model_type} with conv_kernel_size > 0 cannot be cut")
+        num_layers = int(hf.config.num_hidden_layers)
+        if not 1 <= cut_layer < num_layers:
+            raise UserError(
+                f"method.cut_layer must be between 1 and {num_layers - 1} for this "
+                f"{num_layers}-layer model (got {cut_layer})"
+            )
+        layout = cls(hf, cut_layer, u_shaped, num_layers, _passthrough_embeddings())
+        shared = [
+            name
+            for name, param in encoder.named_parameters()
+            if param.requires_grad and id(param) not in layout._ids(list(encoder.layer))
+        ]
+        if shared:
+            raise UserError(f"method split: encoder-level tensor {shared[0]} cannot be trained")
+        return layout
+
+    @property
+    def backbone(self) -> Any:
+        return self.model.base_model
+
+    @property
+    def layers(self) -> List[Any]:
+        return list(self.backbone.encoder.layer)
+
+    @staticmethod
+    def _ids(modules: List[Any]) -> Set[int]:
+        return {id(p) for module in modules for p in module.parameters()}
+
+    def embedding_modules(self) -> List[Any]:
+        backbone = self.backbone
+        extras = [getattr(backbone, name, None) for name in EMBEDDING_PROJECTIONS]
+        return [backbone.embeddings, *(module for module in extras if module is not None)]
+
+    def head_ids(self) -> Set[int]:
+        """The pooler/classifier: every parameter outside the embeddings and the encoder."""
+        body = self._ids([*self.embedding_modules(), self.backbone.encoder])
+        return {id(p) for p in self.model.parameters()} - body
+
+    def device_ids(self) -> Set[int]:
+        ids = self._ids([*self.embedding_modules(), *self.layers[: self.cut_layer]])
+        return ids | self.head_ids() if self.u_shaped else ids
+
+    def server_ids(self) -> Set[int]:
+        ids = self._ids(self.layers[self.cut_layer :])
+        return ids if self.u_shaped else ids | self.head_ids()
+
+    def release_server_layers(self) -> None:
+        """Device: drop the layers above the cut so their memory is freed (idempotent)."""
+        import torch
+
+        encoder = self.backbone.encoder
+        if len(encoder.layer) > self.cut_layer:
+            encoder.layer = torch.nn.ModuleList(self.layers[: self.cut_layer])
+
+    @contextlib.contextmanager
+    def _segment(
+        self, layers: List[Any], embeddings: bool = False, pooler: bool = True
+    ) -> Iterator[None]:
+        """Run the backbone with only `layers` (and without embeddings or pooler)."""
+        import torch
+
+        backbone, encoder = self.backbone, self.backbone.encoder
+        swaps: Dict[str, Any] = {}
+        if not embeddings:
+            swaps["embeddings"] = self._passthrough
+            for name in EMBEDDING_PROJECTIONS:
+                if getattr(backbone, name, None) is not None:
+                    swaps[name] = torch.nn.Identity()
+        if not pooler and getattr(backbone, "pooler", None) is not None:
+            swaps["pooler"] = None
+        saved = {name: getattr(backbone, name) for name in swaps}
+        saved_layers = encoder.layer
+        try:
+            for name, module in swaps.items():
+                setattr(backbone, name, module)
+            encoder.layer = torch.nn.ModuleList(layers)
+            yield
+        finally:
+            for name, module in saved.items():
+                setattr(backbone, name, module)
+            encoder.layer = saved_layers
+
+    def bottom(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Device: embeddings + layers [0, k) → the cut activations."""
+        inputs = {name: value for name, value in batch.items() if name != "labels"}
+        with self._segment(self.layers[: self.cut_layer], embeddings=True, pooler=False):
+            return self.backbone(**inputs).last_hidden_state
+
+    def middle(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Server, U-shaped: layers [k, L) → the top activations."""
+        with self._segment(self.layers[self.cut_layer :], pooler=False):
+            return self.backbone(
+                inputs_embeds=hidden, attention_mask=attention_mask
+            ).last_hidden_state
+
+    def top_loss(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Server, labels shared: layers [k, L) + head → the loss."""
+        with self._segment(self.layers[self.cut_layer :]):
+            return self.model(
+                inputs_embeds=hidden, attention_mask=attention_mask, labels=labels
+            ).loss
+
+    def head_loss(
+        self, top: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Device, U-shaped: the head on the top activations → the loss."""
+        prefix = self.model.base_model_prefix
+        backbone = self.backbone
+        try:
+            setattr(self.model, prefix, _head_only_backbone(getattr(backbone, "pooler", None)))
+            return self.model(inputs_embeds=top, attention_mask=attention_mask, labels=labels).loss
+        finally:
+            setattr(self.model, prefix, backbone)
+
+
+# --------------------------------------------------------------------------- wire messages
+
+
+class SplitHeader(WireModel):
+    """Correlation and bookkeeping of one split message (the tensors ride alongside).
+
+    kind: fwd (device: cut activations), top (server, U-shaped: top activations), bwd (device,
+    U-shaped: gradient of the top), grad (server: gradient at the cut). A request is identified by
+    (session, step, kind); `session` is random per device round, so a restarted device never
+    collides with its earlier attempt.
+    """
+
+    kind: str = Field(pattern="^(fwd|top|bwd|grad)$")
+    session: str = Field(pattern=SESSION_PATTERN)
+    round_index: int = Field(ge=0)
+    step: int = Field(ge=0)
+    loss: Optional[float] = None
+    server_s: Optional[float] = Field(default=None, ge=0)
+
+
+def encode_split_message(header: SplitHeader, tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """One safetensors file: the tensors as they are, the header in its metadata."""
+    from safetensors.torch import save
+
+    prepared = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    return bytes(save(prepared, metadata={"jetfed_split": header.model_dump_json()}))
+
+
+def decode_split_message(
+    payload: bytes, max_bytes: int = MAX_SPLIT_MESSAGE_BYTES
+) -> Tuple[SplitHeader, Dict[str, torch.Tensor]]:
+    """(header, tensors) of a split message; ProtocolError for anything malformed."""
+    from safetensors.torch import load
+
+    if len(payload) > max_bytes or len(payload) < 8:
+        raise ProtocolError(f"split message of {len(payload)} bytes (limit {max_bytes})")
+    header_bytes = int.from_bytes(payload[:8], "little")
+    if header_bytes > min(MAX_HEADER_BYTES, len(payload) - 8):
+        raise ProtocolError("split message header is larger than the message")
+    try:
+        meta = json.loads(payload[8 : 8 + header_bytes])["__metadata__"]["jetfed_split"]
+        tensors = load(payload)
+    except Exception as exc:  # json/safetensors raise their own error types on garbage
+        raise ProtocolError(f"not a split message: {type(exc).__name__}") from None
+    if not isinstance(meta, str):
+        raise ProtocolError("split message metadata is not a string")
+    return parse_message(SplitHeader, meta.encode("utf-8"), MAX_HEADER_BYTES), tensors
+
+
+def check_tensors(
+    tensors: Mapping[str, torch.Tensor], expected: Mapping[str, Tuple[Tuple[int, ...], Any]]
+) -> None:
+    """Exactly the expected names, shapes and dtypes; float tensors finite."""
+    import torch
+
+    if set(tensors) != set(expected):
+        raise ProtocolError(f"split tensors {sorted(tensors)}, expected {sorted(expected)}")
+    for name, (shape, dtype) in expected.items():
+        tensor = tensors[name]
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise ProtocolError(
+                f"split tensor {name}: {tuple(tensor.shape)} {tensor.dtype}, "
+                f"expected {tuple(shape)} {dtype}"
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ProtocolError(f"split tensor {name} contains NaN or Inf")
+
+
+# --------------------------------------------------------------------------- device side
+
+
+@dataclass
+class SplitTraffic:
+    """What the device's batches cost: seconds computing, waiting, and reported by the server."""
+
+    batches: int = 0
+    wait_s: float = 0.0
+    server_s: float = 0.0
+    retries: int = 0
+
+
+class ExchangeTransport:
+    """Device side of a request: send, wait for the reply with the same correlation id, re-send
+    the same bytes when none comes in time (the server answers a repeat from its cache)."""
+
+    def __init__(self, exchange: Exchange, timeout_s: float, max_retries: int) -> None:
+        self.exchange = exchange
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.retries = 0
+
+    def request(
+        self, header: SplitHeader, tensors: Mapping[str, torch.Tensor], reply_kind: str
+    ) -> Tuple[SplitHeader, Dict[str, torch.Tensor]]:
+        payload = encode_split_message(header, tensors)
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self.retries += 1
+                log_event(logger, logging.WARNING, "split.retry", step=header.step, attempt=attempt)
+            try:
+                self.exchange.send(header.kind, payload)
+            except PayloadTooLarge as exc:
+                raise ProtocolError(f"{exc} (use a smaller batch or activation_dtype)") from None
+            reply = self._await(header, reply_kind, time.monotonic() + self.timeout_s)
+            if reply is not None:
+                return reply
+        raise TransferTimeout(
+            f"split: no {reply_kind} for step {header.step} after {self.max_retries + 1} tries"
+        )
+
+    def _await(
+        self, header: SplitHeader, reply_kind: str, deadline: float
+    ) -> Optional[Tuple[SplitHeader, Dict[str, torch.Tensor]]]:
+        while True:
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                return None
+            try:
+                _, data = self.exchange.receive(remaining_s)
+            except TimeoutError:
+                return None
+            try:
+                reply = decode_split_message(data)
+            except ProtocolError as exc:
+                log_event(logger, logging.WARNING, "split.reply_rejected", reason=exc)
+                continue
+            got = reply[0]
+            if (got.kind, got.session, got.round_index, got.step) == (
+                reply_kind,
+                header.session,
+                header.round_index,
+                header.step,
+            ):
+                return reply
+
+
+@dataclass
+class SplitBatchLoss:
+    """`loss_fn` for `edge.train.train_local`: one batch through the split model.
+
+    It returns a tensor whose value is the batch loss and whose backward() delivers exactly the
+    split gradients to the device's parameters: the server's gradient at the cut (and, U-shaped,
+    the head's own gradient), so the shared loop's optimizer, clipping and stats apply unchanged.
+    """
+
+    layout: SplitLayout
+    transport: Any
+    round_index: int
+    activation_dtype: str
+    session: str = field(default_factory=lambda: secrets.token_hex(8))
+    traffic: SplitTraffic = field(default_factory=SplitTraffic)
+
+    def _request(
+        self, kind: str, tensors: Dict[str, torch.Tensor], reply_kind: str
+    ) -> Tuple[SplitHeader, torch.Tensor]:
+        header = SplitHeader(
+            kind=kind, session=self.session, round_index=self.round_index, step=self.traffic.batches
+        )
+        started = time.perf_counter()
+        reply_header, reply = self.transport.request(header, tensors, reply_kind)
+        self.traffic.wait_s += time.perf_counter() - started
+        self.traffic.server_s += reply_header.server_s or 0.0
+        return reply_header, reply[reply_kind]
+
+    def __call__(self, model: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        import torch
+
+        wire = torch_dtype(self.activation_dtype)
+        hidden = self.layout.bottom(batch)
+        mask = batch["attention_mask"].to(torch.int64)
+        up = {"hidden": hidden.detach().to("cpu", wire), "attention_mask": mask.cpu()}
+        if self.layout.u_shaped:
+            _, top_wire = self._request("fwd", up, "top")
+            top = top_wire.to(hidden.device, torch.float32).requires_grad_(True)
+            loss = self.layout.head_loss(top, mask, batch["labels"])
+            (top_grad,) = torch.autograd.grad(loss, [top], retain_graph=True)
+            _, cut_grad = self._request("bwd", {"grad": top_grad.to("cpu", wire)}, "grad")
+            surrogate = loss + (hidden * cut_grad.to(hidden.device, hidden.dtype)).sum()
+            value = loss.detach()
+        else:
+            up["labels"] = batch["labels"].to("cpu", torch.int64)
+            reply_header, cut_grad = self._request("fwd", up, "grad")
+            surrogate = (hidden * cut_grad.to(hidden.device, hidden.dtype)).sum()
+            value = torch.tensor(float(reply_header.loss or 0.0), device=hidden.device)
+        self.traffic.batches += 1
+        return surrogate - surrogate.detach() + value
+
+
+# --------------------------------------------------------------------------- the method
+
+
+@register_method
+class SplitMethod(LoraMethod):
+    name = "split"
+    strategy = "split"
+    config_model = SplitSettings
+    config: SplitSettings
+
+    def layout(self, model: Any) -> SplitLayout:
+        return SplitLayout.of(model, self.config.cut_layer, self.config.u_shaped)
+
+    def get_state(self, model: Any) -> Tensors:
+        """The device-side trainable tensors: bottom LoRA (+ the head when U-shaped)."""
+        device_ids = self.layout(model).device_ids()
+        return {
+            name: param.detach().clone()
+            for name, param in model.named_parameters()
+            if param.requires_grad and id(param) in device_ids
+        }
+
+    def local_round(self, job: LocalRound) -> LocalResult:
+        from edge.train import train_local
+
+        if job.exchange is None:
+            raise UserError("method split needs the in-round exchange channel to the coordinator")
+        self.set_state(job.model, job.global_state)
+        layout = self.layout(job.model)
+        layout.release_server_layers()
+        settings = self.config
+        transport = ExchangeTransport(job.exchange, settings.reply_timeout_s, settings.max_retries)
+        loss_fn = SplitBatchLoss(layout, transport, job.round_index, settings.activation_dtype)
+        job.exchange.drain()
+        sent_before, received_before = job.exchange.bytes_sent, job.exchange.bytes_received
+        with job.profiler.phase("train", job.round_index) as counters:
+            started = time.perf_counter()
+            stats = train_local(
+                job.model,
+                job.tokenizer,
+                job.dataset,
+                job.training,
+                max_length=job.model_ref.max_length,
+                device=job.device,
+                seed=job.seed,
+                loss_fn=loss_fn,
+            )
+            train_s = time.perf_counter() - started
+            counters.bytes_sent += job.exchange.bytes_sent - sent_before
+            counters.bytes_received += job.exchange.bytes_received - received_before
+            counters.extra.update(split_counters(loss_fn.traffic, transport.retries, train_s))
+            counters.extra["steps"] = float(stats.steps)
+            counters.extra["split_cut_layer"] = float(settings.cut_layer)
+            counters.extra["split_bytes_per_batch"] = (
+                counters.bytes_sent + counters.bytes_received
+            ) / max(1, loss_fn.traffic.batches)
+        return self.delta_result(job, stats)
+
+
+def split_counters(traffic: SplitTraffic, retries: int, train_s: float) -> Dict[str, float]:
+    """Device seconds (compute) vs wait seconds (network + server), as the profile reports them."""
+    return {
+        "split_batches": float(traffic.batches),
+        "split_device_s": max(0.0, train_s - traffic.wait_s),
+        "split_wait_s": traffic.wait_s,
+        "split_server_s": traffic.server_s,
+        "split_retries": float(retries),
+    }

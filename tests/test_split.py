@@ -1,0 +1,263 @@
+"""Split learning: gradients equal the unsplit model's; the server's retry cache and lanes.
+
+The math runs in-process through the same objects the method and the strategy use
+(`SplitBatchLoss` on the device, `SplitServer.handle` on the coordinator, the safetensors
+messages between them); only MQTT is left out (tests/test_split_integration.py has it).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Dict, Mapping, Tuple
+
+import pytest
+import torch
+
+from coordinator.split_server import SplitServer
+from edge.data import load_split
+from edge.errors import ProtocolError, UserError
+from edge.methods.split import (
+    SplitBatchLoss,
+    SplitHeader,
+    SplitLayout,
+    SplitMethod,
+    decode_split_message,
+    encode_split_message,
+)
+from edge.train import tokenize_batch
+from edge.wire import ModelRef
+
+MAX_LENGTH = 48
+
+
+class LocalTransport:
+    """The device's request → the server's `handle`, as bytes, without a broker."""
+
+    def __init__(self, server: SplitServer, device_id: str = "dev-0") -> None:
+        self.server = server
+        self.device_id = device_id
+
+    def request(
+        self, header: SplitHeader, tensors: Mapping[str, torch.Tensor], reply_kind: str
+    ) -> Tuple[SplitHeader, Dict[str, torch.Tensor]]:
+        payload = encode_split_message(header, tensors)
+        reply = self.server.handle(self.device_id, header.kind, payload)
+        assert reply is not None and reply[0] == reply_kind
+        return decode_split_message(reply[1])
+
+
+def _method(cut_layer: int, u_shaped: bool, **extra: Any) -> SplitMethod:
+    settings = {"cut_layer": cut_layer, "u_shaped": u_shaped, "server_max_grad_norm": None}
+    settings.update(extra)
+    ref = ModelRef(name_or_path="minilm", num_labels=2, max_length=MAX_LENGTH)
+    return SplitMethod(settings, ref)
+
+
+def _without_dropout_all_trainable(model: Any) -> Any:
+    """Every parameter trainable, LoRA B non-zero (so A's gradient is too), no dropout."""
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        param.requires_grad_(True)
+        if "lora_B" in name:
+            with torch.no_grad():
+                param.normal_(0, 0.02)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def minilm_model(minilm_path: str) -> Any:
+    return _without_dropout_all_trainable(_method(1, False).build(None, seed=0))
+
+
+@pytest.fixture(scope="module")
+def batch(minilm_path: str, sst2_dir: Path) -> Dict[str, torch.Tensor]:
+    from edge.models import load_tokenizer
+
+    dataset = load_split(str(sst2_dir), "validation")
+    tokenizer = load_tokenizer(ModelRef(name_or_path="minilm", num_labels=2))
+    return dict(tokenize_batch(tokenizer, dataset, list(range(6)), MAX_LENGTH, "cpu"))
+
+
+def _split_gradients(
+    model: Any, settings: Any, batch: Dict[str, torch.Tensor], dtype: str = "fp32"
+) -> Tuple[float, Dict[str, torch.Tensor]]:
+    """One batch through device copy + server copy; every parameter's gradient, by name."""
+    device_model, server_model = copy.deepcopy(model), copy.deepcopy(model)
+    server = SplitServer(server_model, settings, MAX_LENGTH, "cpu")
+    server.begin_round(0)
+    layout = SplitLayout.of(device_model, settings.cut_layer, settings.u_shaped)
+    loss_fn = SplitBatchLoss(layout, LocalTransport(server), 0, dtype)
+    loss = loss_fn(device_model, batch)
+    loss.backward()
+    device_ids = layout.device_ids()
+    server_ids = server.layout.server_ids()
+    grads: Dict[str, torch.Tensor] = {}
+    for (name, d_param), (_, s_param) in zip(
+        device_model.named_parameters(), server_model.named_parameters()
+    ):
+        on_device, on_server = id(d_param) in device_ids, id(s_param) in server_ids
+        assert on_device != on_server, f"{name} belongs to exactly one side"
+        grad = d_param.grad if on_device else s_param.grad
+        if grad is not None:
+            grads[name] = grad
+    assert loss_fn.traffic.batches == 1
+    return float(loss), grads
+
+
+def _reference_gradients(
+    model: Any, batch: Dict[str, torch.Tensor]
+) -> Tuple[float, Dict[str, Any]]:
+    reference = copy.deepcopy(model)
+    reference.train()
+    loss = reference(**batch).loss
+    loss.backward()
+    return float(loss), {
+        name: p.grad for name, p in reference.named_parameters() if p.grad is not None
+    }
+
+
+@pytest.mark.parametrize("u_shaped", [False, True], ids=["labels-shared", "u-shaped"])
+@pytest.mark.parametrize("cut_layer", [1, 5], ids=["k=1", "k=L-1"])
+def test_split_gradients_equal_unsplit(
+    minilm_model: Any, batch: Dict[str, torch.Tensor], cut_layer: int, u_shaped: bool
+) -> None:
+    settings = _method(cut_layer, u_shaped).config
+    ref_loss, expected = _reference_gradients(minilm_model, batch)
+    split_loss, actual = _split_gradients(minilm_model, settings, batch)
+    assert split_loss == pytest.approx(ref_loss, abs=1e-6)
+    assert set(actual) == set(expected)
+    assert len(expected) > 100  # all base weights, LoRA factors and the head
+    worst = max(float((actual[n] - expected[n]).abs().max()) for n in expected)
+    assert worst <= 1e-5, worst
+
+
+def test_half_precision_activations_stay_close(
+    minilm_model: Any, batch: Dict[str, torch.Tensor]
+) -> None:
+    settings = _method(3, False, activation_dtype="bf16").config
+    ref_loss, expected = _reference_gradients(minilm_model, batch)
+    split_loss, actual = _split_gradients(minilm_model, settings, batch, dtype="bf16")
+    assert split_loss == pytest.approx(ref_loss, rel=0.02)
+    name = next(n for n in expected if "layer.0.attention.self.query.lora_A" in n)
+    cosine = torch.nn.functional.cosine_similarity(
+        actual[name].flatten(), expected[name].flatten(), dim=0
+    )
+    assert float(cosine) > 0.99
+
+
+def _tiny(model_type: str) -> Any:
+    """A randomly initialised small encoder of another family (nothing downloaded)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+@pytest.mark.parametrize("model_type", ["roberta", "deberta-v2", "electra"])
+@pytest.mark.parametrize("u_shaped", [False, True], ids=["labels-shared", "u-shaped"])
+def test_other_encoder_families_cut_exactly(model_type: str, u_shaped: bool) -> None:
+    model = _tiny(model_type)
+    for name, param in model.named_parameters():
+        param.requires_grad_("rel_embeddings" not in name and "encoder.LayerNorm" not in name)
+    torch.manual_seed(2)
+    ids = torch.randint(5, 99, (4, 11))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 2, 1, 2])}
+    settings = _method(2, u_shaped).config
+    ref_loss, expected = _reference_gradients(model, batch)
+    split_loss, actual = _split_gradients(model, settings, batch)
+    assert split_loss == pytest.approx(ref_loss, abs=1e-6)
+    assert set(actual) == set(expected)
+    worst = max(float((actual[n] - expected[n]).abs().max()) for n in expected)
+    assert worst <= 1e-5, worst
+
+
+def test_cut_layer_out_of_range_is_a_user_error(minilm_model: Any) -> None:
+    with pytest.raises(UserError, match="cut_layer must be between 1 and 5"):
+        SplitLayout.of(minilm_model, 6, False)
+
+
+def _fwd(server: SplitServer, step: int, session: str = "0123456789abcdef") -> bytes:
+    header = SplitHeader(kind="fwd", session=session, round_index=0, step=step)
+    tensors = {
+        "hidden": torch.randn(2, 5, 384),
+        "attention_mask": torch.ones(2, 5, dtype=torch.int64),
+        "labels": torch.tensor([0, 1]),
+    }
+    return encode_split_message(header, tensors)
+
+
+def test_server_replays_a_retried_batch_without_stepping_twice(minilm_model: Any) -> None:
+    server = SplitServer(copy.deepcopy(minilm_model), _method(2, False).config, MAX_LENGTH, "cpu")
+    server.begin_round(0)
+    request = _fwd(server, 0)
+    first = server.handle("dev-0", "fwd", request)
+    weights = server.state()
+    again = server.handle("dev-0", "fwd", request)
+    assert first is not None and again == first
+    assert all(torch.equal(weights[n], t) for n, t in server.state().items())
+    assert server.stats.batches == 1 and server.stats.replays == 1
+    assert server.handle("dev-1", "fwd", _fwd(server, 0)) is not None  # other lanes go on
+    server.handle("dev-0", "fwd", _fwd(server, 1))
+    assert server.handle("dev-0", "fwd", request) is None  # stale: older than the last one
+    server.begin_round(1)
+    assert server.handle("dev-0", "fwd", _fwd(server, 2)) is None  # round 0 is over
+    assert server.stats.dropped == 1
+
+
+def test_server_refuses_malformed_messages(minilm_model: Any) -> None:
+    server = SplitServer(copy.deepcopy(minilm_model), _method(2, False).config, MAX_LENGTH, "cpu")
+    server.begin_round(0)
+    header = SplitHeader(kind="fwd", session="0123456789abcdef", round_index=0, step=0)
+    bad_labels = {
+        "hidden": torch.randn(2, 5, 384),
+        "attention_mask": torch.ones(2, 5, dtype=torch.int64),
+        "labels": torch.tensor([0, 7]),
+    }
+    wrong_width = dict(bad_labels, hidden=torch.randn(2, 5, 10), labels=torch.tensor([0, 1]))
+    nan = dict(wrong_width, hidden=torch.full((2, 5, 384), float("nan")))
+    for tensors, reason in [
+        (bad_labels, "labels outside"),
+        (wrong_width, "split tensor hidden"),
+        (nan, "NaN"),
+    ]:
+        with pytest.raises(ProtocolError, match=reason):
+            server.handle("dev-0", "fwd", encode_split_message(header, tensors))
+    with pytest.raises(ProtocolError, match="not a split message"):
+        server.handle("dev-0", "fwd", b"\x08" + b"\x00" * 7 + b"{garbage")
+    with pytest.raises(ProtocolError, match="kind"):
+        server.handle("dev-0", "bwd", _fwd(server, 0))
+
+
+def test_per_device_copies_are_averaged_by_samples(minilm_model: Any) -> None:
+    settings = _method(4, False, server_copies="per_device").config
+    server = SplitServer(copy.deepcopy(minilm_model), settings, MAX_LENGTH, "cpu")
+    server.begin_round(0)
+    start = server.state()
+    server.handle("dev-0", "fwd", _fwd(server, 0))
+    assert all(torch.equal(start[n], t) for n, t in server.state().items())  # swapped back
+    server.handle("dev-1", "fwd", _fwd(server, 0))
+    copies = [server.lanes[d].state for d in ("dev-0", "dev-1")]
+    server.end_round(["dev-0", "dev-1"])
+    name = next(n for n in start if "classifier.modules_to_save" in n)
+    assert copies[0] is not None and copies[1] is not None
+    expected = (copies[0][name] + copies[1][name]) / 2
+    assert torch.allclose(server.state()[name], expected, atol=1e-7)
+    assert not torch.equal(server.state()[name], start[name])
