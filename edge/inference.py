@@ -34,6 +34,7 @@ PROVIDER_ALIASES = {
 }
 TOKEN_ID_RANGE = (100, 1000)
 """Synthetic token ids: inside every real vocabulary, clear of the special tokens."""
+FIRST_SAMPLE_TIMEOUT_S = 3.0
 TRT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "jetfed", "tensorrt")
 """TensorRT engines take minutes to build on a Jetson; cached so only the first run pays."""
 
@@ -168,6 +169,13 @@ def _timed_loop(session: Any, feeds: Dict[str, Any], settings: BenchSettings) ->
     return latencies_s
 
 
+def _wait_first_sample(sampler: Sampler) -> None:
+    """Pushed backends (jtop) need one sample to place the window on their clock."""
+    deadline_s = time.monotonic() + FIRST_SAMPLE_TIMEOUT_S
+    while sampler.sample_count == 0 and time.monotonic() < deadline_s:
+        time.sleep(0.05)
+
+
 def _per(total: Optional[float], count: int) -> Optional[float]:
     return None if total is None or count <= 0 else total / count
 
@@ -188,6 +196,7 @@ def bench_inference(settings: BenchSettings, sampler: Optional[Sampler] = None) 
     owned = sampler is None
     active = sampler or Sampler.auto(settings.telemetry, rate_hz=settings.sample_rate_hz)
     try:
+        _wait_first_sample(active)
         window = active.open_window()
         loop_started_s = time.perf_counter()
         latencies_s = _timed_loop(session, feeds, settings)
