@@ -193,3 +193,41 @@ def test_provider_choice() -> None:
     assert resolve_providers(["cuda"], here) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     with pytest.raises(UserError, match="--providers: 'tensorrt' is not available"):
         resolve_providers(["tensorrt"], ["CPUExecutionProvider"])
+
+
+@pytest.mark.slow
+def test_demo_run_exports_and_benches(tmp_path: Path, minilm_path: str) -> None:
+    """The issue's acceptance path on a run the real demo (coordinator + 2 devices) wrote."""
+    demo = jetfed(
+        "demo",
+        "--rounds",
+        "1",
+        "--local-steps",
+        "3",
+        "--max-eval-samples",
+        "32",
+        "--output-dir",
+        str(tmp_path),
+        "--name",
+        "x",
+        timeout_s=600,
+    )
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    exported = jetfed("export-onnx", str(tmp_path / "x"))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    meta = json.loads((tmp_path / "x" / "onnx" / "round-0000.json").read_text())
+    assert meta["source"] == "peft-adapter" and meta["max_abs_diff"] < PARITY
+    report = tmp_path / "bench.json"
+    bench = jetfed(
+        "edge",
+        "bench-inference",
+        str(tmp_path / "x" / "onnx" / "round-0000.onnx"),
+        "--iterations",
+        "3",
+        "--min-seconds",
+        "0",
+        "--json",
+        str(report),
+    )
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    assert json.loads(report.read_text())["provider_used"] in bench.stdout
