@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 DEVICE_TO_COORDINATOR = ("status", "hello", "update", "profile", "want", "up/#", "exchange/up/#")
 LAST_UPLOAD_RECORDS_WAIT_S = 5.0
+MAX_REJECTED_CHUNKS = 16
+"""A device whose chunks keep failing their checks is refused, not re-asked forever."""
 
 
 @dataclass
@@ -570,7 +572,15 @@ class Coordinator:
             download.add_chunk(int(index_text), payload)
         except ProtocolError as exc:  # already asked for again: no nack, the round goes on
             log_event(logger, logging.WARNING, "chunk.rejected", device_id=device_id, reason=exc)
-            return
+            if download.rejected_chunks <= MAX_REJECTED_CHUNKS:
+                return
+            del inbound.transfers[device_id]
+            inbound.announced.pop(device_id, None)
+            download.close()
+            raise ProtocolError(
+                f"{download.rejected_chunks} chunks failed their checks, the last: {exc}",
+                "bad_chunks",
+            ) from None
         if not download.complete:
             return
         del inbound.transfers[device_id]

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
+from coordinator.server import MAX_REJECTED_CHUNKS
 from edge.telemetry.records import PhaseRecord
 from edge.wire import (
     Ack,
@@ -49,7 +50,7 @@ def _with(tensors: Tensors, name: str, value: torch.Tensor) -> Tensors:
 
 
 def _cases(
-    task: Task, shapes: Tensors, bad: ScriptedDevice
+    task: Task, shapes: Tensors, bad: ScriptedDevice, bounded_norm: bool
 ) -> List[Tuple[str, Callable[[], None], str]]:
     """(what, how to send it, expected nack code) for device bad-1 unless said otherwise."""
     small = {n: torch.full_like(t, 1e-4) for n, t in shapes.items()}
@@ -74,6 +75,13 @@ def _cases(
         size_bytes=true.size_bytes,
         chunk_size_bytes=true.chunk_size_bytes,
         chunk_digests=true.chunk_digests,
+    )
+    other_bytes = encode_tensors({n: t * 2 for n, t in small.items()})
+    always_corrupt = bytes([other_bytes[0] ^ 0xFF]) + other_bytes[1:]
+    norm_case = (
+        "absurd norm",
+        update_with(encode_tensors({n: torch.full_like(t, 100.0) for n, t in small.items()})),
+        "update_norm_too_large",
     )
     return [
         ("not json", lambda: bad.publish("update", b"{not json"), "invalid_update"),
@@ -132,10 +140,15 @@ def _cases(
             update_with(encode_tensors(_with(small, first, small[first] + float("inf")), "fp16")),
             "invalid_tensors",
         ),
+        *([norm_case] if bounded_norm else []),
         (
-            "absurd norm",
-            update_with(encode_tensors({n: torch.full_like(t, 100.0) for n, t in small.items()})),
-            "update_norm_too_large",
+            "a chunk corrupt on every pull",
+            lambda: bad.send(
+                bad.update(
+                    task, bad.offer(always_corrupt, manifest=make_manifest(other_bytes, 1 << 20))
+                )
+            ),
+            "bad_chunks",
         ),
         ("status garbage", lambda: bad.publish("status", b"maybe"), "invalid_status"),
         (
@@ -181,7 +194,19 @@ def _cases(
     ]
 
 
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        pytest.param({}, id="fedavg-streaming"),
+        pytest.param(
+            {"strategy": "clipped_fedavg", "clip_norm": 1.0, "max_update_norm": 1000.0},
+            id="clipped-fedavg-bounded-norm",
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
 def test_bad_input_gets_a_nack_and_one_log_line_and_loses_nothing(
+    strategy: Dict[str, object],
     tmp_path: Path,
     mosquitto: MosquittoBroker,
     devices: Dict[str, ScriptedDevice],
@@ -195,7 +220,7 @@ def test_bad_input_gets_a_nack_and_one_log_line_and_loses_nothing(
         sst2_dir,
         rounds=1,
         transfer={"max_update_bytes": 2 << 20, "retry_after_s": 1.0},
-        aggregation={"strategy": "clipped_fedavg", "clip_norm": 1.0, "max_update_norm": 1000.0},
+        aggregation=strategy,
     )
     log = tmp_path / "coord.log"
     coordinator = jetfed(
@@ -213,7 +238,7 @@ def test_bad_input_gets_a_nack_and_one_log_line_and_loses_nothing(
         good.send(good.update(task, good.offer_tensors(small)))
         assert isinstance(good.wait_reply(), Ack), log_tail(log)
 
-        cases = _cases(task, shapes, bad)
+        cases = _cases(task, shapes, bad, bounded_norm="max_update_norm" in strategy)
         outcomes: List[Tuple[str, str]] = []
         for what, send, code in cases:
             send()
@@ -249,7 +274,7 @@ def test_bad_input_gets_a_nack_and_one_log_line_and_loses_nothing(
         lines = [line for line in rejected if f"code={code} " in line]
         assert len(lines) == expected_codes.count(code), (code, lines)
     assert len(rejected) == len(expected_codes), rejected
-    assert text.count("chunk.rejected") == 1
+    assert text.count("chunk.rejected") == MAX_REJECTED_CHUNKS + 2  # the flood, the legit one
     accepted = [line for line in text.splitlines() if "update.accepted" in line]
     assert sorted(a.split("device_id=")[1].split()[0] for a in accepted) == ["bad-1", "good-0"]
     (metrics,) = read_metrics(tmp_path / "runs" / NAME)
