@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 import pytest
 import torch
@@ -17,7 +17,9 @@ import torch
 from coordinator.split_server import SplitServer
 from edge.data import load_split
 from edge.errors import ProtocolError, UserError
+from edge.exchange import Exchange
 from edge.methods.split import (
+    ExchangeTransport,
     SplitBatchLoss,
     SplitHeader,
     SplitLayout,
@@ -26,7 +28,8 @@ from edge.methods.split import (
     encode_split_message,
 )
 from edge.train import tokenize_batch
-from edge.wire import ModelRef
+from edge.transfer import TransferTimeout
+from edge.wire import ModelRef, Topics
 
 MAX_LENGTH = 48
 
@@ -69,8 +72,14 @@ def _without_dropout_all_trainable(model: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
-def minilm_model(minilm_path: str) -> Any:
-    return _without_dropout_all_trainable(_method(1, False).build(None, seed=0))
+def lora_model(minilm_path: str) -> Any:
+    """MiniLM with LoRA as the method builds it (only LoRA and the head trainable)."""
+    return _method(1, False).build(None, seed=0)
+
+
+@pytest.fixture(scope="module")
+def minilm_model(lora_model: Any) -> Any:
+    return _without_dropout_all_trainable(copy.deepcopy(lora_model))
 
 
 @pytest.fixture(scope="module")
@@ -189,9 +198,9 @@ def test_other_encoder_families_cut_exactly(model_type: str, u_shaped: bool) -> 
     assert worst <= 1e-5, worst
 
 
-def test_cut_layer_out_of_range_is_a_user_error(minilm_model: Any) -> None:
+def test_cut_layer_out_of_range_is_a_user_error(lora_model: Any) -> None:
     with pytest.raises(UserError, match="cut_layer must be between 1 and 5"):
-        SplitLayout.of(minilm_model, 6, False)
+        SplitLayout.of(lora_model, 6, False)
 
 
 def _fwd(server: SplitServer, step: int, session: str = "0123456789abcdef") -> bytes:
@@ -204,8 +213,8 @@ def _fwd(server: SplitServer, step: int, session: str = "0123456789abcdef") -> b
     return encode_split_message(header, tensors)
 
 
-def test_server_replays_a_retried_batch_without_stepping_twice(minilm_model: Any) -> None:
-    server = SplitServer(copy.deepcopy(minilm_model), _method(2, False).config, MAX_LENGTH, "cpu")
+def test_server_replays_a_retried_batch_without_stepping_twice(lora_model: Any) -> None:
+    server = SplitServer(copy.deepcopy(lora_model), _method(2, False).config, MAX_LENGTH, "cpu")
     server.begin_round(0)
     request = _fwd(server, 0)
     first = server.handle("dev-0", "fwd", request)
@@ -222,8 +231,8 @@ def test_server_replays_a_retried_batch_without_stepping_twice(minilm_model: Any
     assert server.stats.dropped == 1
 
 
-def test_server_refuses_malformed_messages(minilm_model: Any) -> None:
-    server = SplitServer(copy.deepcopy(minilm_model), _method(2, False).config, MAX_LENGTH, "cpu")
+def test_server_refuses_malformed_messages(lora_model: Any) -> None:
+    server = SplitServer(copy.deepcopy(lora_model), _method(2, False).config, MAX_LENGTH, "cpu")
     server.begin_round(0)
     header = SplitHeader(kind="fwd", session="0123456789abcdef", round_index=0, step=0)
     bad_labels = {
@@ -246,9 +255,9 @@ def test_server_refuses_malformed_messages(minilm_model: Any) -> None:
         server.handle("dev-0", "bwd", _fwd(server, 0))
 
 
-def test_per_device_copies_are_averaged_by_samples(minilm_model: Any) -> None:
+def test_per_device_copies_are_averaged_by_samples(lora_model: Any) -> None:
     settings = _method(4, False, server_copies="per_device").config
-    server = SplitServer(copy.deepcopy(minilm_model), settings, MAX_LENGTH, "cpu")
+    server = SplitServer(copy.deepcopy(lora_model), settings, MAX_LENGTH, "cpu")
     server.begin_round(0)
     start = server.state()
     server.handle("dev-0", "fwd", _fwd(server, 0))
@@ -261,3 +270,40 @@ def test_per_device_copies_are_averaged_by_samples(minilm_model: Any) -> None:
     expected = (copies[0][name] + copies[1][name]) / 2
     assert torch.allclose(server.state()[name], expected, atol=1e-7)
     assert not torch.equal(server.state()[name], start[name])
+
+
+@pytest.mark.parametrize("lost", ["request", "reply"])
+def test_device_resends_a_lost_batch_and_the_server_answers_once(
+    lora_model: Any, lost: str
+) -> None:
+    """The exchange loses one message; the device re-sends the same bytes after its timeout."""
+    server = SplitServer(copy.deepcopy(lora_model), _method(2, False).config, MAX_LENGTH, "cpu")
+    server.begin_round(0)
+    topics = Topics("exp")
+    sent: List[str] = []
+
+    def publish(topic: str, payload: bytes) -> int:
+        sent.append(topic)
+        if lost == "request" and len(sent) == 1:
+            return len(payload)
+        reply = server.handle("dev-0", topic.rsplit("/", 1)[1], payload)
+        if reply is not None and not (lost == "reply" and len(sent) == 1):
+            exchange.deliver(exchange.down_prefix + reply[0], reply[1])
+        return len(payload)
+
+    exchange = Exchange(topics, "dev-0", publish)
+    transport = ExchangeTransport(exchange, timeout_s=0.3, max_retries=2)
+    header, tensors = decode_split_message(_fwd(server, 0))
+    reply_header, reply = transport.request(header, tensors, "grad")
+    assert reply_header.step == 0 and reply["grad"].shape == (2, 5, 384)
+    assert transport.retries == 1 and len(sent) == 2
+    assert server.stats.batches == 1
+    assert server.stats.replays == (1 if lost == "reply" else 0)
+
+
+def test_device_gives_up_after_its_retries(lora_model: Any) -> None:
+    exchange = Exchange(Topics("exp"), "dev-0", lambda topic, payload: len(payload))
+    transport = ExchangeTransport(exchange, timeout_s=0.05, max_retries=2)
+    header = SplitHeader(kind="fwd", session="0123456789abcdef", round_index=0, step=4)
+    with pytest.raises(TransferTimeout, match="no grad for step 4 after 3 tries"):
+        transport.request(header, {"hidden": torch.zeros(1, 2, 384)}, "grad")
