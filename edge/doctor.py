@@ -89,7 +89,8 @@ def transformers_torch_problem(
         return (
             f"transformers {transformers_version} cannot use torch {torch_version}"
             + (" (transformers 5 needs torch >= 2.6)" if too_old else "")
-            + ": pip install -c /etc/jetfed/constraints.txt 'transformers<5' 'peft<0.18'"
+            + ": pip install -c /etc/jetfed/constraints.txt 'transformers<5' (or re-run "
+            "install_jetson.sh)"
         )
     return None
 
