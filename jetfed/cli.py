@@ -48,7 +48,7 @@ for _name in REGISTRARS:
 def main() -> None:
     """Run the CLI; a user mistake prints one line and exits 2 instead of a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except UserError as exc:
         print(f"jetfed: error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -65,3 +65,5 @@ def main() -> None:
             sys.exit(exc.exit_code)
         logging.getLogger("jetfed").debug("unhandled error", exc_info=True)
         raise
+    if isinstance(code, int) and code:
+        sys.exit(code)
