@@ -137,8 +137,10 @@ def apply_mean_delta(global_state: Tensors, updates: List[AcceptedUpdate]) -> Te
 
 class FedAvg(Strategy):
     """FedAvg as a running sum: global + Σ nₖ·Δₖ / Σ nₖ with Σ nₖ·Δₖ accumulated as each update
-    is accepted (fp32, a few MB of rows at a time), so the coordinator holds the global state
-    and one sum, not one copy per device: 2 × model size for any number of devices."""
+    is accepted (a few MB of rows at a time), so the coordinator holds the global state and one
+    sum, not one copy per device: 3 × model size in fp32 terms for any number of devices.
+    The sum is fp64: nₖ·Δₖ (integer × fp32) is exact there, so the result does not depend on the
+    order updates arrive in (an fp32 sum does, by an ulp, and reruns or resumes would drift)."""
 
     streaming = True
 
@@ -159,7 +161,7 @@ class FedAvg(Strategy):
                 total = self._sum.get(name)
                 if total is None:
                     shape = tensor_shape(tensors, name)
-                    total = self._sum[name] = torch.zeros(shape, dtype=torch.float32)
+                    total = self._sum[name] = torch.zeros(shape, dtype=torch.float64)
                 target = total[start : start + block.shape[0]] if total.dim() >= 2 else total
                 target.add_(block, alpha=weight)
         self._weight += update.num_samples
@@ -169,9 +171,11 @@ class FedAvg(Strategy):
     ) -> Tensors:
         if round_index != self._round_index or not self._weight:
             raise RuntimeError(f"round {round_index} accumulated no update")
-        new_state, self._sum = self._sum, {}
+        sums, self._sum = self._sum, {}
+        new_state: Tensors = {}
         for name, value in global_state.items():
-            new_state[name].div_(float(self._weight)).add_(value.to(torch.float32))
+            total = sums.pop(name).div_(float(self._weight)).add_(value.to(torch.float64))
+            new_state[name] = total.to(torch.float32)
         self._round_index, self._weight = -1, 0
         return new_state
 
