@@ -23,12 +23,15 @@ def _train_records(run_dir: Path) -> List[Dict[str, Any]]:
     "method",
     [
         {"cut_layer": 2},
-        {
-            "cut_layer": 3,
-            "u_shaped": True,
-            "server_copies": "per_device",
-            "activation_dtype": "fp16",
-        },
+        pytest.param(
+            {
+                "cut_layer": 3,
+                "u_shaped": True,
+                "server_copies": "per_device",
+                "activation_dtype": "fp16",
+            },
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=["labels-shared", "u-shaped"],
 )
