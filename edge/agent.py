@@ -265,6 +265,7 @@ class EdgeAgent:
         log_event(logger, logging.INFO, "round.start", round_index=task.round_index)
         self.profiler.method = task.method
         try:
+            get_method(task.method)  # a method this device lacks fails the round, not the agent
             with self.profiler.phase("download", task.round_index) as counters:
                 blobs = self._download_all(task, counters)
             with self.profiler.phase("setup", task.round_index):
@@ -282,7 +283,7 @@ class EdgeAgent:
                 logger, logging.WARNING, "round.abandoned", round_index=task.round_index, reason=exc
             )
             self._finished_rounds[task.round_index] = "abandoned"
-        except (ProtocolError, TransferTimeout) as exc:
+        except (ProtocolError, TransferTimeout, UserError) as exc:
             log_event(
                 logger, logging.WARNING, "round.failed", round_index=task.round_index, reason=exc
             )

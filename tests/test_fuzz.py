@@ -494,3 +494,18 @@ def test_edge_after_fuzz_still_takes_a_task(edge: Tuple[EdgeAgent, Download]) ->
     agent._pending_task = None
     agent._dispatch(agent.topics.task, json.dumps({**template, "round_index": 99}).encode())
     assert agent._pending_task is not None and agent._pending_task.round_index == 99
+
+
+def test_edge_survives_a_task_for_a_method_it_lacks(
+    edge: Tuple[EdgeAgent, Download], captured: Captured
+) -> None:
+    """A newer coordinator's method fails that round on this device, not the device."""
+    agent, _ = edge
+    template = _edge_templates("c" * 64)["task"]
+    future = time.time() + 60
+    task = Task.model_validate(
+        {**template, "round_index": 7, "method": "from-the-future", "deadline_unix_s": future}
+    )
+    agent._run_round(task)
+    assert agent._finished_rounds[7] == "failed"
+    assert any("round.failed" in line and "from-the-future" in line for line in captured.lines)
