@@ -155,7 +155,17 @@ class FederatedMethod(ABC):
         )
 
     def export(self, model: Any, out_dir: str) -> None:
-        """Save the global model in a format users load directly (PEFT for adapters)."""
+        """Save the global model in a format users load directly (PEFT for adapters).
+
+        A short model card is written first: PEFT then updates it instead of compiling its
+        Jinja template, which was 80 % of the coordinator's per-round export (≈ 0.2 s)."""
+        import os
+
+        os.makedirs(out_dir, exist_ok=True)
+        readme = os.path.join(out_dir, "README.md")
+        if not os.path.exists(readme):
+            with open(readme, "w", encoding="utf-8") as handle:
+                handle.write(f"---\ntags:\n- jetfed\n---\n# jetfed global model ({self.name})\n")
         model.save_pretrained(out_dir)
 
 
