@@ -1,0 +1,161 @@
+"""FedAvg throughput: the coordinator's aggregation of N updates, LoRA-size and full-model-size.
+
+Two paths on real MiniLM shapes: `streaming` is the default FedAvg strategy (each accepted
+update folded into one fp32 running sum by `accumulate`, then `finalize`), `collected` is
+`apply_mean_delta` (all updates held, weighted mean in float64) which non-streaming strategies
+use. Separately, the decode + validation every update passes first (`edge.wire.decode_tensors`
+with the expected spec). Throughput = update bytes in (N × fp32 size) / seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from bench.runner import table
+from bench.stats import median
+from bench.tensors import MINILM, Spec, full_spec, lora_spec, random_tensors, raw_bytes
+
+
+def _updates(spec: Spec, count: int) -> List[Any]:
+    from coordinator.strategies import AcceptedUpdate
+    from edge.wire import BlobManifest, Update
+
+    manifest = BlobManifest(
+        digest="0" * 64, size_bytes=1, chunk_size_bytes=1, chunk_digests=["0" * 64]
+    )
+    distinct = [random_tensors(spec, seed) for seed in range(min(count, 4))]
+    return [
+        AcceptedUpdate(
+            Update(
+                experiment="bench",
+                device_id=f"d{index}",
+                round_index=0,
+                base_digest="0" * 64,
+                num_samples=100 + index,
+                local_steps=1,
+                train_loss=0.5,
+                blob=manifest,
+            ),
+            distinct[index % len(distinct)],
+        )
+        for index in range(count)
+    ]
+
+
+def _streaming_fedavg() -> Any:
+    """The default strategy; accumulate/finalize use none of the server context."""
+    from coordinator.strategies import FedAvg, ServerContext
+
+    return FedAvg(
+        ServerContext(
+            method=None,  # type: ignore[arg-type]
+            model_ref=MINILM,
+            eval_model=None,
+            tokenizer=None,
+            validation=None,  # type: ignore[arg-type]
+            init=None,
+            torch_device="cpu",
+            settings={},
+            send=lambda device_id, subtopic, payload: None,
+        )
+    )
+
+
+def _time_aggregate(spec: Spec, count: int, repeats: int, path: str) -> Dict[str, Any]:
+    from coordinator.strategies import apply_mean_delta
+
+    updates = _updates(spec, count)
+    global_state = random_tensors(spec, seed=99, scale=1.0)
+    strategy = _streaming_fedavg()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        if path == "streaming":
+            for item in updates:
+                strategy.accumulate(0, item.update, item.tensors)
+            strategy.finalize(0, global_state, updates)
+        else:
+            apply_mean_delta(global_state, updates)
+        times.append(time.perf_counter() - started)
+    seconds = median(times)
+    size = raw_bytes(spec)
+    return {
+        "path": path,
+        "updates": count,
+        "update_bytes": size,
+        "median_s": seconds,
+        "mb_per_s": count * size / seconds / 1e6,
+    }
+
+
+def _time_decode(spec: Spec, repeats: int) -> Dict[str, float]:
+    from edge.wire import decode_tensors, encode_tensors
+
+    payload = encode_tensors(random_tensors(spec, seed=1))
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        decode_tensors(payload, spec)
+        times.append(time.perf_counter() - started)
+    seconds = median(times)
+    return {"median_s": seconds, "mb_per_s": len(payload) / seconds / 1e6}
+
+
+def run(
+    quick: bool, kinds: Tuple[str, ...] = ("lora", "full"), counts: Optional[Tuple[int, ...]] = None
+) -> Dict[str, Any]:
+    """`kinds` and `counts` shrink the run (tests); by default LoRA 10-300 and full 2-20."""
+    import torch
+
+    default_counts = {
+        "lora": (10, 100) if quick else (10, 100, 300),
+        "full": (2, 10) if quick else (2, 10, 20),
+    }
+    specs = {"lora": lambda: lora_spec("lora"), "full": full_spec}
+    repeats = 3 if quick else 7
+    results: Dict[str, Any] = {
+        "torch_threads": torch.get_num_threads(),
+        "aggregate": {},
+        "decode_validate": {},
+    }
+    for kind in kinds:
+        spec = specs[kind]()
+        results["aggregate"][kind] = {
+            f"{path}-{count}": _time_aggregate(spec, count, repeats, path)
+            for path in ("streaming", "collected")
+            for count in counts or default_counts[kind]
+        }
+        results["decode_validate"][kind] = _time_decode(spec, repeats)
+    return results
+
+
+def markdown(results: Dict[str, Any]) -> str:
+    rows = [
+        [
+            kind,
+            item["updates"],
+            item["update_bytes"] / 1e6,
+            item["median_s"] * 1000,
+            item["mb_per_s"],
+        ]
+        for kind, by_count in results["aggregate"].items()
+        for item in by_count.values()
+    ]
+    decode_rows = [
+        [kind, item["median_s"] * 1000, item["mb_per_s"]]
+        for kind, item in results["decode_validate"].items()
+    ]
+    return "\n".join(
+        [
+            "FedAvg: `streaming` = the default strategy (fp32 running sum, accumulate + "
+            "finalize); `collected` = `apply_mean_delta` (float64, all updates held). "
+            f"Torch threads {results['torch_threads']}.",
+            "",
+            table(["state", "path", "updates", "MB per update", "median ms", "MB/s"], rows),
+            "",
+            "Per-update decode + validation (names, shapes, dtypes, finiteness):",
+            "",
+            table(["state", "median ms", "MB/s"], decode_rows),
+        ]
+    )

@@ -1,0 +1,324 @@
+"""Thin simulated devices: real protocol participants that do no training.
+
+Each one speaks the wire protocol with the same parts the edge agent uses (`MqttLink`,
+`BlobServer`, `Download`, the `edge.wire` messages): retained hello and status, fetch the task's
+blobs chunk by chunk with verification, offer a real-size update, answer the coordinator's pulls,
+wait for the ack, send its profile records. Everything runs on the link's network thread; one
+fleet thread re-sends unacknowledged updates and re-asks stalled downloads. Hundreds fit in one
+process, which is what the coordinator's per-round overhead has to be measured against.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import jetfed
+from edge.errors import ProtocolError
+from edge.logs import log_event
+from edge.mqtt import BrokerSpec, MqttLink
+from edge.telemetry.records import PhaseRecord
+from edge.transfer import BlobServer, Download
+from edge.wire import (
+    Ack,
+    BlobManifest,
+    ChunkRequest,
+    Hello,
+    Nack,
+    ProfileBatch,
+    Task,
+    Topics,
+    Update,
+    encode_message,
+    parse_message,
+)
+
+logger = logging.getLogger(__name__)
+
+Meter = Callable[[], Tuple[int, int]]
+"""(bytes sent, bytes received) so far on this device's connection, however they are counted."""
+
+
+@dataclass
+class RoundLog:
+    """When each step of one round happened on the device (time.monotonic) and the meter then."""
+
+    task_s: float
+    meter_at_task: Tuple[int, int]
+    download_done_s: Optional[float] = None
+    meter_at_download_done: Optional[Tuple[int, int]] = None
+    acked_s: Optional[float] = None
+    meter_at_ack: Optional[Tuple[int, int]] = None
+    update_payload_bytes: int = 0
+    update_message_bytes: int = 0
+    update_profile_bytes: int = 0
+    """Of the Update message, the phase records riding on it."""
+
+
+@dataclass
+class _Round:
+    task: Task
+    downloads: Dict[str, Download]
+    started_unix_s: float
+    log: RoundLog
+    update: Optional[Update] = None
+    last_update_sent_s: float = 0.0
+
+
+class SimDevice:
+    """One simulated device; `update_blob` is the safetensors payload it uploads every round."""
+
+    def __init__(
+        self,
+        broker_url: str,
+        experiment: str,
+        device_id: str,
+        update_blob: bytes,
+        num_samples: int,
+        meter: Optional[Meter] = None,
+        ack_retry_s: float = 10.0,
+    ) -> None:
+        self.device_id = device_id
+        self.topics = Topics(experiment)
+        self.update_blob = update_blob
+        self.num_samples = num_samples
+        self.ack_retry_s = ack_retry_s
+        self.rounds: Dict[int, RoundLog] = {}
+        self.nacks: List[Nack] = []
+        self._round: Optional[_Round] = None
+        self._have_init: Optional[str] = None
+        self._lock = threading.RLock()
+        dev = self.topics.device
+        self.link = MqttLink(
+            BrokerSpec(url=broker_url),
+            client_id=f"jetfed-sim-{device_id}",
+            subscriptions=[
+                self.topics.task,
+                dev(device_id, "down/#"),
+                dev(device_id, "pull"),
+                dev(device_id, "ack"),
+                dev(device_id, "nack"),
+            ],
+            will=(dev(device_id, "status"), b"offline"),
+            on_connected=self._announce,
+        )
+        self.meter: Meter = meter or (
+            lambda: (self.link.counters.bytes_sent, self.link.counters.bytes_received)
+        )
+        self.blobs = BlobServer(self._publish, chunk_size_bytes=1 << 20)
+        self.link.on_topic(lambda topic: True, self._handle)
+
+    def _publish(self, topic: str, payload: bytes) -> None:
+        self.link.publish(topic, payload)
+
+    def _announce(self) -> None:
+        hello = Hello(
+            device_id=self.device_id,
+            jetfed_version=jetfed.__version__,
+            hostname=socket.gethostname(),
+            machine=platform.machine(),
+            accelerator="cpu",
+            memory_total_bytes=0,
+            telemetry_backend="none",
+            methods=["lora", "federa"],
+        )
+        dev = self.topics.device
+        self.link.publish(dev(self.device_id, "hello"), encode_message(hello), retain=True)
+        self.link.publish(dev(self.device_id, "status"), b"online", retain=True)
+
+    def connect(self) -> None:
+        self.link.connect()
+
+    def close(self) -> None:
+        self.link.close(final=(self.topics.device(self.device_id, "status"), b"offline"))
+
+    # ------------------------------------------------------------------ network thread
+
+    def _handle(self, topic: str, payload: bytes) -> None:
+        with self._lock:
+            try:
+                if topic == self.topics.task:
+                    self._on_task(payload)
+                    return
+                _, leaf, rest = self.topics.parse_device_topic(topic)
+                if leaf == "down" and len(rest) == 2:
+                    self._on_chunk(rest[0], int(rest[1]), payload)
+                elif leaf == "pull":
+                    request = parse_message(ChunkRequest, payload)
+                    self.blobs.serve(
+                        request.digest,
+                        request.indices,
+                        lambda digest, index: self.topics.chunk(
+                            self.device_id, "up", digest, index
+                        ),
+                    )
+                elif leaf == "ack":
+                    self._on_ack(parse_message(Ack, payload))
+                elif leaf == "nack":
+                    self.nacks.append(parse_message(Nack, payload))
+            except (ProtocolError, ValueError) as exc:
+                log_event(logger, logging.WARNING, "sim.rejected", topic=topic, reason=exc)
+
+    def _up_topic(self, digest: str, index: int) -> str:
+        return self.topics.chunk(self.device_id, "up", digest, index)
+
+    def _on_task(self, payload: bytes) -> None:
+        if not payload:
+            return
+        task = parse_message(Task, payload)
+        if task.round_index in self.rounds or self.device_id not in task.selected_devices:
+            return
+        needed: Dict[str, BlobManifest] = {"global": task.global_state, **task.extra_blobs}
+        if task.init_state is not None and self._have_init != task.init_state.digest:
+            needed["init"] = task.init_state
+        log = RoundLog(task_s=time.monotonic(), meter_at_task=self.meter())
+        self.rounds[task.round_index] = log
+        want = self.topics.device(self.device_id, "want")
+        downloads = {
+            manifest.digest: Download(manifest, self._requester(want, manifest.digest), 8 << 30)
+            for manifest in needed.values()
+        }
+        self._round = _Round(task, downloads, time.time(), log)
+        if task.init_state is not None:
+            self._have_init = task.init_state.digest
+        for download in downloads.values():
+            download.start()
+
+    def _requester(self, topic: str, digest: str) -> Callable[[List[int]], None]:
+        def request(indices: List[int]) -> None:
+            message = ChunkRequest(device_id=self.device_id, digest=digest, indices=list(indices))
+            self.link.publish(topic, encode_message(message))
+
+        return request
+
+    def _on_chunk(self, digest: str, index: int, payload: bytes) -> None:
+        current = self._round
+        if current is None or digest not in current.downloads or current.update is not None:
+            return
+        current.downloads[digest].add_chunk(index, payload)
+        if all(d.complete for d in current.downloads.values()):
+            for download in current.downloads.values():
+                download.result()
+            current.log.download_done_s = time.monotonic()
+            current.log.meter_at_download_done = self.meter()
+            self._offer_update(current)
+
+    def _records(
+        self, current: _Round, phases: List[Tuple[str, float, float]]
+    ) -> List[PhaseRecord]:
+        task = current.task
+        return [
+            PhaseRecord(
+                experiment=task.experiment,
+                device_id=self.device_id,
+                round_index=task.round_index,
+                phase=phase,
+                method=task.method,
+                start_unix_s=start,
+                end_unix_s=end,
+                duration_s=end - start,
+                backend="none",
+            )
+            for phase, start, end in phases
+        ]
+
+    def _offer_update(self, current: _Round) -> None:
+        manifest = self.blobs.offer(self.update_blob, current.task.chunk_size_bytes)
+        now = time.time()
+        started = current.started_unix_s
+        current.update = Update(
+            experiment=current.task.experiment,
+            device_id=self.device_id,
+            round_index=current.task.round_index,
+            base_digest=current.task.global_state.digest,
+            num_samples=self.num_samples,
+            local_steps=0,
+            train_loss=0.5,
+            blob=manifest,
+            profile=self._records(
+                current, [("download", started, now), ("setup", now, now), ("train", now, now)]
+            ),
+        )
+        log = current.log
+        log.update_payload_bytes = len(self.update_blob)
+        log.update_message_bytes = len(encode_message(current.update))
+        bare = current.update.model_copy(update={"profile": []})
+        log.update_profile_bytes = log.update_message_bytes - len(encode_message(bare))
+        self._send_update(current)
+
+    def _send_update(self, current: _Round) -> None:
+        assert current.update is not None
+        current.last_update_sent_s = time.monotonic()
+        self.link.publish(
+            self.topics.device(self.device_id, "update"), encode_message(current.update)
+        )
+
+    def _on_ack(self, ack: Ack) -> None:
+        current = self._round
+        if current is None or ack.round_index != current.task.round_index:
+            return
+        current.log.acked_s = time.monotonic()
+        current.log.meter_at_ack = self.meter()
+        self._round = None
+        upload_start = current.started_unix_s
+        batch = ProfileBatch(
+            device_id=self.device_id,
+            round_index=ack.round_index,
+            records=self._records(current, [("upload", upload_start, time.time())]),
+        )
+        self.link.publish(self.topics.device(self.device_id, "profile"), encode_message(batch))
+
+    # ------------------------------------------------------------------ fleet thread
+
+    def poll(self) -> None:
+        """Re-ask stalled downloads and re-send an unacknowledged update (as the agent does)."""
+        with self._lock:
+            current = self._round
+            if current is None:
+                return
+            try:
+                for download in current.downloads.values():
+                    download.poll()
+            except Exception as exc:  # a timed-out download ends this device's round
+                log_event(logger, logging.WARNING, "sim.download_failed", reason=exc)
+                self._round = None
+                return
+            waited_s = time.monotonic() - current.last_update_sent_s
+            if current.update is not None and waited_s > self.ack_retry_s:
+                self._send_update(current)
+
+
+@dataclass
+class SimFleet:
+    """Many simulated devices plus the thread that polls them."""
+
+    devices: List[SimDevice] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self, connect_batch: int = 25) -> None:
+        for index, device in enumerate(self.devices):
+            device.connect()
+            if index % connect_batch == connect_batch - 1:
+                time.sleep(0.05)
+        threading.Thread(target=self._poll_loop, daemon=True).start()
+
+    def _poll_loop(self) -> None:
+        while not self._stop.wait(0.5):
+            for device in self.devices:
+                device.poll()
+
+    def acked_rounds(self) -> int:
+        """Rounds every device has been acknowledged for."""
+        return min(
+            (sum(1 for r in d.rounds.values() if r.acked_s) for d in self.devices), default=0
+        )
+
+    def close(self) -> None:
+        self._stop.set()
+        for device in self.devices:
+            device.close()

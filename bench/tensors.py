@@ -1,0 +1,50 @@
+"""Real-size federated states: the shapes a device really uploads, filled with random deltas."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Dict, Tuple
+
+from edge.wire import ModelRef
+
+if TYPE_CHECKING:
+    import torch
+
+Spec = Dict[str, Tuple[int, ...]]
+
+MINILM = ModelRef(name_or_path="minilm", num_labels=2, max_length=64)
+
+
+def lora_spec(method: str = "lora") -> Spec:
+    """Names and shapes of MiniLM's federated LoRA state (r=8 on query,value + the head)."""
+    from edge.methods.base import get_method
+    from edge.wire import tensor_spec
+
+    instance = get_method(method)({}, MINILM)
+    return tensor_spec(instance.get_state(instance.build(None, seed=0)))
+
+
+def full_spec() -> Spec:
+    """Every parameter of the MiniLM classifier: what full fine-tuning uploads."""
+    from edge.models import load_classifier
+
+    model = load_classifier(MINILM, seed=0)
+    return {name: tuple(param.shape) for name, param in model.named_parameters()}
+
+
+def random_tensors(spec: Spec, seed: int, scale: float = 1e-3) -> Dict[str, torch.Tensor]:
+    """Finite fp32 tensors of `spec`'s shapes, like a small local update."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=generator) * scale for name, shape in spec.items()}
+
+
+def raw_bytes(spec: Spec, bytes_per_element: int = 4) -> int:
+    """The tensors' own bytes: the floor any encoding is compared against."""
+    total = 0
+    for shape in spec.values():
+        count = 1
+        for dim in shape:
+            count *= dim
+        total += count * bytes_per_element
+    return total

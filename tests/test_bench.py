@@ -1,0 +1,110 @@
+"""Benchmarks: the runner's JSON/Markdown output, the CLI, and tiny real runs of the benches.
+
+Numbers are not asserted here (timing goals belong in bench/, and this machine is shared);
+byte counts are deterministic, so the wire-efficiency goal is checked in the slow case.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.runner import REPO_ROOT, run_bench
+from bench.tcp_counter import CountingProxy
+from tests.brokers import MosquittoBroker
+
+MACHINE_KEYS = {"cpu_model", "logical_cores", "ram_bytes", "python", "torch", "mosquitto"}
+
+
+def _check_report(out: Path, name: str) -> dict:
+    report = json.loads((out / f"{name}.json").read_text())
+    assert report["bench"] == name
+    assert set(report["machine"]) >= MACHINE_KEYS
+    assert report["started_utc"].endswith("Z") and report["finished_utc"].endswith("Z")
+    assert report["duration_s"] >= 0
+    markdown = (out / f"{name}.md").read_text()
+    assert markdown.startswith(f"# bench: {name}")
+    assert "| " in markdown and "Machine:" in markdown
+    return report
+
+
+def test_aggregation_bench_writes_json_and_markdown(tmp_path: Path, minilm_path: str) -> None:
+    run_bench(
+        "aggregation_throughput",
+        quick=True,
+        out_dir=tmp_path,
+        options={"kinds": ("lora",), "counts": (2,)},
+    )
+    report = _check_report(tmp_path, "aggregation_throughput")
+    lora = report["results"]["aggregate"]["lora"]
+    assert set(lora) == {"streaming-2", "collected-2"}
+    assert all(item["mb_per_s"] > 0 and item["update_bytes"] > 290_000 for item in lora.values())
+    assert report["results"]["decode_validate"]["lora"]["median_s"] > 0
+
+
+def test_cli_lists_benches_and_refuses_unknown_names() -> None:
+    listed = subprocess.run(
+        [sys.executable, "-m", "bench", "list"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0
+    for name in ("wire_efficiency", "round_overhead", "edge_step_overhead", "reproduction"):
+        assert name in listed.stdout
+    unknown = subprocess.run(
+        [sys.executable, "-m", "bench", "nosuch"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert unknown.returncode == 2
+    assert "unknown bench 'nosuch'" in unknown.stderr
+
+
+def test_counting_proxy_counts_real_mqtt_bytes(mosquitto: MosquittoBroker) -> None:
+    """A CONNECT through the proxy is counted in both directions (CONNACK is 4 bytes)."""
+    proxy = CountingProxy(mosquitto.host, mosquitto.port)
+    try:
+        connect = bytes([0x10, 12, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 30, 0, 0])
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+            sock.sendall(connect)
+            assert sock.recv(4) == bytes([0x20, 2, 0, 0])
+        assert proxy.reset() == (len(connect), 4)
+    finally:
+        proxy.close()
+
+
+@pytest.mark.slow
+def test_wire_efficiency_meets_goal(tmp_path: Path, minilm_path: str, sst2_dir: Path) -> None:
+    run_bench(
+        "wire_efficiency",
+        quick=True,
+        out_dir=tmp_path,
+        options={"datasets": sst2_dir.parent, "dtypes": ("fp32",), "rounds": 1},
+    )
+    update = _check_report(tmp_path, "wire_efficiency")["results"]["updates"]["fp32"]
+    assert update["raw_tensor_bytes"] == 74_498 * 4
+    assert update["upload_ratio"] <= 1.05
+
+
+@pytest.mark.slow
+def test_round_overhead_runs_with_a_few_devices(
+    tmp_path: Path, minilm_path: str, sst2_dir: Path
+) -> None:
+    run_bench(
+        "round_overhead",
+        quick=True,
+        out_dir=tmp_path,
+        options={"datasets": sst2_dir.parent, "device_counts": (3,), "rounds": 2},
+    )
+    run = _check_report(tmp_path, "round_overhead")["results"]["runs"]["3"]
+    assert run["rounds"] == 2 and len(run["per_round"]) == 1
+    assert run["overhead_excl_eval_median_s"] > 0
