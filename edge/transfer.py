@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 Publish = Callable[[str, bytes], None]
 ChunkTopic = Callable[[str, int], str]
 
-READ_BLOCK_BYTES = 1 << 20
+DEFAULT_WINDOW_BYTES = 4 << 20
+"""Asked-for, not yet received data per download: enough to keep a loopback link busy."""
 
 
 class TransferTimeout(Exception):
@@ -194,7 +195,7 @@ class Download:
         max_size_bytes: int,
         retry_after_s: float = 5.0,
         timeout_s: float = 120.0,
-        window_bytes: Optional[int] = None,
+        window_bytes: Optional[int] = DEFAULT_WINDOW_BYTES,
         spool_dir: Optional[str] = None,
     ) -> None:
         if manifest.size_bytes > max_size_bytes:
@@ -216,7 +217,8 @@ class Download:
         handle, self.path = tempfile.mkstemp(prefix="jetfed-download-", dir=spool_dir)
         self._file = os.fdopen(handle, "r+b")
         self._file.truncate(manifest.size_bytes)
-        self._verified = False
+        self._whole = hashlib.sha256()
+        self._hashed_chunks = 0
         self._last_progress_s = time.monotonic()
         self._last_request_s = 0.0
         self.bytes_received = 0
@@ -278,9 +280,25 @@ class Download:
         self._file.write(payload)
         self._missing.discard(index)
         self._in_flight.discard(index)
+        self._hash_prefix(index, payload)
         self._last_progress_s = time.monotonic()
         self._fill()
         return True
+
+    def _hash_prefix(self, index: int, payload: bytes) -> None:
+        """Extend the whole-payload digest over the received prefix: chunks arriving in order
+        are hashed as they land, so no second pass over the file is needed at the end."""
+        if index != self._hashed_chunks:
+            return
+        self._whole.update(payload)
+        self._hashed_chunks += 1
+        while self._hashed_chunks < self.manifest.chunk_count and (
+            self._hashed_chunks not in self._missing
+        ):
+            start, end = self.manifest.chunk_range(self._hashed_chunks)
+            self._file.seek(start)
+            self._whole.update(self._file.read(end - start))
+            self._hashed_chunks += 1
 
     def poll(self) -> None:
         """Re-ask for missing chunks after a stall; TransferTimeout when stalled too long."""
@@ -311,15 +329,9 @@ class Download:
         """The file holding the whole payload, verified against the manifest digest."""
         if not self.complete:
             raise ProtocolError("transfer incomplete")
-        if not self._verified:
-            self._file.flush()
-            self._file.seek(0)
-            whole = hashlib.sha256()
-            for block in iter(lambda: self._file.read(READ_BLOCK_BYTES), b""):
-                whole.update(block)
-            if whole.hexdigest() != self.manifest.digest:
-                raise ProtocolError("payload digest mismatch", "digest_mismatch")
-            self._verified = True
+        if self._whole.hexdigest() != self.manifest.digest:
+            raise ProtocolError("payload digest mismatch", "digest_mismatch")
+        self._file.flush()
         return self.path
 
     def result(self) -> bytes:

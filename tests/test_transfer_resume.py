@@ -226,20 +226,24 @@ def test_many_devices_interleave(mosquitto: MosquittoBroker) -> None:
     receiver = Receiver(mosquitto.url)
     try:
         payloads = {
-            s.device_id: {"w": torch.full((5 * CHUNK_BYTES // 4 // 32, 32), float(i))}
+            s.device_id: {"w": torch.full((12 * CHUNK_BYTES // 4 // 32, 32), float(i))}
             for i, s in enumerate(senders)
         }
-        downloads = {
-            s.device_id: receiver.download(
-                s.device_id, s.blobs.offer_tensors(payloads[s.device_id])
-            )
-            for s in senders
-        }
-        order: List[str] = []
-        receiver.run(downloads, on_chunk=lambda d: order.append(d.manifest.digest))
+        manifests = {s.device_id: s.blobs.offer_tensors(payloads[s.device_id]) for s in senders}
+        downloads = {d: receiver.download(d, manifest) for d, manifest in manifests.items()}
+        arrivals: List[str] = []
+        first_done: List[int] = []
+
+        def note(download: Download) -> None:
+            arrivals.append(download.manifest.digest)
+            if download.complete and not first_done:
+                first_done.append(len(arrivals))
+
+        receiver.run(downloads, on_chunk=note)
         for device_id, download in downloads.items():
             assert_exact(download, payloads[device_id])
-        assert len(set(order[: len(order) // 2])) == 3, "transfers ran one after another"
+        # every device's chunks were flowing before the first transfer finished
+        assert len(set(arrivals[: first_done[0]])) == 3, "transfers ran one after another"
     finally:
         for sender in senders:
             sender.link.close()
