@@ -265,6 +265,7 @@ def overhead(quick: bool) -> Dict[str, Any]:
     transport = [w - s for w, s in zip(split["wait_s"], split["server_s"])][warmup:]
     beyond = [t - leg for t, leg in zip(transport, legs[warmup:])]
     echo_beyond = [rtt - leg for rtt, leg in zip(echo, echo_legs)][warmup:]
+    versus_echo = [t - rtt for t, rtt in zip(transport, echo[warmup:])]
 
     def ms(values: List[float]) -> Dict[str, float]:
         return {"median": 1e3 * statistics.median(values), "mean": 1e3 * statistics.mean(values)}
@@ -279,6 +280,7 @@ def overhead(quick: bool) -> Dict[str, Any]:
         "overhead_beyond_tensors_ms": ms(beyond),
         "echo_round_trip_ms": ms(echo[warmup:]),
         "echo_round_trip_beyond_legs_ms": ms(echo_beyond),
+        "wait_minus_server_compute_minus_echo_ms": ms(versus_echo),
         "codec_encode_decode_ms": _codec_ms((BATCH_SIZE, 32, 384)),
         "goal_ms": 10.0,
         "cpu_load_1min": os.getloadavg()[0],
