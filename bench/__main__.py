@@ -32,6 +32,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--link", default=None, help="emulated link spec (reproduction only)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds (reproduction only)")
     parser.add_argument(
+        "--clients", type=int, default=None, help="edge processes (reproduction only)"
+    )
+    parser.add_argument("--clients-per-round", type=int, default=None, help="(reproduction only)")
+    parser.add_argument(
         "--budget-min",
         type=float,
         default=None,
@@ -53,6 +57,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "out": args.out,
         "rounds": args.rounds,
         "budget_min": args.budget_min,
+        "clients": args.clients,
+        "clients_per_round": args.clients_per_round,
     }
     failed = []
     for name in names:
