@@ -146,7 +146,7 @@ class KdMethod(LoraMethod):
         return self._proxy[1]
 
     def local_round(self, job: LocalRound) -> LocalResult:
-        from edge.train import batch_indices, tokenize_batch, train_local
+        from edge.train import batch_indices, planned_steps, tokenize_batch, train_local
 
         if PROXY_BLOB not in job.extra_blobs:
             raise ProtocolError(f"kd task without the {PROXY_BLOB} blob")
@@ -156,8 +156,9 @@ class KdMethod(LoraMethod):
         loss_fn = None
         consensus = proxy.consensus
         if consensus is not None:
+            steps = planned_steps(job.training, len(job.dataset))
             proxy_batches = batch_indices(
-                len(proxy_set), job.training.batch_size, 1 << 30, job.seed + 1
+                len(proxy_set), job.training.batch_size, steps, job.seed + 1
             )
             settings = self.config
 
