@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, List, Sequence, Tuple
 
+from edge.errors import UserError
 from edge.telemetry.records import PhaseRecord
 from profiles.document import fmt_mb
 from profiles.summary import (
@@ -25,7 +26,10 @@ PHASE_COLORS = {
 
 
 def _pyplot() -> Any:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("reports need matplotlib: pip install 'jetfed[profiles]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

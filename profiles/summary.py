@@ -149,11 +149,15 @@ class RunSummary:
 
 
 def run_labels(runs: Sequence[RunRecords]) -> List[str]:
-    """The method name when it tells the runs apart, else method and experiment name."""
-    methods = [run.method for run in runs]
-    if len(set(methods)) == len(methods):
-        return methods
-    return [f"{run.method} · {run.name}" for run in runs]
+    """The method name when it tells the runs apart, else method and run folder name, else
+    numbered (two folders of the same name)."""
+    for labels in (
+        [run.method for run in runs],
+        [f"{run.method} · {run.path.name}" for run in runs],
+    ):
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{run.method} · {run.path.name} ({index})" for index, run in enumerate(runs, 1)]
 
 
 def default_target(summaries: Sequence[RunSummary]) -> Optional[float]:

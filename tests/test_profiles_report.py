@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -253,9 +254,12 @@ def test_profiles_report_does_not_import_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, env=ENV, timeout=120)
 
 
-@pytest.fixture
-def ina3221_run(tmp_path: Path, sst2_dir: Path, minilm_path: str) -> Iterator[Path]:
+@pytest.fixture(scope="module")
+def ina3221_run(
+    tmp_path_factory: pytest.TempPathFactory, sst2_dir: Path, minilm_path: str
+) -> Iterator[Path]:
     """One device reading an AGX Orin INA3221 tree with constant rails, one real round."""
+    tmp_path = tmp_path_factory.mktemp("ina3221")
     sysfs = tmp_path / "sys"
     build_ina3221_tree(sysfs, RAILS)
     name = "rep-ina3221"
@@ -324,3 +328,15 @@ def test_ina3221_energy_end_to_end(ina3221_run: Path, tmp_path: Path) -> None:
     assert_cell(tables["To target accuracy"][0]["energy-to-target (J)"], energy, 2)
     assert_cell(tables["Devices"][0]["idle power (W)"], MODULE_W, 2)
     check_pngs(report.markdown_path.parent, report.markdown_path.read_text())
+
+
+def test_same_method_twice_and_target_not_reached(ina3221_run: Path, tmp_path: Path) -> None:
+    from profiles.report import build_report
+
+    copy = tmp_path / "again"
+    shutil.copytree(ina3221_run, copy)
+    report = build_report([ina3221_run, copy], tmp_path / "both", target_accuracy=1.0)
+    rows = md_tables(report.markdown_path.read_text())["To target accuracy"]
+    assert [row["run"] for row in rows] == ["lora · rep-ina3221", "lora · again"]
+    assert all(row["rounds-to-target"] == "not reached" for row in rows)
+    assert all(row["energy-to-target (J)"] == "n/a" for row in rows)
