@@ -246,7 +246,7 @@ def build_report(
         Heading(2, "To target accuracy"),
     ]
     if target is not None:
-        how = "given" if target_accuracy is not None else "the best accuracy every run reached"
+        how = "given" if target_accuracy is not None else "the best every evaluated run reached"
         blocks.append(Paragraph(f"Target accuracy {target:.4f} ({how})."))
         blocks.append(_target_table(targets, target))
     else:

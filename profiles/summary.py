@@ -161,11 +161,11 @@ def run_labels(runs: Sequence[RunRecords]) -> List[str]:
 
 
 def default_target(summaries: Sequence[RunSummary]) -> Optional[float]:
-    """The best accuracy every run reached (so each run has a time-to-target)."""
+    """The best accuracy every evaluated run reached (so each has a time-to-target); None when
+    no run has an accuracy."""
     bests = []
     for summary in summaries:
         accuracies = [c.accuracy for c in summary.costs if c.accuracy is not None]
-        if not accuracies:
-            return None
-        bests.append(max(accuracies))
+        if accuracies:
+            bests.append(max(accuracies))
     return min(bests) if bests else None
