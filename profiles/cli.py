@@ -38,7 +38,7 @@ def report(
     target_accuracy: Optional[float] = typer.Option(
         None,
         "--target-accuracy",
-        help="Accuracy for the *-to-target table (default: the best every run reached).",
+        help="Accuracy for the *-to-target table (default: the best every evaluated run reached).",
     ),
     out: Optional[Path] = typer.Option(
         None, "--out", help="Output folder (default: RUN_DIR/report, or beside the first run)."

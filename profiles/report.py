@@ -49,6 +49,8 @@ from profiles.summary import (
 
 @dataclass
 class Report:
+    """What a build wrote, and the numbers behind its tables (for callers and tests)."""
+
     markdown_path: Path
     html_path: Path
     images: List[Path]
