@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -84,7 +84,6 @@ class ServerStats:
     dropped: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
-    devices: Dict[str, float] = field(default_factory=dict)
 
     def as_metrics(self) -> Dict[str, float]:
         return {

@@ -122,8 +122,7 @@ class SplitLayout:
     model: Any
     cut_layer: int
     u_shaped: bool
-    num_layers: int
-    _passthrough: Any = None
+    passthrough: Any = field(default_factory=_passthrough_embeddings)
 
     @classmethod
     def of(cls, model: Any, cut_layer: int, u_shaped: bool) -> SplitLayout:
@@ -148,15 +147,15 @@ class SplitLayout:
                 f"method.cut_layer must be between 1 and {num_layers - 1} for this "
                 f"{num_layers}-layer model (got {cut_layer})"
             )
-        layout = cls(hf, cut_layer, u_shaped, num_layers, _passthrough_embeddings())
+        in_layers = cls._ids(list(encoder.layer))
         shared = [
             name
             for name, param in encoder.named_parameters()
-            if param.requires_grad and id(param) not in layout._ids(list(encoder.layer))
+            if param.requires_grad and id(param) not in in_layers
         ]
         if shared:
             raise UserError(f"method split: encoder-level tensor {shared[0]} cannot be trained")
-        return layout
+        return cls(hf, cut_layer, u_shaped)
 
     @property
     def backbone(self) -> Any:
@@ -206,7 +205,7 @@ class SplitLayout:
         backbone, encoder = self.backbone, self.backbone.encoder
         swaps: Dict[str, Any] = {}
         if not embeddings:
-            swaps["embeddings"] = self._passthrough
+            swaps["embeddings"] = self.passthrough
             for name in EMBEDDING_PROJECTIONS:
                 if getattr(backbone, name, None) is not None:
                     swaps[name] = torch.nn.Identity()
