@@ -134,6 +134,7 @@ def markdown(results: Dict[str, Any]) -> str:
     rows = [
         [
             kind,
+            item["path"],
             item["updates"],
             item["update_bytes"] / 1e6,
             item["median_s"] * 1000,

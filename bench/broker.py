@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,10 +13,16 @@ from tests.brokers import MosquittoBroker, free_port
 
 @contextmanager
 def private_mosquitto() -> Iterator[MosquittoBroker]:
+    """On an error inside the block, the broker's log tail goes to stderr (it is then deleted)."""
     with tempfile.TemporaryDirectory(prefix="jetfed-bench-") as tmp:
         broker = MosquittoBroker(Path(tmp), free_port())
         broker.start()
         try:
             yield broker
+        except BaseException:
+            alive = broker.process is not None and broker.process.poll() is None
+            print(f"mosquitto alive: {alive}; log tail:", file=sys.stderr)
+            print(broker.log_text()[-4000:], file=sys.stderr)
+            raise
         finally:
             broker.stop()

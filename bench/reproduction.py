@@ -19,6 +19,7 @@ an equal share of what is left, and stops after the round that exhausts it.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import time
@@ -354,7 +355,11 @@ def run(
         },
         "datasets": {},
     }
-    pending = [(d, m) for d in setup.datasets for m in setup.methods]
+    # Full fine-tuning last: it is the slowest per round, and runs that end early (round cap)
+    # leave their share of the budget to the runs after them.
+    pending = sorted(
+        ((d, m) for d in setup.datasets for m in setup.methods), key=lambda dm: dm[1] == "full"
+    )
     for index, (dataset, method) in enumerate(pending):
         left_s = budget_s - (time.monotonic() - started) - STEP_TIME_RESERVE_S
         raw = experiment(dataset, data_dirs[dataset], method, setup, work / "runs")
@@ -368,7 +373,8 @@ def run(
             "run_dir": str(Path(raw["output_dir"]) / raw["name"]),
         }
         (out / "reproduction.partial.json").write_text(json.dumps(results, indent=2) + "\n")
-    # Measured after the fleets, alone on the machine, so fleet processes do not slow it.
+    # Measured after the fleets, so fleet processes do not slow it (other users still may).
+    results["load_average_at_step_timing"] = os.getloadavg()[0]
     results["standalone_step_s"] = {
         dataset: {
             method: standalone_step_s(method, data_dirs[dataset], setup.step_time_steps)

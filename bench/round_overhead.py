@@ -28,29 +28,20 @@ from bench.coordinator_run import (
     window_breakdown,
 )
 from bench.runner import DEFAULT_DATASETS, table
-from bench.sim_device import SimDevice, SimFleet
+from bench.sim_device import RoundLog, SimFleetProcesses
 from bench.stats import median
 from bench.tensors import lora_spec, random_tensors
 
 GOAL_S = 0.100
 
 
-def _device_gap_s(fleet: SimFleet, round_index: int) -> Optional[float]:
+def _device_gap_s(rounds: Dict[str, Dict[int, RoundLog]], round_index: int) -> Optional[float]:
     """Devices' view: last ack of round r-1 seen → first task of round r seen."""
-    acks = [d.rounds[round_index - 1].acked_s for d in fleet.devices if round_index - 1 in d.rounds]
-    tasks = [d.rounds[round_index].task_s for d in fleet.devices if round_index in d.rounds]
+    acks = [d[round_index - 1].acked_s for d in rounds.values() if round_index - 1 in d]
+    tasks = [d[round_index].task_s for d in rounds.values() if round_index in d]
     if not acks or not tasks or any(a is None for a in acks):
         return None
     return min(tasks) - max(a for a in acks if a is not None)
-
-
-def nack_reason(fleet: SimFleet) -> Optional[str]:
-    """The first refusal any simulated device received (a broken run; give up early)."""
-    for device in fleet.devices:
-        if device.nacks:
-            nack = device.nacks[0]
-            return f"{device.device_id} got nack {nack.code}: {nack.reason}"
-    return None
 
 
 def measure(devices: int, rounds: int, datasets: Path, update_blobs: List[bytes]) -> Dict[str, Any]:
@@ -58,17 +49,12 @@ def measure(devices: int, rounds: int, datasets: Path, update_blobs: List[bytes]
     with private_mosquitto() as broker, tempfile.TemporaryDirectory() as tmp:
         name = f"bench-overhead-{devices}"
         raw = experiment_config(name, devices, rounds, datasets / "sst2", Path(tmp) / "runs")
-        fleet = SimFleet(
-            [
-                SimDevice(
-                    broker.url,
-                    name,
-                    f"sim-{index:03d}",
-                    update_blobs[index % len(update_blobs)],
-                    num_samples=100 + index,
-                )
-                for index in range(devices)
-            ]
+        fleet = SimFleetProcesses(
+            broker.url,
+            name,
+            [f"sim-{index:03d}" for index in range(devices)],
+            [update_blobs[index % len(update_blobs)] for index in range(devices)],
+            [100 + index for index in range(devices)],
         )
         started = time.monotonic()
         fleet.start()
@@ -79,19 +65,19 @@ def measure(devices: int, rounds: int, datasets: Path, update_blobs: List[bytes]
                 broker.url,
                 Path(tmp),
                 timeout_s=120 + rounds * (30 + devices * 0.5),
-                failed=lambda: nack_reason(fleet),
+                failed=fleet.failed,
             )
         finally:
             fleet.close()
     published = task_published_times(events)
-    per_round = []
+    per_round: List[Dict[str, Any]] = []
     for metric in metrics[1:]:
         round_index = metric["round_index"]
         end = published[round_index]
         start = end - metric["overhead_s"]
         breakdown = window_breakdown(events, start, end)
         evaluation = breakdown.get("evaluate", 0.0)
-        gap = _device_gap_s(fleet, round_index)
+        gap = _device_gap_s(fleet.rounds, round_index)
         per_round.append(
             {
                 "round": round_index,

@@ -132,7 +132,7 @@ def table(header: List[str], rows: List[List[Any]]) -> str:
 
     def cell(value: Any) -> str:
         if isinstance(value, float):
-            return f"{value:.4g}"
+            return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
         return "–" if value is None else str(value)
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -4,19 +4,21 @@ Each one speaks the wire protocol with the same parts the edge agent uses (`Mqtt
 `BlobServer`, `Download`, the `edge.wire` messages): retained hello and status, fetch the task's
 blobs chunk by chunk with verification, offer a real-size update, answer the coordinator's pulls,
 wait for the ack, send its profile records. Everything runs on the link's network thread; one
-fleet thread re-sends unacknowledged updates and re-asks stalled downloads. Hundreds fit in one
-process, which is what the coordinator's per-round overhead has to be measured against.
+fleet thread re-sends unacknowledged updates and re-asks stalled downloads. Each device holds three
+file descriptors and paho polls them with select(), which fails above descriptor 1024, so large
+fleets are split over worker processes (`SimFleetProcesses`).
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import platform
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jetfed
 from edge.errors import ProtocolError
@@ -318,7 +320,112 @@ class SimFleet:
             (sum(1 for r in d.rounds.values() if r.acked_s) for d in self.devices), default=0
         )
 
+    def failed(self) -> Optional[str]:
+        """The first refusal any device received (a broken run: the bench gives up early)."""
+        for device in self.devices:
+            if device.nacks:
+                return (
+                    f"{device.device_id} got nack {device.nacks[0].code}: {device.nacks[0].reason}"
+                )
+        return None
+
     def close(self) -> None:
         self._stop.set()
         for device in self.devices:
             device.close()
+
+
+DEVICES_PER_PROCESS = 120
+
+
+def _fleet_worker(
+    broker_url: str,
+    experiment: str,
+    device_ids: List[str],
+    blobs: List[bytes],
+    num_samples: List[int],
+    pipe: Any,
+) -> None:
+    """Worker process: run a SimFleet until told to stop; report nacks early, logs at the end."""
+    logging.basicConfig(level=logging.WARNING)
+    fleet = SimFleet(
+        [
+            SimDevice(broker_url, experiment, device_id, blob, samples)
+            for device_id, blob, samples in zip(device_ids, blobs, num_samples)
+        ]
+    )
+    fleet.start()
+    pipe.send(("ready", None))
+    reported = False
+    while not pipe.poll(0.5):
+        nacked = [d for d in fleet.devices if d.nacks]
+        if nacked and not reported:
+            nack = nacked[0].nacks[0]
+            pipe.send(("nack", f"{nacked[0].device_id} got nack {nack.code}: {nack.reason}"))
+            reported = True
+    pipe.recv()
+    fleet.close()
+    logs = {d.device_id: {r: asdict(log) for r, log in d.rounds.items()} for d in fleet.devices}
+    pipe.send(("logs", logs))
+
+
+class SimFleetProcesses:
+    """Simulated devices spread over worker processes (≤ DEVICES_PER_PROCESS each)."""
+
+    def __init__(
+        self,
+        broker_url: str,
+        experiment: str,
+        device_ids: List[str],
+        blobs: List[bytes],
+        num_samples: List[int],
+    ) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._workers: List[Tuple[Any, Any]] = []
+        for start in range(0, len(device_ids), DEVICES_PER_PROCESS):
+            parent, child = context.Pipe()
+            end = start + DEVICES_PER_PROCESS
+            process = context.Process(
+                target=_fleet_worker,
+                args=(
+                    broker_url,
+                    experiment,
+                    device_ids[start:end],
+                    blobs[start:end],
+                    num_samples[start:end],
+                    child,
+                ),
+                daemon=True,
+            )
+            self._workers.append((process, parent))
+        self.nack: Optional[str] = None
+        self.rounds: Dict[str, Dict[int, RoundLog]] = {}
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        for process, _ in self._workers:
+            process.start()
+        for _, pipe in self._workers:
+            if not pipe.poll(timeout_s):
+                raise RuntimeError("a simulated-device worker did not connect its devices")
+            pipe.recv()
+
+    def failed(self) -> Optional[str]:
+        """The first nack any device got (polled by the bench while the coordinator runs)."""
+        for _, pipe in self._workers:
+            if self.nack is None and pipe.poll():
+                self.nack = pipe.recv()[1]
+        return self.nack
+
+    def close(self) -> None:
+        for _, pipe in self._workers:
+            pipe.send("stop")
+        for process, pipe in self._workers:
+            while pipe.poll(30):
+                kind, payload = pipe.recv()
+                if kind == "logs":
+                    for device_id, rounds in payload.items():
+                        self.rounds[device_id] = {r: RoundLog(**log) for r, log in rounds.items()}
+                    break
+            process.join(timeout=30)
+            if process.is_alive():
+                process.terminate()

@@ -18,7 +18,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from bench.broker import private_mosquitto
 from bench.coordinator_run import experiment_config, run_coordinator
-from bench.round_overhead import nack_reason
 from bench.runner import DEFAULT_DATASETS, table
 from bench.sim_device import RoundLog, SimDevice, SimFleet
 from bench.stats import median
@@ -72,9 +71,7 @@ def measure(dtype: str, rounds: int, datasets: Path) -> Dict[str, Any]:
             name, 1, rounds, datasets / "sst2", Path(tmp) / "runs", update_dtype=dtype
         )
         try:
-            run_coordinator(
-                raw_config, broker.url, Path(tmp), 300, failed=lambda: nack_reason(fleet)
-            )
+            run_coordinator(raw_config, broker.url, Path(tmp), 300, failed=fleet.failed)
         finally:
             fleet.close()
             proxy.close()
