@@ -330,9 +330,13 @@ def run(
     budget_min: Optional[float] = None,
     clients: Optional[int] = None,
     clients_per_round: Optional[int] = None,
+    runs_dir: Path = DEFAULT_OUT / "reproduction-runs",
 ) -> Dict[str, Any]:
+    """Run dirs (checkpoints, exports: GBs for full fine-tuning) go to `runs_dir`; the JSON,
+    Markdown and plots to `out`."""
     setup = plan(quick, rounds, clients, clients_per_round)
-    work = out / "reproduction-runs"
+    work = runs_dir
+    work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     budget_s = budget_min * 60 if budget_min else float("inf")
     data_dirs = {name: prepare_dataset(name, datasets, work) for name in setup.datasets}
@@ -372,7 +376,7 @@ def run(
             "learning_rate": raw["training"]["learning_rate"],
             "run_dir": str(Path(raw["output_dir"]) / raw["name"]),
         }
-        (out / "reproduction.partial.json").write_text(json.dumps(results, indent=2) + "\n")
+        (work / "reproduction.partial.json").write_text(json.dumps(results, indent=2) + "\n")
     # Measured after the fleets, so fleet processes do not slow it (other users still may).
     results["load_average_at_step_timing"] = os.getloadavg()[0]
     results["standalone_step_s"] = {
