@@ -129,13 +129,25 @@ def _reference_gradients(
     }
 
 
+@pytest.fixture(scope="module")
+def minilm_reference(
+    minilm_model: Any, batch: Dict[str, torch.Tensor]
+) -> Tuple[float, Dict[str, Any]]:
+    """The unsplit model's loss and gradients on the batch (computed once)."""
+    return _reference_gradients(minilm_model, batch)
+
+
 @pytest.mark.parametrize("u_shaped", [False, True], ids=["labels-shared", "u-shaped"])
 @pytest.mark.parametrize("cut_layer", [1, 5], ids=["k=1", "k=L-1"])
 def test_split_gradients_equal_unsplit(
-    minilm_model: Any, batch: Dict[str, torch.Tensor], cut_layer: int, u_shaped: bool
+    minilm_model: Any,
+    minilm_reference: Tuple[float, Dict[str, Any]],
+    batch: Dict[str, torch.Tensor],
+    cut_layer: int,
+    u_shaped: bool,
 ) -> None:
     settings = _method(cut_layer, u_shaped).config
-    ref_loss, expected = _reference_gradients(minilm_model, batch)
+    ref_loss, expected = minilm_reference
     split_loss, actual = _split_gradients(minilm_model, settings, batch)
     assert split_loss == pytest.approx(ref_loss, abs=1e-6)
     assert set(actual) == set(expected)
@@ -145,10 +157,12 @@ def test_split_gradients_equal_unsplit(
 
 
 def test_half_precision_activations_stay_close(
-    minilm_model: Any, batch: Dict[str, torch.Tensor]
+    minilm_model: Any,
+    minilm_reference: Tuple[float, Dict[str, Any]],
+    batch: Dict[str, torch.Tensor],
 ) -> None:
     settings = _method(3, False, activation_dtype="bf16").config
-    ref_loss, expected = _reference_gradients(minilm_model, batch)
+    ref_loss, expected = minilm_reference
     split_loss, actual = _split_gradients(minilm_model, settings, batch, dtype="bf16")
     assert split_loss == pytest.approx(ref_loss, rel=0.02)
     name = next(n for n in expected if "layer.0.attention.self.query.lora_A" in n)
