@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import math
 import struct
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from io import FileIO
+from typing import TYPE_CHECKING, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from edge.compression import dequantize_int8, quantize_int8, scale_shape
 from edge.errors import ProtocolError
@@ -30,9 +31,10 @@ FLOAT_DTYPES = ("fp32", "fp16", "bf16")
 UPDATE_DTYPES = (*FLOAT_DTYPES, "int8")
 SCALE_SUFFIX = ":scale"
 COMPRESSION_KEY = "jetfed.compression"
-ROW_BLOCK_BYTES = 8 << 20
+ROW_BLOCK_BYTES = 2 << 20
 _ST_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "int8": "I8"}
 _ITEM_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1}
+_WIRE_DTYPE_OF = {stored: wire for wire, stored in _ST_DTYPES.items()}
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -159,6 +161,12 @@ class TensorFile(Mapping[str, "torch.Tensor"]):
                     f"tensor {name} has shape {shape}, expected {tuple(expected[name])}"
                 )
         self._shapes: Dict[str, Tuple[int, ...]] = shapes
+        self._stored = stored
+        with open(self.path, "rb") as handle:  # safetensors checked the layout: offsets only
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        self._data_start = 8 + length
+        self._offsets = {name: int(header[name]["data_offsets"][0]) for name in stored}
         return "int8" if quantized else ""
 
     @staticmethod
@@ -171,30 +179,52 @@ class TensorFile(Mapping[str, "torch.Tensor"]):
     def row_blocks(
         self, name: str, max_bytes: int = ROW_BLOCK_BYTES
     ) -> Iterator[Tuple[int, torch.Tensor]]:
-        """(first row, fp32 rows) of tensor `name`, at most ~`max_bytes` of fp32 at a time."""
-        from safetensors import safe_open
+        """(first row, fp32 rows) of tensor `name`, at most ~`max_bytes` of fp32 at a time.
 
+        Plain reads, not a memory map: a mapped file's touched pages count as resident until
+        it is unmapped, which would put a whole tensor back in memory."""
         shape = self._shapes[name]
         row_bytes = 4 * math.prod(shape[1:]) if len(shape) >= 2 else 4 * math.prod(shape)
         rows = shape[0] if len(shape) >= 2 else 1
         step = max(1, max_bytes // max(row_bytes, 1))
-        with safe_open(self.path, framework="pt") as handle:
+        with open(self.path, "rb", buffering=0) as handle:
             for start in range(0, rows, step):
                 yield start, self._read(handle, name, start, min(rows, start + step))
 
-    def _read(self, handle: Any, name: str, start: int, end: int) -> torch.Tensor:
+    def _read(self, handle: FileIO, name: str, start: int, end: int) -> torch.Tensor:
         """Rows [start, end) of `name` as fp32 (the whole tensor when it has no rows)."""
         import torch
 
-        whole = len(self._shapes[name]) < 2
-        values = handle.get_tensor(name) if whole else handle.get_slice(name)[start:end]
-        if self.compression == "int8":
-            scale_name = name + SCALE_SUFFIX
-            scales = (
-                handle.get_tensor(scale_name) if whole else handle.get_slice(scale_name)[start:end]
+        shape = self._shapes[name]
+        if len(shape) < 2:
+            values = self._raw(handle, name, 0, math.prod(shape), shape)
+            scale_span: Tuple[int, int, Tuple[int, ...]] = (0, 1, (1,))
+        else:
+            row = math.prod(shape[1:])
+            values = self._raw(
+                handle, name, start * row, (end - start) * row, (end - start, *shape[1:])
             )
-            return dequantize_int8(values, scales)
+            scale_span = (start, end - start, (end - start,))
+        if self.compression == "int8":
+            return dequantize_int8(values, self._raw(handle, name + SCALE_SUFFIX, *scale_span))
         return values.to(torch.float32)
+
+    def _raw(
+        self, handle: FileIO, stored: str, first: int, count: int, shape: Tuple[int, ...]
+    ) -> torch.Tensor:
+        """`count` elements of stored tensor `stored` from element `first`, as stored."""
+        import torch
+
+        st_dtype = self._stored[stored][0]
+        item = _ITEM_BYTES[st_dtype]
+        dtype = _torch_dtype(_WIRE_DTYPE_OF[st_dtype])
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        buffer = bytearray(count * item)
+        handle.seek(self._data_start + self._offsets[stored] + first * item)
+        if handle.readinto(buffer) != len(buffer):
+            raise ProtocolError(f"tensor {stored} is truncated")
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         import torch
@@ -212,3 +242,23 @@ class TensorFile(Mapping[str, "torch.Tensor"]):
 
     def spec(self) -> Dict[str, Tuple[int, ...]]:
         return dict(self._shapes)
+
+
+def row_blocks(
+    tensors: Mapping[str, torch.Tensor], name: str, max_bytes: int = ROW_BLOCK_BYTES
+) -> Iterator[Tuple[int, torch.Tensor]]:
+    """(first row, fp32 rows) of one tensor: a few MB at a time from a TensorFile (rows only for
+    tensors with 2+ dimensions), the whole tensor from an in-memory mapping."""
+    import torch
+
+    if isinstance(tensors, TensorFile):
+        yield from tensors.row_blocks(name, max_bytes)
+    else:
+        yield 0, tensors[name].to(torch.float32)
+
+
+def tensor_shape(tensors: Mapping[str, torch.Tensor], name: str) -> Tuple[int, ...]:
+    """The shape of one tensor without reading it from disk."""
+    if isinstance(tensors, TensorFile):
+        return tensors.spec()[name]
+    return tuple(tensors[name].shape)

@@ -1,0 +1,124 @@
+"""Tensor payloads as files (no broker): the streaming safetensors writer and validating reader,
+int8 per-row compression, file-backed blob serving and the download's request window."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from edge.compression import dequantize_int8, quantize_int8
+from edge.errors import ProtocolError
+from edge.tensorfile import UPDATE_DTYPES, TensorFile, write_tensor_file
+from edge.transfer import BlobServer, Download, manifest_of_file
+from edge.wire import make_manifest
+
+
+def sample_tensors() -> Dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return {
+        "encoder.weight": torch.randn(300, 7, generator=generator),
+        "encoder.bias": torch.randn(5, generator=generator),
+        "cube": torch.randn(2, 3, 4, generator=generator),
+    }
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tolerance"), [("fp32", 0.0), ("fp16", 2e-3), ("bf16", 2e-2), ("int8", 2e-2)]
+)
+def test_written_files_are_safetensors_and_read_back(
+    tmp_path: Path, dtype: str, tolerance: float
+) -> None:
+    tensors = sample_tensors()
+    path = str(tmp_path / "t.safetensors")
+    size = write_tensor_file(path, tensors, dtype)
+    assert size == os.path.getsize(path)
+    assert set(tensors) <= set(load_file(path))  # the reference reader accepts the file
+    spec = {name: tuple(t.shape) for name, t in tensors.items()}
+    received = TensorFile(path, spec, UPDATE_DTYPES)
+    assert set(received) == set(tensors)
+    for name, tensor in tensors.items():
+        assert received[name].dtype == torch.float32
+        assert (received[name] - tensor).abs().max() <= tolerance * tensor.abs().max()
+    rows = list(received.row_blocks("encoder.weight", max_bytes=7 * 4 * 64))
+    assert [start for start, _ in rows] == list(range(0, 300, 64))
+    assert torch.equal(torch.cat([block for _, block in rows]), received["encoder.weight"])
+
+
+def test_int8_error_is_bounded_per_row_and_size_is_a_quarter() -> None:
+    rows = torch.randn(64, 384) * torch.logspace(-4, 0, 64).unsqueeze(1)  # rows of every scale
+    values, scales = quantize_int8(rows)
+    assert values.dtype == torch.int8 and scales.shape == (64,)
+    error = (dequantize_int8(values, scales) - rows).abs().amax(dim=1)
+    assert bool((error <= scales / 2 + 1e-12).all())  # half a step, in each row's own scale
+    assert torch.equal(dequantize_int8(*quantize_int8(torch.zeros(3, 4))), torch.zeros(3, 4))
+
+
+def test_reader_refuses_what_was_not_expected(tmp_path: Path) -> None:
+    tensors = sample_tensors()
+    spec = {name: tuple(t.shape) for name, t in tensors.items()}
+    path = str(tmp_path / "t.safetensors")
+    write_tensor_file(path, tensors, "int8")
+    with pytest.raises(ProtocolError, match="int8 payloads are not accepted"):
+        TensorFile(path, spec)  # floats only unless int8 is allowed
+    save_file({**tensors, "cube": torch.full((2, 3, 4), float("nan"))}, path)
+    with pytest.raises(ProtocolError, match="NaN or Inf"):
+        TensorFile(path, spec)
+    save_file({**tensors, "extra": torch.zeros(1)}, path)
+    with pytest.raises(ProtocolError, match="unexpected"):
+        TensorFile(path, spec)
+    save_file({**tensors, "cube": torch.zeros(2, 3, 5)}, path)
+    with pytest.raises(ProtocolError, match="shape"):
+        TensorFile(path, spec)
+    save_file({**tensors, "cube": torch.zeros(2, 3, 4, dtype=torch.float64)}, path)
+    with pytest.raises(ProtocolError, match="dtype"):
+        TensorFile(path, spec)
+    Path(path).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(ProtocolError, match="not a valid safetensors"):
+        TensorFile(path, spec)
+
+
+def test_file_blob_served_in_chunks_into_a_windowed_download(tmp_path: Path) -> None:
+    data = os.urandom(10 * 1000 + 17)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    manifest = manifest_of_file(str(path), 1000)
+    assert manifest == make_manifest(data, 1000)
+    published: List[Tuple[str, bytes]] = []
+    server = BlobServer(lambda topic, payload: published.append((topic, payload)), 1000)
+    assert server.offer_file(str(path), 1000, owned=True) == manifest
+    requests: List[List[int]] = []
+    download = Download(manifest, requests.append, 1 << 20, window_bytes=4000)
+    download.start()
+    assert requests == [[0, 1, 2, 3]]  # one window, not the whole blob
+    served = 0
+    while served < len(requests):  # every request is answered once, in order
+        server.serve(manifest.digest, requests[served], lambda digest, index: str(index))
+        served += 1
+        for topic, payload in published:
+            download.add_chunk(int(topic), payload)
+        published.clear()
+    assert download.complete
+    assert sorted(i for r in requests for i in r) == list(range(manifest.chunk_count))
+    assert server.chunks_served == manifest.chunk_count
+    assert Path(download.result_path()).read_bytes() == data
+    download.close()
+    assert not os.path.exists(download.path)
+    server.withdraw(manifest.digest)
+    assert not path.exists()  # an owned file goes with its blob
+    with pytest.raises(ProtocolError, match="no blob"):
+        server.serve(manifest.digest, [0], lambda digest, index: "t")
+
+
+def test_out_of_order_chunks_still_verify_the_whole(tmp_path: Path) -> None:
+    data = os.urandom(5000)
+    manifest = make_manifest(data, 1000)
+    download = Download(manifest, lambda indices: None, 1 << 20)
+    for index in (4, 2, 0, 3, 1):
+        download.add_chunk(index, data[index * 1000 : (index + 1) * 1000])
+    assert download.result() == data
+    download.close()
