@@ -68,7 +68,7 @@ class Topics:
         if not topic.startswith(prefix):
             raise ProtocolError(f"topic {topic!r} is not under {prefix}")
         parts = topic[len(prefix) :].split("/")
-        if len(parts) < 2 or not re.match(ID_PATTERN, parts[0]):
+        if len(parts) < 2 or not re.fullmatch(ID_PATTERN, parts[0]):
             raise ProtocolError(f"topic {topic!r} has no valid device id")
         return parts[0], parts[1], parts[2:]
 
@@ -103,7 +103,7 @@ class BlobManifest(WireModel):
                 f"chunk_digests has {len(self.chunk_digests)} entries, size implies {expected}"
             )
         for digest in self.chunk_digests:
-            if not re.match(DIGEST_PATTERN, digest):
+            if not re.fullmatch(DIGEST_PATTERN, digest):
                 raise ValueError("chunk digest is not 64 lowercase hex characters")
         return self
 

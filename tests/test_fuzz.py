@@ -294,6 +294,14 @@ def _valid_id(device_id: str) -> bool:
     return True
 
 
+def test_a_device_id_with_a_trailing_newline_is_no_device_id() -> None:
+    """Found by the long fuzz: `re.match(...$)` let `abc\\n` through, the nack went to a topic
+    with a control character, Mosquitto dropped the coordinator for a malformed packet and paho
+    re-sent that publish after every reconnect, forever."""
+    with pytest.raises(ProtocolError):
+        Topics(NAME).parse_device_topic(Topics(NAME).device("abc\n", "update"))
+
+
 def _lines_since(captured: Captured, start: int) -> List[str]:
     return captured.lines[start:]
 
