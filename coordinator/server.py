@@ -64,6 +64,8 @@ class _Inbound:
     last_accept_s: Optional[float] = None
     collecting: bool = True
     """False once the round stopped collecting: a late update is refused, never acked."""
+    spooled: List[Download] = field(default_factory=list)
+    """Accepted uploads a streaming strategy reads at `finalize`: deleted when the round ends."""
 
 
 def profile_key(record: PhaseRecord) -> Tuple[str, int, str, float]:
@@ -340,6 +342,8 @@ class Coordinator:
             )
         for digest in [global_manifest.digest, *(m.digest for m in extra_manifests.values())]:
             self.blobs.withdraw(digest)
+        for download in inbound.spooled:
+            download.close()
         t0 = time.monotonic()
         evaluation = dict(self.strategy.evaluate(self.global_state))
         eval_s = time.monotonic() - t0
@@ -587,7 +591,12 @@ class Coordinator:
         update = inbound.announced.pop(device_id)
         try:
             candidate = self._decode_update(inbound.round_index, update, download)
-        finally:
+        except BaseException:
+            download.close()
+            raise
+        if self.strategy.streaming:
+            inbound.spooled.append(download)  # read again at finalize
+        else:
             download.close()
         inbound.accepted[device_id] = candidate
         inbound.last_accept_s = time.monotonic()
@@ -603,8 +612,8 @@ class Coordinator:
     def _decode_update(
         self, round_index: int, update: Update, download: Download
     ) -> AcceptedUpdate:
-        """Validate a complete upload from its spool file; a streaming strategy folds it in
-        right away (tensors read a few MB at a time), others get the decoded tensors."""
+        """Validate a complete upload from its spool file; a streaming strategy gets it as a
+        lazily read file (kept until the round ends), others the decoded tensors."""
         try:
             tensors = TensorFile(download.result_path(), self.expected, UPDATE_DTYPES)
         except ProtocolError as exc:

@@ -18,7 +18,7 @@ import torch
 from edge.data import TextDataset
 from edge.errors import ProtocolError, UserError
 from edge.methods.base import FederatedMethod, Tensors
-from edge.tensorfile import row_blocks, tensor_shape
+from edge.tensorfile import read_rows, row_ranges
 from edge.wire import ModelRef, Update, tensor_spec
 
 
@@ -136,47 +136,46 @@ def apply_mean_delta(global_state: Tensors, updates: List[AcceptedUpdate]) -> Te
 
 
 class FedAvg(Strategy):
-    """FedAvg as a running sum: global + Σ nₖ·Δₖ / Σ nₖ with Σ nₖ·Δₖ accumulated as each update
-    is accepted (a few MB of rows at a time), so the coordinator holds the global state and one
-    sum, not one copy per device: 3 × model size in fp32 terms for any number of devices.
-    The sum is fp64: nₖ·Δₖ (integer × fp32) is exact there, so the result does not depend on the
-    order updates arrive in (an fp32 sum does, by an ulp, and reruns or resumes would drift)."""
+    """FedAvg that never holds more than the global state and the result: global + Σ nₖ·Δₖ / Σ nₖ.
+
+    `accumulate` keeps a reference to each accepted update, which stays in its spool file on
+    disk until the round ends; `finalize` then walks the tensors a few MB of rows at a time,
+    summing nₖ·Δₖ over the devices in fp64 in device-id order. Memory: 2 × model size for any
+    number of devices. Bit-identical whatever order updates arrived in (n·Δ is exact in fp64
+    and the order is fixed), so a rerun or a resumed run ends where an uninterrupted one does."""
 
     streaming = True
 
     def __init__(self, ctx: ServerContext) -> None:
         super().__init__(ctx)
         self._round_index = -1
-        self._sum: Tensors = {}
-        self._weight = 0
+        self._received: Dict[str, Tuple[int, Mapping[str, torch.Tensor]]] = {}
 
     def accumulate(
         self, round_index: int, update: Update, tensors: Mapping[str, torch.Tensor]
     ) -> None:
-        if round_index != self._round_index:  # a skipped round leaves its sum behind
-            self._round_index, self._sum, self._weight = round_index, {}, 0
-        weight = float(update.num_samples)
-        for name in tensors:
-            for start, block in row_blocks(tensors, name):
-                total = self._sum.get(name)
-                if total is None:
-                    shape = tensor_shape(tensors, name)
-                    total = self._sum[name] = torch.zeros(shape, dtype=torch.float64)
-                target = total[start : start + block.shape[0]] if total.dim() >= 2 else total
-                target.add_(block, alpha=weight)
-        self._weight += update.num_samples
+        if round_index != self._round_index:  # a skipped round leaves nothing behind
+            self._round_index, self._received = round_index, {}
+        self._received[update.device_id] = (update.num_samples, tensors)
 
     def finalize(
         self, round_index: int, global_state: Tensors, updates: List[AcceptedUpdate]
     ) -> Tensors:
-        if round_index != self._round_index or not self._weight:
+        if round_index != self._round_index or not self._received:
             raise RuntimeError(f"round {round_index} accumulated no update")
-        sums, self._sum = self._sum, {}
+        received = [self._received[device_id] for device_id in sorted(self._received)]
+        self._round_index, self._received = -1, {}
+        total = float(sum(n for n, _ in received))
         new_state: Tensors = {}
         for name, value in global_state.items():
-            total = sums.pop(name).div_(float(self._weight)).add_(value.to(torch.float64))
-            new_state[name] = total.to(torch.float32)
-        self._round_index, self._weight = -1, 0
+            result = torch.empty_like(value, dtype=torch.float32)
+            for start, end in row_ranges(tuple(value.shape)):
+                rows = slice(start, end) if value.dim() >= 2 else slice(None)
+                acc = torch.zeros_like(value[rows], dtype=torch.float64)
+                for num_samples, tensors in received:
+                    acc.add_(read_rows(tensors, name, start, end), alpha=float(num_samples))
+                result[rows] = acc.div_(total).add_(value[rows])
+            new_state[name] = result
         return new_state
 
 

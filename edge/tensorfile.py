@@ -183,13 +183,14 @@ class TensorFile(Mapping[str, "torch.Tensor"]):
 
         Plain reads, not a memory map: a mapped file's touched pages count as resident until
         it is unmapped, which would put a whole tensor back in memory."""
-        shape = self._shapes[name]
-        row_bytes = 4 * math.prod(shape[1:]) if len(shape) >= 2 else 4 * math.prod(shape)
-        rows = shape[0] if len(shape) >= 2 else 1
-        step = max(1, max_bytes // max(row_bytes, 1))
         with open(self.path, "rb", buffering=0) as handle:
-            for start in range(0, rows, step):
-                yield start, self._read(handle, name, start, min(rows, start + step))
+            for start, end in row_ranges(self._shapes[name], max_bytes):
+                yield start, self._read(handle, name, start, end)
+
+    def rows(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of `name` as fp32 (the whole tensor when it has no rows)."""
+        with open(self.path, "rb", buffering=0) as handle:
+            return self._read(handle, name, start, end)
 
     def _read(self, handle: FileIO, name: str, start: int, end: int) -> torch.Tensor:
         """Rows [start, end) of `name` as fp32 (the whole tensor when it has no rows)."""
@@ -242,6 +243,28 @@ class TensorFile(Mapping[str, "torch.Tensor"]):
 
     def spec(self) -> Dict[str, Tuple[int, ...]]:
         return dict(self._shapes)
+
+
+def row_ranges(shape: Sequence[int], max_bytes: int = ROW_BLOCK_BYTES) -> Iterator[Tuple[int, int]]:
+    """[start, end) row ranges of ~`max_bytes` of fp32 each; one range (0, 1) for tensors
+    without rows (fewer than 2 dimensions), which are always read whole."""
+    if len(shape) < 2:
+        yield 0, 1
+        return
+    row_bytes = 4 * math.prod(shape[1:])
+    step = max(1, max_bytes // max(row_bytes, 1))
+    for start in range(0, shape[0], step):
+        yield start, min(shape[0], start + step)
+
+
+def read_rows(tensors: Mapping[str, torch.Tensor], name: str, start: int, end: int) -> torch.Tensor:
+    """Rows [start, end) of one tensor as fp32, from a TensorFile or an in-memory mapping."""
+    import torch
+
+    if isinstance(tensors, TensorFile):
+        return tensors.rows(name, start, end)
+    tensor = tensors[name].to(torch.float32)
+    return tensor[start:end] if tensor.dim() >= 2 else tensor
 
 
 def row_blocks(

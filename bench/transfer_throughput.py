@@ -1,0 +1,467 @@
+"""Moving one full-model update (MiniLM fp32, ≈ 91 MB) through a loopback Mosquitto.
+
+- throughput: a device process serves the update (BlobServer from its spool file), this process
+  pulls it like the coordinator (Download: request window, per-chunk check, spool to disk, final
+  digest), goal ≥ 100 MB/s; measured in the same run as a raw TCP loopback copy of the same bytes
+  (sender process → this process, written to a file), and the ratio of the two.
+- wire bytes: the same transfer with both clients behind byte-counting TCP proxies: every MQTT
+  byte on the device's and the receiver's connections (chunks, requests, PUBACKs, headers),
+  goal ≤ 1.02 × payload bytes.
+- memory: a receiver subprocess holding the global state pulls 5 concurrent 91 MB updates from 5
+  device processes, validates each and folds it into the streaming FedAvg sum; goal: peak RSS ≤
+  2 × model size + 300 MB.
+
+Run: python -m bench.transfer_throughput [--quick]   (or python -m bench transfer_throughput)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from edge.errors import ProtocolError
+from edge.mqtt import BrokerSpec, MqttLink
+from edge.transfer import DEFAULT_WINDOW_BYTES, BlobServer, Download
+from edge.wire import BlobManifest, ChunkRequest, Topics, encode_message, parse_message
+
+TOPICS = Topics("bench")
+CHUNK_BYTES = int(os.environ.get("JETFED_BENCH_CHUNK_BYTES", 1 << 20))
+GOAL_MB_S = 100.0
+GOAL_WIRE_RATIO = 1.02
+RSS_ALLOWANCE_BYTES = 300 << 20
+
+
+# --------------------------------------------------------------------------- device process
+
+
+def serve_main(url: str, device_id: str, path: str) -> None:
+    """A device: offer the file, print its manifest, serve pulls until stdin closes."""
+    link = MqttLink(
+        BrokerSpec(url=url),
+        client_id=f"bench-{device_id}",
+        subscriptions=[TOPICS.device(device_id, "pull")],
+    )
+
+    def publish(topic: str, payload: bytes) -> None:
+        link.publish(topic, payload)
+
+    blobs = BlobServer(publish, CHUNK_BYTES)
+    pull = TOPICS.device(device_id, "pull")
+
+    def serve(topic: str, payload: bytes) -> None:
+        request = parse_message(ChunkRequest, payload)
+        blobs.serve(
+            request.digest,
+            request.indices,
+            lambda digest, index: TOPICS.chunk(device_id, "up", digest, index),
+        )
+
+    link.on_topic(lambda topic: topic == pull, serve)
+    link.connect()
+    manifest = blobs.offer_file(path, CHUNK_BYTES)
+    print(manifest.model_dump_json(), flush=True)
+    sys.stdin.read()
+    link.close()
+
+
+class Devices:
+    """Device processes serving `path`; their manifests are read from their first stdout line."""
+
+    def __init__(self, url: str, path: str, count: int) -> None:
+        self.processes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "bench.transfer_throughput", "serve", url, f"dev-{i}", path],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
+            for i in range(count)
+        ]
+        self.manifests: Dict[str, BlobManifest] = {}
+        for i, process in enumerate(self.processes):
+            assert process.stdout is not None
+            self.manifests[f"dev-{i}"] = BlobManifest.model_validate_json(process.stdout.readline())
+
+    def close(self) -> None:
+        for process in self.processes:
+            if process.stdin is not None:
+                process.stdin.close()
+        for process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+# --------------------------------------------------------------------------- receiving side
+
+
+def _requester(link: MqttLink, device_id: str, digest: str) -> Callable[[List[int]], None]:
+    pull = TOPICS.device(device_id, "pull")
+
+    def request(indices: List[int]) -> None:
+        message = ChunkRequest(device_id=device_id, digest=digest, indices=indices)
+        link.publish(pull, encode_message(message))
+
+    return request
+
+
+def pull_all(
+    link: MqttLink,
+    manifests: Dict[str, BlobManifest],
+    on_complete: Optional[Any] = None,
+    limit_s: float = 600.0,
+) -> Dict[str, Download]:
+    """Pull every device's blob at once, as the coordinator does; `on_complete(device, download)`
+    runs as each finishes (the streaming fold-in)."""
+    downloads = {
+        device_id: Download(
+            manifest,
+            _requester(link, device_id, manifest.digest),
+            max_size_bytes=1 << 34,
+            retry_after_s=5.0,
+            timeout_s=120.0,
+            window_bytes=int(os.environ.get("JETFED_BENCH_WINDOW_BYTES", DEFAULT_WINDOW_BYTES)),
+        )
+        for device_id, manifest in manifests.items()
+    }
+    for download in downloads.values():
+        download.start()
+    pending = set(downloads)
+    deadline = time.monotonic() + limit_s
+    while pending:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(pending)} transfers unfinished after {limit_s:.0f} s")
+        try:
+            topic, payload = link.inbox.get(timeout=0.2)
+        except queue.Empty:
+            for device_id in pending:
+                downloads[device_id].poll()
+            continue
+        device_id, _, rest = TOPICS.parse_device_topic(topic)
+        download = downloads[device_id]
+        try:
+            download.add_chunk(int(rest[1]), payload)
+        except ProtocolError:
+            continue
+        if download.complete and device_id in pending:
+            pending.discard(device_id)
+            download.result_path()
+            if on_complete is not None:
+                on_complete(device_id, download)
+    return downloads
+
+
+def receiver_link(url: str) -> MqttLink:
+    link = MqttLink(
+        BrokerSpec(url=url), client_id="bench-receiver", subscriptions=[TOPICS.all_devices("up/#")]
+    )
+    link.connect()
+    return link
+
+
+def mqtt_transfer_s(url: str, path: str) -> float:
+    """Seconds to pull one update from a device process (verified, on disk)."""
+    devices = Devices(url, path, 1)
+    link = receiver_link(url)
+    try:
+        start = time.perf_counter()
+        downloads = pull_all(link, devices.manifests)
+        seconds = time.perf_counter() - start
+        for download in downloads.values():
+            download.close()
+        return seconds
+    finally:
+        link.close()
+        devices.close()
+
+
+def wire_bytes(url: str, path: str) -> Dict[str, int]:
+    """Every byte on the device's and the receiver's MQTT connections during one transfer."""
+    from bench.tcp_counter import CountingProxy
+
+    host, port, _ = BrokerSpec(url=url).endpoint()
+    device_proxy, receiver_proxy = CountingProxy(host, port), CountingProxy(host, port)
+    devices = Devices(device_proxy.url, path, 1)
+    link = receiver_link(receiver_proxy.url)
+    try:
+        device_proxy.reset()
+        receiver_proxy.reset()
+        for download in pull_all(link, devices.manifests).values():
+            download.close()
+        time.sleep(0.5)  # the last PUBACKs
+        device_up, device_down = device_proxy.reset()
+        receiver_up, receiver_down = receiver_proxy.reset()
+    finally:
+        link.close()
+        devices.close()
+        device_proxy.close()
+        receiver_proxy.close()
+    return {
+        "device_sent_bytes": device_up,
+        "device_received_bytes": device_down,
+        "receiver_sent_bytes": receiver_up,
+        "receiver_received_bytes": receiver_down,
+    }
+
+
+# --------------------------------------------------------------------------- paho alone
+
+
+def paho_publish_main(url: str, path: str) -> None:
+    """Publish the file as chunk-sized QoS 1 messages as fast as paho goes (no protocol)."""
+    link = MqttLink(BrokerSpec(url=url), client_id="bench-paho-pub", subscriptions=[])
+    link.connect()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(CHUNK_BYTES), b""):
+            link.publish(TOPICS.device("paho", "up/x/0"), chunk)
+    link.wait_published(120)
+    link.close()
+
+
+def paho_alone_s(url: str, path: str) -> float:
+    """Seconds for the same bytes as plain paho QoS 1 publishes through the same broker: the
+    client library's own ceiling, which the chunk protocol runs on."""
+    count = -(-os.path.getsize(path) // CHUNK_BYTES)
+    link = MqttLink(
+        BrokerSpec(url=url), client_id="bench-paho-sub", subscriptions=[TOPICS.all_devices("up/#")]
+    )
+    link.connect()
+    time.sleep(0.3)
+    try:
+        sender = subprocess.Popen(
+            [sys.executable, "-m", "bench.transfer_throughput", "paho-pub", url, path]
+        )
+        link.inbox.get(timeout=60)
+        start = time.perf_counter()  # from the first message: not the sender's interpreter start
+        for _ in range(count - 1):
+            link.inbox.get(timeout=60)
+        seconds = (time.perf_counter() - start) * count / (count - 1)
+        sender.wait()
+        return seconds
+    finally:
+        link.close()
+
+
+# --------------------------------------------------------------------------- raw TCP baseline
+
+
+def tcp_send_main(port: str, path: str) -> None:
+    with socket.create_connection(("127.0.0.1", int(port))) as sock, open(path, "rb") as handle:
+        sock.sendfile(handle)
+
+
+def raw_tcp_copy_s(path: str) -> float:
+    """Seconds to copy the file from another process over loopback TCP into a file here."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    size = os.path.getsize(path)
+    buffer = bytearray(CHUNK_BYTES)
+    with tempfile.TemporaryFile() as sink:
+        sender = subprocess.Popen(
+            [sys.executable, "-m", "bench.transfer_throughput", "tcp-send", str(port), path]
+        )
+        connection, _ = listener.accept()
+        start = time.perf_counter()  # from the connection: not the sender's interpreter start
+        received = 0
+        with connection:
+            while received < size:
+                count = connection.recv_into(buffer)
+                if not count:
+                    break
+                sink.write(memoryview(buffer)[:count])
+                received += count
+        seconds = time.perf_counter() - start
+    sender.wait()
+    listener.close()
+    if received != size:
+        raise RuntimeError(f"raw TCP copy got {received} of {size} bytes")
+    return seconds
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _max_rss_bytes() -> int:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that over from the parent
+    across fork + exec, so a child of a big process would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def receive_main(url: str, manifests_path: str, global_path: str) -> None:
+    """The coordinator's receiving path in its own process: global state in memory, 5 pulls,
+    each validated (TensorFile) and folded into the streaming FedAvg sum; prints RSS numbers."""
+    import psutil
+
+    from coordinator.strategies import FedAvg
+    from edge.tensorfile import TensorFile
+    from edge.wire import Update
+
+    process = psutil.Process()
+    global_state = dict(TensorFile(global_path))
+    spec = {name: tuple(t.shape) for name, t in global_state.items()}
+    baseline = process.memory_info().rss
+    marks = {"peak_rss_before_bytes": _max_rss_bytes()}
+    manifests = {
+        device_id: BlobManifest.model_validate(raw)
+        for device_id, raw in json.loads(Path(manifests_path).read_text()).items()
+    }
+    strategy = FedAvg(ctx=None)  # type: ignore[arg-type]  # the fold-in needs no model or data
+    sampled_peak = [baseline]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            sampled_peak[0] = max(sampled_peak[0], process.memory_info().rss)
+
+    threading.Thread(target=sample, daemon=True).start()
+
+    def fold_in(device_id: str, download: Download) -> None:
+        update = Update(
+            experiment="bench",
+            device_id=device_id,
+            round_index=0,
+            base_digest="0" * 64,
+            num_samples=100,
+            local_steps=1,
+            train_loss=0.5,
+            blob=download.manifest,
+        )
+        strategy.accumulate(0, update, TensorFile(download.result_path(), spec))
+        spooled.append(download)  # read again at finalize, as the server keeps it
+
+    spooled: List[Download] = []
+    link = receiver_link(url)
+    start = time.perf_counter()
+    pull_all(link, manifests, on_complete=fold_in)
+    seconds = time.perf_counter() - start
+    marks["peak_rss_received_bytes"] = _max_rss_bytes()
+    global_state = strategy.finalize(0, global_state, [])
+    done.set()
+    for download in spooled:
+        download.close()
+    link.close()
+    peak = max(sampled_peak[0], _max_rss_bytes())
+    result = {"baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "seconds": seconds}
+    print(json.dumps({**result, **marks}))
+
+
+def concurrent_rss(url: str, path: str, devices_count: int, workdir: str) -> Dict[str, Any]:
+    devices = Devices(url, path, devices_count)
+    manifests_path = os.path.join(workdir, "manifests.json")
+    Path(manifests_path).write_text(
+        json.dumps({d: m.model_dump() for d, m in devices.manifests.items()})
+    )
+    try:
+        output = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.transfer_throughput",
+                "receive",
+                url,
+                manifests_path,
+                path,
+            ],
+            check=True,
+            stdout=subprocess.PIPE,
+            timeout=900,
+        ).stdout
+    finally:
+        devices.close()
+    return dict(json.loads(output.decode().strip().splitlines()[-1]))
+
+
+# --------------------------------------------------------------------------- the bench
+
+
+def _payload(workdir: str) -> Tuple[str, int]:
+    """MiniLM's full federated state as random fp32 deltas, written as the agent writes it."""
+    from bench.tensors import full_spec, random_tensors
+    from edge.tensorfile import write_tensor_file
+
+    path = os.path.join(workdir, "update.safetensors")
+    size = write_tensor_file(path, random_tensors(full_spec(), seed=0))
+    return path, size
+
+
+def run(quick: bool = False) -> Dict[str, Any]:
+    from bench.broker import private_mosquitto
+
+    repeats = 1 if quick else 3
+    with ExitStack() as stack:
+        workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="jetfed-xfer-"))
+        broker = stack.enter_context(private_mosquitto())
+        path, size = _payload(workdir)
+        mqtt_s: List[float] = []
+        tcp_s: List[float] = []
+        paho_s: List[float] = []
+        for _ in range(repeats):  # interleaved, so all see the same machine load
+            tcp_s.append(raw_tcp_copy_s(path))
+            paho_s.append(paho_alone_s(broker.url, path))
+            mqtt_s.append(mqtt_transfer_s(broker.url, path))
+        wire = wire_bytes(broker.url, path)
+        memory = concurrent_rss(broker.url, path, 5, workdir)
+    mqtt_best, tcp_best, paho_best = min(mqtt_s), min(tcp_s), min(paho_s)
+    mb = size / 1e6
+    device_wire = wire["device_sent_bytes"] + wire["device_received_bytes"]
+    receiver_wire = wire["receiver_sent_bytes"] + wire["receiver_received_bytes"]
+    limit = 2 * size + RSS_ALLOWANCE_BYTES
+    return {
+        "payload_bytes": size,
+        "chunk_size_bytes": CHUNK_BYTES,
+        "repeats": repeats,
+        "mqtt_seconds": mqtt_s,
+        "raw_tcp_seconds": tcp_s,
+        "mqtt_mb_per_s": mb / mqtt_best,
+        "raw_tcp_mb_per_s": mb / tcp_best,
+        "mqtt_over_raw_tcp": tcp_best / mqtt_best,
+        "paho_alone_seconds": paho_s,
+        "paho_alone_mb_per_s": mb / paho_best,
+        "mqtt_over_paho_alone": paho_best / mqtt_best,
+        "goal_mb_per_s": GOAL_MB_S,
+        "throughput_ok": mb / mqtt_best >= GOAL_MB_S,
+        **wire,
+        "device_wire_ratio": device_wire / size,
+        "receiver_wire_ratio": receiver_wire / size,
+        "goal_wire_ratio": GOAL_WIRE_RATIO,
+        "wire_ok": max(device_wire, receiver_wire) / size <= GOAL_WIRE_RATIO,
+        "receive5_seconds": memory["seconds"],
+        "receive5_baseline_rss_bytes": memory["baseline_rss_bytes"],
+        "receive5_peak_rss_bytes": memory["peak_rss_bytes"],
+        "receive5_rss_limit_bytes": limit,
+        "rss_ok": memory["peak_rss_bytes"] <= limit,
+    }
+
+
+def main(argv: List[str]) -> None:
+    if argv[:1] == ["serve"]:
+        serve_main(*argv[1:4])
+    elif argv[:1] == ["paho-pub"]:
+        paho_publish_main(*argv[1:3])
+    elif argv[:1] == ["tcp-send"]:
+        tcp_send_main(*argv[1:3])
+    elif argv[:1] == ["receive"]:
+        receive_main(*argv[1:4])
+    else:
+        print(json.dumps(run(quick="--quick" in argv), indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
