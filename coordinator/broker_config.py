@@ -44,7 +44,7 @@ RENEW_BEFORE_DAYS = 30
 
 def _check_mqtt_name(value: str, what: str) -> str:
     """Names become topic levels, ACL users and folder names: no wildcards, '/', or leading dot."""
-    if not MQTT_NAME.match(value):
+    if not MQTT_NAME.fullmatch(value):
         raise ValueError(
             f"{what} {value!r} must be 1-64 characters from A-Z a-z 0-9 _ . - "
             "and must not start with '.' or '-'"
@@ -53,7 +53,7 @@ def _check_mqtt_name(value: str, what: str) -> str:
 
 
 def _check_password(value: Optional[str]) -> Optional[str]:
-    if value is not None and not PASSWORD.match(value):
+    if value is not None and not PASSWORD.fullmatch(value):
         raise ValueError(f"password must be {PASSWORD_RULE}")
     return value
 
@@ -194,9 +194,9 @@ class BrokerConfigOptions:
         if self.plain_localhost and self.plain_port == self.tls_port:
             raise UserError("--plain-port must differ from --tls-port")
         for flag, host in [("--host", h) for h in self.hosts] + [("--bind", self.bind_address)]:
-            if host is not None and (not HOST.match(host) or host.startswith(("-", "."))):
+            if host is not None and (not HOST.fullmatch(host) or host.startswith(("-", "."))):
                 raise UserError(f"{flag} {host!r} must be a DNS name or an IP address")
-        if self.device_install_dir is not None and not INSTALL_DIR.match(self.device_install_dir):
+        if self.device_install_dir is not None and not INSTALL_DIR.fullmatch(self.device_install_dir):
             raise UserError("--device-install-dir must be an absolute path without spaces")
         if self.key_type not in pki.KEY_TYPES:
             raise UserError(

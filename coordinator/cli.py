@@ -36,7 +36,7 @@ def coordinator_run(
     from coordinator.config import load_config
     from coordinator.progress import RoundTable
     from coordinator.server import Coordinator
-    from edge.cli import _broker_spec
+    from edge.cli import broker_spec
     from edge.mqtt import BrokerSpec
 
     config = load_config(config_path, override)
@@ -52,7 +52,7 @@ def coordinator_run(
     with ExitStack() as stack:
         if broker is not None or config.broker is not None:
             given_values = {k: v for k, v in given.items() if v is not None}
-            spec = _broker_spec(**{**spec.model_dump(), **given_values})
+            spec = broker_spec(**{**spec.model_dump(), **given_values})
         else:
             embedded = stack.enter_context(EmbeddedBroker(port=embedded_port))
             typer.echo(f"embedded broker on {embedded.url} (loopback only; devices on other hosts")

@@ -10,7 +10,8 @@ import typer
 from edge.errors import UserError
 
 
-def _broker_spec(**fields: Any) -> Any:
+def broker_spec(**fields: Any) -> Any:
+    """A validated BrokerSpec from CLI flags (None = not given); UserError on a bad URL."""
     from pydantic import ValidationError
 
     from edge.mqtt import BrokerSpec
@@ -76,7 +77,7 @@ def edge_run(
 
     from edge.agent import EdgeAgent, EdgeConfig
 
-    spec = _broker_spec(
+    spec = broker_spec(
         url=broker,
         username=username,
         password=password,

@@ -40,7 +40,7 @@ def doctor_command(
     from rich.console import Console
     from rich.table import Table
 
-    from edge.cli import _broker_spec
+    from edge.cli import broker_spec
     from edge.doctor import DoctorOptions, failed, run_checks
     from edge.memory_budget import METHODS
 
@@ -48,7 +48,7 @@ def doctor_command(
         raise UserError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     spec = None
     if broker is not None:
-        spec = _broker_spec(
+        spec = broker_spec(
             url=broker,
             username=username,
             password=password,
