@@ -196,7 +196,9 @@ class BrokerConfigOptions:
         for flag, host in [("--host", h) for h in self.hosts] + [("--bind", self.bind_address)]:
             if host is not None and (not HOST.fullmatch(host) or host.startswith(("-", "."))):
                 raise UserError(f"{flag} {host!r} must be a DNS name or an IP address")
-        if self.device_install_dir is not None and not INSTALL_DIR.fullmatch(self.device_install_dir):
+        if self.device_install_dir is not None and not INSTALL_DIR.fullmatch(
+            self.device_install_dir
+        ):
             raise UserError("--device-install-dir must be an absolute path without spaces")
         if self.key_type not in pki.KEY_TYPES:
             raise UserError(
