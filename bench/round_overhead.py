@@ -1,9 +1,9 @@
 """Coordinator overhead per round vs the number of devices (10, 100, 300).
 
 A real coordinator (its own process, LoRA on MiniLM, FedAvg) runs rounds against N simulated
-devices (bench/sim_device.py) in this process, all through a private Mosquitto. Devices do no
-training: they fetch the task's blobs, upload a real-size LoRA update (74.5 K fp32 parameters,
-298 KB), answer the pull and wait for the ack, so what is timed is the coordinator.
+devices (bench/sim_device.py, ≤ 120 per worker process), all through a private Mosquitto.
+Devices do no training: they fetch the task's blobs, upload a real-size LoRA update (74.5 K fp32
+parameters, 298 KB), answer the pull and wait for the ack, so what is timed is the coordinator.
 
 Measured: "last update accepted → next task published" from the coordinator's own
 `RoundMetrics.overhead_s`, minus the evaluation that sits inside that window (validation on 32
