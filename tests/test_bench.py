@@ -108,3 +108,56 @@ def test_round_overhead_runs_with_a_few_devices(
     run = _check_report(tmp_path, "round_overhead")["results"]["runs"]["3"]
     assert run["rounds"] == 2 and len(run["per_round"]) == 1
     assert run["overhead_excl_eval_median_s"] > 0
+
+
+def test_reproduction_costs_to_target_from_a_run_dir(tmp_path: Path) -> None:
+    """Rounds, time (device start-up excluded), bytes and energy summed up to the target."""
+    from bench.reproduction import summarize_run, to_target
+
+    def metric(index: int, accuracy: float) -> str:
+        return json.dumps(
+            {
+                "round_index": index,
+                "accuracy": accuracy,
+                "eval_loss": 0.5,
+                "train_loss": 0.5,
+                "round_s": 100.0,
+                "eval_s": 2.0,
+                "aggregate_s": 1.0,
+                "bytes_up": 1000,
+                "bytes_down": 3000,
+                "num_aggregated": 2,
+                "extra": {},
+            }
+        )
+
+    def record(index: int, phase: str, start: float, end: float) -> str:
+        return json.dumps(
+            {
+                "round_index": index,
+                "phase": phase,
+                "start_unix_s": start,
+                "end_unix_s": end,
+                "duration_s": end - start,
+            }
+        )
+
+    (tmp_path / "metrics.jsonl").write_text(
+        "\n".join(metric(i, a) for i, a in enumerate([0.5, 0.6, 0.8])) + "\n"
+    )
+    profiles = [
+        record(0, "download", 0.0, 1.0),
+        record(0, "setup", 1.0, 41.0),
+        record(0, "upload", 50.0, 60.0),
+        record(1, "download", 100.0, 101.0),
+        record(1, "upload", 110.0, 120.0),
+    ]
+    (tmp_path / "profiles.jsonl").write_text("\n".join(profiles) + "\n")
+    rounds = summarize_run(tmp_path, local_steps=10, step_s=0.5)["rounds"]
+    assert [r["active_s"] for r in rounds] == [60 - 40 + 3, 20 + 3, 100 + 3]
+    hit = to_target(rounds, 0.6)
+    assert hit is not None
+    assert (hit["rounds"], hit["wall_s"], hit["bytes"]) == (2, 46.0, 8000)
+    assert hit["energy_j"] is None  # no power sensor: never reported as 0
+    assert hit["modelled_device_s"] == 2 * (10 * 0.5 + 2000 / (100e6 / 8))
+    assert to_target(rounds, 0.9) is None
