@@ -56,7 +56,7 @@ def serve_main(url: str, device_id: str, path: str) -> None:
     def publish(topic: str, payload: bytes) -> None:
         link.publish(topic, payload)
 
-    blobs = BlobServer(publish, CHUNK_BYTES)
+    blobs = BlobServer(publish, CHUNK_BYTES, background=True)
     pull = TOPICS.device(device_id, "pull")
 
     def serve(topic: str, payload: bytes) -> None:

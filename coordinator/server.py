@@ -140,7 +140,9 @@ class Coordinator:
             ),
         )
         self.expected = self.strategy.update_spec()
-        self.blobs = BlobServer(self._publish_raw, config.transfer.chunk_size_bytes)
+        self.blobs = BlobServer(
+            self._publish_raw, config.transfer.chunk_size_bytes, background=True
+        )
         self.link = MqttLink(
             broker,
             client_id=f"jetfed-coordinator-{config.name}",

@@ -119,7 +119,7 @@ class EdgeAgent:
             will=(dev(self.device_id, "status"), b"offline"),
             on_connected=self._announce,
         )
-        self.blobs = BlobServer(self._publish_raw, chunk_size_bytes=1 << 20)
+        self.blobs = BlobServer(self._publish_raw, chunk_size_bytes=1 << 20, background=True)
         pull_topic = dev(self.device_id, "pull")
         self.link.on_topic(lambda topic: topic == pull_topic, self._serve_pull)
         self.exchange = Exchange(self.topics, self.device_id, self.link.publish)

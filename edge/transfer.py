@@ -18,12 +18,13 @@ import contextlib
 import hashlib
 import logging
 import os
+import queue
 import tempfile
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Mapping, Optional, Set
+from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Mapping, Optional, Set, Tuple
 
 from edge.errors import ProtocolError
 from edge.logs import log_event
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 Publish = Callable[[str, bytes], None]
 ChunkTopic = Callable[[str, int], str]
 
-DEFAULT_WINDOW_BYTES = 4 << 20
+DEFAULT_WINDOW_BYTES = 8 << 20
 """Asked-for, not yet received data per download: enough to keep a loopback link busy."""
 
 
@@ -100,10 +101,18 @@ def _unlink_quietly(path: str) -> None:
 
 
 class BlobServer:
-    """Holds blobs this side offers and publishes requested chunks of them (thread-safe)."""
+    """Holds blobs this side offers and publishes requested chunks of them (thread-safe).
+
+    With `background=True`, `serve` checks a request and returns at once; a worker thread reads
+    and publishes the chunks. Requests arrive on paho's network thread, which must get back to
+    writing: serving inline there leaves the socket idle while chunks are read and packed."""
 
     def __init__(
-        self, publish: Publish, chunk_size_bytes: int, spool_dir: Optional[str] = None
+        self,
+        publish: Publish,
+        chunk_size_bytes: int,
+        spool_dir: Optional[str] = None,
+        background: bool = False,
     ) -> None:
         self._publish = publish
         self._chunk_size_bytes = chunk_size_bytes
@@ -111,6 +120,10 @@ class BlobServer:
         self._offered: Dict[str, _Offered] = {}
         self._lock = threading.Lock()
         self.chunks_served = 0
+        self._requests: Optional[queue.Queue[Tuple[str, List[int], ChunkTopic]]] = None
+        if background:
+            self._requests = queue.Queue()
+            threading.Thread(target=self._serve_requests, name="blob-server", daemon=True).start()
 
     def _add(self, blob: _Offered) -> BlobManifest:
         with self._lock:
@@ -160,24 +173,40 @@ class BlobServer:
                 blob.release()
 
     def serve(self, digest: str, indices: List[int], topic_for: ChunkTopic) -> int:
-        """Publish the requested chunks; returns the payload bytes sent. Unknown → ProtocolError."""
-        sent = 0
-        for index in sorted(set(indices)):
+        """Publish the requested chunks; returns their payload bytes. Unknown → ProtocolError."""
+        wanted = sorted(set(indices))
+        with self._lock:
+            blob = self._offered.get(digest)
+            if blob is None:
+                raise ProtocolError(f"no blob {digest[:12]} is offered here")
+            count = blob.manifest.chunk_count
+            if wanted and wanted[-1] >= count:
+                raise ProtocolError(f"chunk {wanted[-1]} out of range (blob has {count})")
+            spans = [blob.manifest.chunk_range(index) for index in wanted]
+        if self._requests is not None:
+            self._requests.put((digest, wanted, topic_for))
+        else:
+            self._publish_chunks(digest, wanted, topic_for)
+        return sum(end - start for start, end in spans)
+
+    def _publish_chunks(self, digest: str, indices: List[int], topic_for: ChunkTopic) -> None:
+        for index in indices:
             with self._lock:  # withdraw() may close the file between chunks
                 blob = self._offered.get(digest)
                 if blob is None:
-                    raise ProtocolError(f"no blob {digest[:12]} is offered here")
-                manifest = blob.manifest
-                if index >= manifest.chunk_count:
-                    raise ProtocolError(
-                        f"chunk {index} out of range (blob has {manifest.chunk_count})"
-                    )
-                start, end = manifest.chunk_range(index)
-                chunk = blob.read(start, end)
+                    return
+                chunk = blob.read(*blob.manifest.chunk_range(index))
                 self.chunks_served += 1
             self._publish(topic_for(digest, index), chunk)
-            sent += end - start
-        return sent
+
+    def _serve_requests(self) -> None:
+        assert self._requests is not None
+        while True:
+            digest, indices, topic_for = self._requests.get()
+            try:
+                self._publish_chunks(digest, indices, topic_for)
+            except Exception as exc:  # a failed publish must not stop serving other requests
+                log_event(logger, logging.WARNING, "blob.serve_failed", reason=exc)
 
 
 class Download:

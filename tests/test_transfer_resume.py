@@ -28,7 +28,7 @@ CHUNK_BYTES = 1 << 20
 
 
 class Sender:
-    """A device's side: a BlobServer answering `pull` requests on paho's thread, as the agent."""
+    """A device's side: a BlobServer answering `pull` requests in the background, as the agent."""
 
     def __init__(self, url: str, device_id: str, corrupt: Optional[Callable[[str], bool]] = None):
         self.device_id = device_id
@@ -38,7 +38,7 @@ class Sender:
             subscriptions=[TOPICS.device(device_id, "pull")],
         )
         self._corrupt = corrupt
-        self.blobs = BlobServer(self._publish, CHUNK_BYTES)
+        self.blobs = BlobServer(self._publish, CHUNK_BYTES, background=True)
         pull = TOPICS.device(device_id, "pull")
         self.link.on_topic(lambda topic: topic == pull, self._serve)
         self.link.connect()
