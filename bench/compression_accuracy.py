@@ -90,6 +90,7 @@ def run(quick: bool = False) -> Dict[str, Any]:
                 method.set_state(model, global_state)
                 stats = evaluate(model, tokenizer, validation, max_length=64, device="cpu")
                 per_round.append({"accuracy": stats.accuracy, "eval_loss": stats.loss})
+                print(f"{dtype} round {round_index}: {per_round[-1]}", file=sys.stderr, flush=True)
             results[dtype] = {
                 "rounds": per_round,
                 "update_bytes": size_bytes,
