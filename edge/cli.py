@@ -10,6 +10,11 @@ import typer
 from edge.errors import UserError
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    """Stop at once, even mid-training: unwinding runs the agent's cleanup (status `offline`)."""
+    raise SystemExit(0)
+
+
 def broker_spec(**fields: Any) -> Any:
     """A validated BrokerSpec from CLI flags (None = not given); UserError on a bad URL."""
     from pydantic import ValidationError
@@ -105,7 +110,7 @@ def edge_run(
     if data is None:
         raise UserError("--data is required: the device's local dataset (folder or file)")
     agent = EdgeAgent(config)
-    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         agent.run(max_rounds=max_rounds)
     except KeyboardInterrupt:
