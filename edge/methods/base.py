@@ -124,21 +124,26 @@ class FederatedMethod(ABC):
             for name, value in state.items():
                 params[name].copy_(value.to(params[name].device, params[name].dtype))
 
-    def local_round(self, job: LocalRound) -> LocalResult:
-        """Default: train locally, upload the change of the federated tensors."""
+    def train(self, job: LocalRound, loss_fn: Optional[Any] = None) -> TrainStats:
+        """The shared local loop on the job's model, data and budget (`loss_fn` replaces CE)."""
         from edge.train import train_local
 
+        return train_local(
+            job.model,
+            job.tokenizer,
+            job.dataset,
+            job.training,
+            max_length=job.model_ref.max_length,
+            device=job.device,
+            seed=job.seed,
+            loss_fn=loss_fn,
+        )
+
+    def local_round(self, job: LocalRound) -> LocalResult:
+        """Default: train locally, upload the change of the federated tensors."""
         self.set_state(job.model, job.global_state)
         with job.profiler.phase("train", job.round_index) as counters:
-            stats = train_local(
-                job.model,
-                job.tokenizer,
-                job.dataset,
-                job.training,
-                max_length=job.model_ref.max_length,
-                device=job.device,
-                seed=job.seed,
-            )
+            stats = self.train(job)
             counters.extra["steps"] = float(stats.steps)
         return self.delta_result(job, stats)
 

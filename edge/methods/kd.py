@@ -146,7 +146,7 @@ class KdMethod(LoraMethod):
         return self._proxy[1]
 
     def local_round(self, job: LocalRound) -> LocalResult:
-        from edge.train import batch_indices, planned_steps, tokenize_batch, train_local
+        from edge.train import batch_indices, planned_steps, tokenize_batch
 
         if PROXY_BLOB not in job.extra_blobs:
             raise ProtocolError(f"kd task without the {PROXY_BLOB} blob")
@@ -170,16 +170,7 @@ class KdMethod(LoraMethod):
                 return model(**batch).loss + settings.kl_weight * kl
 
         with job.profiler.phase("train", job.round_index) as counters:
-            stats = train_local(
-                job.model,
-                job.tokenizer,
-                job.dataset,
-                job.training,
-                max_length=max_length,
-                device=job.device,
-                seed=job.seed,
-                loss_fn=loss_fn,
-            )
+            stats = self.train(job, loss_fn)
             logits = predict_logits(job.model, job.tokenizer, proxy_set, max_length, job.device)
             counters.extra["steps"] = float(stats.steps)
         return LocalResult(

@@ -469,8 +469,6 @@ class SplitMethod(LoraMethod):
         }
 
     def local_round(self, job: LocalRound) -> LocalResult:
-        from edge.train import train_local
-
         if job.exchange is None:
             raise UserError("method split needs the in-round exchange channel to the coordinator")
         self.set_state(job.model, job.global_state)
@@ -483,16 +481,7 @@ class SplitMethod(LoraMethod):
         sent_before, received_before = job.exchange.bytes_sent, job.exchange.bytes_received
         with job.profiler.phase("train", job.round_index) as counters:
             started = time.perf_counter()
-            stats = train_local(
-                job.model,
-                job.tokenizer,
-                job.dataset,
-                job.training,
-                max_length=job.model_ref.max_length,
-                device=job.device,
-                seed=job.seed,
-                loss_fn=loss_fn,
-            )
+            stats = self.train(job, loss_fn)
             train_s = time.perf_counter() - started
             counters.bytes_sent += job.exchange.bytes_sent - sent_before
             counters.bytes_received += job.exchange.bytes_received - received_before
