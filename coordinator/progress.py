@@ -44,7 +44,7 @@ class RoundTable:
             title=f"jetfed {cfg.name}: {cfg.method.name} on {cfg.model.name_or_path}, "
             f"{self.clients} devices, {cfg.rounds.count} rounds",
         )
-        for column in ("round", "devices", "loss", "acc", "up", "down", "s", "J", "peak mem"):
+        for column in ("round", "devices", "loss", "acc", "up", "down", "s", "J", "mem"):
             table.add_column(column, justify="right", no_wrap=True)
         for m in self.rows:
             peak = m.extra.get("peak_rss_bytes")
@@ -74,3 +74,4 @@ class RoundTable:
     def __exit__(self, *exc_info: Any) -> None:
         self._live.update(self._render())
         self._live.stop()
+        self.console.print()
