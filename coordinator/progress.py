@@ -57,7 +57,7 @@ class RoundTable:
                 _bytes(m.bytes_down),
                 f"{m.round_s:.1f}",
                 _opt(m.extra.get("energy_j"), ".1f"),
-                "n/a" if peak is None else _bytes(peak),
+                "n/a" if peak is None else f"{peak / 1e6:.0f} MB",
             )
         if len(self.rows) < cfg.rounds.count:
             table.caption = "waiting for devices and updates..." if not self.rows else "training..."
