@@ -81,11 +81,14 @@ def _header(entries: List[Tuple[str, str, Tuple[int, ...]]], dtype: str) -> byte
 def write_tensor_file(path: str, tensors: Mapping[str, torch.Tensor], dtype: str = "fp32") -> int:
     """Write `tensors` cast to the wire `dtype` as a safetensors file; returns its size in bytes.
 
-    Only one converted tensor exists at a time, so memory stays at the caller's own copy."""
+    Only one converted tensor exists at a time, so memory stays at the caller's own copy.
+    Tensors are written in name order: the same state always gives the same bytes and digest
+    (a resumed coordinator re-offers exactly the global state devices already hold)."""
     import torch
 
     if dtype not in UPDATE_DTYPES:
         raise ValueError(f"wire dtype {dtype!r} is not one of {UPDATE_DTYPES}")
+    tensors = {name: tensors[name] for name in sorted(tensors)}
     with open(path, "wb") as handle:
         handle.write(_header(_entries(tensors, dtype), dtype))
         for tensor in tensors.values():
