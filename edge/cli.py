@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from edge.errors import UserError
+from edge.errors import UserError, flag_error
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
@@ -105,8 +105,7 @@ def edge_run(
             link_info=link_info,
         )
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise UserError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+        raise flag_error(exc) from None
     if data is None:
         raise UserError("--data is required: the device's local dataset (folder or file)")
     agent = EdgeAgent(config)
@@ -143,7 +142,7 @@ def partition_command(
             seed=seed,
         )
     except ValidationError as exc:
-        raise UserError(f"--{exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+        raise flag_error(exc) from None
     dataset = load_split(data, split)
     parts = partition(dataset.labels, spec)
     counts = class_counts(dataset.labels, parts, dataset.num_classes)

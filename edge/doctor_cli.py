@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from edge.errors import UserError
+from edge.errors import UserError, flag_error
 
 STATUS_STYLES = {"ok": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
 
@@ -69,7 +69,7 @@ def doctor_command(
             broker_timeout_s=broker_timeout_s,
         )
     except ValidationError as exc:
-        raise UserError(f"--{exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+        raise flag_error(exc) from None
     results = run_checks(options)
     table = Table(title="jetfed doctor")
     table.add_column("check")

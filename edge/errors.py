@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 
 class UserError(Exception):
     """A mistake in a config, flag or file that the user can correct; the message says how."""
+
+
+def flag_error(exc: Any) -> UserError:
+    """A pydantic ValidationError from CLI flags as one line naming the flag (`--rate-hz`)."""
+    first = exc.errors()[0]
+    flag = str(first["loc"][0]).replace("_", "-") if first["loc"] else "flags"
+    return UserError(f"--{flag}: {first['msg']}")
 
 
 class ProtocolError(Exception):
