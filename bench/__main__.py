@@ -1,6 +1,6 @@
 """`python -m bench NAME [--quick] [--out DIR] [--datasets DIR]`; NAME may be `all` (every bench
 except the reproduction, which takes tens of minutes: `python -m bench reproduction [--quick]
-[--link SPEC] [--rounds N] [--budget-min M]`) or `list`."""
+[--link SPEC] [--rounds N] [--local-steps N] [--budget-min M]`) or `list`."""
 
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     parser.add_argument("--clients-per-round", type=int, default=None, help="(reproduction only)")
     parser.add_argument(
+        "--local-steps", type=int, default=None, help="per device and round (reproduction only)"
+    )
+    parser.add_argument(
         "--budget-min",
         type=float,
         default=None,
@@ -59,6 +62,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "budget_min": args.budget_min,
         "clients": args.clients,
         "clients_per_round": args.clients_per_round,
+        "local_steps": args.local_steps,
     }
     failed = []
     for name in names:

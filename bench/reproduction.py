@@ -57,7 +57,11 @@ class Plan:
 
 
 def plan(
-    quick: bool, rounds: Optional[int], clients: Optional[int], clients_per_round: Optional[int]
+    quick: bool,
+    rounds: Optional[int],
+    clients: Optional[int],
+    clients_per_round: Optional[int],
+    local_steps: Optional[int] = None,
 ) -> Plan:
     if quick:
         processes = clients or 2
@@ -67,7 +71,7 @@ def plan(
             processes,
             clients_per_round or processes,
             rounds or 2,
-            2,
+            local_steps or 2,
             32,
             1,
         )
@@ -78,7 +82,7 @@ def plan(
         processes,
         clients_per_round or processes,
         rounds or 10,
-        20,
+        local_steps or 20,
         None,
         5,
     )
@@ -330,11 +334,12 @@ def run(
     budget_min: Optional[float] = None,
     clients: Optional[int] = None,
     clients_per_round: Optional[int] = None,
+    local_steps: Optional[int] = None,
     runs_dir: Path = DEFAULT_OUT / "reproduction-runs",
 ) -> Dict[str, Any]:
     """Run dirs (checkpoints, exports: GBs for full fine-tuning) go to `runs_dir`; the JSON,
     Markdown and plots to `out`."""
-    setup = plan(quick, rounds, clients, clients_per_round)
+    setup = plan(quick, rounds, clients, clients_per_round, local_steps)
     work = runs_dir
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

@@ -52,6 +52,9 @@ class RoundsSection(Section):
     clients_per_round: Optional[int] = Field(default=None, ge=1)
     deadline_s: float = Field(default=900.0, gt=0)
     wait_for_devices_s: float = Field(default=600.0, gt=0)
+    offline_grace_s: float = Field(default=60.0, ge=0)
+    """Once min_clients updates are in, selected devices offline this long no longer hold the
+    round open until its deadline (a device that drops and returns within it still counts)."""
 
 
 class AggregationSection(BaseModel):

@@ -15,6 +15,8 @@ class DeviceRecord:
     online: bool = False
     hello: Optional[Hello] = None
     last_seen_s: float = 0.0
+    offline_since_s: Optional[float] = None
+    """Monotonic time of the `offline` status (last will or goodbye); None while online."""
 
 
 class DeviceRegistry:
@@ -31,6 +33,10 @@ class DeviceRegistry:
 
     def on_status(self, device_id: str, online: bool) -> None:
         record = self._record(device_id)
+        if online:
+            record.offline_since_s = None
+        elif record.offline_since_s is None:
+            record.offline_since_s = record.last_seen_s
         record.online = online
         if not online:
             record.hello = None
@@ -39,9 +45,17 @@ class DeviceRegistry:
         record = self._record(hello.device_id)
         record.hello = hello
         record.online = True
+        record.offline_since_s = None
 
     def ready(self) -> List[str]:
         return sorted(d.device_id for d in self.devices.values() if d.online and d.hello)
+
+    def offline_for_s(self, device_id: str) -> float:
+        """Seconds since the device went offline; 0 while online or never heard of."""
+        record = self.devices.get(device_id)
+        if record is None or record.offline_since_s is None:
+            return 0.0
+        return time.monotonic() - record.offline_since_s
 
     def is_known(self, device_id: str) -> bool:
         record = self.devices.get(device_id)

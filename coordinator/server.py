@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from coordinator.config import ExperimentConfig, config_digest
 from coordinator.registry import DeviceRegistry
@@ -153,6 +153,8 @@ class Coordinator:
         self._profile_keys = {profile_key(r) for r in self.run_dir.read_profiles()}
         self._round_records: Dict[int, List[PhaseRecord]] = {}
         self._round_bytes = {"up": 0, "down": 0}
+        self._messages_handled = 0
+        self._announcements_settled = False
 
     # ------------------------------------------------------------------ setup
 
@@ -396,6 +398,9 @@ class Coordinator:
                 else:
                     self.registry.assign_indices(ready, len(self.registry.devices) + 1)
             eligible = [d for d in ready if d in self.registry.client_indices]
+            if len(eligible) >= rounds.min_clients and not self._announcements_settled:
+                self._settle_announcements()
+                continue
             if len(eligible) >= rounds.min_clients or self._stop:
                 break
             if time.monotonic() > deadline:
@@ -407,6 +412,19 @@ class Coordinator:
         rng = random.Random(self.config.seed * 7919 + round_index)
         return sorted(rng.sample(eligible, min(count, len(eligible))))
 
+    def _settle_announcements(self, quiet_s: float = 0.3, cap_s: float = 3.0) -> None:
+        """Once per process, at the first quorum: devices already waiting announce themselves as
+        retained messages that arrive in bursts, so read until the broker has been quiet for
+        `quiet_s`; the first selection (and the client indices) then sees all of them, not
+        whichever came first."""
+        self._announcements_settled = True
+        give_up = time.monotonic() + cap_s
+        while time.monotonic() < give_up:
+            before = self._messages_handled
+            self._pump(quiet_s)
+            if self._messages_handled == before:
+                return
+
     def _collect(self, task: Task) -> None:
         """Until every selected device's update is accepted, or the deadline passes."""
         inbound = self._inbound
@@ -417,12 +435,33 @@ class Coordinator:
             set(inbound.accepted) != selected and time.monotonic() < deadline_s and not self._stop
         ):
             self._pump(0.1)
+            if self._only_offline_devices_missing(selected - set(inbound.accepted)):
+                break
             for device_id, download in list(inbound.transfers.items()):
                 try:
                     download.poll()
                 except TransferTimeout as exc:
                     del inbound.transfers[device_id]
                     self._reject(device_id, task.round_index, "transfer_timeout", str(exc))
+
+    def _only_offline_devices_missing(self, missing: Set[str]) -> bool:
+        """Quorum is in and every missing device has been offline for the grace period: waiting
+        for the deadline would only delay the round (dropped devices rejoin a later one)."""
+        inbound = self._inbound
+        assert inbound is not None
+        rounds = self.config.rounds
+        if len(inbound.accepted) < rounds.min_clients or inbound.transfers.keys() & missing:
+            return False
+        if not all(self.registry.offline_for_s(d) > rounds.offline_grace_s for d in missing):
+            return False
+        log_event(
+            logger,
+            logging.INFO,
+            "round.closed_early",
+            round_index=inbound.round_index,
+            offline=",".join(sorted(missing)),
+        )
+        return True
 
     def _pump(self, timeout_s: float) -> None:
         self.link.drain(self._dispatch, timeout_s)
@@ -433,6 +472,7 @@ class Coordinator:
         if parsed is None:
             return
         device_id, leaf, rest = parsed
+        self._messages_handled += 1
         self._round_bytes["up"] += mqtt_publish_wire_bytes(topic, len(payload))
         try:
             if leaf == "status":

@@ -77,13 +77,12 @@ def _set_rounds(config: Path, **rounds: object) -> None:
 
 
 @pytest.mark.slow
-def test_edge_killed_mid_round_quorum_by_deadline_then_rejoins(
+def test_edge_killed_mid_round_quorum_once_offline_then_rejoins(
     tmp_path: Path, mosquitto: MosquittoBroker, minilm_path: str, sst2_dir: Path
 ) -> None:
     name = "it-edge-killed"
-    deadline_s = 75.0
     config = write_config(tmp_path, name, "lora", sst2_dir, rounds=3, clients=3)
-    _set_rounds(config, min_clients=2, deadline_s=deadline_s)
+    _set_rounds(config, min_clients=2, deadline_s=3600, offline_grace_s=2.0)
     logs = tmp_path / "logs"
     coord_log = logs / "coord.log"
     logs.mkdir()
@@ -122,7 +121,7 @@ def test_edge_killed_mid_round_quorum_by_deadline_then_rejoins(
     first = metrics[0]
     assert first["status"] == "aggregated" and first["num_selected"] == 3
     assert first["devices"] == ["dev-0", "dev-1"], "quorum without the killed device"
-    assert first["round_s"] >= deadline_s * 0.9, "the round waited for its deadline"
+    assert "round.closed_early round_index=0 offline=dev-2" in text(coord_log)
     assert [m["status"] for m in metrics] == ["aggregated"] * 3
     rejoined = [m["round_index"] for m in metrics[1:] if "dev-2" in m["devices"]]
     assert rejoined, (metrics, log_tail(logs / "dev-2.again.log"))
