@@ -28,6 +28,7 @@ from coordinator.strategies import (
     ServerContext,
     Strategy,
     apply_mean_delta,
+    check_saved_state,
     register_strategy,
 )
 from edge.data import TextDataset, load_split
@@ -134,6 +135,18 @@ class KdStrategy(PayloadAccounting):
                 model, batch, consensus, settings.temperature
             ),
         )
+
+    def state(self) -> Tensors:
+        """The consensus devices distil toward next round (none before the first aggregation);
+        the student needs no saving: every aggregation distils a fresh one from `student_init`."""
+        return {} if self.consensus is None else {"consensus": self.consensus}
+
+    def load_state(self, tensors: Tensors) -> None:
+        consensus = tensors.get("consensus")
+        expected = (len(self.indices), self.ctx.model_ref.num_labels)
+        if set(tensors) - {"consensus"} or (consensus is not None and consensus.shape != expected):
+            raise UserError("checkpoint's kd consensus does not match this experiment's proxy set")
+        self.consensus = consensus
 
     def export(self, global_state: Tensors, out_dir: str) -> None:
         """The student adapter (PEFT) and, once there is one, `consensus.safetensors`."""
@@ -256,6 +269,14 @@ class FedCoLLMStrategy(PayloadAccounting):
         )
         results.update(llm_accuracy=llm.accuracy, llm_eval_loss=llm.loss)
         return results
+
+    def state(self) -> Tensors:
+        """The server LLM's adapter, trained by mutual distillation every round."""
+        return self.llm_method.get_state(self.llm)
+
+    def load_state(self, tensors: Tensors) -> None:
+        check_saved_state(self.llm_method.get_state(self.llm), tensors, "fedcollm LLM adapter")
+        self.llm_method.set_state(self.llm, tensors)
 
     def export(self, global_state: Tensors, out_dir: str) -> None:
         """The SLM adapter where users expect the global model, the LLM adapter under `llm/`."""

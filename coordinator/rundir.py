@@ -7,7 +7,8 @@ profiles.jsonl         every PhaseRecord devices sent (profiles.parquet / .csv b
 devices.jsonl          each device's hello (capabilities and context), latest last
 link.json              the emulated links devices sat behind (local fleets with --link only)
 global/round-NNNN/     the global model after round N in PEFT format (PeftModel.from_pretrained)
-checkpoint/            state.json + global.safetensors (+ init.safetensors): what --resume needs
+checkpoint/            state.json + global.safetensors (+ init.safetensors, strategy.safetensors):
+                       what --resume needs
 ```
 Files are written atomically (temp file + rename), so a coordinator killed mid-write leaves the
 previous checkpoint intact.
@@ -62,6 +63,7 @@ class CheckpointState(BaseModel):
     client_indices: Dict[str, int]
     wall_clock_s: float
     has_init: bool
+    has_strategy_state: bool = False
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -136,17 +138,26 @@ class RunDir:
         return self.path / "global" / f"round-{round_index:04d}"
 
     def save_checkpoint(
-        self, state: CheckpointState, global_state: Tensors, init: Optional[Tensors]
+        self,
+        state: CheckpointState,
+        global_state: Tensors,
+        init: Optional[Tensors],
+        strategy_state: Tensors,
     ) -> None:
+        """state.json goes last: a checkpoint is whatever the last complete state.json names."""
         from safetensors.torch import save
 
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(self.checkpoint_dir / "global.safetensors", save(global_state))
         if init is not None:
             _atomic_write(self.checkpoint_dir / "init.safetensors", save(init))
+        if strategy_state:
+            _atomic_write(self.checkpoint_dir / "strategy.safetensors", save(strategy_state))
+        state = state.model_copy(update={"has_strategy_state": bool(strategy_state)})
         _atomic_write(self.checkpoint_dir / "state.json", state.model_dump_json(indent=2).encode())
 
-    def load_checkpoint(self) -> Tuple[CheckpointState, Tensors, Optional[Tensors]]:
+    def load_checkpoint(self) -> Tuple[CheckpointState, Tensors, Optional[Tensors], Tensors]:
+        """(state, global state, FeDeRA init or None, strategy state, empty if none)."""
         from safetensors.torch import load_file
 
         state = CheckpointState.model_validate_json(
@@ -154,4 +165,9 @@ class RunDir:
         )
         global_state = load_file(str(self.checkpoint_dir / "global.safetensors"))
         init = load_file(str(self.checkpoint_dir / "init.safetensors")) if state.has_init else None
-        return state, global_state, init
+        strategy = (
+            load_file(str(self.checkpoint_dir / "strategy.safetensors"))
+            if state.has_strategy_state
+            else {}
+        )
+        return state, global_state, init, strategy

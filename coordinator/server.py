@@ -120,6 +120,7 @@ class Coordinator:
         self.wall_clock_offset_s = 0.0
         self.global_state: Tensors = {}
         self.init: Optional[Tensors] = None
+        self._saved_strategy_state: Tensors = {}
         self.registry = DeviceRegistry(config.data.client_indices)
         self._setup_state(resume)
         from edge.models import load_tokenizer, pick_device
@@ -139,6 +140,8 @@ class Coordinator:
                 data_path=config.data.path,
             ),
         )
+        if self._saved_strategy_state:
+            self.strategy.load_state(self._saved_strategy_state)
         self.expected = self.strategy.update_spec()
         self.blobs = BlobServer(
             self._publish_raw, config.transfer.chunk_size_bytes, background=True
@@ -178,7 +181,9 @@ class Coordinator:
     def _setup_state(self, resume: bool) -> None:
         digest = config_digest(self.config)
         if resume and (self.run_dir.checkpoint_dir / "state.json").exists():
-            state, self.global_state, self.init = self.run_dir.load_checkpoint()
+            state, self.global_state, self.init, self._saved_strategy_state = (
+                self.run_dir.load_checkpoint()
+            )
             if state.config_digest != digest:
                 raise UserError(
                     f"--resume: {self.config.name}'s config changed since the checkpoint "
@@ -362,22 +367,27 @@ class Coordinator:
         metrics.bytes_down = self._round_bytes["down"]
         metrics.round_s = time.monotonic() - round_start_s
         metrics.wall_clock_s = time.monotonic() - started_s
-        self.run_dir.save_checkpoint(
-            CheckpointState(
-                experiment=self.config.name,
-                config_digest=config_digest(self.config),
-                completed_round=round_index,
-                client_indices=self.registry.client_indices,
-                wall_clock_s=metrics.wall_clock_s,
-                has_init=self.init is not None,
-            ),
-            self.global_state,
-            self.init,
-        )
+        self.save_checkpoint(round_index, metrics.wall_clock_s)
         # profiles.parquet/.csv are rewritten from every record at the end of run(), not here:
         # per round that cost ~100 ms with 10 devices, growing with devices × rounds.
         self.run_dir.append_metrics(metrics)
         return metrics
+
+    def save_checkpoint(self, completed_round: int, wall_clock_s: float) -> None:
+        """Everything `--resume` needs to continue after `completed_round`."""
+        self.run_dir.save_checkpoint(
+            CheckpointState(
+                experiment=self.config.name,
+                config_digest=config_digest(self.config),
+                completed_round=completed_round,
+                client_indices=self.registry.client_indices,
+                wall_clock_s=wall_clock_s,
+                has_init=self.init is not None,
+            ),
+            self.global_state,
+            self.init,
+            self.strategy.state(),
+        )
 
     # ------------------------------------------------------------------ devices
 

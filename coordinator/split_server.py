@@ -28,7 +28,13 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from coordinator.strategies import AcceptedUpdate, ServerContext, Strategy, register_strategy
+from coordinator.strategies import (
+    AcceptedUpdate,
+    ServerContext,
+    Strategy,
+    check_saved_state,
+    register_strategy,
+)
 from edge.errors import ProtocolError, UserError
 from edge.logs import log_event
 from edge.methods.base import Tensors
@@ -154,7 +160,7 @@ class SplitServer:
     def _optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(list(self.params.values()), lr=self.settings.server_learning_rate)
 
-    def _load(self, tensors: Tensors) -> None:
+    def load(self, tensors: Tensors) -> None:
         with torch.no_grad():
             for name, param in self.params.items():
                 param.copy_(tensors[name])
@@ -169,12 +175,12 @@ class SplitServer:
         if lane.state is None or lane.optimizer is None:
             lane.state = {name: t.clone() for name, t in self._round_start.items()}
             lane.optimizer = self._optimizer()
-        self._load(lane.state)
+        self.load(lane.state)
         try:
             yield lane.optimizer
         finally:
             lane.state = self.state()
-            self._load(self._round_start)
+            self.load(self._round_start)
 
     # ------------------------------------------------------------------ messages
 
@@ -342,6 +348,13 @@ class SplitStrategy(Strategy):
     ) -> Tensors:
         self.server.end_round([item.update.device_id for item in updates])
         return super().aggregate(round_index, global_state, updates)
+
+    def state(self) -> Tensors:
+        return self.server.state()
+
+    def load_state(self, tensors: Tensors) -> None:
+        check_saved_state(self.server.params, tensors, "split server half")
+        self.server.load(tensors)
 
     def evaluate(self, global_state: Tensors) -> Dict[str, float]:
         """The full split model: device part from the global state + the server part."""

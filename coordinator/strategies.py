@@ -114,6 +114,22 @@ class Strategy:
         """A device's in-round message on `devices/{id}/exchange/up/{subtopic}`."""
         raise ProtocolError(f"method {self.ctx.method.name} exchanges no in-round messages")
 
+    def state(self) -> Tensors:
+        """Server-side tensors beyond the global state that `--resume` must restore (split's
+        server half, kd's consensus, fedcollm's LLM adapter); FedAvg keeps none."""
+        return {}
+
+    def load_state(self, tensors: Tensors) -> None:
+        """Restore what `state()` returned, before the first resumed round."""
+        if tensors:
+            raise UserError(f"checkpoint holds strategy state that {self.name} does not keep")
+
+
+def check_saved_state(expected: Mapping[str, torch.Tensor], saved: Tensors, what: str) -> None:
+    """Refuse a checkpoint whose tensors do not match (names and shapes) what the run keeps."""
+    if set(saved) != set(expected) or any(saved[n].shape != t.shape for n, t in expected.items()):
+        raise UserError(f"checkpoint's {what} does not match this experiment's model")
+
 
 def weighted_mean(updates: List[AcceptedUpdate]) -> Tensors:
     """Σ nₖ·tₖ / Σ nₖ per tensor name, accumulated in float64."""

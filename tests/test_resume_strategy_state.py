@@ -1,0 +1,66 @@
+"""`--resume` restores what a strategy keeps beyond the global state: split's server half, kd's
+consensus and fedcollm's LLM adapter (each would otherwise restart from scratch). Real
+coordinators on real MiniLM; no round runs, so no broker is contacted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+
+from coordinator.config import load_config
+from coordinator.distill import KdStrategy
+from coordinator.server import Coordinator
+from coordinator.strategies import Strategy
+from edge.errors import UserError
+from edge.methods.base import Tensors
+from edge.mqtt import BrokerSpec
+from tests.fleet import write_config
+
+UNUSED_BROKER = BrokerSpec(url="mqtt://127.0.0.1:1")
+
+
+def random_state(strategy: Strategy) -> Tensors:
+    """Tensors of the names and shapes `strategy` keeps, unlike anything it starts with."""
+    if isinstance(strategy, KdStrategy):
+        shapes = {"consensus": torch.Size((len(strategy.indices), 2))}
+    else:
+        shapes = {name: tensor.shape for name, tensor in strategy.state().items()}
+    generator = torch.Generator().manual_seed(0)
+    return {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+
+
+@pytest.mark.parametrize(
+    "method, overrides",
+    [
+        ("split", []),
+        ("kd", ["method.proxy_size=16"]),
+        ("fedcollm", ["model.num_hidden_layers=3", "method.aux_size=16"]),
+    ],
+)
+def test_resume_restores_the_strategy_state(
+    method: str, overrides: List[str], tmp_path: Path, minilm_path: str, sst2_dir: Path
+) -> None:
+    path = write_config(tmp_path, f"it-state-{method}", method, sst2_dir)
+    config = load_config(str(path), overrides)
+    first = Coordinator(config, UNUSED_BROKER)
+    saved = random_state(first.strategy)
+    assert saved, "the strategy keeps server-side tensors"
+    first.strategy.load_state(saved)
+    first.save_checkpoint(completed_round=0, wall_clock_s=1.0)
+
+    restored = Coordinator(config, UNUSED_BROKER, resume=True).strategy.state()
+    assert restored.keys() == saved.keys()
+    assert all(torch.equal(restored[name], saved[name]) for name in saved)
+
+
+def test_a_checkpoint_of_another_shape_is_refused(
+    tmp_path: Path, minilm_path: str, sst2_dir: Path
+) -> None:
+    path = write_config(tmp_path, "it-state-bad", "split", sst2_dir)
+    strategy = Coordinator(load_config(str(path)), UNUSED_BROKER).strategy
+    wrong = {name: torch.zeros(3) for name in strategy.state()}
+    with pytest.raises(UserError, match="does not match"):
+        strategy.load_state(wrong)
