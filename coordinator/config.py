@@ -63,6 +63,8 @@ class AggregationSection(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     strategy: Optional[str] = None
+    max_update_norm: Optional[float] = Field(default=None, gt=0)
+    """Any strategy: refuse (nack `update_norm_too_large`) an update whose L2 norm is larger."""
 
     def settings(self) -> Dict[str, Any]:
         return dict(self.model_extra or {})

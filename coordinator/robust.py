@@ -1,15 +1,15 @@
 """Robust aggregation: update-norm clipping, coordinate-wise median and trimmed mean.
 
 FedAvg lets one device move the global model arbitrarily far; these strategies bound what a
-faulty or malicious device can do. All of them also refuse, with a nack, any update whose
-global L2 norm exceeds `max_update_norm` (NaN/Inf never get this far: `decode_tensors` refuses
-them). Settings come from the experiment's `aggregation:` section, e.g.
+faulty or malicious device can do; pair them with `aggregation.max_update_norm`, which the
+coordinator applies to every strategy (an update with a larger global L2 norm gets a nack).
+Settings come from the experiment's `aggregation:` section, e.g.
 
     aggregation:
       strategy: trimmed_mean      # or clipped_fedavg, median
       trim_fraction: 0.2          # trimmed_mean: share dropped at EACH end, per coordinate
       clip_norm: 5.0              # clipped_fedavg: each delta scaled to at most this L2 norm
-      max_update_norm: 100.0      # any robust strategy: refuse updates beyond this norm
+      max_update_norm: 100.0      # any strategy: refuse updates beyond this norm
 
 Updates carry deltas (the method's `local_round` uploads new − global); median and trimmed mean
 ignore sample counts on purpose (a device could lie about them). These strategies need every
@@ -31,10 +31,8 @@ from coordinator.strategies import (
     apply_mean_delta,
     register_strategy,
 )
-from edge.errors import ProtocolError, UserError
+from edge.errors import UserError
 from edge.methods.base import Tensors
-
-UPDATE_NORM_TOO_LARGE = "update_norm_too_large"
 
 
 class RobustSettings(BaseModel):
@@ -42,7 +40,6 @@ class RobustSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_update_norm: Optional[float] = Field(default=None, gt=0)
     clip_norm: Optional[float] = Field(default=None, gt=0)
     trim_fraction: float = Field(default=0.1, ge=0, lt=0.5)
 
@@ -77,8 +74,9 @@ def coordinate_statistic(
 
 
 class RobustStrategy(Strategy):
-    """Shared settings parsing and the norm bound; subclasses define `aggregate`."""
+    """Shared settings parsing; subclasses define `aggregate`."""
 
+    takes_settings = True
     required: Tuple[str, ...] = ()
 
     def __init__(self, ctx: ServerContext) -> None:
@@ -92,17 +90,6 @@ class RobustStrategy(Strategy):
         for key in self.required:
             if getattr(self.robust, key) is None:
                 raise UserError(f"aggregation.{key} is required by strategy {self.name}")
-
-    def validate_update(self, candidate: AcceptedUpdate, global_state: Tensors) -> None:
-        bound = self.robust.max_update_norm
-        if bound is None:
-            return
-        norm = update_norm(candidate.tensors)
-        if norm > bound:
-            raise ProtocolError(
-                f"update L2 norm {norm:.4g} exceeds aggregation.max_update_norm={bound:g}",
-                code=UPDATE_NORM_TOO_LARGE,
-            )
 
 
 @register_strategy

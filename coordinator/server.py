@@ -671,6 +671,13 @@ class Coordinator:
             tensors = TensorFile(download.result_path(), self.expected, UPDATE_DTYPES)
         except ProtocolError as exc:
             raise ProtocolError(str(exc), exc.code or "invalid_tensors") from None
+        bound = self.config.aggregation.max_update_norm
+        if bound is not None and tensors.l2_norm > bound:
+            raise ProtocolError(
+                f"update L2 norm {tensors.l2_norm:.4g} exceeds aggregation.max_update_norm="
+                f"{bound:g}",
+                code="update_norm_too_large",
+            )
         if self.strategy.streaming:
             self.strategy.accumulate(round_index, update, tensors)
             return AcceptedUpdate(update, {})

@@ -58,8 +58,17 @@ class Strategy:
     instead of `aggregate`, so a round never holds every device's tensors at once (full models).
     False: updates are collected and `aggregate` sees them all (median, trimmed mean)."""
 
+    takes_settings: ClassVar[bool] = False
+    """True if the strategy reads `aggregation:` keys (`ctx.settings`); others refuse any, so
+    a misspelt or misplaced key is a one-line error instead of being silently ignored."""
+
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
+        if ctx.settings and not self.takes_settings:
+            raise UserError(
+                f"aggregation.{sorted(ctx.settings)[0]} is not a setting of {self.name} "
+                "(it takes none; max_update_norm applies to every strategy)"
+            )
 
     def update_spec(self) -> Dict[str, Tuple[int, ...]]:
         """Names and shapes an update must have; anything else is refused with a nack."""

@@ -117,9 +117,13 @@ class TensorFile(Mapping[str, "torch.Tensor"]):
     ) -> None:
         self.path = path
         self.compression = self._read_header(expected, allow_dtypes)
+        squares = 0.0
         for name in self._shapes:
             for _, block in self.row_blocks(name):
                 self._check_finite(name, block)
+                squares += float(block.double().square().sum())
+        self.l2_norm = math.sqrt(squares)
+        """Global L2 norm over every tensor (as fp32 values), found while checking them."""
 
     def _read_header(self, expected: Optional[TensorSpec], allow_dtypes: Sequence[str]) -> str:
         from safetensors import safe_open

@@ -44,6 +44,8 @@ def test_written_files_are_safetensors_and_read_back(
     for name, tensor in tensors.items():
         assert received[name].dtype == torch.float32
         assert (received[name] - tensor).abs().max() <= tolerance * tensor.abs().max()
+    expected_norm = torch.cat([received[name].double().flatten() for name in tensors]).norm()
+    assert received.l2_norm == pytest.approx(float(expected_norm), rel=1e-12)
     rows = list(received.row_blocks("encoder.weight", max_bytes=7 * 4 * 64))
     assert [start for start, _ in rows] == list(range(0, 300, 64))
     assert torch.equal(torch.cat([block for _, block in rows]), received["encoder.weight"])
