@@ -39,6 +39,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--local-steps", type=int, default=None, help="per device and round (reproduction only)"
     )
     parser.add_argument(
+        "--seed", type=int, default=0, help="partition + training seed (reproduction only)"
+    )
+    parser.add_argument(
+        "--methods", default=None, help="comma-separated, e.g. federa,lora (reproduction only)"
+    )
+    parser.add_argument(
+        "--only", default=None, help="comma-separated datasets, e.g. sst2 (reproduction only)"
+    )
+    parser.add_argument(
         "--budget-min",
         type=float,
         default=None,
@@ -63,6 +72,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         "clients": args.clients,
         "clients_per_round": args.clients_per_round,
         "local_steps": args.local_steps,
+        "seed": args.seed,
+        "methods": args.methods.split(",") if args.methods else None,
+        "only_datasets": args.only.split(",") if args.only else None,
     }
     failed = []
     for name in names:

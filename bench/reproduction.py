@@ -54,6 +54,8 @@ class Plan:
     local_steps: int
     max_eval_samples: Optional[int]
     step_time_steps: int
+    seed: int = 0
+    """Dirichlet partition and training seed."""
 
 
 def plan(
@@ -62,29 +64,42 @@ def plan(
     clients: Optional[int],
     clients_per_round: Optional[int],
     local_steps: Optional[int] = None,
+    seed: int = 0,
+    methods: Optional[List[str]] = None,
+    datasets: Optional[List[str]] = None,
 ) -> Plan:
+    """The default plan, narrowed to `methods`/`datasets` if given."""
+    chosen_methods = methods or list(METHODS)
+    chosen_datasets = datasets or ["sst2", "20newsgroups"]
+    unknown = sorted(set(chosen_methods) - set(LEARNING_RATES)) + sorted(
+        set(chosen_datasets) - set(FIXED_TARGETS)
+    )
+    if unknown:
+        raise ValueError(f"unknown method or dataset {unknown[0]!r}")
     if quick:
         processes = clients or 2
         return Plan(
-            ["sst2", "20newsgroups"],
-            list(METHODS),
+            chosen_datasets,
+            chosen_methods,
             processes,
             clients_per_round or processes,
             rounds or 2,
             local_steps or 2,
             32,
             1,
+            seed,
         )
     processes = clients or CLIENTS
     return Plan(
-        ["sst2", "20newsgroups"],
-        list(METHODS),
+        chosen_datasets,
+        chosen_methods,
         processes,
         clients_per_round or processes,
         rounds or 10,
         local_steps or 20,
         None,
         5,
+        seed,
     )
 
 
@@ -115,7 +130,8 @@ def experiment(
     dataset: str, data_dir: Path, method: str, setup: Plan, output_dir: Path
 ) -> Dict[str, Any]:
     return {
-        "name": f"repro-{dataset}-{method}",
+        "name": f"repro-{dataset}-{method}-seed{setup.seed}",
+        "seed": setup.seed,
         "model": {"name_or_path": "minilm", "max_length": 64},
         "method": {"name": method},
         "training": {
@@ -125,7 +141,12 @@ def experiment(
         },
         "data": {
             "path": str(data_dir),
-            "partition": {"kind": "dirichlet", "num_clients": CLIENTS, "alpha": ALPHA, "seed": 0},
+            "partition": {
+                "kind": "dirichlet",
+                "num_clients": CLIENTS,
+                "alpha": ALPHA,
+                "seed": setup.seed,
+            },
             "max_eval_samples": setup.max_eval_samples,
         },
         "rounds": {
@@ -335,11 +356,16 @@ def run(
     clients: Optional[int] = None,
     clients_per_round: Optional[int] = None,
     local_steps: Optional[int] = None,
+    seed: int = 0,
+    methods: Optional[List[str]] = None,
+    only_datasets: Optional[List[str]] = None,
     runs_dir: Path = DEFAULT_OUT / "reproduction-runs",
 ) -> Dict[str, Any]:
     """Run dirs (checkpoints, exports: GBs for full fine-tuning) go to `runs_dir`; the JSON,
     Markdown and plots to `out`."""
-    setup = plan(quick, rounds, clients, clients_per_round, local_steps)
+    setup = plan(
+        quick, rounds, clients, clients_per_round, local_steps, seed, methods, only_datasets
+    )
     work = runs_dir
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -352,6 +378,7 @@ def run(
             "dirichlet_clients": CLIENTS,
             "alpha": ALPHA,
             "rounds": setup.rounds,
+            "seed": setup.seed,
             "local_steps": setup.local_steps,
             "batch_size": 16,
             "max_length": 64,
@@ -421,7 +448,8 @@ def markdown(results: Dict[str, Any]) -> str:
         f"α={setup['alpha']} over {setup['dirichlet_clients']} clients; the processes hold "
         f"clients 0–{setup['clients'] - 1}), {setup['local_steps']} local steps × batch "
         f"{setup['batch_size']} per round, ≤ {setup['max_length']} tokens, link "
-        f"{setup['link']}, learning rates {setup['learning_rates']}. Total "
+        f"{setup['link']}, learning rates {setup['learning_rates']}, seed "
+        f"{setup.get('seed', 0)}. Total "
         f"{results['total_wall_s'] / 60:.1f} min.",
         "",
     ]

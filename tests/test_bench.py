@@ -161,3 +161,15 @@ def test_reproduction_costs_to_target_from_a_run_dir(tmp_path: Path) -> None:
     assert hit["energy_j"] is None  # no power sensor: never reported as 0
     assert hit["modelled_device_s"] == 2 * (10 * 0.5 + 2000 / (100e6 / 8))
     assert to_target(rounds, 0.9) is None
+
+
+def test_reproduction_plan_narrows_to_methods_datasets_and_seed() -> None:
+    from bench.reproduction import experiment, plan
+
+    setup = plan(False, None, None, None, seed=3, methods=["federa", "lora"], datasets=["sst2"])
+    assert (setup.methods, setup.datasets, setup.seed) == (["federa", "lora"], ["sst2"], 3)
+    raw = experiment("sst2", Path("data"), "lora", setup, Path("out"))
+    assert raw["seed"] == 3 and raw["data"]["partition"]["seed"] == 3
+    assert raw["name"].endswith("seed3")
+    with pytest.raises(ValueError, match="unknown method or dataset 'fedprox'"):
+        plan(False, None, None, None, methods=["fedprox"])
