@@ -1,7 +1,8 @@
 """FedAvg throughput: the coordinator's aggregation of N updates, LoRA-size and full-model-size.
 
-Two paths on real MiniLM shapes: `streaming` is the default FedAvg strategy (each accepted
-update folded into one fp32 running sum by `accumulate`, then `finalize`), `collected` is
+Two paths on real MiniLM shapes: `streaming` is the default FedAvg strategy (`accumulate`
+keeps a reference to each accepted update; `finalize` sums nₖ·Δₖ in fp64, a few MB of rows at a
+time, in device-id order), `collected` is
 `apply_mean_delta` (all updates held, weighted mean in float64) which non-streaming strategies
 use. Separately, the decode + validation every update passes first (`edge.wire.decode_tensors`
 with the expected spec). Throughput = update bytes in (N × fp32 size) / seconds.
@@ -149,8 +150,9 @@ def markdown(results: Dict[str, Any]) -> str:
     ]
     return "\n".join(
         [
-            "FedAvg: `streaming` = the default strategy (fp32 running sum, accumulate + "
-            "finalize); `collected` = `apply_mean_delta` (float64, all updates held). "
+            "FedAvg: `streaming` = the default strategy (accumulate keeps references, finalize "
+            "sums in fp64 row blocks in device-id order); `collected` = `apply_mean_delta` "
+            "(float64, all updates held). "
             f"Torch threads {results['torch_threads']}.",
             "",
             table(["state", "path", "updates", "MB per update", "median ms", "MB/s"], rows),
