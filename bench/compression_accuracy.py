@@ -7,12 +7,11 @@ FedAvg. Same seeds, data split and training for every dtype: the only difference
 Reported per dtype: validation accuracy and loss after each round, the update size, and the
 relative L2 error of the decoded delta against the fp32 one.
 
-Run: python -m bench.compression_accuracy [--quick]
+Run: python -m bench compression_accuracy [--quick]  (JSON + Markdown under bench/results/)
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ DATASET = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" 
 
 
 def run(quick: bool = False) -> Dict[str, Any]:
-    from coordinator.strategies import FedAvg
+    from coordinator.strategies import FedAvg, ServerContext
     from edge.data import client_shard, load_split
     from edge.methods.base import get_method
     from edge.models import load_tokenizer
@@ -56,7 +55,7 @@ def run(quick: bool = False) -> Dict[str, Any]:
             per_round: List[Dict[str, float]] = []
             size_bytes, errors = 0, []
             for round_index in range(rounds):
-                strategy = FedAvg(ctx=None)  # type: ignore[arg-type]  # no model or data needed
+                strategy = FedAvg(ServerContext.aggregation_only())
                 for client, shard in enumerate(shards):
                     method.set_state(model, global_state)
                     train_local(
@@ -98,7 +97,3 @@ def run(quick: bool = False) -> Dict[str, Any]:
                 "seconds": time.perf_counter() - started,
             }
     return results
-
-
-if __name__ == "__main__":
-    print(json.dumps(run(quick="--quick" in sys.argv[1:]), indent=2))

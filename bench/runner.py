@@ -37,8 +37,9 @@ BENCHES = (
     "transfer_throughput",
     "split_overhead",
 )
-"""What `all` runs, cheapest first. The reproduction is separate: it takes tens of minutes."""
-SEPARATE = ("reproduction",)
+"""What `all` runs, cheapest first. The reproduction (tens of minutes) and the compression
+accuracy study (federated full fine-tuning per update dtype) run only by name."""
+SEPARATE = ("reproduction", "compression_accuracy")
 
 
 def known_benches() -> List[str]:

@@ -309,7 +309,7 @@ def receive_main(url: str, manifests_path: str, global_path: str) -> None:
     each validated (TensorFile) and folded into the streaming FedAvg sum; prints RSS numbers."""
     import psutil
 
-    from coordinator.strategies import FedAvg
+    from coordinator.strategies import FedAvg, ServerContext
     from edge.tensorfile import TensorFile
     from edge.wire import Update
 
@@ -322,7 +322,7 @@ def receive_main(url: str, manifests_path: str, global_path: str) -> None:
         device_id: BlobManifest.model_validate(raw)
         for device_id, raw in json.loads(Path(manifests_path).read_text()).items()
     }
-    strategy = FedAvg(ctx=None)  # type: ignore[arg-type]  # the fold-in needs no model or data
+    strategy = FedAvg(ServerContext.aggregation_only())
     sampled_peak = [baseline]
     done = threading.Event()
 

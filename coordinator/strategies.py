@@ -48,6 +48,21 @@ class ServerContext:
     data_path: str = ""
     """The experiment's data.path: public/auxiliary splits of distillation strategies."""
 
+    @classmethod
+    def aggregation_only(cls, settings: Optional[Dict[str, Any]] = None) -> ServerContext:
+        """For a strategy's aggregation alone (benches, tests): no model, data or network."""
+        return cls(
+            method=None,  # type: ignore[arg-type]
+            model_ref=None,  # type: ignore[arg-type]
+            eval_model=None,
+            tokenizer=None,
+            validation=None,  # type: ignore[arg-type]
+            init=None,
+            torch_device="cpu",
+            settings=settings or {},
+            send=lambda device_id, subtopic, payload: None,
+        )
+
 
 class Strategy:
     """FedAvg over deltas: global + Σ nₖ·Δₖ / Σ nₖ (for LoRA: A, B and the head separately)."""

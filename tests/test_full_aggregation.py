@@ -9,7 +9,13 @@ from typing import Dict, List
 import pytest
 import torch
 
-from coordinator.strategies import AcceptedUpdate, FedAvg, Strategy, apply_mean_delta
+from coordinator.strategies import (
+    AcceptedUpdate,
+    FedAvg,
+    ServerContext,
+    Strategy,
+    apply_mean_delta,
+)
 from edge.tensorfile import UPDATE_DTYPES, TensorFile, write_tensor_file
 from edge.wire import Update, make_manifest
 
@@ -29,7 +35,7 @@ def announced(num_samples: int, round_index: int = 0) -> Update:
 
 def fedavg() -> FedAvg:
     """The fold-in needs no evaluation model or data: no context."""
-    return FedAvg(ctx=None)  # type: ignore[arg-type]
+    return FedAvg(ServerContext.aggregation_only())
 
 
 def deltas(count: int) -> List[Dict[str, torch.Tensor]]:

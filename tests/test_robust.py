@@ -15,18 +15,7 @@ from tests.test_strategies import accepted
 
 def strategy(name: str, **settings: Any) -> Strategy:
     """Only `settings` matter to these strategies' aggregation; the model fields stay empty."""
-    ctx = ServerContext(
-        method=None,  # type: ignore[arg-type]
-        model_ref=None,  # type: ignore[arg-type]
-        eval_model=None,
-        tokenizer=None,
-        validation=None,  # type: ignore[arg-type]
-        init=None,
-        torch_device="cpu",
-        settings=settings,
-        send=lambda device_id, subtopic, payload: None,
-    )
-    return make_strategy(name, ctx)
+    return make_strategy(name, ServerContext.aggregation_only(settings))
 
 
 def updates_of(values: List[List[float]], samples: List[int]) -> List[AcceptedUpdate]:
