@@ -260,8 +260,22 @@ def active_round_s(run_dir: Path) -> Dict[int, float]:
     return {index: end - start - setup.get(index, 0.0) for index, (start, end) in spans.items()}
 
 
+def round_energy_j(run_dir: Path) -> Dict[int, Optional[float]]:
+    """Per round, the devices' energy over every phase in profiles.jsonl, upload included (the
+    round's metrics close before its upload records arrive); None without a power sensor."""
+    from coordinator.server import device_totals
+    from edge.telemetry.records import PhaseRecord
+
+    by_round: Dict[int, List[PhaseRecord]] = {}
+    for raw in _read_jsonl(run_dir / "profiles.jsonl"):
+        record = PhaseRecord.model_validate(raw)
+        by_round.setdefault(record.round_index, []).append(record)
+    return {index: device_totals(records).get("energy_j") for index, records in by_round.items()}
+
+
 def summarize_run(run_dir: Path, local_steps: int, step_s: float) -> Dict[str, Any]:
     active = active_round_s(run_dir)
+    energy = round_energy_j(run_dir)
     rounds = []
     for metric in _read_jsonl(run_dir / "metrics.jsonl"):
         devices = max(1, metric["num_aggregated"])
@@ -279,7 +293,7 @@ def summarize_run(run_dir: Path, local_steps: int, step_s: float) -> Dict[str, A
                 "eval_s": metric["eval_s"],
                 "bytes_up": metric["bytes_up"],
                 "bytes_down": metric["bytes_down"],
-                "energy_j": metric["extra"].get("energy_j"),
+                "energy_j": energy.get(metric["round_index"]),
                 "modelled_device_s": local_steps * step_s
                 + per_device_bytes / MODELLED_LINK_BYTES_PER_S,
             }

@@ -131,14 +131,17 @@ def test_reproduction_costs_to_target_from_a_run_dir(tmp_path: Path) -> None:
             }
         )
 
-    def record(index: int, phase: str, start: float, end: float) -> str:
+    def record(index: int, phase: str, start: float, end: float, energy_j: float) -> str:
         return json.dumps(
             {
+                "experiment": "e",
+                "device_id": "d0",
                 "round_index": index,
                 "phase": phase,
                 "start_unix_s": start,
                 "end_unix_s": end,
                 "duration_s": end - start,
+                "energy_j": energy_j,
             }
         )
 
@@ -146,11 +149,12 @@ def test_reproduction_costs_to_target_from_a_run_dir(tmp_path: Path) -> None:
         "\n".join(metric(i, a) for i, a in enumerate([0.5, 0.6, 0.8])) + "\n"
     )
     profiles = [
-        record(0, "download", 0.0, 1.0),
-        record(0, "setup", 1.0, 41.0),
-        record(0, "upload", 50.0, 60.0),
-        record(1, "download", 100.0, 101.0),
-        record(1, "upload", 110.0, 120.0),
+        record(0, "idle", -5.0, 0.0, 100.0),  # the baseline is no part of a round
+        record(0, "download", 0.0, 1.0, 1.0),
+        record(0, "setup", 1.0, 41.0, 2.0),
+        record(0, "upload", 50.0, 60.0, 3.0),  # arrives after round 0's metrics: still counted
+        record(1, "download", 100.0, 101.0, 4.0),
+        record(1, "upload", 110.0, 120.0, 5.0),
     ]
     (tmp_path / "profiles.jsonl").write_text("\n".join(profiles) + "\n")
     rounds = summarize_run(tmp_path, local_steps=10, step_s=0.5)["rounds"]
@@ -158,8 +162,10 @@ def test_reproduction_costs_to_target_from_a_run_dir(tmp_path: Path) -> None:
     hit = to_target(rounds, 0.6)
     assert hit is not None
     assert (hit["rounds"], hit["wall_s"], hit["bytes"]) == (2, 46.0, 8000)
-    assert hit["energy_j"] is None  # no power sensor: never reported as 0
+    assert hit["energy_j"] == 1 + 2 + 3 + 4 + 5
     assert hit["modelled_device_s"] == 2 * (10 * 0.5 + 2000 / (100e6 / 8))
+    reached = to_target(rounds, 0.8)
+    assert reached is not None and reached["energy_j"] is None  # round 2 measured none: never 0
     assert to_target(rounds, 0.9) is None
 
 
