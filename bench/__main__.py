@@ -48,6 +48,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--only", default=None, help="comma-separated datasets, e.g. sst2 (reproduction only)"
     )
     parser.add_argument(
+        "--resume-runs",
+        action="store_true",
+        help="continue runs an earlier invocation left, up to --rounds (reproduction only)",
+    )
+    parser.add_argument(
         "--budget-min",
         type=float,
         default=None,
@@ -75,6 +80,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "seed": args.seed,
         "methods": args.methods.split(",") if args.methods else None,
         "only_datasets": args.only.split(",") if args.only else None,
+        "resume_runs": args.resume_runs,
     }
     failed = []
     for name in names:

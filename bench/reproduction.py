@@ -130,7 +130,7 @@ def experiment(
     dataset: str, data_dir: Path, method: str, setup: Plan, output_dir: Path
 ) -> Dict[str, Any]:
     return {
-        "name": f"repro-{dataset}-{method}-seed{setup.seed}",
+        "name": f"repro-{dataset}-{method}" + (f"-seed{setup.seed}" if setup.seed else ""),
         "seed": setup.seed,
         "model": {"name_or_path": "minilm", "max_length": 64},
         "method": {"name": method},
@@ -194,13 +194,25 @@ def standalone_step_s(method: str, data_dir: Path, steps: int = 5) -> float:
         torch.set_num_threads(threads)
 
 
-def run_one(raw: Dict[str, Any], clients: int, link: Optional[str], budget_s: float) -> str:
-    """One fleet run; returns how it ended ("completed", "budget", or the error)."""
+def completed_rounds(run_dir: Path) -> int:
+    """Rounds a run directory's checkpoint says are done (0 without one)."""
+    state = run_dir / "checkpoint" / "state.json"
+    return int(json.loads(state.read_text())["completed_round"]) + 1 if state.exists() else 0
+
+
+def run_one(
+    raw: Dict[str, Any], clients: int, link: Optional[str], budget_s: float, resume: bool = False
+) -> str:
+    """One fleet run; returns how it ended ("completed", "budget", or the error). `resume`
+    continues a run directory left by an earlier invocation (up to this one's round count)."""
     from coordinator.config import parse_config
     from coordinator.fleet import run_local_fleet
 
     config = parse_config(raw, raw["name"])
-    if config.run_dir.exists():
+    done = completed_rounds(config.run_dir) if resume else 0
+    if done >= config.rounds.count:
+        return f"completed earlier ({done} rounds)"
+    if config.run_dir.exists() and not done:
         shutil.rmtree(config.run_dir)
     started = time.monotonic()
 
@@ -209,7 +221,14 @@ def run_one(raw: Dict[str, Any], clients: int, link: Optional[str], budget_s: fl
             raise BudgetReached(f"after round {metrics.round_index}")
 
     try:
-        run_local_fleet(config, clients, link=link, own_broker="mosquitto", on_round=on_round)
+        run_local_fleet(
+            config,
+            clients,
+            link=link,
+            own_broker="mosquitto",
+            on_round=on_round,
+            resume=bool(done),
+        )
     except BudgetReached as exc:
         return f"budget ({exc})"
     except Exception as exc:  # one failed run must not lose the others
@@ -373,10 +392,12 @@ def run(
     seed: int = 0,
     methods: Optional[List[str]] = None,
     only_datasets: Optional[List[str]] = None,
+    resume_runs: bool = False,
     runs_dir: Path = DEFAULT_OUT / "reproduction-runs",
 ) -> Dict[str, Any]:
     """Run dirs (checkpoints, exports: GBs for full fine-tuning) go to `runs_dir`; the JSON,
-    Markdown and plots to `out`."""
+    Markdown and plots to `out`. `resume_runs` continues runs an earlier invocation left in
+    `runs_dir` (stopped by its budget) up to `rounds`, and reports every run from its files."""
     setup = plan(
         quick, rounds, clients, clients_per_round, local_steps, seed, methods, only_datasets
     )
@@ -414,7 +435,7 @@ def run(
         left_s = budget_s - (time.monotonic() - started) - STEP_TIME_RESERVE_S
         raw = experiment(dataset, data_dirs[dataset], method, setup, work / "runs")
         run_started = time.monotonic()
-        ended = run_one(raw, setup.clients, link, left_s / (len(pending) - index))
+        ended = run_one(raw, setup.clients, link, left_s / (len(pending) - index), resume_runs)
         entry = results["datasets"].setdefault(dataset, {"methods": {}})
         entry["methods"][method] = {
             "ended": ended,

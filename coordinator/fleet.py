@@ -120,6 +120,7 @@ def run_local_fleet(
     broker_url: Optional[str] = None,
     own_broker: str = "amqtt",
     on_round: Optional[Callable[[RoundMetrics], None]] = None,
+    resume: bool = False,
 ) -> List[RoundMetrics]:
     """Run `config` with `clients` local edge processes; returns the per-round metrics (also in
     `config.run_dir`/metrics.jsonl, next to profiles.jsonl, devices.jsonl and, with a link,
@@ -131,6 +132,7 @@ def run_local_fleet(
         `own_broker` ("amqtt" in this process, or "mosquitto" as a private subprocess) on the
         address devices reach. Everything started is stopped, and every namespace removed, on
         return, error or Ctrl-C.
+    resume: continue the run in `config.run_dir` from its checkpoint (`--resume`).
     """
     import torch
 
@@ -153,7 +155,9 @@ def run_local_fleet(
         else:
             broker_kind = "external"
             devices_url = device_broker_url(broker_url, fleet) if fleet is not None else broker_url
-        coordinator = Coordinator(config, BrokerSpec(url=broker_url), on_round=on_round)
+        coordinator = Coordinator(
+            config, BrokerSpec(url=broker_url), resume=resume, on_round=on_round
+        )
         if fleet is not None:
             write_link_record(config.run_dir, fleet, broker_kind)
         edges = start_edges(devices_url, config, clients, log_dir, fleet)

@@ -179,3 +179,21 @@ def test_reproduction_plan_narrows_to_methods_datasets_and_seed() -> None:
     assert raw["name"].endswith("seed3")
     with pytest.raises(ValueError, match="unknown method or dataset 'fedprox'"):
         plan(False, None, None, None, methods=["fedprox"])
+
+
+def test_reproduction_resume_skips_runs_that_already_finished(
+    tmp_path: Path, sst2_dir: Path
+) -> None:
+    from bench.reproduction import completed_rounds, experiment, plan, run_one
+
+    setup = plan(False, 3, None, None, methods=["lora"], datasets=["sst2"])
+    raw = experiment("sst2", sst2_dir, "lora", setup, tmp_path)
+    run_dir = tmp_path / raw["name"]
+    assert completed_rounds(run_dir) == 0
+    (run_dir / "checkpoint").mkdir(parents=True)
+    (run_dir / "checkpoint" / "state.json").write_text(json.dumps({"completed_round": 2}))
+    assert completed_rounds(run_dir) == 3
+    assert run_one(raw, clients=2, link=None, budget_s=1.0, resume=True) == (
+        "completed earlier (3 rounds)"
+    )
+    assert run_dir.exists(), "a finished run is kept, not started again"
