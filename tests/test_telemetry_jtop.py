@@ -111,6 +111,7 @@ def test_jtop_backend_profiles_energy_per_phase(jtop_run: Dict[str, Any]) -> Non
         sum(train["energy_by_rail_j"][rail] for rail in module_rails), rel=1e-9
     )
     assert train["peak_power_w"] == pytest.approx(12.0)
-    # GPU rail raised 3 W after 0.3 s of a 2.5 s phase; sampled every 0.5 s by the service.
-    assert 3.0 * (2.2 - 0.6) < train["energy_above_idle_j"] < 3.0 * 2.2 + 0.5
+    # GPU rail raised 3 W after ≥ 0.3 s of a ≥ 2.5 s phase (sleeps overrun on a loaded machine:
+    # bound by the measured duration); sampled every 0.5 s by the service.
+    assert 3.0 * (2.2 - 0.6) < train["energy_above_idle_j"] < 3.0 * (duration_s - 0.3) + 0.5
     assert 9.0 * window_s < train["energy_j"] < 12.0 * window_s
