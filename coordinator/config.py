@@ -147,11 +147,38 @@ def load_config(path: str, overrides: Optional[List[str]] = None) -> ExperimentC
     return parse_config(raw, path)
 
 
+RESUME_MAY_CHANGE: Dict[str, Any] = {"broker": True, "output_dir": True, "rounds": {"count"}}
+
+
 def config_digest(config: ExperimentConfig) -> str:
     """Identifies what a resumed run must match (the broker and output dir may change)."""
     import hashlib
 
-    fields = config.model_dump(
-        mode="json", exclude={"broker": True, "output_dir": True, "rounds": {"count"}}
-    )
+    fields = config.model_dump(mode="json", exclude=RESUME_MAY_CHANGE)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resume_conflicts(saved: ExperimentConfig, current: ExperimentConfig) -> List[str]:
+    """`key: old → new` for every setting that differs between a run's saved config and the one
+    it is resumed with. Both are parsed by this version of jetfed, so a setting that a newer
+    version added (at its default) is no conflict."""
+
+    def flat(config: ExperimentConfig) -> Dict[str, Any]:
+        rows: Dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value:
+                for key, item in value.items():
+                    walk(f"{prefix}.{key}" if prefix else str(key), item)
+            else:
+                rows[prefix] = value
+
+        walk("", config.model_dump(mode="json", exclude=RESUME_MAY_CHANGE))
+        return rows
+
+    old, new = flat(saved), flat(current)
+    return [
+        f"{key}: {old.get(key)!r} → {new.get(key)!r}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]

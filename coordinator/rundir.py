@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Tuple
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from coordinator.config import ExperimentConfig, parse_config
 from edge.methods.base import Tensors
 from edge.telemetry.records import PhaseRecord
 from edge.wire import Hello
@@ -86,6 +87,11 @@ class RunDir:
         _atomic_write(
             self.path / "config.yaml", yaml.safe_dump(config_dump, sort_keys=False).encode()
         )
+
+    def load_config(self) -> ExperimentConfig:
+        """The config the run was created with, parsed by this version of jetfed."""
+        path = self.path / "config.yaml"
+        return parse_config(yaml.safe_load(path.read_text()) or {}, str(path))
 
     def exists(self) -> bool:
         return (self.path / "metrics.jsonl").exists() or (

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
-from coordinator.config import ExperimentConfig, config_digest
+from coordinator.config import ExperimentConfig, config_digest, resume_conflicts
 from coordinator.registry import DeviceRegistry
 from coordinator.rundir import CheckpointState, RoundMetrics, RunDir
 from coordinator.strategies import AcceptedUpdate, ServerContext, Strategy, make_strategy
@@ -179,16 +179,16 @@ class Coordinator:
         return max(2, self.validation.num_classes)
 
     def _setup_state(self, resume: bool) -> None:
-        digest = config_digest(self.config)
         if resume and (self.run_dir.checkpoint_dir / "state.json").exists():
+            conflicts = resume_conflicts(self.run_dir.load_config(), self.config)
+            if conflicts:
+                raise UserError(
+                    f"--resume: {self.config.name}'s config changed since the checkpoint "
+                    f"({'; '.join(conflicts[:3])}); only rounds.count and broker may change"
+                )
             state, self.global_state, self.init, self._saved_strategy_state = (
                 self.run_dir.load_checkpoint()
             )
-            if state.config_digest != digest:
-                raise UserError(
-                    f"--resume: {self.config.name}'s config changed since the checkpoint "
-                    "(only rounds.count and broker may change)"
-                )
             self.start_round = state.completed_round + 1
             self.wall_clock_offset_s = state.wall_clock_s
             self.registry.client_indices.update(state.client_indices)

@@ -1,14 +1,17 @@
-"""`--resume` restores what a strategy keeps beyond the global state: split's server half, kd's
-consensus and fedcollm's LLM adapter (each would otherwise restart from scratch). Real
-coordinators on real MiniLM; no round runs, so no broker is contacted."""
+"""`--resume`: it restores what a strategy keeps beyond the global state (split's server half,
+kd's consensus, fedcollm's LLM adapter), refuses a changed config naming the change, and accepts
+a run saved before jetfed grew a setting. Real coordinators on real MiniLM; no round runs, so no
+broker is contacted."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import List
 
 import pytest
 import torch
+import yaml
 
 from coordinator.config import load_config
 from coordinator.distill import KdStrategy
@@ -64,3 +67,33 @@ def test_a_checkpoint_of_another_shape_is_refused(
     wrong = {name: torch.zeros(3) for name in strategy.state()}
     with pytest.raises(UserError, match="does not match"):
         strategy.load_state(wrong)
+
+
+def test_a_changed_setting_is_refused_by_name_a_new_round_count_is_not(
+    tmp_path: Path, minilm_path: str, sst2_dir: Path
+) -> None:
+    path = write_config(tmp_path, "it-resume-config", "lora", sst2_dir, rounds=2)
+    Coordinator(load_config(str(path)), UNUSED_BROKER).save_checkpoint(0, 1.0)
+    with pytest.raises(UserError, match=r"training\.learning_rate: 0\.001 → 0\.002"):
+        Coordinator(load_config(str(path), ["training.learning_rate=0.002"]), UNUSED_BROKER, True)
+    resumed = Coordinator(load_config(str(path), ["rounds.count=5"]), UNUSED_BROKER, resume=True)
+    assert resumed.start_round == 1
+
+
+def test_a_run_saved_before_a_setting_existed_resumes(
+    tmp_path: Path, minilm_path: str, sst2_dir: Path
+) -> None:
+    """An older jetfed wrote config.yaml without settings added since: they take their defaults."""
+    path = write_config(tmp_path, "it-resume-old", "lora", sst2_dir, rounds=2)
+    config = load_config(str(path))
+    Coordinator(config, UNUSED_BROKER).save_checkpoint(0, 1.0)
+    saved = config.run_dir / "config.yaml"
+    raw = yaml.safe_load(saved.read_text())
+    del raw["rounds"]["offline_grace_s"], raw["aggregation"]["max_update_norm"]
+    saved.write_text(yaml.safe_dump(raw))
+    # ...and its checkpoint names a digest of that older config, which no current config has.
+    state_path = config.run_dir / "checkpoint" / "state.json"
+    state = json.loads(state_path.read_text())
+    state["config_digest"] = "0123456789abcdef"
+    state_path.write_text(json.dumps(state))
+    assert Coordinator(config, UNUSED_BROKER, resume=True).start_round == 1
