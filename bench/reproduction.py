@@ -98,7 +98,7 @@ def plan(
         rounds or 10,
         local_steps or 20,
         None,
-        5,
+        10,
         seed,
     )
 
