@@ -476,6 +476,14 @@ def _fmt_target(hit: Optional[Dict[str, Any]]) -> List[Any]:
     ]
 
 
+def _earlier_note(results: Dict[str, Any]) -> str:
+    """Runs continued or skipped with --resume-runs spent most of their time in an earlier call."""
+    runs = [run for entry in results["datasets"].values() for run in entry["methods"].values()]
+    if not any(run["ended"].startswith("completed earlier") for run in runs):
+        return ""
+    return " in this invocation (--resume-runs: the rest ran in an earlier one)"
+
+
 def markdown(results: Dict[str, Any]) -> str:
     setup = results["setup"]
     lines = [
@@ -485,7 +493,7 @@ def markdown(results: Dict[str, Any]) -> str:
         f"{setup['batch_size']} per round, ≤ {setup['max_length']} tokens, link "
         f"{setup['link']}, learning rates {setup['learning_rates']}, seed "
         f"{setup.get('seed', 0)}. Total "
-        f"{results['total_wall_s'] / 60:.1f} min.",
+        f"{results['total_wall_s'] / 60:.1f} min{_earlier_note(results)}.",
         "",
     ]
     for dataset, entry in results["datasets"].items():
