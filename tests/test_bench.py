@@ -164,6 +164,7 @@ def test_reproduction_costs_to_target_from_a_run_dir(tmp_path: Path) -> None:
     assert (hit["rounds"], hit["wall_s"], hit["bytes"]) == (2, 46.0, 8000)
     assert hit["energy_j"] == 1 + 2 + 3 + 4 + 5
     assert hit["modelled_device_s"] == 2 * (10 * 0.5 + 2000 / (100e6 / 8))
+    assert hit["modelled_device_s_slow_link"] == 2 * (10 * 0.5 + 2000 / (10e6 / 8))
     reached = to_target(rounds, 0.8)
     assert reached is not None and reached["energy_j"] is None  # round 2 measured none: never 0
     assert to_target(rounds, 0.9) is None
