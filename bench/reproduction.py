@@ -479,7 +479,7 @@ def _fmt_target(hit: Optional[Dict[str, Any]]) -> List[Any]:
         hit["wall_s"],
         hit["bytes"] / 1e6,
         hit["modelled_device_s"],
-        hit["modelled_device_s_slow_link"],
+        hit.get("modelled_device_s_slow_link"),  # absent in reports from before it existed
         "no sensor" if energy is None else energy,
     ]
 
@@ -533,7 +533,7 @@ def markdown(results: Dict[str, Any]) -> str:
             "wall-clock s (this machine)",
             "MB on the wire",
             f"modelled device s ({setup['modelled_link_mbit_s']:.0f} Mbit/s)",
-            f"… ({setup['slow_link_mbit_s']:.0f} Mbit/s)",
+            f"… ({setup.get('slow_link_mbit_s', SLOW_LINK_BYTES_PER_S * 8 / 1e6):.0f} Mbit/s)",
             "energy J",
         ]
         lines += ["To target:", "", table(header, target_rows), ""]
