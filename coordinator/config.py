@@ -158,25 +158,25 @@ def config_digest(config: ExperimentConfig) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _dotted(value: Any, prefix: str = "") -> Dict[str, Any]:
+    """{"a": {"b": 1}} → {"a.b": 1}; an empty dict stays a value."""
+    if not isinstance(value, dict) or not value:
+        return {prefix: value}
+    rows: Dict[str, Any] = {}
+    for key, item in value.items():
+        rows.update(_dotted(item, f"{prefix}.{key}" if prefix else str(key)))
+    return rows
+
+
 def resume_conflicts(saved: ExperimentConfig, current: ExperimentConfig) -> List[str]:
     """`key: old → new` for every setting that differs between a run's saved config and the one
     it is resumed with. Both are parsed by this version of jetfed, so a setting that a newer
     version added (at its default) is no conflict."""
 
-    def flat(config: ExperimentConfig) -> Dict[str, Any]:
-        rows: Dict[str, Any] = {}
-
-        def walk(prefix: str, value: Any) -> None:
-            if isinstance(value, dict) and value:
-                for key, item in value.items():
-                    walk(f"{prefix}.{key}" if prefix else str(key), item)
-            else:
-                rows[prefix] = value
-
-        walk("", config.model_dump(mode="json", exclude=RESUME_MAY_CHANGE))
-        return rows
-
-    old, new = flat(saved), flat(current)
+    old, new = (
+        _dotted(config.model_dump(mode="json", exclude=RESUME_MAY_CHANGE))
+        for config in (saved, current)
+    )
     return [
         f"{key}: {old.get(key)!r} → {new.get(key)!r}"
         for key in sorted(set(old) | set(new))
