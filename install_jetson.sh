@@ -116,7 +116,7 @@ Service configuration (written to /etc/jetfed/edge.env, mode 600):
   --ca-file FILE         CA certificate for mqtts://
   --cert-file FILE       client certificate (mutual TLS)
   --key-file FILE        client key (mutual TLS)
-  --experiment NAME      experiment to join
+  --experiment NAME      serve only this experiment (default: whichever coordinator runs one)
   --data DIR             data directory, JETFED_DATA (default /var/lib/jetfed)
   --service-user NAME    account that runs the service (default: $SUDO_USER; never root)
 

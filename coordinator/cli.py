@@ -34,6 +34,7 @@ def coordinator_run(
 
     from coordinator.broker import EmbeddedBroker
     from coordinator.config import load_config
+    from coordinator.local_mosquitto import listening
     from coordinator.progress import RoundTable
     from coordinator.server import Coordinator
     from edge.cli import broker_spec
@@ -54,12 +55,18 @@ def coordinator_run(
             given_values = {k: v for k, v in given.items() if v is not None}
             spec = broker_spec(**{**spec.model_dump(), **given_values})
         else:
+            if listening("127.0.0.1", embedded_port):
+                raise UserError(
+                    f"port {embedded_port} on 127.0.0.1 is taken (another broker?): pass "
+                    "--embedded-port PORT for the embedded broker, or --broker URL to use that one"
+                )
             embedded = stack.enter_context(EmbeddedBroker(port=embedded_port))
             typer.echo(f"embedded broker on {embedded.url} (loopback only; devices on other hosts")
             typer.echo("  need Mosquitto: see README 'Deploying on real devices')")
             spec = BrokerSpec(url=embedded.url)
+        coordinator = Coordinator(config, spec, resume=resume)  # config/data/model errors first
         table = stack.enter_context(RoundTable(config, config.rounds.min_clients))
-        coordinator = Coordinator(config, spec, resume=resume, on_round=table.add)
+        coordinator.on_round, coordinator.on_progress = table.add, table.progress
         coordinator.run()
     typer.echo(f"run directory: {config.run_dir}")
 
@@ -95,6 +102,7 @@ def demo(
 
     from coordinator.demo import DEMO_DATA, demo_config, run_demo
     from coordinator.links import LinkSpec
+    from coordinator.progress import plural
 
     link_spec = LinkSpec.parse(link) if link is not None else None
 
@@ -122,7 +130,7 @@ def demo(
     total_s = last.wall_clock_s
     behind = f", devices behind {link_spec} links" if link_spec is not None else ""
     typer.echo(
-        f"done: {len(metrics)} rounds in {total_s:.0f} s, final validation accuracy "
+        f"done: {plural(len(metrics), 'round')} in {total_s:.0f} s, final validation accuracy "
         f"{last.accuracy:.3f}{behind}; run directory {config.run_dir}"
     )
     from profiles.report import build_report

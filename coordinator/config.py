@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -107,13 +107,28 @@ def _describe(error: Any) -> str:
     return f"{where}: {message}"
 
 
-def parse_config(raw: Any, origin: str = "config") -> ExperimentConfig:
+def _blame(where: str, origin: str, overridden: Mapping[str, str]) -> str:
+    """The `--set` option that wrote the failing field, else the config file."""
+    for key, override in overridden.items():
+        if where == key or where.startswith(key + "."):
+            return f"--set {override}"
+    return origin
+
+
+def parse_config(
+    raw: Any, origin: str = "config", overridden: Optional[Mapping[str, str]] = None
+) -> ExperimentConfig:
+    """Validate; a mistake is one line blaming `origin`, or the `--set KEY=VALUE` (in
+    `overridden`, by key) that wrote the failing field."""
     if not isinstance(raw, dict):
         raise UserError(f"{origin}: expected a mapping of sections (name, model, method, data...)")
     try:
         config = ExperimentConfig.model_validate(raw, strict=False)
     except ValidationError as exc:
-        raise UserError(f"{origin}: {_describe(exc.errors()[0])}") from None
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error.get("loc", ()))
+        blamed = _blame(where, origin, overridden or {})
+        raise UserError(f"{blamed}: {_describe(error)}") from None
     if config.rounds.clients_per_round is not None and (
         config.rounds.clients_per_round < config.rounds.min_clients
     ):
@@ -135,16 +150,20 @@ def load_config(path: str, overrides: Optional[List[str]] = None) -> ExperimentC
         raw = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML: {exc}") from None
+    overridden: Dict[str, str] = {}
     for override in overrides or []:
         key, sep, value = override.partition("=")
         if not sep or not key:
-            raise UserError(f"override {override!r} must look like section.key=value")
+            raise UserError(f"--set {override!r} must look like section.key=value")
         target = raw
         parts = key.split(".")
         for part in parts[:-1]:
             target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise UserError(f"--set {override}: {part} is not a section")
         target[parts[-1]] = yaml.safe_load(value)
-    return parse_config(raw, path)
+        overridden[key] = override
+    return parse_config(raw, path, overridden)
 
 
 RESUME_MAY_CHANGE: Dict[str, Any] = {"broker": True, "output_dir": True, "rounds": {"count"}}

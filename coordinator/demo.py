@@ -66,8 +66,6 @@ def run_demo(
     """Run the whole fleet with a live table; returns the per-round metrics."""
     if link is not None:
         require_root()
-    with RoundTable(config, clients) as table:
-        return run_local_fleet(
-            config, clients, link=link, broker_url=broker_url, on_round=table.add
-        )
-    return []
+    return run_local_fleet(
+        config, clients, link=link, broker_url=broker_url, table=RoundTable(config, clients)
+    )

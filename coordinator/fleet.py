@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 from coordinator.config import ExperimentConfig
 from coordinator.links import LinkedFleet, LinkSpec
 from coordinator.local_mosquitto import LocalMosquitto, listening
+from coordinator.progress import RoundTable
 from coordinator.rundir import RoundMetrics
 from edge.errors import UserError
 
@@ -121,6 +122,7 @@ def run_local_fleet(
     own_broker: str = "amqtt",
     on_round: Optional[Callable[[RoundMetrics], None]] = None,
     resume: bool = False,
+    table: Optional[RoundTable] = None,
 ) -> List[RoundMetrics]:
     """Run `config` with `clients` local edge processes; returns the per-round metrics (also in
     `config.run_dir`/metrics.jsonl, next to profiles.jsonl, devices.jsonl and, with a link,
@@ -133,6 +135,8 @@ def run_local_fleet(
         address devices reach. Everything started is stopped, and every namespace removed, on
         return, error or Ctrl-C.
     resume: continue the run in `config.run_dir` from its checkpoint (`--resume`).
+    table: shown (rounds and device progress) once the coordinator is built, so a config, data
+        or model error is its one line, never under an empty table.
     """
     import torch
 
@@ -158,6 +162,9 @@ def run_local_fleet(
         coordinator = Coordinator(
             config, BrokerSpec(url=broker_url), resume=resume, on_round=on_round
         )
+        if table is not None:
+            stack.enter_context(table)
+            coordinator.on_round, coordinator.on_progress = table.add, table.progress
         if fleet is not None:
             write_link_record(config.run_dir, fleet, broker_kind)
         edges = start_edges(devices_url, config, clients, log_dir, fleet)

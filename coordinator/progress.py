@@ -1,8 +1,14 @@
-"""A live per-round table for the terminal (rich), shared by `jetfed demo` and `coordinator run`."""
+"""The run as the terminal shows it, shared by `jetfed demo` and `coordinator run`: on a terminal
+a live per-round table with each device's progress in the round under way (phase, local step
+k/n, bytes moved); elsewhere (a log file, CI) one line per finished round, then the table.
+
+Rounds are numbered from 0 everywhere: the wire, metrics.jsonl, this table, the report, its
+plots and `global/round-NNNN/` (round 0 is the first trained round).
+"""
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from rich.console import Console
 from rich.live import Live
@@ -10,6 +16,7 @@ from rich.table import Table
 
 from coordinator.config import ExperimentConfig
 from coordinator.rundir import RoundMetrics
+from edge.wire import Progress
 
 
 def _bytes(value: float) -> str:
@@ -24,8 +31,32 @@ def _opt(value: Optional[float], fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def progress_text(progress: Progress) -> str:
+    """`demo-01 train 12/50, 298.0 KB down, 0 B up`."""
+    step = f" {progress.step}/{progress.total_steps}" if progress.step is not None else ""
+    return (
+        f"{progress.device_id} {progress.phase}{step}, {_bytes(progress.bytes_received)} down, "
+        f"{_bytes(progress.bytes_sent)} up"
+    )
+
+
+def round_line(m: RoundMetrics) -> str:
+    """One finished round, for output that is not a terminal (as Flower logs every round)."""
+    energy = m.extra.get("energy_j")
+    return (
+        f"round {m.round_index}: {m.status}, {m.num_aggregated}/{m.num_selected} devices, "
+        f"loss {_opt(m.train_loss, '.3f')}, acc {_opt(m.accuracy, '.3f')}, "
+        f"up {_bytes(m.bytes_up)}, down {_bytes(m.bytes_down)}, {m.round_s:.1f} s"
+        + ("" if energy is None else f", {energy:.1f} J")
+    )
+
+
 class RoundTable:
-    """`with RoundTable(config, clients) as table: ... table.add(metrics)`."""
+    """`with RoundTable(config, clients) as table: ... table.progress(p); table.add(metrics)`."""
 
     def __init__(
         self, config: ExperimentConfig, clients: int, console: Optional[Console] = None
@@ -33,23 +64,31 @@ class RoundTable:
         self.config = config
         self.clients = clients
         self.rows: List[RoundMetrics] = []
+        self.devices: Dict[str, Progress] = {}
         self.console = console or Console()
-        self._live = Live(
-            self._render(), console=self.console, refresh_per_second=2, transient=False
+        self._live: Optional[Live] = None
+        if self.console.is_terminal:
+            self._live = Live(
+                self._render(), console=self.console, refresh_per_second=2, transient=False
+            )
+
+    @property
+    def title(self) -> str:
+        cfg = self.config
+        return (
+            f"jetfed {cfg.name}: {cfg.method.name} on {cfg.model.name_or_path}, "
+            f"{plural(self.clients, 'device')}, {plural(cfg.rounds.count, 'round')}"
         )
 
     def _render(self) -> Table:
         cfg = self.config
-        table = Table(
-            title=f"jetfed {cfg.name}: {cfg.method.name} on {cfg.model.name_or_path}, "
-            f"{self.clients} devices, {cfg.rounds.count} rounds",
-        )
+        table = Table(title=self.title, min_width=len(self.title), caption_justify="left")
         for column in ("round", "devices", "loss", "acc", "up", "down", "s", "J", "mem"):
             table.add_column(column, justify="right", no_wrap=True)
         for m in self.rows:
             peak = m.extra.get("peak_rss_bytes")
             table.add_row(
-                str(m.round_index + 1),
+                str(m.round_index),
                 f"{m.num_aggregated}/{m.num_selected}",
                 _opt(m.train_loss, ".3f"),
                 _opt(m.accuracy, ".3f"),
@@ -60,18 +99,41 @@ class RoundTable:
                 "n/a" if peak is None else f"{peak / 1e6:.0f} MB",
             )
         if len(self.rows) < cfg.rounds.count:
-            table.caption = "waiting for devices and updates..." if not self.rows else "training..."
+            if self.devices:
+                round_index = max(p.round_index for p in self.devices.values())
+                lines = [progress_text(self.devices[d]) for d in sorted(self.devices)]
+                table.caption = f"round {round_index}:\n  " + "\n  ".join(lines)
+            else:
+                table.caption = "waiting for devices and updates..."
         return table
+
+    def _refresh(self) -> None:
+        if self._live is not None:
+            self._live.update(self._render())
+
+    def progress(self, report: Progress) -> None:
+        """A device's progress in the round under way (the coordinator's `on_progress`)."""
+        self.devices[report.device_id] = report
+        self._refresh()
 
     def add(self, metrics: RoundMetrics) -> None:
         self.rows.append(metrics)
-        self._live.update(self._render())
+        self.devices = {}
+        if self._live is None:
+            self.console.print(round_line(metrics))
+        self._refresh()
 
     def __enter__(self) -> RoundTable:
-        self._live.start()
+        if self._live is not None:
+            self._live.start()
+        else:
+            self.console.print(f"{self.title}; waiting for devices...")
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        self._live.update(self._render())
-        self._live.stop()
+        if self._live is not None:
+            self._live.update(self._render())
+            self._live.stop()
+        elif self.rows:
+            self.console.print(self._render())
         self.console.print()

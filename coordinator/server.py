@@ -31,11 +31,13 @@ from edge.tensorfile import UPDATE_DTYPES, TensorFile
 from edge.transfer import BlobServer, Download, TransferTimeout
 from edge.wire import (
     Ack,
+    Announcement,
     ChunkRequest,
     Hello,
     ModelRef,
     Nack,
     ProfileBatch,
+    Progress,
     Task,
     Topics,
     Update,
@@ -46,7 +48,16 @@ from edge.wire import (
 
 logger = logging.getLogger(__name__)
 
-DEVICE_TO_COORDINATOR = ("status", "hello", "update", "profile", "want", "up/#", "exchange/up/#")
+DEVICE_TO_COORDINATOR = (
+    "status",
+    "hello",
+    "update",
+    "profile",
+    "progress",
+    "want",
+    "up/#",
+    "exchange/up/#",
+)
 LAST_UPLOAD_RECORDS_WAIT_S = 5.0
 MAX_REJECTED_CHUNKS = 16
 """A device whose chunks keep failing their checks is refused, not re-asked forever."""
@@ -93,12 +104,15 @@ class Coordinator:
         broker: BrokerSpec,
         resume: bool = False,
         on_round: Optional[Callable[[RoundMetrics], None]] = None,
+        on_progress: Optional[Callable[[Progress], None]] = None,
     ) -> None:
         self.config = config
         self.broker = broker
         self.topics = Topics(config.name)
         self.run_dir = RunDir(config.run_dir)
         self.on_round = on_round
+        self.on_progress = on_progress
+        """Told each selected device's validated progress reports (the live table)."""
         self._stop = False
         if self.run_dir.exists() and not resume:
             raise UserError(
@@ -150,7 +164,10 @@ class Coordinator:
             broker,
             client_id=f"jetfed-coordinator-{config.name}",
             subscriptions=[self.topics.all_devices(leaf) for leaf in DEVICE_TO_COORDINATOR],
+            will=(self.topics.coordinator, b""),
+            on_connected=self._announce,
         )
+        self._started_unix_s = time.time()
         self.link.on_topic(self._is_want, self._serve_want)
         self._inbound: Optional[_Inbound] = None
         self._profile_keys = {profile_key(r) for r in self.run_dir.read_profiles()}
@@ -200,6 +217,14 @@ class Coordinator:
         self.run_dir.create(self.config.model_dump(mode="json", exclude={"broker"}))
 
     # ------------------------------------------------------------------ paho thread
+
+    def _announce(self) -> None:
+        """On every (re)connect: the retained announcement devices that are not pinned to an
+        experiment join by (cleared at the end of the run, or by the last will)."""
+        announcement = Announcement(
+            experiment=self.config.name, started_unix_s=self._started_unix_s
+        )
+        self.link.publish(self.topics.coordinator, encode_message(announcement), retain=True)
 
     def _publish_raw(self, topic: str, payload: bytes) -> None:
         self._round_bytes["down"] += self.link.publish(topic, payload)
@@ -251,6 +276,7 @@ class Coordinator:
             self._await_upload_records(LAST_UPLOAD_RECORDS_WAIT_S)
         finally:
             self.link.publish(self.topics.task, b"", retain=True)
+            self.link.publish(self.topics.coordinator, b"", retain=True)
             self.link.wait_published(5)
             self.link.close()
             self.run_dir.write_profile_tables()
@@ -416,7 +442,8 @@ class Coordinator:
             if time.monotonic() > deadline:
                 raise UserError(
                     f"only {len(eligible)} of rounds.min_clients={rounds.min_clients} devices "
-                    f"joined within {rounds.wait_for_devices_s:.0f} s (ready: {ready})"
+                    f"joined within {rounds.wait_for_devices_s:.0f} s (ready: {ready}); a device "
+                    "pinned with --experiment/JETFED_EXPERIMENT serves only that experiment"
                 )
         count = rounds.clients_per_round or len(eligible)
         rng = random.Random(self.config.seed * 7919 + round_index)
@@ -495,6 +522,8 @@ class Coordinator:
                 self._on_chunk(device_id, rest[0], rest[1], payload)
             elif leaf == "profile":
                 self._on_profile(device_id, payload)
+            elif leaf == "progress":
+                self._on_progress(device_id, payload)
             elif leaf == "exchange" and len(rest) >= 2 and rest[0] == "up":
                 self.strategy.on_exchange(device_id, "/".join(rest[1:]), payload)
         except ProtocolError as exc:
@@ -551,6 +580,20 @@ class Coordinator:
         batch = parse_message(ProfileBatch, payload)
         self._check_sender(device_id, batch.device_id)
         self._store_profiles(device_id, batch.records)
+
+    def _on_progress(self, device_id: str, payload: bytes) -> None:
+        """Display only: a report of a device selected for the round in progress."""
+        progress = parse_message(Progress, payload)
+        self._check_sender(device_id, progress.device_id)
+        inbound = self._inbound
+        if (
+            self.on_progress is not None
+            and inbound is not None
+            and inbound.collecting
+            and progress.round_index == inbound.round_index
+            and device_id in inbound.task.selected_devices
+        ):
+            self.on_progress(progress)
 
     def _store_profiles(self, device_id: str, records: List[PhaseRecord]) -> None:
         """Append records not seen before (devices re-send until an update carries them)."""

@@ -26,6 +26,7 @@ from edge.exchange import Exchange
 from edge.logs import log_event
 from edge.methods.base import FederatedMethod, LocalRound, available_methods, get_method
 from edge.mqtt import BrokerSpec, MqttLink
+from edge.progress import ProgressReporter
 from edge.telemetry.context import DeviceContext
 from edge.telemetry.phases import PhaseCounters, Profiler
 from edge.telemetry.records import PhaseRecord
@@ -56,7 +57,8 @@ class EdgeConfig(BaseModel):
 
     broker: BrokerSpec
     device_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    experiment: str = "default"
+    experiment: Optional[str] = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    """Pinned experiment; None: serve whichever coordinator announces itself (edge.lobby)."""
     data: Optional[str] = None
     train_split: str = "train"
     torch_device: Optional[str] = None
@@ -90,6 +92,8 @@ class RoundAbandoned(Exception):
 
 class EdgeAgent:
     def __init__(self, config: EdgeConfig) -> None:
+        if config.experiment is None:
+            raise ValueError("EdgeAgent serves one experiment; edge.lobby.Lobby picks it")
         self.config = config
         self.topics = Topics(config.experiment)
         self.device_id = config.device_id
@@ -123,6 +127,14 @@ class EdgeAgent:
         pull_topic = dev(self.device_id, "pull")
         self.link.on_topic(lambda topic: topic == pull_topic, self._serve_pull)
         self.exchange = Exchange(self.topics, self.device_id, self.link.publish)
+        progress_topic = dev(self.device_id, "progress")
+        self.progress = ProgressReporter(
+            self.device_id,
+            lambda payload: self.link.publish(progress_topic, payload),
+            self.link.counters,
+        )
+        self.profiler.on_phase = self.progress.phase
+        self.profiler.on_step = self.progress.step
         prefix = self.exchange.down_prefix
         self.link.on_topic(lambda topic: topic.startswith(prefix), self.exchange.deliver)
 
@@ -184,6 +196,15 @@ class EdgeAgent:
             torch.set_num_threads(self.config.num_threads)
         self._start_telemetry()
         self.link.connect()
+        log_event(
+            logger,
+            logging.INFO,
+            "edge.waiting",
+            device_id=self.device_id,
+            broker=self.config.broker.url,
+            experiment=self.topics.experiment,
+            listening=self.topics.task,
+        )
         try:
             while not self._stop.is_set():
                 if max_rounds is not None and len(self._finished_rounds) >= max_rounds:

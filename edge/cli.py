@@ -37,7 +37,11 @@ def edge_run(
     data: Optional[str] = typer.Option(
         None, envvar="JETFED_DATA", help="Local dataset folder or file."
     ),
-    experiment: str = typer.Option("default", envvar="JETFED_EXPERIMENT", help="Experiment name."),
+    experiment: Optional[str] = typer.Option(
+        None,
+        envvar="JETFED_EXPERIMENT",
+        help="Serve only this experiment (default: whichever coordinator announces a run).",
+    ),
     username: Optional[str] = typer.Option(None, envvar="JETFED_USERNAME"),
     password: Optional[str] = typer.Option(None, envvar="JETFED_PASSWORD"),
     ca_file: Optional[str] = typer.Option(None, envvar="JETFED_CA_FILE"),
@@ -77,10 +81,12 @@ def edge_run(
         help="How this device reaches the broker (e.g. 100mbit,20ms or wifi); kept in profiles.",
     ),
 ) -> None:
-    """Join an experiment and train whenever the coordinator selects this device."""
+    """Serve experiments: train whenever a coordinator selects this device."""
     from pydantic import ValidationError
 
     from edge.agent import EdgeAgent, EdgeConfig
+    from edge.lobby import Lobby
+    from edge.logs import show_progress
 
     spec = broker_spec(
         url=broker,
@@ -108,7 +114,8 @@ def edge_run(
         raise flag_error(exc) from None
     if data is None:
         raise UserError("--data is required: the device's local dataset (folder or file)")
-    agent = EdgeAgent(config)
+    show_progress("edge.agent", "edge.lobby", "edge.progress")
+    agent = EdgeAgent(config) if experiment is not None else Lobby(config)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         agent.run(max_rounds=max_rounds)

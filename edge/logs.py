@@ -25,6 +25,15 @@ def configure_logging(verbosity: int = 0, stream: Any = None) -> None:
         logging.getLogger("amqtt").setLevel(logging.CRITICAL)
 
 
+def show_progress(*logger_names: str) -> None:
+    """For commands whose progress is their output (a device serving rounds): these loggers
+    log INFO even at the default verbosity."""
+    for name in logger_names:
+        named = logging.getLogger(name)
+        if not named.isEnabledFor(logging.INFO):
+            named.setLevel(logging.INFO)
+
+
 def _fmt(value: Any) -> str:
     text = str(value)
     return repr(text) if (" " in text or not text) else text

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 
@@ -81,8 +81,10 @@ def train_local(
     device: str,
     seed: int,
     loss_fn: Optional[Any] = None,
+    on_step: Optional[Callable[[int, int], None]] = None,
 ) -> TrainStats:
-    """Train the model's trainable parameters in place; `loss_fn(model, batch)` overrides CE."""
+    """Train the model's trainable parameters in place; `loss_fn(model, batch)` overrides CE;
+    `on_step(k, n)` is told after each of the n steps (progress reports)."""
     import torch
 
     torch.manual_seed(seed)
@@ -95,7 +97,7 @@ def train_local(
     steps = planned_steps(training, len(dataset))
     total_loss = 0.0
     samples_seen = 0
-    for indices in batch_indices(len(dataset), training.batch_size, steps, seed):
+    for step, indices in enumerate(batch_indices(len(dataset), training.batch_size, steps, seed)):
         batch = tokenize_batch(tokenizer, dataset, indices, max_length, device)
         loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
@@ -105,6 +107,8 @@ def train_local(
         optimizer.step()
         total_loss += float(loss.detach())
         samples_seen += len(indices)
+        if on_step is not None:
+            on_step(step + 1, steps)
     model.eval()
     return TrainStats(steps=steps, samples_seen=samples_seen, mean_loss=total_loss / steps)
 

@@ -53,6 +53,10 @@ class Topics:
     def task(self) -> str:
         return f"{self.root}/task"
 
+    @property
+    def coordinator(self) -> str:
+        return f"{self.root}/coordinator"
+
     def device(self, device_id: str, leaf: str) -> str:
         return f"{self.root}/devices/{device_id}/{leaf}"
 
@@ -71,6 +75,20 @@ class Topics:
         if len(parts) < 2 or not re.fullmatch(ID_PATTERN, parts[0]):
             raise ProtocolError(f"topic {topic!r} has no valid device id")
         return parts[0], parts[1], parts[2:]
+
+
+ANNOUNCEMENTS = "jetfed/+/coordinator"
+"""Where a device that is not pinned to an experiment listens for running coordinators."""
+
+
+def announcement_experiment(topic: str) -> str:
+    """`jetfed/EXP/coordinator` → EXP; ProtocolError for any other topic."""
+    parts = topic.split("/")
+    if len(parts) != 3 or parts[0] != "jetfed" or parts[2] != "coordinator":
+        raise ProtocolError(f"topic {topic!r} is not an announcement")
+    if not re.fullmatch(ID_PATTERN, parts[1]):
+        raise ProtocolError(f"topic {topic!r} has no valid experiment name")
+    return parts[1]
 
 
 # --------------------------------------------------------------------------- messages
@@ -166,6 +184,15 @@ class Task(WireModel):
     deadline_unix_s: float
 
 
+class Announcement(WireModel):
+    """A running coordinator (retained on `coordinator`, cleared at the end or by its will):
+    devices that are not pinned to an experiment join the one that announces itself."""
+
+    schema_version: int = SCHEMA_VERSION
+    experiment: str = Field(pattern=ID_PATTERN)
+    started_unix_s: float
+
+
 class Hello(WireModel):
     """A device's capabilities, sent on every (re)connect."""
 
@@ -239,6 +266,21 @@ class ProfileBatch(WireModel):
     device_id: str = Field(pattern=ID_PATTERN)
     round_index: int = Field(ge=0)
     records: List[PhaseRecord] = Field(max_length=10000)
+
+
+PROGRESS_PHASES = ("download", "setup", "train", "upload")
+
+
+class Progress(WireModel):
+    """Where a device is in its round, for the live table (small, rate-limited by the device)."""
+
+    device_id: str = Field(pattern=ID_PATTERN)
+    round_index: int = Field(ge=0)
+    phase: str = Field(pattern="^(" + "|".join(PROGRESS_PHASES) + ")$")
+    step: Optional[int] = Field(default=None, ge=0)
+    total_steps: Optional[int] = Field(default=None, ge=1)
+    bytes_received: int = Field(ge=0)
+    bytes_sent: int = Field(ge=0)
 
 
 M = TypeVar("M", bound=BaseModel)

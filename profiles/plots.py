@@ -50,17 +50,22 @@ def _save(figure: Any, path: Path) -> Path:
     return path
 
 
-def plot_accuracy(summaries: Sequence[RunSummary], out_dir: Path) -> List[Path]:
+def plot_accuracy(
+    summaries: Sequence[RunSummary], out_dir: Path, with_energy: bool = True
+) -> List[Path]:
+    """Accuracy vs cumulative wall-clock, and vs energy when any run measured it."""
     plt = _pyplot()
     paths = []
     figure, axes = plt.subplots(figsize=(7, 4))
     for s in summaries:
         times = [c.wall_clock_s for c in s.costs]
         axes.plot(times, [c.accuracy for c in s.costs], "o-", label=s.label)
-    axes.set_xlabel("wall-clock (s)")
+    axes.set_xlabel("wall-clock since the run began (s)")
     axes.set_ylabel("validation accuracy")
     axes.legend()
     paths.append(_save(figure, out_dir / "accuracy_vs_time.png"))
+    if not with_energy:
+        return paths
     figure, axes = plt.subplots(figsize=(7, 4))
     measured = [s for s in summaries if all(e is not None for e in cumulative_energy_j(s.costs))]
     for s in measured:
@@ -94,7 +99,7 @@ def plot_energy_by_phase(summaries: Sequence[RunSummary], out_dir: Path) -> Path
             color = PHASE_COLORS.get(phase)
             axes.bar(x, heights, bottom=bottom, label=phase, color=color)
             bottom = [b + h for b, h in zip(bottom, heights)]
-        axes.set_xlabel("round index")
+        axes.set_xlabel("round")
         axes.set_ylabel("energy, all devices (J)")
         axes.set_xticks(x)
         axes.legend(fontsize="small")
@@ -129,7 +134,7 @@ def plot_power_trace(summaries: Sequence[RunSummary], round_index: int, out_dir:
         len(summaries), 1, figsize=(8, 3 * len(summaries) + 0.5), squeeze=False
     )
     for axes, s in zip(grid[:, 0], summaries):
-        axes.set_title(f"{s.label}: round index {round_index}")
+        axes.set_title(f"{s.label}: round {round_index}")
         records = [
             r for r in s.run.profiles if r.round_index == round_index and r.phase != BASELINE_PHASE
         ]
@@ -185,7 +190,7 @@ def plot_bytes(summaries: Sequence[RunSummary], out_dir: Path) -> Path:
             hatch="//",
         )
     axes.set_xticks(rounds)
-    axes.set_xlabel("round index")
+    axes.set_xlabel("round")
     axes.set_ylabel("MQTT bytes, all devices (MB)")
     axes.legend(fontsize="small")
     return _save(figure, out_dir / "bytes_per_round.png")

@@ -125,6 +125,7 @@ def _round_table(s: RunSummary) -> TableBlock:
         [
             str(c.round_index),
             fmt(c.accuracy, 4),
+            fmt(c.round_s),
             fmt(c.wall_clock_s),
             fmt_bytes(c.bytes_up),
             fmt_bytes(c.bytes_down),
@@ -137,7 +138,8 @@ def _round_table(s: RunSummary) -> TableBlock:
     headers = [
         "round",
         "accuracy",
-        "wall-clock (s)",
+        "round (s)",
+        "cumulative (s)",
         "bytes up",
         "bytes down",
         "energy (J)",
@@ -227,14 +229,19 @@ def build_report(
     targets = [] if target is None else [to_target(s.label, s.costs, target) for s in summaries]
     memory = [memory_row(s.label, s.run.profiles) for s in summaries]
     chosen_round = _pick_round(summaries, round_index)
-    trace = plot_power_trace(summaries, chosen_round, out_dir)
+    has_energy = any(c.energy_j is not None for s in summaries for c in s.costs) or any(
+        v is not None for s in summaries for c in s.costs for v in c.energy_by_phase_j.values()
+    )
+    has_power = any(r.power_trace for s in summaries for r in s.run.profiles)
+    trace = plot_power_trace(summaries, chosen_round, out_dir) if has_power else None
     images = [
-        *plot_accuracy(summaries, out_dir),
-        plot_energy_by_phase(summaries, out_dir),
-        trace,
+        *plot_accuracy(summaries, out_dir, with_energy=has_energy),
+        *([plot_energy_by_phase(summaries, out_dir)] if has_energy else []),
+        *([trace] if trace is not None else []),
         plot_peak_memory(memory, out_dir),
         plot_bytes(summaries, out_dir),
     ]
+    backends = sorted({b for s in summaries for b in s.backends}) or ["none"]
     blocks: List[Block] = [
         Heading(1, "jetfed profile report"),
         Paragraph(
@@ -242,8 +249,18 @@ def build_report(
             "summed over devices and phases (download, setup, train, eval, upload); the idle "
             "baseline measured before the first round is listed per device, not counted. "
             "n/a: a device had no power sensor (or a phase lacks it). "
-            "Wall-clock and bytes (MQTT, both directions, all devices) are the coordinator's."
+            "Wall-clock and bytes (MQTT, both directions, all devices) are the coordinator's; "
+            "rounds are numbered from 0, as in the live table and `global/round-NNNN/`."
         ),
+    ]
+    if not has_energy:
+        blocks.append(
+            Paragraph(
+                f"No device had a power sensor (telemetry: {', '.join(backends)}): energy is "
+                "n/a throughout, and the energy and power plots are left out."
+            )
+        )
+    blocks += [
         _overview(summaries),
         Heading(2, "To target accuracy"),
     ]
@@ -256,16 +273,26 @@ def build_report(
     blocks += [
         Heading(2, "Accuracy"),
         Image("accuracy vs wall-clock", "accuracy_vs_time.png"),
-        Image("accuracy vs energy", "accuracy_vs_energy.png"),
+    ]
+    if has_energy:
+        blocks.append(Image("accuracy vs energy", "accuracy_vs_energy.png"))
+    blocks += [
         Heading(2, "Per round"),
+        Paragraph("round (s): that round alone; cumulative (s): from the start through it."),
     ]
     for s in summaries:
         blocks += [Heading(3, s.label), _round_table(s)]
+    if has_energy:
+        blocks += [
+            Heading(2, "Energy per round by phase"),
+            Image("energy per round by phase", "energy_per_round_by_phase.png"),
+        ]
+    if trace is not None:
+        blocks += [
+            Heading(2, f"Power per device, round {chosen_round}"),
+            Image("power trace", trace.name),
+        ]
     blocks += [
-        Heading(2, "Energy per round by phase"),
-        Image("energy per round by phase", "energy_per_round_by_phase.png"),
-        Heading(2, f"Power per device, round index {chosen_round}"),
-        Image("power trace", trace.name),
         Heading(2, "Peak memory"),
         _memory_table(memory),
         Image("peak memory", "peak_memory.png"),

@@ -42,7 +42,10 @@ class RoundCost:
 
     round_index: int
     accuracy: Optional[float]
+    round_s: float
+    """This round alone (the live table's `s`)."""
     wall_clock_s: float
+    """From the start of the run through this round (cumulative)."""
     bytes_up: int
     bytes_down: int
     energy_j: Optional[float]
@@ -66,6 +69,7 @@ def round_costs(run: RunRecords) -> List[RoundCost]:
             RoundCost(
                 round_index=metrics.round_index,
                 accuracy=metrics.accuracy,
+                round_s=metrics.round_s,
                 wall_clock_s=metrics.wall_clock_s,
                 bytes_up=metrics.bytes_up,
                 bytes_down=metrics.bytes_down,

@@ -41,6 +41,7 @@ from edge.wire import (
     Hello,
     Nack,
     ProfileBatch,
+    Progress,
     Task,
     Topics,
     Update,
@@ -230,6 +231,17 @@ def _templates(task: Task) -> Dict[str, Dict[str, Any]]:
         "want": to_json_dict(
             ChunkRequest(device_id="fz-2", digest=task.global_state.digest, indices=[7])
         ),
+        "progress": to_json_dict(
+            Progress(
+                device_id="fz-2",
+                round_index=task.round_index,
+                phase="train",
+                step=3,
+                total_steps=50,
+                bytes_received=1000,
+                bytes_sent=10,
+            )
+        ),
     }
 
 
@@ -238,6 +250,7 @@ MODELS: Dict[str, Type[BaseModel]] = {
     "update": Update,
     "profile": ProfileBatch,
     "want": ChunkRequest,
+    "progress": Progress,
 }
 device_ids = st.one_of(
     st.sampled_from(["fz-2", "fz-2", "fz-2", "stranger"]),
@@ -250,7 +263,11 @@ def coordinator_messages(draw: Any, task: Task) -> Tuple[str, bytes, bool]:
     """(topic, payload, whether a rejection log line is required)."""
     topics = Topics(NAME)
     device_id = draw(device_ids)
-    leaf = draw(st.sampled_from(["status", "hello", "update", "profile", "want", "up", "exchange"]))
+    leaf = draw(
+        st.sampled_from(
+            ["status", "hello", "update", "profile", "progress", "want", "up", "exchange"]
+        )
+    )
     templates = _templates(task)
     bad_id = not _valid_id(device_id)
     if leaf == "status":

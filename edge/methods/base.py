@@ -137,6 +137,7 @@ class FederatedMethod(ABC):
             device=job.device,
             seed=job.seed,
             loss_fn=loss_fn,
+            on_step=job.profiler.step,
         )
 
     def local_round(self, job: LocalRound) -> LocalResult:

@@ -7,7 +7,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import psutil
 
@@ -73,6 +73,10 @@ class Profiler:
         self._records: List[PhaseRecord] = []
         self._lock = threading.Lock()
         self._process = psutil.Process(os.getpid())
+        self.on_phase: Optional[Callable[[str, int], None]] = None
+        """Told (phase, round_index) when a phase starts: the device's progress reports."""
+        self.on_step: Optional[Callable[[int, int], None]] = None
+        """Told (step, total_steps) after each local training step."""
 
     @property
     def backend_name(self) -> str:
@@ -100,6 +104,8 @@ class Profiler:
         window = self.sampler.open_window() if self.sampler is not None else None
         start_unix_s = time.time()
         start_s = time.perf_counter()
+        if self.on_phase is not None:
+            self.on_phase(phase, round_index)
         try:
             yield counters
         finally:
@@ -126,6 +132,11 @@ class Profiler:
             counters.record = record
             with self._lock:
                 self._records.append(record)
+
+    def step(self, step: int, total_steps: int) -> None:
+        """The training loop's progress, passed on to `on_step`."""
+        if self.on_step is not None:
+            self.on_step(step, total_steps)
 
     def _apply(self, record: PhaseRecord, summary: WindowSummary) -> None:
         """Fill the record's telemetry fields from the sampler's summary of the phase."""
