@@ -23,6 +23,17 @@ def free_loopback_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def port_taken(host: str, port: int) -> bool:
+    """Whether another socket holds `host:port` (listening or merely bound)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 class EmbeddedBroker:
     """`with EmbeddedBroker() as broker: broker.url` — an amqtt broker on 127.0.0.1."""
 

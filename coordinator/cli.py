@@ -32,9 +32,8 @@ def coordinator_run(
     JETFED_* variables, e.g. broker-config's coordinator.env) override the config's `broker:`."""
     from contextlib import ExitStack
 
-    from coordinator.broker import EmbeddedBroker
+    from coordinator.broker import EmbeddedBroker, port_taken
     from coordinator.config import load_config
-    from coordinator.local_mosquitto import listening
     from coordinator.progress import RoundTable
     from coordinator.server import Coordinator
     from edge.cli import broker_spec
@@ -55,7 +54,7 @@ def coordinator_run(
             given_values = {k: v for k, v in given.items() if v is not None}
             spec = broker_spec(**{**spec.model_dump(), **given_values})
         else:
-            if listening("127.0.0.1", embedded_port):
+            if port_taken("127.0.0.1", embedded_port):
                 raise UserError(
                     f"port {embedded_port} on 127.0.0.1 is taken (another broker?): pass "
                     "--embedded-port PORT for the embedded broker, or --broker URL to use that one"

@@ -69,7 +69,7 @@ class RoundTable:
         self._live: Optional[Live] = None
         if self.console.is_terminal:
             self._live = Live(
-                self._render(), console=self.console, refresh_per_second=2, transient=False
+                self.render(), console=self.console, refresh_per_second=2, transient=False
             )
 
     @property
@@ -80,7 +80,7 @@ class RoundTable:
             f"{plural(self.clients, 'device')}, {plural(cfg.rounds.count, 'round')}"
         )
 
-    def _render(self) -> Table:
+    def render(self) -> Table:
         cfg = self.config
         table = Table(title=self.title, min_width=len(self.title), caption_justify="left")
         for column in ("round", "devices", "loss", "acc", "up", "down", "s", "J", "mem"):
@@ -109,7 +109,7 @@ class RoundTable:
 
     def _refresh(self) -> None:
         if self._live is not None:
-            self._live.update(self._render())
+            self._live.update(self.render())
 
     def progress(self, report: Progress) -> None:
         """A device's progress in the round under way (the coordinator's `on_progress`)."""
@@ -132,8 +132,8 @@ class RoundTable:
 
     def __exit__(self, *exc_info: Any) -> None:
         if self._live is not None:
-            self._live.update(self._render())
+            self._live.update(self.render())
             self._live.stop()
         elif self.rows:
-            self.console.print(self._render())
+            self.console.print(self.render())
         self.console.print()
