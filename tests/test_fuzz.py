@@ -386,6 +386,29 @@ def test_fuzz_through_the_broker_gets_nacks(live_round: Round, captured: Capture
     )
 
 
+def test_progress_of_a_selected_device_reaches_the_table_and_a_strangers_does_not(
+    live_round: Round,
+) -> None:
+    seen: List[Progress] = []
+    coordinator = live_round.coordinator
+    coordinator.on_progress = seen.append
+    for device_id in ("stranger", "fz-2"):
+        report = Progress(
+            device_id=device_id,
+            round_index=live_round.task.round_index,
+            phase="train",
+            step=1,
+            total_steps=3,
+            bytes_received=10,
+            bytes_sent=0,
+        )
+        topic = Topics(NAME).device(device_id, "progress")
+        coordinator.link.inbox.put((topic, report.model_dump_json().encode()))
+    live_round.settle()
+    coordinator.on_progress = None
+    assert [p.device_id for p in seen] == ["fz-2"]
+
+
 def test_after_the_fuzz_legit_updates_are_accepted_and_aggregated(
     live_round: Round, captured: Captured
 ) -> None:
