@@ -317,6 +317,15 @@ def test_python_pbkdf2_hashes_and_experiment_scoped_acl_work_on_real_mosquitto(
         assert coord.until(f"jetfed/{EXP}/devices/A/update") == [
             (f"jetfed/{EXP}/devices/A/update", b"mine")
         ]
+        # an unpinned device listens on the wildcard: it hears only the experiments it may serve
+        coord.publish("jetfed/other/coordinator", b"other run", retain=True)
+        coord.publish(f"jetfed/{EXP}/coordinator", b"this run", retain=True)
+        listener = connected(probes, dep, "A", ("jetfed/+/coordinator",))
+        assert listener.until(f"jetfed/{EXP}/coordinator") == [
+            (f"jetfed/{EXP}/coordinator", b"this run")
+        ]
+        coord.publish(f"jetfed/{EXP}/coordinator", b"", retain=True)  # after anything pending
+        assert listener.until(f"jetfed/{EXP}/coordinator") == [(f"jetfed/{EXP}/coordinator", b"")]
     finally:
         dep.broker.stop()
 

@@ -154,6 +154,10 @@ def test_demo_ends_with_report_and_fills_memory_not_energy(
     last_line = stdout.strip().splitlines()[-1]
     assert last_line.startswith(f"report: {run_dir / 'report' / 'report.md'}")
     assert (run_dir / "report" / "report.html").exists()
+    assert "round 0: aggregated, 2/2 devices" in stdout  # not a terminal: a line per round
+    for device in ("demo-01", "demo-02"):  # each device's own progress, at default verbosity
+        log = (run_dir / "logs" / f"{device}.log").read_text()
+        assert "round.progress round_index=0 phase=train" in log, log[-2000:]
     for m in read_metrics(run_dir):
         # psutil backend: no power sensor → no energy (never 0), but memory is measured
         assert "energy_j" not in m["extra"]
