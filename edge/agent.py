@@ -34,6 +34,7 @@ from edge.telemetry.sampler import DEFAULT_RATE_HZ, Sampler
 from edge.tensorfile import TensorFile
 from edge.transfer import BlobServer, Download, TransferTimeout
 from edge.wire import (
+    ID_PATTERN,
     Ack,
     BlobManifest,
     ChunkRequest,
@@ -57,7 +58,7 @@ class EdgeConfig(BaseModel):
 
     broker: BrokerSpec
     device_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    experiment: Optional[str] = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    experiment: Optional[str] = Field(default=None, pattern=ID_PATTERN)
     """Pinned experiment; None: serve whichever coordinator announces itself (edge.lobby)."""
     data: Optional[str] = None
     train_split: str = "train"
