@@ -47,8 +47,9 @@ def progress_text(progress: Progress) -> str:
 def round_line(m: RoundMetrics) -> str:
     """One finished round, for output that is not a terminal (as Flower logs every round)."""
     energy = m.extra.get("energy_j")
+    devices = f"{m.num_aggregated}/{plural(m.num_selected, 'device')}"
     return (
-        f"round {m.round_index}: {m.status}, {m.num_aggregated}/{m.num_selected} devices, "
+        f"round {m.round_index}: {m.status}, {devices}, "
         f"loss {_opt(m.train_loss, '.3f')}, acc {_opt(m.accuracy, '.3f')}, "
         f"up {_bytes(m.bytes_up)}, down {_bytes(m.bytes_down)}, {m.round_s:.1f} s"
         + ("" if energy is None else f", {energy:.1f} J")
