@@ -121,14 +121,14 @@ class RoundTable:
         self.rows.append(metrics)
         self.devices = {}
         if self._live is None:
-            self.console.print(round_line(metrics))
+            self.console.print(round_line(metrics), soft_wrap=True)
         self._refresh()
 
     def __enter__(self) -> RoundTable:
         if self._live is not None:
             self._live.start()
         else:
-            self.console.print(f"{self.title}; waiting for devices...")
+            self.console.print(f"{self.title}; waiting for devices...", soft_wrap=True)
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
