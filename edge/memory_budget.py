@@ -64,14 +64,16 @@ def _meta_model(name_or_path: str, num_labels: int) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from edge.models import quiet_transformers, resolve_model_path
+    from edge.models import one_line, quiet_transformers, resolve_model_path
 
     path = resolve_model_path(name_or_path)
     with quiet_transformers():
         try:
             config = AutoConfig.from_pretrained(path, num_labels=num_labels)
         except (OSError, ValueError) as exc:
-            raise UserError(f"--model {name_or_path!r}: cannot read its config: {exc}") from None
+            raise UserError(
+                f"--model {name_or_path!r}: cannot read its config: {one_line(exc)}"
+            ) from None
         with torch.device("meta"):
             return AutoModelForSequenceClassification.from_config(config)
 
