@@ -26,7 +26,7 @@ from typing import Any, List, Optional
 
 from pydantic import BaseModel, ConfigDict
 
-from edge.errors import UserError
+from edge.errors import UserError, one_line
 
 FP32_BYTES = 4
 ADAMW_STATES = 2
@@ -64,7 +64,7 @@ def _meta_model(name_or_path: str, num_labels: int) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from edge.models import one_line, quiet_transformers, resolve_model_path
+    from edge.models import quiet_transformers, resolve_model_path
 
     path = resolve_model_path(name_or_path)
     with quiet_transformers():

@@ -13,7 +13,7 @@ import os
 import warnings
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
-from edge.errors import UserError
+from edge.errors import UserError, one_line
 from edge.wire import ModelRef
 
 if TYPE_CHECKING:
@@ -66,12 +66,6 @@ def require_installed(name_or_path: str, revision: Optional[str] = None) -> None
             f"the Hugging Face cache ({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE forbids "
             "downloading it; download it once with network access or give a local folder"
         )
-
-
-def one_line(exc: BaseException) -> str:
-    """The first line of an exception's message (library errors add advice on further lines)."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 @contextlib.contextmanager

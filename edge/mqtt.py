@@ -163,7 +163,9 @@ class MqttLink:
         self._client.disconnect()
         self._client.loop_stop()
         if self._refusal is not None:
-            raise UserError(f"the broker at {self.spec.url} refused us: {self._refusal}")
+            raise UserError(
+                f"the broker at {self.spec.url} refused the connection: {self._refusal}"
+            )
         raise UserError(
             self._no_connection(
                 started_s,
