@@ -36,7 +36,7 @@ def export_onnx_command(
         f"(tolerance {PARITY_TOLERANCE:g}) {verdict}"
     )
     if not result.parity_ok:
-        sys.exit(1)  # jetfed.cli.main drops typer.Exit codes under standalone_mode=False
+        sys.exit(1)
 
 
 def register(app: typer.Typer) -> None:

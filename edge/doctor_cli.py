@@ -80,7 +80,7 @@ def doctor_command(
         table.add_row(result.name, f"[{style}]{result.status}[/]", result.detail)
     Console().print(table)
     if failed(results):
-        sys.exit(1)  # jetfed.cli.main drops typer.Exit codes under standalone_mode=False
+        sys.exit(1)
 
 
 def register(app: typer.Typer) -> None:

@@ -16,6 +16,12 @@ def flag_error(exc: Any) -> UserError:
     return UserError(f"--{flag}: {first['msg']}")
 
 
+def one_line(exc: BaseException) -> str:
+    """The first line of a library exception's message (further lines are advice)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 class ProtocolError(Exception):
     """A message from the network that fails validation; the message is the logged reason and
     `code`, when given, the stable nack code (otherwise the receiver derives one)."""

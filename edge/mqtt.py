@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import socket
 import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 from urllib.parse import urlparse
 
 import paho.mqtt.client as paho
@@ -28,6 +29,21 @@ from edge.logs import log_event
 from edge.wire import DEFAULT_MAX_MESSAGE_BYTES, check_publish_size, mqtt_publish_wire_bytes
 
 logger = logging.getLogger(__name__)
+
+CONNECT_ATTEMPT_S = 5.0
+CONNECT_RETRY_S = 1.0
+# CONNACK reasons that may pass (MQTT 5 codes, which paho also uses for 3.1.1 brokers):
+# server unavailable, server busy. Anything else refuses the same credentials again.
+RETRYABLE_REFUSALS = (136, 137)
+NOT_AUTHORISED = (134, 135)  # bad user name or password, not authorised
+
+
+def refusal_text(reason_code: Any, username: Optional[str]) -> str:
+    """One line for a broker's refusal, saying what to fix."""
+    if reason_code.value in NOT_AUTHORISED:
+        who = f"user {username!r}" if username else "an anonymous client"
+        return f"{who} is not authorised ({reason_code}): check the username and password"
+    return str(reason_code)
 
 
 class BrokerSpec(BaseModel):
@@ -100,6 +116,8 @@ class MqttLink:
         self._handlers: List[Tuple[Callable[[str], bool], Handler]] = []
         self._on_connected = on_connected
         self._connected = threading.Event()
+        self._answered = threading.Event()  # the first CONNACK arrived (accepted or refused)
+        self._refusal: Optional[str] = None
         self._counter_lock = threading.Lock()
         self.connect_count = 0
         self._closing = False
@@ -110,6 +128,7 @@ class MqttLink:
             clean_session=True,
         )
         self._client.reconnect_delay_set(min_delay=1, max_delay=15)
+        self._client.connect_timeout = CONNECT_ATTEMPT_S
         self._client.max_queued_messages_set(0)
         host, port = apply_credentials(self._client, spec)
         if will is not None:
@@ -126,18 +145,56 @@ class MqttLink:
         self._handlers.append((matches, handler))
 
     def connect(self, timeout_s: float = 30.0) -> None:
-        """Start the network thread and wait for the first connection."""
-        try:
-            self._client.connect_async(self._host, self._port, keepalive=self.spec.keepalive_s)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"cannot reach the broker at {self.spec.url}: {exc}") from None
+        """Connect within `timeout_s`, then leave reconnecting to paho's network thread.
+
+        A broker that is not up yet is retried until then; what retrying cannot fix (wrong
+        credentials, a failed TLS handshake) is one UserError at once, naming the cause."""
+        started_s = time.monotonic()
+        deadline_s = started_s + timeout_s
+        while (cause := self._open_socket()) is not None:
+            remaining_s = deadline_s - time.monotonic()
+            if remaining_s <= 0:
+                raise UserError(self._no_connection(started_s, cause))
+            time.sleep(min(CONNECT_RETRY_S, remaining_s))
         self._client.loop_start()
-        if not self._connected.wait(timeout_s):
-            self._client.loop_stop()
+        self._answered.wait(max(0.0, deadline_s - time.monotonic()))
+        if self._connected.is_set():
+            return
+        self._client.disconnect()
+        self._client.loop_stop()
+        if self._refusal is not None:
             raise UserError(
-                f"no connection to the broker at {self.spec.url} after {timeout_s:.0f} s "
-                "(is it running, and are the credentials right?)"
+                f"the broker at {self.spec.url} refused the connection: {self._refusal}"
             )
+        raise UserError(
+            self._no_connection(
+                started_s,
+                f"{self._host}:{self._port} took the TCP connection but never answered the "
+                "MQTT connect (a TLS listener? then use mqtts://)",
+            )
+        )
+
+    def _no_connection(self, started_s: float, cause: str) -> str:
+        """The line for giving up, with the time really waited (an attempt may overrun)."""
+        waited_s = time.monotonic() - started_s
+        return f"no connection to the broker at {self.spec.url} after {waited_s:.0f} s: {cause}"
+
+    def _open_socket(self) -> Optional[str]:
+        """One TCP (and TLS) connect and the MQTT CONNECT; why it failed, or None."""
+        address = f"{self._host}:{self._port}"
+        try:
+            self._client.connect(self._host, self._port, keepalive=self.spec.keepalive_s)
+        except ssl.SSLError as exc:
+            raise UserError(f"TLS with the broker at {self.spec.url} failed: {exc}") from None
+        except ConnectionRefusedError:
+            return f"nothing is listening at {address}"
+        except socket.gaierror as exc:
+            return f"cannot resolve {self._host!r} ({exc.strerror})"
+        except OSError as exc:
+            return f"no answer from {address} ({exc.strerror or type(exc).__name__})"
+        except ValueError as exc:
+            raise UserError(f"cannot reach the broker at {self.spec.url}: {exc}") from None
+        return None
 
     def close(self, final: Optional[Tuple[str, bytes]] = None) -> None:
         """Publish `final` (retained) if given, then disconnect cleanly."""
@@ -194,6 +251,12 @@ class MqttLink:
 
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         if reason_code.is_failure:
+            if self.connect_count == 0:
+                self._refusal = refusal_text(reason_code, self.spec.username)
+                if reason_code.value not in RETRYABLE_REFUSALS:
+                    client.disconnect()  # retrying the same credentials cannot succeed
+                    self._answered.set()
+                    return
             log_event(logger, logging.WARNING, "mqtt.refused", reason=str(reason_code))
             return
         for topic in self._subscriptions:
@@ -201,6 +264,7 @@ class MqttLink:
         self.connect_count += 1
         log_event(logger, logging.INFO, "mqtt.connected", client_id=self.client_id)
         self._connected.set()
+        self._answered.set()
         if self._on_connected is not None:
             self._on_connected()
 

@@ -7,7 +7,6 @@ Command modules import heavy libraries (torch, transformers) inside the commands
 from __future__ import annotations
 
 import importlib
-import logging
 import sys
 
 import typer
@@ -46,24 +45,13 @@ for _name in REGISTRARS:
 
 
 def main() -> None:
-    """Run the CLI; a user mistake prints one line and exits 2 instead of a traceback."""
+    """Run the CLI; a user mistake prints one line and exits 2 instead of a traceback.
+
+    Typer runs in standalone mode, so usage errors (unknown command or option, a bad value) are
+    reported by the click it uses (typer >= 0.29 vendors its own): the usage line, the error,
+    exit 2. Only our own `UserError` comes out of `app()` and is printed here."""
     try:
-        code = app(standalone_mode=False)
+        app()
     except UserError as exc:
         print(f"jetfed: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
-        print("jetfed: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except Exception as exc:
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        logging.getLogger("jetfed").debug("unhandled error", exc_info=True)
-        raise
-    if isinstance(code, int) and code:
-        sys.exit(code)

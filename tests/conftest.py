@@ -1,4 +1,8 @@
-"""Shared fixtures: real Mosquitto brokers on free ports, the packaged MiniLM, real datasets."""
+"""Shared fixtures: real Mosquitto brokers on free ports, the packaged MiniLM, real datasets.
+
+The datasets are the small samples of real ones shipped in coordinator/demo_data (SST-2, RTE,
+AG News; see the README beside each), so a fresh clone runs every end-to-end test. The full
+copies (../shared/datasets) are for benchmarks (bench/ --datasets)."""
 
 from __future__ import annotations
 
@@ -11,8 +15,7 @@ import pytest
 from tests.brokers import MosquittoBroker, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED = REPO_ROOT.parent / "shared"
-DATASETS = SHARED / "datasets"
+DATASETS = REPO_ROOT / "coordinator" / "demo_data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -55,7 +58,5 @@ def minilm_path() -> str:
 
 @pytest.fixture(scope="session")
 def sst2_dir() -> Path:
-    path = DATASETS / "sst2"
-    if not (path / "train.jsonl").exists():
-        pytest.skip(f"real datasets not found at {DATASETS}")
-    return path
+    """The shipped SST-2 sample; its siblings are the RTE and AG News samples."""
+    return DATASETS / "sst2"

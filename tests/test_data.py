@@ -88,3 +88,17 @@ def test_client_shard_matches_partition(sst2_dir: Path) -> None:
     assert shard.labels == [dataset.labels[i] for i in partition(dataset.labels, spec)[2]]
     with pytest.raises(UserError, match="client index"):
         client_shard(dataset, spec, 4)
+
+
+def test_the_tests_datasets_ship_with_the_repository(sst2_dir: Path) -> None:
+    """A fresh clone has no ../shared: the samples the tests load are in the repository, small,
+    and each README names its source, licence and how it was drawn."""
+    samples = sst2_dir.parent
+    repo_root = Path(__file__).resolve().parent.parent
+    assert repo_root in samples.resolve().parents
+    files = [path for path in samples.rglob("*") if path.is_file()]
+    assert sum(path.stat().st_size for path in files) < 1_500_000
+    for name in ("sst2", "rte", "ag_news"):
+        readme = (samples / name / "README.md").read_text()
+        assert "Source" in readme and "Licence" in readme and "rows" in readme, name
+        assert (samples / name / "labels.json").exists()

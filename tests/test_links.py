@@ -1,5 +1,6 @@
 """Emulated device links: the spec grammar, the link timing model, and real fleets of network
-namespaces measured with real TCP, UDP and MQTT traffic (root only)."""
+namespaces carrying real TCP, UDP and MQTT traffic (root only). Nothing here is timed against a
+bound: rates and delays are measured by bench/link_rates.py."""
 
 from __future__ import annotations
 
@@ -14,10 +15,19 @@ import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Iterator, List
 
 import pytest
 
+from bench.link_rates import (
+    MIB,
+    connect_rtts_s,
+    download,
+    finish,
+    mqtt_relay,
+    python_in,
+    upload,
+)
 from coordinator.links import LinkedFleet, LinkSpec, cleanup_stale
 from coordinator.links.model import LinkDirection
 from coordinator.links.netns import ROOT_ERROR, list_namespaces, pid_alive
@@ -29,8 +39,6 @@ from tests.fleet import link_leftovers
 PREFIX = "jft"
 OUR_TAGS = f"{PREFIX}{os.getpid()}"
 REPO_ROOT = str(Path(__file__).resolve().parent.parent)
-MIB = 1 << 20
-RATE_TOLERANCE = 0.15
 
 CAN_LINK = os.geteuid() == 0 and os.path.exists("/dev/net/tun")
 ROOT_REASON = "needs root and /dev/net/tun (network namespaces, TUN devices)"
@@ -156,223 +164,59 @@ def fleet() -> Iterator[LinkedFleet]:
         yield made
 
 
-def _python_in(fleet: LinkedFleet, index: int, code: str, *args: object) -> subprocess.Popen[str]:
-    """A Python snippet run in device `index`'s namespace; it reports on stdout."""
-    argv = [sys.executable, "-c", textwrap.dedent(code)] + [str(arg) for arg in args]
-    return subprocess.Popen(
-        fleet.device_command(index, argv),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO_ROOT,
-    )
-
-
-def _finish(process: subprocess.Popen[str], timeout_s: float = 60) -> str:
-    stdout, stderr = process.communicate(timeout=timeout_s)
-    assert process.returncode == 0, stderr
-    return stdout
-
-
-def _listener(host: str) -> socket.socket:
-    listener = socket.socket()
-    listener.bind((host, 0))
-    listener.listen()
-    return listener
-
-
-def _receive_all(listener: socket.socket, result: Dict[str, float]) -> None:
-    """Accept one connection and time its bytes from the first to the last."""
-    connection, _ = listener.accept()
-    received, first_s = 0, 0.0
-    with connection:
-        while True:
-            data = connection.recv(MIB)
-            if not data:
-                break
-            first_s = first_s or time.monotonic()
-            received += len(data)
-    result["seconds"] = time.monotonic() - first_s
-    result["bytes"] = received
-
-
-def _upload_s(fleet: LinkedFleet, index: int, n_bytes: int) -> float:
-    """Seconds a TCP upload of `n_bytes` from device `index` to the root namespace takes."""
-    listener = _listener(fleet.broker_host)
-    result: Dict[str, float] = {}
-    receiver = threading.Thread(target=_receive_all, args=(listener, result))
-    receiver.start()
-    port = listener.getsockname()[1]
-    _finish(
-        _python_in(
-            fleet,
-            index,
-            f"""
-        import socket
-        with socket.create_connection(({fleet.broker_host!r}, {port})) as sock:
-            sock.sendall(bytes({n_bytes}))
-    """,
-        )
-    )
-    receiver.join(timeout=60)
-    listener.close()
-    assert result["bytes"] == n_bytes
-    return result["seconds"]
-
-
-def _download_s(fleet: LinkedFleet, index: int, n_bytes: int) -> float:
-    """Seconds a TCP download of `n_bytes` from the root namespace to device `index` takes."""
-    listener = _listener(fleet.broker_host)
-    port = listener.getsockname()[1]
-    receiver = _python_in(
-        fleet,
-        index,
-        f"""
-        import socket, time
-        with socket.create_connection(({fleet.broker_host!r}, {port})) as sock:
-            received, first_s = 0, 0.0
-            while True:
-                data = sock.recv(1 << 20)
-                if not data:
-                    break
-                first_s = first_s or time.monotonic()
-                received += len(data)
-        print(received, time.monotonic() - first_s)
-    """,
-    )
-    connection, _ = listener.accept()
-    with connection:
-        connection.sendall(bytes(n_bytes))
-    listener.close()
-    received, seconds = _finish(receiver).split()
-    assert int(received) == n_bytes
-    return float(seconds)
-
-
-def _implied_s(n_bytes: int, rate_bit_s: float) -> float:
-    return n_bytes * 8 / rate_bit_s
+def _hub_bytes(fleet: LinkedFleet, index: int, counter: str) -> int:
+    """Bytes through the root-side end of device `index`'s link: `rx` what the relay delivered
+    up the link, `tx` what the kernel handed the relay to carry down."""
+    return int(Path(f"/sys/class/net/{fleet.tag}h{index}/statistics/{counter}_bytes").read_text())
 
 
 @pytest.mark.root
 @root_only
-def test_20mb_tcp_upload_takes_what_100mbit_implies(fleet: LinkedFleet) -> None:
-    n_bytes = 20 * MIB
-    seconds = _upload_s(fleet, 0, n_bytes)
-    implied_s = _implied_s(n_bytes, 1e8)
-    assert abs(seconds / implied_s - 1) <= RATE_TOLERANCE, (seconds, implied_s)
-
-
-SUBSCRIBER = """
-    import sys, time
-    import paho.mqtt.client as mqtt
-    host, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    received = []
-    def on_message(client, userdata, message):
-        received.append(len(message.payload))
-        if sum(received) >= total:
-            print("done", time.time(), flush=True)
-            client.disconnect()
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="links-sub")
-    client.on_message = on_message
-    client.on_subscribe = lambda *args: print("subscribed", flush=True)
-    client.connect(host, port)
-    client.subscribe("jetfed/links-test/#", qos=1)
-    client.loop_forever()
-"""
-
-PUBLISHER = """
-    import sys, time
-    import paho.mqtt.client as mqtt
-    host, port, chunks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="links-pub")
-    client.connect(host, port)
-    client.loop_start()
-    payload = bytes(1 << 20)
-    start = time.time()
-    infos = [client.publish(f"jetfed/links-test/{i}", payload, qos=1) for i in range(chunks)]
-    for info in infos:
-        info.wait_for_publish(timeout=60)
-    print(start, time.time() - start, flush=True)
-    client.loop_stop()
-    client.disconnect()
-"""
+def test_tcp_crosses_the_link_both_ways(fleet: LinkedFleet) -> None:
+    """Rates are timed in bench/link_rates.py; here: every byte arrives, through the relay."""
+    n_bytes = 4 * MIB
+    up_before, down_before = _hub_bytes(fleet, 0, "rx"), _hub_bytes(fleet, 0, "tx")
+    assert upload(fleet, 0, n_bytes)[0] == n_bytes
+    assert download(fleet, 0, n_bytes)[0] == n_bytes
+    assert _hub_bytes(fleet, 0, "rx") - up_before >= n_bytes
+    assert _hub_bytes(fleet, 0, "tx") - down_before >= n_bytes
 
 
 @pytest.mark.root
 @root_only
-def test_20mb_over_mqtt_through_mosquitto_takes_what_100mbit_implies(
+def test_mqtt_through_mosquitto_crosses_both_devices_links(
     fleet: LinkedFleet, tmp_path: Path
 ) -> None:
-    """Device 0 publishes 20 MiB in 1 MiB QoS 1 chunks to a real Mosquitto in the root
-    namespace (up link); device 1 receives them all (down link)."""
+    """Device 0 publishes 4 MiB in 1 MiB QoS 1 chunks to a real Mosquitto in the root
+    namespace (up its link); device 1 receives them all (down its link)."""
     broker = MosquittoBroker(tmp_path / "mosquitto", free_port(), host=fleet.broker_host)
     broker.start()
+    chunks = 4
     try:
-        chunks = 20
-        subscriber = _python_in(fleet, 1, SUBSCRIBER, fleet.broker_host, broker.port, chunks * MIB)
-        assert subscriber.stdout is not None
-        assert subscriber.stdout.readline().strip() == "subscribed"
-        start, publish_s = map(
-            float,
-            _finish(
-                _python_in(fleet, 0, PUBLISHER, fleet.broker_host, broker.port, chunks)
-            ).split(),
-        )
-        _, done = _finish(subscriber).split()
+        relayed = mqtt_relay(fleet, fleet.broker_host, broker.port, chunks)
     finally:
         broker.stop()
-    implied_s = _implied_s(chunks * MIB, 1e8)
-    assert abs(publish_s / implied_s - 1) <= RATE_TOLERANCE, (publish_s, implied_s)
-    # The links pipeline the chunks: the last one still has to cross the down link.
-    pipelined_s = _implied_s((chunks + 1) * MIB, 1e8)
-    end_to_end_s = float(done) - start
-    assert abs(end_to_end_s / pipelined_s - 1) <= RATE_TOLERANCE, (end_to_end_s, pipelined_s)
-
-
-@pytest.mark.root
-@root_only
-def test_asymmetric_link_limits_each_direction_on_its_own() -> None:
-    with LinkedFleet(1, LinkSpec.parse("up=20mbit,down=100mbit"), prefix=PREFIX) as slow_up:
-        up_s = _upload_s(slow_up, 0, 5 * MIB // 2)
-        down_s = _download_s(slow_up, 0, 5 * MIB)
-    assert abs(up_s / _implied_s(5 * MIB // 2, 2e7) - 1) <= RATE_TOLERANCE, up_s
-    assert abs(down_s / _implied_s(5 * MIB, 1e8) - 1) <= RATE_TOLERANCE, down_s
-
-
-CONNECT_RTT = """
-    import socket, sys, time
-    rtts = []
-    for _ in range(int(sys.argv[3])):
-        start = time.monotonic()
-        socket.create_connection((sys.argv[1], int(sys.argv[2]))).close()
-        rtts.append(time.monotonic() - start)
-    print(" ".join(map(str, rtts)))
-"""
-
-
-def _connect_rtts_s(fleet: LinkedFleet, count: int) -> List[float]:
-    """Round trips measured as TCP connect times (SYN → SYN-ACK) from device 0; the kernel
-    completes handshakes into the listen backlog, so nothing needs to accept them."""
-    with _listener(fleet.broker_host) as listener:
-        port = listener.getsockname()[1]
-        output = _finish(_python_in(fleet, 0, CONNECT_RTT, fleet.broker_host, port, count))
-    return [float(word) for word in output.split()]
+    assert relayed["chunks"] == chunks
+    assert _hub_bytes(fleet, 0, "rx") >= chunks * MIB  # up device 0's link
+    assert _hub_bytes(fleet, 1, "tx") >= chunks * MIB  # down device 1's link
+    assert _hub_bytes(fleet, 0, "tx") < MIB and _hub_bytes(fleet, 1, "rx") < MIB  # acks only
 
 
 @pytest.mark.root
 @root_only
 def test_20ms_delay_shows_in_the_round_trip() -> None:
+    """The link never answers sooner than its delay (how much later: bench/link_rates.py)."""
     with LinkedFleet(1, LinkSpec.parse("100mbit,20ms"), prefix=PREFIX) as delayed:
-        rtts = _connect_rtts_s(delayed, 5)
-    assert 0.020 <= min(rtts) < 0.040, rtts
+        rtts = connect_rtts_s(delayed, 5)
+    assert min(rtts) >= 0.020, rtts
 
 
 @pytest.mark.root
 @root_only
 def test_jitter_spreads_the_round_trip() -> None:
     with LinkedFleet(1, LinkSpec.parse("40ms±20ms"), prefix=PREFIX) as jittery:
-        rtts = _connect_rtts_s(jittery, 20)
-    assert all(0.020 <= rtt < 0.080 for rtt in rtts), rtts
+        rtts = connect_rtts_s(jittery, 20)
+    assert min(rtts) >= 0.020, rtts
     assert max(rtts) - min(rtts) > 0.005, rtts
 
 
@@ -408,7 +252,7 @@ def test_loss_drops_that_share_of_packets() -> None:
         counter = threading.Thread(target=_count_datagrams, args=(receiver, counted))
         counter.start()
         port = receiver.getsockname()[1]
-        _finish(_python_in(lossy, 0, UDP_SENDER, lossy.broker_host, port, sent))
+        finish(python_in(lossy, 0, UDP_SENDER, lossy.broker_host, port, sent))
         counter.join(timeout=30)
     assert 0.15 < 1 - len(counted) / sent < 0.25, len(counted)
 

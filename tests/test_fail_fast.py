@@ -1,0 +1,90 @@
+"""Mistakes that retrying cannot fix end at once, in one line naming the cause: a model that is
+not installed (offline), a wrong password (one attempt, not a retry loop), nothing listening at
+the broker's address (with the time really waited). Real Mosquitto, real `jetfed` processes."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, List
+
+import pytest
+
+from coordinator.broker_config import pbkdf2_password_hash
+from edge.errors import UserError
+from edge.mqtt import BrokerSpec, MqttLink
+from tests.brokers import MosquittoBroker, free_port
+from tests.fleet import ENV, write_config
+
+# Generous: each case must end by itself, long before this (no wall-clock bound is asserted).
+COMPLETES_S = 60
+
+
+def jetfed_lines(*args: str) -> List[str]:
+    """Run `jetfed ARGS` to its end; it must fail (exit 2) and print only its stderr lines."""
+    result = subprocess.run(
+        [sys.executable, "-m", "jetfed", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=COMPLETES_S,
+    )
+    assert result.returncode == 2, result.stderr
+    return result.stderr.strip().splitlines()
+
+
+def test_a_model_that_is_not_installed_is_one_line_offline(tmp_path: Path, sst2_dir: Path) -> None:
+    config = write_config(
+        tmp_path, "ff-model", "lora", sst2_dir, model={"name_or_path": "roberta-base"}
+    )
+    lines = jetfed_lines("coordinator", "run", str(config), "--embedded-port", str(free_port()))
+    assert len(lines) == 1, lines
+    assert "model 'roberta-base' is not installed" in lines[0]
+    assert "not found locally" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
+
+
+def test_a_missing_local_model_folder_is_one_line(tmp_path: Path) -> None:
+    from edge.models import resolve_model_path
+
+    with pytest.raises(UserError, match="no such folder"):
+        resolve_model_path(str(tmp_path / "nowhere" / "model"))
+
+
+def test_a_wrong_password_is_refused_once_in_one_line(
+    tmp_path: Path, mosquitto_factory: Callable[..., MosquittoBroker], sst2_dir: Path
+) -> None:
+    port = free_port()
+    passwords = tmp_path / "passwords"
+    passwords.write_text(f"orin-01:{pbkdf2_password_hash('right')}\n")
+    broker = mosquitto_factory(
+        f"listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {passwords}\n"
+        "log_type all\nuser root",  # as root, keep root: the file is in a private tmp dir
+        port=port,
+    )
+    lines = jetfed_lines(
+        "edge", "run", "--broker", f"mqtt://127.0.0.1:{port}", "--device-id", "orin-01",
+        "--username", "orin-01", "--password", "wrong", "--data", str(sst2_dir),
+        "--telemetry", "psutil", "--idle-baseline-s", "0",
+    )  # fmt: skip
+    assert len(lines) == 1, lines
+    assert "refused" in lines[0] and "user 'orin-01' is not authorised" in lines[0]
+    assert "check the username and password" in lines[0]
+    log = (broker.workdir / "mosquitto.log").read_text()
+    assert log.count("disconnected, not authorised") == 1, log  # one attempt, no retries
+
+
+def test_nothing_listening_names_the_address_and_the_time_waited() -> None:
+    port = free_port()
+    link = MqttLink(BrokerSpec(url=f"mqtt://127.0.0.1:{port}"), "ff-probe", [])
+    started_s = time.monotonic()
+    with pytest.raises(UserError) as caught:
+        link.connect(timeout_s=2)
+    waited_s = time.monotonic() - started_s
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"nothing is listening at 127.0.0.1:{port}" in message
+    stated_s = float(re.search(r"after (\d+) s", message).group(1))  # type: ignore[union-attr]
+    assert 2 <= stated_s <= waited_s + 0.5, (message, waited_s)
