@@ -3,7 +3,7 @@
 A method is one file in `edge/methods/` defining a `FederatedMethod` subclass decorated with
 `@register_method`. `get_method(name)` imports `edge.methods.<name>` on demand, so adding a method
 never touches the agent loop or the coordinator's round loop. The coordinator pairs it with an
-aggregation strategy (`coordinator/strategies.py`), FedAvg unless the method names another.
+aggregation strategy (`coordinator/strategies/`), FedAvg unless the method names another.
 """
 
 from __future__ import annotations
@@ -178,6 +178,14 @@ _REGISTRY: Dict[str, Type[FederatedMethod]] = {}
 
 
 def register_method(cls: Type[FederatedMethod]) -> Type[FederatedMethod]:
+    """Class decorator: make `cls` findable as `cls.name`; a second class of that name is an
+    error (it would silently replace the first)."""
+    existing = _REGISTRY.get(cls.name)
+    if existing is not None and existing is not cls:
+        raise ValueError(
+            f"method {cls.name!r} is registered twice: {existing.__module__}."
+            f"{existing.__qualname__} and {cls.__module__}.{cls.__qualname__}"
+        )
     _REGISTRY[cls.name] = cls
     return cls
 

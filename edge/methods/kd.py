@@ -8,7 +8,7 @@ Schedule of round r on a device (its LoRA adapter stays on the device across rou
    always fp16 on the wire. Traffic scales with proxy × classes, never with the model.
 The proxy set is named by the coordinator (the `kd_proxy` blob: row indices of `proxy_split` and
 the sha256 of their texts); each device reads those rows from its own --data and never their
-labels. The coordinator's half (consensus, global model) is `coordinator/distill.py`.
+labels. The coordinator's half (consensus, global model) is `coordinator/strategies/distill.py`.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Split learning (Split-FedLLM, SFL-style): the device runs the bottom of the model only.
 
 The device holds the embeddings and the first `cut_layer` encoder layers (with LoRA); the split
-server on the coordinator (`coordinator/split_server.py`) holds the other layers and the task head
-(with LoRA). Per batch the device sends the cut activations, the attention mask and the labels;
-the server runs forward and backward, steps its part and returns the gradient at the cut; the
-device finishes backward and steps. In U-shaped mode (`u_shaped: true`) the head stays on the
-device and labels never leave it: the server returns the top activations, the device runs head +
-loss and sends back their gradient, and the server answers with the gradient at the cut.
+server on the coordinator (`coordinator/strategies/split.py`) holds the other layers and the task
+head (with LoRA). Per batch the device sends the cut activations, the attention mask and the labels;
+the server runs forward and backward, steps its part and returns the gradient at the cut; the device
+finishes backward and steps. In U-shaped mode (`u_shaped: true`) the head stays on the device and
+labels never leave it: the server returns the top activations, the device runs head + loss and sends
+back their gradient, and the server answers with the gradient at the cut.
 
 Rounds are SFL-style: the device-side tensors (bottom LoRA, + the head when U-shaped) are the
 global state and are averaged like LoRA; the server-side tensors live in the strategy.
