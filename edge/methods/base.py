@@ -51,6 +51,21 @@ class InitialState:
 
 
 @dataclass
+class MemoryFootprint:
+    """What one device's local round holds, counted in parameters; `edge.memory_budget` turns
+    it into bytes for `jetfed doctor`."""
+
+    held_params: int
+    """Weights resident on the device (fp32), frozen or not."""
+    trainable_params: int
+    """Parameters with gradients and AdamW's two moments."""
+    layers: int
+    """Encoder layers whose activations the backward pass keeps."""
+    graphs: int = 1
+    """Forward graphs kept per step (kd also runs a proxy batch)."""
+
+
+@dataclass
 class LocalRound:
     """Everything one device's round needs; built by the agent, consumed by the method."""
 
@@ -90,6 +105,8 @@ class FederatedMethod(ABC):
     name: ClassVar[str]
     config_model: ClassVar[Type[MethodConfig]] = MethodConfig
     strategy: ClassVar[str] = "fedavg"
+    default_learning_rate: ClassVar[float] = 5e-4
+    """The local learning rate the demo and the benches use unless told otherwise."""
 
     def __init__(self, config: Mapping[str, Any], model_ref: ModelRef) -> None:
         try:
@@ -157,6 +174,16 @@ class FederatedMethod(ABC):
             train_loss=stats.mean_loss,
             local_steps=stats.steps,
             metrics={"samples_seen": float(stats.samples_seen)},
+        )
+
+    def memory_footprint(self, model: Any) -> MemoryFootprint:
+        """What a device holds to train `model` (the classifier on PyTorch's meta device:
+        shapes, no storage). Default: every weight held and trained, the upper bound."""
+        from edge.memory_budget import num_layers
+
+        params = sum(param.numel() for param in model.parameters())
+        return MemoryFootprint(
+            held_params=params, trainable_params=params, layers=num_layers(model)
         )
 
     def export(self, model: Any, out_dir: str) -> None:

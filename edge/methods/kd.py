@@ -32,6 +32,7 @@ from edge.methods.base import (
     InitialState,
     LocalResult,
     LocalRound,
+    MemoryFootprint,
     Tensors,
     register_method,
 )
@@ -113,6 +114,12 @@ class KdMethod(LoraMethod):
     config_model = KdSettings
     config: KdSettings
     strategy = "kd"
+
+    def memory_footprint(self, model: Any) -> MemoryFootprint:
+        """LoRA's, with a proxy batch of the same size through the graph each step."""
+        footprint = super().memory_footprint(model)
+        footprint.graphs = 2
+        return footprint
 
     def __init__(self, config: Any, model_ref: Any) -> None:
         super().__init__(config, model_ref)

@@ -40,7 +40,7 @@ from pydantic import Field
 
 from edge.errors import ProtocolError, UserError
 from edge.logs import log_event
-from edge.methods.base import LocalResult, LocalRound, Tensors, register_method
+from edge.methods.base import LocalResult, LocalRound, MemoryFootprint, Tensors, register_method
 from edge.methods.lora import LoraMethod, LoraSettings
 from edge.transfer import TransferTimeout
 from edge.wire import PayloadTooLarge, WireModel, parse_message
@@ -455,6 +455,20 @@ class SplitMethod(LoraMethod):
     strategy = "split"
     config_model = SplitSettings
     config: SplitSettings
+    default_learning_rate = 5e-4
+
+    def memory_footprint(self, model: Any) -> MemoryFootprint:
+        """The embeddings and the first `cut_layer` layers, with LoRA on those layers."""
+        from edge.memory_budget import client_params, num_layers
+
+        layers = self.config.cut_layer
+        if layers > num_layers(model):
+            raise UserError(f"method.cut_layer must be in 1..{num_layers(model)}, got {layers}")
+        return MemoryFootprint(
+            held_params=client_params(model, layers),
+            trainable_params=self.lora_params(model, layers),
+            layers=layers,
+        )
 
     def layout(self, model: Any) -> SplitLayout:
         return SplitLayout.of(model, self.config.cut_layer, self.config.u_shaped)
