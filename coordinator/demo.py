@@ -14,7 +14,7 @@ from coordinator.fleet import run_local_fleet
 from coordinator.links import LinkSpec
 from coordinator.links.netns import require_root
 from coordinator.progress import RoundTable
-from coordinator.rundir import RoundMetrics
+from coordinator.records import RoundMetrics
 from edge.methods.base import get_method
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data" / "sst2"

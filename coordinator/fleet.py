@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 from coordinator.config import ExperimentConfig
 from coordinator.links import LinkedFleet, LinkSpec
 from coordinator.local_mosquitto import LocalMosquitto, listening
-from coordinator.rundir import RoundMetrics
+from coordinator.records import RoundMetrics
 from edge.errors import UserError
 
 LOOPBACK = "127.0.0.1"

@@ -9,7 +9,7 @@ from rich.live import Live
 from rich.table import Table
 
 from coordinator.config import ExperimentConfig
-from coordinator.rundir import RoundMetrics
+from coordinator.records import RoundMetrics
 
 
 def _bytes(value: float) -> str:

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from coordinator.config import ExperimentConfig, config_digest, resume_conflicts
+from coordinator.records import CheckpointState, RoundMetrics
 from coordinator.registry import DeviceRegistry
-from coordinator.rundir import CheckpointState, RoundMetrics, RunDir
+from coordinator.rundir import RunDir
 from coordinator.strategies.base import AcceptedUpdate, ServerContext, Strategy, make_strategy
 from edge.data import TextDataset, load_split
 from edge.errors import ProtocolError, UserError

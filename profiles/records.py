@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Type, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from coordinator.rundir import RoundMetrics
+from coordinator.records import RoundMetrics
 from edge.errors import UserError
 from edge.telemetry.records import PhaseRecord
 from edge.wire import Hello
