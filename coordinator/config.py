@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edge.errors import UserError
+from edge.errors import UserError, validation_line
 from edge.mqtt import BrokerSpec
 from edge.wire import DEFAULT_CHUNK_SIZE_BYTES, ID_PATTERN, PartitionSpec, TrainingConfig
 
@@ -97,23 +97,13 @@ class ExperimentConfig(Section):
         return Path(self.output_dir) / self.name
 
 
-def _describe(error: Any) -> str:
-    where = ".".join(str(part) for part in error.get("loc", ())) or "config"
-    message = error.get("msg", "invalid")
-    if error.get("type") == "extra_forbidden":
-        message = "unknown field (check the spelling; see README 'Experiment config')"
-    elif "input" in error and not isinstance(error["input"], (dict, list)):
-        message = f"{message} (got {error['input']!r})"
-    return f"{where}: {message}"
-
-
 def parse_config(raw: Any, origin: str = "config") -> ExperimentConfig:
     if not isinstance(raw, dict):
         raise UserError(f"{origin}: expected a mapping of sections (name, model, method, data...)")
     try:
         config = ExperimentConfig.model_validate(raw, strict=False)
     except ValidationError as exc:
-        raise UserError(f"{origin}: {_describe(exc.errors()[0])}") from None
+        raise UserError(f"{origin}: {validation_line(exc, default='config')}") from None
     if config.rounds.clients_per_round is not None and (
         config.rounds.clients_per_round < config.rounds.min_clients
     ):

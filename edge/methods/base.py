@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Mapping, Optional, 
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from edge.errors import UserError
+from edge.errors import UserError, validation_line
 from edge.wire import ModelRef, TrainingConfig
 
 if TYPE_CHECKING:
@@ -112,9 +112,8 @@ class FederatedMethod(ABC):
         try:
             self.config = self.config_model(**dict(config))
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "method"
-            raise UserError(f"method.{where}: {first['msg']} (method {self.name})") from None
+            line = validation_line(exc, root="method", default="method")
+            raise UserError(f"{line} (method {self.name})") from None
         self.model_ref = model_ref
 
     @abstractmethod
