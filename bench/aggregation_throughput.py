@@ -1,11 +1,10 @@
 """FedAvg throughput: the coordinator's aggregation of N updates, LoRA-size and full-model-size.
 
-Two paths on real MiniLM shapes: `streaming` is the default FedAvg strategy (`accumulate`
-keeps a reference to each accepted update; `finalize` sums nₖ·Δₖ in fp64, a few MB of rows at a
-time, in device-id order), `collected` is
-`apply_mean_delta` (all updates held, weighted mean in float64) which non-streaming strategies
-use. Separately, the decode + validation every update passes first (`edge.wire.decode_tensors`
-with the expected spec). Throughput = update bytes in (N × fp32 size) / seconds.
+Two strategies on real MiniLM shapes: `fedavg`, the default (sums nₖ·Δₖ in fp64, a few MB of rows at
+a time, in device-id order), and `median` (coordinate-wise, one tensor of every update at a time),
+both given in-memory updates. Separately, the decode + validation every update passes first
+(`edge.wire.decode_tensors` with the expected spec). Throughput = update bytes in (N × fp32 size) /
+seconds.
 """
 
 from __future__ import annotations
@@ -15,11 +14,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from bench.runner import table
 from bench.stats import median
-from bench.tensors import MINILM, Spec, full_spec, lora_spec, random_tensors, raw_bytes
+from bench.tensors import Spec, full_spec, lora_spec, random_tensors, raw_bytes
 
 
 def _updates(spec: Spec, count: int) -> List[Any]:
-    from coordinator.strategies import AcceptedUpdate
+    from coordinator.strategies.base import AcceptedUpdate
     from edge.wire import BlobManifest, Update
 
     manifest = BlobManifest(
@@ -44,40 +43,17 @@ def _updates(spec: Spec, count: int) -> List[Any]:
     ]
 
 
-def _streaming_fedavg() -> Any:
-    """The default strategy; accumulate/finalize use none of the server context."""
-    from coordinator.strategies import FedAvg, ServerContext
-
-    return FedAvg(
-        ServerContext(
-            method=None,  # type: ignore[arg-type]
-            model_ref=MINILM,
-            eval_model=None,
-            tokenizer=None,
-            validation=None,  # type: ignore[arg-type]
-            init=None,
-            torch_device="cpu",
-            settings={},
-            send=lambda device_id, subtopic, payload: None,
-        )
-    )
-
-
 def _time_aggregate(spec: Spec, count: int, repeats: int, path: str) -> Dict[str, Any]:
-    from coordinator.strategies import apply_mean_delta
+    """`path` is the strategy's name; aggregation uses none of the server context."""
+    from coordinator.strategies.base import ServerContext, make_strategy
 
     updates = _updates(spec, count)
     global_state = random_tensors(spec, seed=99, scale=1.0)
-    strategy = _streaming_fedavg()
+    strategy = make_strategy(path, ServerContext.aggregation_only())
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        if path == "streaming":
-            for item in updates:
-                strategy.accumulate(0, item.update, item.tensors)
-            strategy.finalize(0, global_state, updates)
-        else:
-            apply_mean_delta(global_state, updates)
+        strategy.aggregate(0, global_state, updates)
         times.append(time.perf_counter() - started)
     seconds = median(times)
     size = raw_bytes(spec)
@@ -124,7 +100,7 @@ def run(
         spec = specs[kind]()
         results["aggregate"][kind] = {
             f"{path}-{count}": _time_aggregate(spec, count, repeats, path)
-            for path in ("streaming", "collected")
+            for path in ("fedavg", "median")
             for count in counts or default_counts[kind]
         }
         results["decode_validate"][kind] = _time_decode(spec, repeats)
@@ -150,9 +126,8 @@ def markdown(results: Dict[str, Any]) -> str:
     ]
     return "\n".join(
         [
-            "FedAvg: `streaming` = the default strategy (accumulate keeps references, finalize "
-            "sums in fp64 row blocks in device-id order); `collected` = `apply_mean_delta` "
-            "(float64, all updates held). "
+            "`fedavg` = the default strategy (fp64 sums of row blocks in device-id order); "
+            "`median` = coordinate-wise median (one tensor of every update at a time). "
             f"Torch threads {results['torch_threads']}.",
             "",
             table(["state", "path", "updates", "MB per update", "median ms", "MB/s"], rows),

@@ -2,7 +2,7 @@
 the devices' deltas sent as fp32, fp16, bf16 or int8 (per-row scales).
 
 In-process FedAvg (no broker: the wire bytes are the same either way), but every delta really
-goes through the codec (`write_tensor_file` → `TensorFile`) and the coordinator's streaming
+goes through the codec (`write_tensor_file` → `TensorFile`) and the coordinator's
 FedAvg. Same seeds, data split and training for every dtype: the only difference is the codec.
 Reported per dtype: validation accuracy and loss after each round, the update size, and the
 relative L2 error of the decoded delta against the fp32 one.
@@ -24,7 +24,8 @@ DATASET = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" 
 
 
 def run(quick: bool = False) -> Dict[str, Any]:
-    from coordinator.strategies import FedAvg, ServerContext
+    from coordinator.strategies.base import AcceptedUpdate, ServerContext
+    from coordinator.strategies.fedavg import FedAvg
     from edge.data import client_shard, load_split
     from edge.methods.base import get_method
     from edge.models import load_tokenizer
@@ -56,6 +57,7 @@ def run(quick: bool = False) -> Dict[str, Any]:
             size_bytes, errors = 0, []
             for round_index in range(rounds):
                 strategy = FedAvg(ServerContext.aggregation_only())
+                accepted: List[AcceptedUpdate] = []
                 for client, shard in enumerate(shards):
                     method.set_state(model, global_state)
                     train_local(
@@ -84,8 +86,8 @@ def run(quick: bool = False) -> Dict[str, Any]:
                         train_loss=0.0,
                         blob=make_manifest(b"x", 1024),
                     )
-                    strategy.accumulate(round_index, update, decoded)
-                global_state = strategy.finalize(round_index, global_state, [])
+                    accepted.append(AcceptedUpdate(update, decoded))
+                global_state = strategy.aggregate(round_index, global_state, accepted)
                 method.set_state(model, global_state)
                 stats = evaluate(model, tokenizer, validation, max_length=64, device="cpu")
                 per_round.append({"accuracy": stats.accuracy, "eval_loss": stats.loss})

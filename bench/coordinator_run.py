@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 TIMED = {
-    "strategy": ("aggregate", "accumulate", "finalize", "evaluate", "export"),
+    "strategy": ("aggregate", "evaluate", "export"),
     "run_dir": ("save_checkpoint", "append_metrics", "write_profile_tables"),
     "blobs": ("offer",),
     "": ("_select",),

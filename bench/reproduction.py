@@ -31,9 +31,8 @@ from bench.runner import DEFAULT_DATASETS, DEFAULT_OUT, table
 
 CLIENTS = 10
 ALPHA = 0.5
-LEARNING_RATES = {"lora": 1e-3, "federa": 5e-4, "full": 2e-5}
-"""Calibrated on this CPU (NOTES.md): FeDeRA/PiSSA wants less than LoRA, full 5e-5 diverged."""
 METHODS = ("federa", "lora", "full")
+"""The reproduced methods; each trains at its `default_learning_rate` (calibrated in NOTES.md)."""
 MODELLED_LINK_BYTES_PER_S = 100e6 / 8
 SLOW_LINK_BYTES_PER_S = 10e6 / 8
 """The modelled device time is also given over a 10 Mbit/s link (weak Wi-Fi, shared uplink)."""
@@ -43,6 +42,12 @@ STEP_TIME_RESERVE_S = 240.0
 RELATIVE_TARGET = 0.95
 """Also: 95 % of the best accuracy any method reached on the dataset (the papers' style)."""
 NEWSGROUPS_EVAL_SAMPLES = 500
+
+
+def learning_rate(method: str) -> float:
+    from edge.methods.base import get_method
+
+    return get_method(method).default_learning_rate
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ def plan(
     """The default plan, narrowed to `methods`/`datasets` if given."""
     chosen_methods = methods or list(METHODS)
     chosen_datasets = datasets or ["sst2", "20newsgroups"]
-    unknown = sorted(set(chosen_methods) - set(LEARNING_RATES)) + sorted(
+    unknown = sorted(set(chosen_methods) - set(METHODS)) + sorted(
         set(chosen_datasets) - set(FIXED_TARGETS)
     )
     if unknown:
@@ -139,7 +144,7 @@ def experiment(
         "training": {
             "local_steps": setup.local_steps,
             "batch_size": 16,
-            "learning_rate": LEARNING_RATES.get(method, 5e-4),
+            "learning_rate": learning_rate(method),
         },
         "data": {
             "path": str(data_dir),
@@ -184,7 +189,7 @@ def standalone_step_s(method: str, data_dir: Path, steps: int = 5) -> float:
 
         def timed(count: int) -> float:
             training = TrainingConfig(
-                local_steps=count, batch_size=16, learning_rate=LEARNING_RATES[method]
+                local_steps=count, batch_size=16, learning_rate=learning_rate(method)
             )
             started = time.perf_counter()
             train_local(model, tokenizer, dataset, training, 64, "cpu", seed=count)
@@ -425,7 +430,7 @@ def run(
             "max_length": 64,
             "max_eval_samples": setup.max_eval_samples,
             "newsgroups_eval_samples": NEWSGROUPS_EVAL_SAMPLES,
-            "learning_rates": {m: LEARNING_RATES[m] for m in setup.methods},
+            "learning_rates": {m: learning_rate(m) for m in setup.methods},
             "link": link or "loopback",
             "budget_min": budget_min,
             "modelled_link_mbit_s": MODELLED_LINK_BYTES_PER_S * 8 / 1e6,

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from coordinator.split_server import SplitServer
+from coordinator.strategies.split import SplitServer
 from edge.data import TextDataset, load_split
 from edge.exchange import Exchange
 from edge.methods.lora import LoraMethod

@@ -8,7 +8,7 @@
   byte on the device's and the receiver's connections (chunks, requests, PUBACKs, headers),
   goal ≤ 1.02 × payload bytes.
 - memory: a receiver subprocess holding the global state pulls 5 concurrent 91 MB updates from 5
-  device processes, validates each and folds it into the streaming FedAvg sum; goal: peak RSS ≤
+  device processes, validates each, keeps it on disk and sums them with FedAvg; goal: peak RSS ≤
   2 × model size + 300 MB.
 
 Run: python -m bench.transfer_throughput [--quick]   (or python -m bench transfer_throughput)
@@ -124,7 +124,7 @@ def pull_all(
     limit_s: float = 600.0,
 ) -> Dict[str, Download]:
     """Pull every device's blob at once, as the coordinator does; `on_complete(device, download)`
-    runs as each finishes (the streaming fold-in)."""
+    runs as each finishes (the server keeps it for aggregation)."""
     downloads = {
         device_id: Download(
             manifest,
@@ -306,10 +306,11 @@ def _max_rss_bytes() -> int:
 
 def receive_main(url: str, manifests_path: str, global_path: str) -> None:
     """The coordinator's receiving path in its own process: global state in memory, 5 pulls,
-    each validated (TensorFile) and folded into the streaming FedAvg sum; prints RSS numbers."""
+    each validated (TensorFile) and kept on disk, then FedAvg's row-block sum; prints RSS."""
     import psutil
 
-    from coordinator.strategies import FedAvg, ServerContext
+    from coordinator.strategies.base import AcceptedUpdate, ServerContext
+    from coordinator.strategies.fedavg import FedAvg
     from edge.tensorfile import TensorFile
     from edge.wire import Update
 
@@ -332,7 +333,7 @@ def receive_main(url: str, manifests_path: str, global_path: str) -> None:
 
     threading.Thread(target=sample, daemon=True).start()
 
-    def fold_in(device_id: str, download: Download) -> None:
+    def keep(device_id: str, download: Download) -> None:
         update = Update(
             experiment="bench",
             device_id=device_id,
@@ -343,16 +344,17 @@ def receive_main(url: str, manifests_path: str, global_path: str) -> None:
             train_loss=0.5,
             blob=download.manifest,
         )
-        strategy.accumulate(0, update, TensorFile(download.result_path(), spec))
-        spooled.append(download)  # read again at finalize, as the server keeps it
+        accepted.append(AcceptedUpdate(update, TensorFile(download.result_path(), spec)))
+        spooled.append(download)  # read at aggregate, as the server keeps it
 
     spooled: List[Download] = []
+    accepted: List[AcceptedUpdate] = []
     link = receiver_link(url)
     start = time.perf_counter()
-    pull_all(link, manifests, on_complete=fold_in)
+    pull_all(link, manifests, on_complete=keep)
     seconds = time.perf_counter() - start
     marks["peak_rss_received_bytes"] = _max_rss_bytes()
-    global_state = strategy.finalize(0, global_state, [])
+    global_state = strategy.aggregate(0, global_state, accepted)
     done.set()
     for download in spooled:
         download.close()

@@ -26,7 +26,7 @@ from cryptography import x509
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from coordinator import pki
-from edge.errors import UserError
+from edge.errors import UserError, validation_line
 from edge.logs import log_event
 
 logger = logging.getLogger(__name__)
@@ -116,13 +116,6 @@ class DevicesFile(BaseModel):
         return [_check_mqtt_name(v, "experiment") for v in values]
 
 
-def _first_error(exc: ValidationError, source: str) -> str:
-    error = exc.errors()[0]
-    where = ".".join(str(part) for part in error["loc"])
-    message = str(error["msg"]).replace("Value error, ", "")
-    return f"{source}: {where or 'top level'}: {message}"
-
-
 def parse_devices(data: object, source: str = "devices.yaml") -> DevicesFile:
     """A bare list of ids is shorthand for `devices:`; duplicates and reserved names fail."""
     if isinstance(data, list):
@@ -132,7 +125,7 @@ def parse_devices(data: object, source: str = "devices.yaml") -> DevicesFile:
     try:
         spec = DevicesFile.model_validate(data)
     except ValidationError as exc:
-        raise UserError(_first_error(exc, source)) from None
+        raise UserError(f"{source}: {validation_line(exc, default='top level')}") from None
     seen = set()
     for entry in spec.devices:
         if entry.id in seen:

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edge.errors import UserError
+from edge.errors import UserError, validation_line
 from edge.mqtt import BrokerSpec
 from edge.wire import DEFAULT_CHUNK_SIZE_BYTES, ID_PATTERN, PartitionSpec, TrainingConfig
 
@@ -97,16 +97,6 @@ class ExperimentConfig(Section):
         return Path(self.output_dir) / self.name
 
 
-def _describe(error: Any) -> str:
-    where = ".".join(str(part) for part in error.get("loc", ())) or "config"
-    message = error.get("msg", "invalid")
-    if error.get("type") == "extra_forbidden":
-        message = "unknown field (check the spelling; see README 'Experiment config')"
-    elif "input" in error and not isinstance(error["input"], (dict, list)):
-        message = f"{message} (got {error['input']!r})"
-    return f"{where}: {message}"
-
-
 def _blame(where: str, origin: str, overridden: Mapping[str, str]) -> str:
     """The `--set` option that wrote the failing field, else the config file."""
     for key, override in overridden.items():
@@ -125,10 +115,9 @@ def parse_config(
     try:
         config = ExperimentConfig.model_validate(raw, strict=False)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        where = ".".join(str(part) for part in error.get("loc", ()))
-        blamed = _blame(where, origin, overridden or {})
-        raise UserError(f"{blamed}: {_describe(error)}") from None
+        line = validation_line(exc, default="config")
+        blamed = _blame(line.split(":", 1)[0], origin, overridden or {})
+        raise UserError(f"{blamed}: {line}") from None
     if config.rounds.clients_per_round is not None and (
         config.rounds.clients_per_round < config.rounds.min_clients
     ):

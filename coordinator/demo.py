@@ -14,7 +14,8 @@ from coordinator.fleet import run_local_fleet
 from coordinator.links import LinkSpec
 from coordinator.links.netns import require_root
 from coordinator.progress import RoundTable
-from coordinator.rundir import RoundMetrics
+from coordinator.records import RoundMetrics
+from edge.methods.base import get_method
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data" / "sst2"
 
@@ -33,7 +34,6 @@ def demo_config(
     learning_rate: Optional[float],
 ) -> ExperimentConfig:
     """The demo's experiment, as a user would write it in YAML (see examples/)."""
-    default_lr = {"lora": 1e-3, "federa": 5e-4, "full": 2e-5, "kd": 1e-3, "fedcollm": 1e-3}
     model: Dict[str, Any] = {"name_or_path": "minilm", "max_length": 64}
     if method == "fedcollm":
         model["num_hidden_layers"] = 3  # the offline pair: 3-layer SLM, 6-layer LLM (method.llm)
@@ -44,7 +44,7 @@ def demo_config(
         "training": {
             "local_steps": local_steps,
             "batch_size": 16,
-            "learning_rate": learning_rate or default_lr.get(method, 5e-4),
+            "learning_rate": learning_rate or get_method(method).default_learning_rate,
         },
         "data": {
             "path": data,

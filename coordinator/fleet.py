@@ -21,7 +21,7 @@ from coordinator.config import ExperimentConfig
 from coordinator.links import LinkedFleet, LinkSpec
 from coordinator.local_mosquitto import LocalMosquitto, listening
 from coordinator.progress import RoundTable
-from coordinator.rundir import RoundMetrics
+from coordinator.records import RoundMetrics
 from edge.errors import UserError
 
 LOOPBACK = "127.0.0.1"

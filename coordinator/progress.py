@@ -15,7 +15,7 @@ from rich.live import Live
 from rich.table import Table
 
 from coordinator.config import ExperimentConfig
-from coordinator.rundir import RoundMetrics
+from coordinator.records import RoundMetrics
 from edge.wire import Progress
 
 

@@ -23,48 +23,12 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
 
 from coordinator.config import ExperimentConfig, parse_config
+from coordinator.records import CheckpointState, RoundMetrics
 from edge.methods.base import Tensors
 from edge.telemetry.records import PhaseRecord
 from edge.wire import Hello
-
-
-class RoundMetrics(BaseModel):
-    """What one round achieved and cost, from the coordinator's point of view."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    round_index: int
-    status: str
-    method: str
-    devices: List[str] = Field(default_factory=list)
-    num_selected: int = 0
-    num_aggregated: int = 0
-    accuracy: Optional[float] = None
-    eval_loss: Optional[float] = None
-    train_loss: Optional[float] = None
-    bytes_up: int = 0
-    bytes_down: int = 0
-    round_s: float = 0.0
-    eval_s: float = 0.0
-    aggregate_s: float = 0.0
-    overhead_s: Optional[float] = None
-    wall_clock_s: float = 0.0
-    extra: Dict[str, float] = Field(default_factory=dict)
-
-
-class CheckpointState(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    experiment: str
-    config_digest: str
-    completed_round: int
-    client_indices: Dict[str, int]
-    wall_clock_s: float
-    has_init: bool
-    has_strategy_state: bool = False
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from coordinator.config import ExperimentConfig, config_digest, resume_conflicts
+from coordinator.records import CheckpointState, RoundMetrics
 from coordinator.registry import DeviceRegistry
-from coordinator.rundir import CheckpointState, RoundMetrics, RunDir
-from coordinator.strategies import AcceptedUpdate, ServerContext, Strategy, make_strategy
+from coordinator.rundir import RunDir
+from coordinator.strategies.base import AcceptedUpdate, ServerContext, Strategy, make_strategy
 from edge.data import TextDataset, load_split
 from edge.errors import ProtocolError, UserError
 from edge.logs import log_event
@@ -76,7 +77,7 @@ class _Inbound:
     collecting: bool = True
     """False once the round stopped collecting: a late update is refused, never acked."""
     spooled: List[Download] = field(default_factory=list)
-    """Accepted uploads a streaming strategy reads at `finalize`: deleted when the round ends."""
+    """Accepted uploads, read by the strategy's `aggregate`: deleted when the round ends."""
 
 
 def profile_key(record: PhaseRecord) -> Tuple[str, int, str, float]:
@@ -354,12 +355,7 @@ class Coordinator:
         )
         if len(accepted) >= self.config.rounds.min_clients:
             t0 = time.monotonic()
-            if self.strategy.streaming:
-                self.global_state = self.strategy.finalize(round_index, self.global_state, accepted)
-            else:
-                self.global_state = self.strategy.aggregate(
-                    round_index, self.global_state, accepted
-                )
+            self.global_state = self.strategy.aggregate(round_index, self.global_state, accepted)
             aggregate_s = time.monotonic() - t0
             metrics.status = "aggregated"
             total = sum(a.update.num_samples for a in accepted)
@@ -686,14 +682,11 @@ class Coordinator:
         del inbound.transfers[device_id]
         update = inbound.announced.pop(device_id)
         try:
-            candidate = self._decode_update(inbound.round_index, update, download)
+            candidate = self._decode_update(update, download)
         except BaseException:
             download.close()
             raise
-        if self.strategy.streaming:
-            inbound.spooled.append(download)  # read again at finalize
-        else:
-            download.close()
+        inbound.spooled.append(download)  # read by aggregate
         inbound.accepted[device_id] = candidate
         inbound.last_accept_s = time.monotonic()
         self._ack(device_id, update)
@@ -705,11 +698,9 @@ class Coordinator:
             round_index=update.round_index,
         )
 
-    def _decode_update(
-        self, round_index: int, update: Update, download: Download
-    ) -> AcceptedUpdate:
-        """Validate a complete upload from its spool file; a streaming strategy gets it as a
-        lazily read file (kept until the round ends), others the decoded tensors."""
+    def _decode_update(self, update: Update, download: Download) -> AcceptedUpdate:
+        """Validate a complete upload from its spool file, which the strategy then reads
+        lazily (it is kept until the round ends)."""
         try:
             tensors = TensorFile(download.result_path(), self.expected, UPDATE_DTYPES)
         except ProtocolError as exc:
@@ -721,12 +712,7 @@ class Coordinator:
                 f"{bound:g}",
                 code="update_norm_too_large",
             )
-        if self.strategy.streaming:
-            self.strategy.accumulate(round_index, update, tensors)
-            return AcceptedUpdate(update, {})
-        candidate = AcceptedUpdate(update, dict(tensors))
-        self.strategy.validate_update(candidate, self.global_state)
-        return candidate
+        return AcceptedUpdate(update, tensors)
 
     def _ack(self, device_id: str, update: Update) -> None:
         ack = Ack(device_id=device_id, round_index=update.round_index, digest=update.blob.digest)

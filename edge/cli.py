@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from edge.errors import UserError, flag_error
+from edge.errors import UserError, flag_error, validation_line
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
@@ -24,7 +24,7 @@ def broker_spec(**fields: Any) -> Any:
     try:
         spec = BrokerSpec(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
-        raise UserError(f"broker: {exc.errors()[0]['msg']}") from None
+        raise UserError(validation_line(exc, root="broker")) from None
     spec.endpoint()
     return spec
 

@@ -58,6 +58,14 @@ class DoctorOptions(BaseModel):
     root: str = "/"
     jtop_socket: str = "/run/jtop.sock"
 
+    def method_config(self) -> Dict[str, Any]:
+        """The `method:` settings the flags give, for the methods that take them."""
+        from edge.methods.base import get_method
+
+        fields = get_method(self.method).config_model.model_fields
+        given = {"rank": self.lora_rank, "cut_layer": self.cut_layer}
+        return {key: value for key, value in given.items() if value is not None and key in fields}
+
 
 def run_command(command: Sequence[str]) -> Optional[str]:
     if shutil.which(command[0]) is None:
@@ -245,8 +253,7 @@ def check_memory(options: DoctorOptions, context: DeviceContext) -> CheckResult:
         options.batch_size,
         options.max_length,
         num_labels=options.num_labels,
-        lora_rank=options.lora_rank,
-        client_layers=options.cut_layer,
+        method_config=options.method_config(),
         cuda=cuda,
     )
     available, source = _available_bytes(on_jetson, cuda)

@@ -14,15 +14,13 @@ STATUS_STYLES = {"ok": "green", "warn": "yellow", "fail": "bold red", "skip": "d
 
 def doctor_command(
     model: str = typer.Option("minilm", "--model", help="Model id or path to budget for."),
-    method: str = typer.Option(
-        "lora", "--method", help="lora, federa, full, split, kd or fedcollm."
-    ),
+    method: str = typer.Option("lora", "--method", help="Any registered method (lora, full...)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     max_length: int = typer.Option(64, "--max-length", min=8),
     num_labels: int = typer.Option(2, "--num-labels", min=1),
     lora_rank: int = typer.Option(8, "--lora-rank", min=1),
     cut_layer: Optional[int] = typer.Option(
-        None, "--cut-layer", min=1, help="split: layers on the device (default 2)."
+        None, "--cut-layer", min=1, help="split: layers on the device (its method default)."
     ),
     broker: Optional[str] = typer.Option(
         None, "--broker", envvar="JETFED_BROKER", help="mqtt://HOST:1883 or mqtts://HOST:8883"
@@ -42,10 +40,10 @@ def doctor_command(
 
     from edge.cli import broker_spec
     from edge.doctor import DoctorOptions, failed, run_checks
-    from edge.memory_budget import METHODS
+    from edge.methods.base import available_methods
 
-    if method not in METHODS:
-        raise UserError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method not in available_methods():
+        raise UserError(f"--method must be one of {', '.join(available_methods())}, got {method!r}")
     spec = None
     if broker is not None:
         spec = broker_spec(

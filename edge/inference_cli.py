@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import typer
 
-from edge.errors import UserError
+from edge.errors import flag_error
 
 if TYPE_CHECKING:
     from edge.inference import BenchResult
@@ -75,7 +75,7 @@ def bench_inference_command(
             telemetry=telemetry,
         )
     except ValidationError as exc:
-        raise UserError(f"--{exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+        raise flag_error(exc) from None
     result = bench_inference(settings)
     table = Table(title=f"ONNX Runtime {result.onnxruntime_version} inference")
     table.add_column("metric")

@@ -13,16 +13,15 @@ and the LoRA target layers are exact for any architecture transformers knows. On
   and kernels, CUDA_RUNTIME_BYTES (an assumption, not a measurement: cuBLAS/cuDNN handles on
   Orin are of this order).
 
-Per method, what the DEVICE holds: lora, federa (+ the fixed A₀/B₀ copy), kd (LoRA; each step
-also runs a proxy batch of the same size through the graph, so twice the activations) and
-fedcollm (the small model's LoRA: pass the small model) train LoRA on the architecture's default
-targets plus the task head; full trains every weight; split holds the embeddings and its first
-`client_layers` layers (split's default `cut_layer`, 2) with LoRA.
+What the DEVICE holds is the method's own fact: `FederatedMethod.memory_footprint(model)` counts
+held and trainable parameters, the layers whose activations are kept and the forward graphs per
+step, with the counting helpers below (`lora_params`, `client_params`, `head_params`). So any
+registered method is budgeted, and a new one that trains every weight is by default.
 """
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, List, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict
 
@@ -34,9 +33,6 @@ RUNTIME_CPU_BYTES = 420 << 20
 CUDA_RUNTIME_BYTES = 1 << 30
 ACTIVATION_HIDDEN_FACTOR = 12
 ACTIVATION_INTERMEDIATE_FACTOR = 2
-METHODS = ("lora", "federa", "full", "split", "kd", "fedcollm")
-SPLIT_DEFAULT_CLIENT_LAYERS = 2
-"""`method.cut_layer`'s default in edge/methods/split.py."""
 
 
 class MemoryEstimate(BaseModel):
@@ -78,13 +74,16 @@ def _meta_model(name_or_path: str, num_labels: int) -> Any:
             return AutoModelForSequenceClassification.from_config(config)
 
 
-def _lora_trainable(model: Any, rank: int, layers: Optional[int]) -> int:
-    """r·(in + out) per targeted Linear, in the first `layers` layers if given."""
+def lora_params(
+    model: Any, rank: int, targets: Optional[List[str]] = None, layers: Optional[int] = None
+) -> int:
+    """r·(in + out) per targeted Linear (the architecture's default targets unless given), in
+    the first `layers` layers if given."""
     import torch
 
     from edge.models import default_target_modules
 
-    targets = set(default_target_modules(model))
+    targets = list(targets or default_target_modules(model))
     count = 0
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or name.rsplit(".", 1)[-1] not in targets:
@@ -104,7 +103,7 @@ def _layer_index(name: str) -> Optional[int]:
     return None
 
 
-def _client_params(model: Any, layers: int) -> int:
+def client_params(model: Any, layers: int) -> int:
     """Split learning: the device holds the embeddings and the first `layers` layers."""
     held = 0
     for name, param in model.named_parameters():
@@ -114,8 +113,17 @@ def _client_params(model: Any, layers: int) -> int:
     return held
 
 
-def _is_head(name: str) -> bool:
-    return name.startswith(("classifier.", "score."))
+def head_params(model: Any) -> int:
+    """Parameters of the task head (`classifier.*` or `score.*`)."""
+    return sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if name.startswith(("classifier.", "score."))
+    )
+
+
+def num_layers(model: Any) -> int:
+    return int(model.config.num_hidden_layers)
 
 
 def estimate_training_memory(
@@ -124,53 +132,40 @@ def estimate_training_memory(
     batch_size: int,
     max_length: int,
     num_labels: int = 2,
-    lora_rank: int = 8,
-    client_layers: Optional[int] = None,
+    method_config: Optional[Mapping[str, Any]] = None,
     cuda: bool = False,
 ) -> MemoryEstimate:
-    """Peak memory of a device's local round for `method`, from the config alone."""
-    if method not in METHODS:
-        raise UserError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    """Peak memory of a device's local round for the registered `method` (with its `method:`
+    settings, e.g. rank or cut_layer), from the model's config alone."""
+    from edge.methods.base import get_method
+    from edge.wire import ModelRef
+
+    ref = ModelRef(name_or_path=name_or_path, num_labels=num_labels, max_length=max_length)
+    federated = get_method(method)(method_config or {}, ref)
     model = _meta_model(name_or_path, num_labels)
     config = model.config
     hidden = int(config.hidden_size)
     intermediate = int(getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden)
     heads = int(config.num_attention_heads)
-    num_layers = int(config.num_hidden_layers)
-    total_params = sum(param.numel() for param in model.parameters())
-    head_params = sum(p.numel() for name, p in model.named_parameters() if _is_head(name))
-    layers = num_layers
-    held_params = total_params
-    if method == "full":
-        trainable = total_params
-    elif method == "split":
-        layers = client_layers if client_layers is not None else SPLIT_DEFAULT_CLIENT_LAYERS
-        if not 1 <= layers <= num_layers:
-            raise UserError(f"client layers must be in 1..{num_layers}, got {layers}")
-        held_params = _client_params(model, layers)
-        trainable = _lora_trainable(model, lora_rank, layers)
-    else:
-        trainable = _lora_trainable(model, lora_rank, None) + head_params
-    extra_params = _lora_trainable(model, lora_rank, None) if method == "federa" else 0
+    footprint = federated.memory_footprint(model)
     tokens = batch_size * max_length
     per_layer = (
         tokens * (ACTIVATION_HIDDEN_FACTOR * hidden + ACTIVATION_INTERMEDIATE_FACTOR * intermediate)
         + batch_size * heads * max_length * max_length
     )
-    graphs = 2 if method == "kd" else 1
-    activations = graphs * (layers * per_layer + tokens * hidden) * FP32_BYTES
+    activations = footprint.graphs * (footprint.layers * per_layer + tokens * hidden) * FP32_BYTES
     runtime = RUNTIME_CPU_BYTES + (CUDA_RUNTIME_BYTES if cuda else 0)
-    weights = (held_params + extra_params) * FP32_BYTES
-    gradients = trainable * FP32_BYTES
-    optimizer = trainable * FP32_BYTES * ADAMW_STATES
+    weights = footprint.held_params * FP32_BYTES
+    gradients = footprint.trainable_params * FP32_BYTES
+    optimizer = footprint.trainable_params * FP32_BYTES * ADAMW_STATES
     return MemoryEstimate(
         model=name_or_path,
         method=method,
         batch_size=batch_size,
         max_length=max_length,
-        total_params=total_params,
-        trainable_params=trainable,
-        layers_on_device=layers,
+        total_params=sum(param.numel() for param in model.parameters()),
+        trainable_params=footprint.trainable_params,
+        layers_on_device=footprint.layers,
         weights_bytes=weights,
         gradients_bytes=gradients,
         optimizer_bytes=optimizer,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from edge.errors import ProtocolError
+from edge.errors import ProtocolError, validation_line
 from edge.telemetry.records import PhaseRecord
 
 if TYPE_CHECKING:
@@ -297,9 +297,8 @@ def parse_message(model: Type[M], payload: bytes, max_bytes: int = MAX_JSON_MESS
     try:
         return model.model_validate_json(payload)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first.get("loc", ())) or "message"
-        raise ProtocolError(f"invalid {model.__name__}: {where}: {first.get('msg')}") from None
+        line = validation_line(exc, default="message")
+        raise ProtocolError(f"invalid {model.__name__}: {line}") from None
 
 
 # --------------------------------------------------------------------------- digests and chunks

@@ -9,8 +9,8 @@ from typing import Any, Dict, List, Type, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from coordinator.rundir import RoundMetrics
-from edge.errors import UserError
+from coordinator.records import RoundMetrics
+from edge.errors import UserError, validation_line
 from edge.telemetry.records import PhaseRecord
 from edge.wire import Hello
 
@@ -41,7 +41,7 @@ def read_jsonl(path: Path, model: Type[M]) -> List[M]:
         try:
             items.append(model.model_validate_json(line))
         except ValidationError as exc:
-            reason = exc.errors()[0]["msg"]
+            reason = validation_line(exc, default="line")
             raise UserError(f"{path}:{number}: not a {model.__name__} ({reason})") from None
     return items
 

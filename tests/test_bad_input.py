@@ -197,7 +197,7 @@ def _cases(
 @pytest.mark.parametrize(
     "strategy",
     [
-        pytest.param({"max_update_norm": 1000.0}, id="fedavg-streaming-bounded-norm"),
+        pytest.param({"max_update_norm": 1000.0}, id="fedavg-bounded-norm"),
         pytest.param(
             {"strategy": "clipped_fedavg", "clip_norm": 1.0, "max_update_norm": 1000.0},
             id="clipped-fedavg-bounded-norm",

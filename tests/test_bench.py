@@ -42,7 +42,7 @@ def test_aggregation_bench_writes_json_and_markdown(tmp_path: Path, minilm_path:
     )
     report = _check_report(tmp_path, "aggregation_throughput")
     lora = report["results"]["aggregate"]["lora"]
-    assert set(lora) == {"streaming-2", "collected-2"}
+    assert set(lora) == {"fedavg-2", "median-2"}
     assert all(item["mb_per_s"] > 0 and item["update_bytes"] > 290_000 for item in lora.values())
     assert report["results"]["decode_validate"]["lora"]["median_s"] > 0
 

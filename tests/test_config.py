@@ -38,7 +38,7 @@ def write(tmp_path: Path, raw: object) -> str:
             {"method": {"name": "lora", "rank": 0}},
             "method.rank: Input should be greater than or equal to 1",
         ),
-        ({"method": {"name": "lora", "ranc": 8}}, "method.ranc: Extra inputs are not permitted"),
+        ({"method": {"name": "lora", "ranc": 8}}, "method.ranc: unknown field"),
         ({"method": {"name": "nope"}}, "unknown method 'nope'"),
         ({"name": "has space"}, "name: String should match pattern"),
         (
@@ -120,3 +120,26 @@ def test_partition_command_prints_class_counts(sst2_dir: Path) -> None:
     assert "dirichlet partition" in result.stdout and "class 1" in result.stdout
     rows = [line for line in result.stdout.splitlines() if line.strip().startswith("│ ")]
     assert sum(int(row.split("│")[2]) for row in rows) == 872
+
+
+def test_the_one_line_form_of_a_pydantic_error() -> None:
+    """Every config, flag, method, strategy and message error goes through one helper."""
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+    from edge.errors import flag_error, validation_line
+
+    class Settings(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        rate_hz: float = Field(gt=0)
+
+    def first(**fields: object) -> ValidationError:
+        with pytest.raises(ValidationError) as caught:
+            Settings(**fields)  # type: ignore[arg-type]
+        return caught.value
+
+    assert validation_line(first(rate_hz=-1), root="telemetry") == (
+        "telemetry.rate_hz: Input should be greater than 0 (got -1)"
+    )
+    assert validation_line(first(rate_hz=1, rte=2)) == "rte: unknown field (check the spelling)"
+    assert validation_line(first(), default="settings") == "rate_hz: Field required"
+    assert str(flag_error(first(rate_hz=0))) == "--rate-hz: Input should be greater than 0 (got 0)"

@@ -213,3 +213,35 @@ def test_memory_estimate_is_within_2x_of_measured_rss(
     measured = int(done.stdout.split()[-1])
     estimate = estimate_training_memory("minilm", method, 16, 64).total_bytes
     assert 0.5 < estimate / measured < 2.0, (estimate, measured)
+
+
+def test_every_registered_method_is_budgeted_from_its_own_facts() -> None:
+    """The memory budget asks each method what a device holds (no list of methods outside
+    edge/methods/): every registered method is accepted, and the facts follow the method."""
+    from edge.memory_budget import estimate_training_memory
+    from edge.methods.base import available_methods
+    from edge.methods.split import SplitSettings
+
+    estimates = {m: estimate_training_memory("minilm", m, 16, 64) for m in available_methods()}
+    lora, full = estimates["lora"], estimates["full"]
+    assert full.trainable_params == full.total_params > lora.trainable_params
+    assert estimates["federa"].weights_bytes > lora.weights_bytes  # + the fixed A₀/B₀ copy
+    assert estimates["kd"].activations_bytes > lora.activations_bytes  # + the proxy batch
+    assert estimates["split"].layers_on_device == SplitSettings().cut_layer
+    options = DoctorOptions(method="split", lora_rank=4, cut_layer=3)
+    assert options.method_config() == {"rank": 4, "cut_layer": 3}
+    assert DoctorOptions(method="full", lora_rank=4).method_config() == {}
+
+
+def test_demo_and_reproduction_use_each_methods_default_learning_rate(tmp_path: Path) -> None:
+    from bench.reproduction import learning_rate
+    from coordinator.demo import DEMO_DATA, demo_config
+    from edge.methods.base import get_method
+
+    for method in ("lora", "federa", "full", "split"):
+        config = demo_config(
+            "d", method, 2, 1, 1, str(DEMO_DATA), str(tmp_path), "iid", 1.0, None, None
+        )
+        expected = get_method(method).default_learning_rate
+        assert config.training.learning_rate == expected == learning_rate(method)
+    assert get_method("full").default_learning_rate < get_method("lora").default_learning_rate

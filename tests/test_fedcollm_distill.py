@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coordinator.distill import check_same_tokenizer, mutual_distillation
+from coordinator.strategies.distill import check_same_tokenizer, mutual_distillation
 from edge.data import TextDataset
 from edge.errors import UserError
 from edge.methods.fedcollm import FedCoLLMMethod

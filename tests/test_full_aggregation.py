@@ -1,5 +1,6 @@
-"""Streaming FedAvg (what `full` uses): folding updates in one by one from their spool files
-gives the collected weighted mean, for every wire dtype, and a skipped round leaves nothing."""
+"""FedAvg (what `full` uses) over uploads read lazily from their files gives the in-memory
+weighted mean for every wire dtype, and its sum walks row blocks: an upload's file is read a
+few MB at a time, never whole."""
 
 from __future__ import annotations
 
@@ -9,13 +10,8 @@ from typing import Dict, List
 import pytest
 import torch
 
-from coordinator.strategies import (
-    AcceptedUpdate,
-    FedAvg,
-    ServerContext,
-    Strategy,
-    apply_mean_delta,
-)
+from coordinator.strategies.base import AcceptedUpdate, ServerContext
+from coordinator.strategies.fedavg import FedAvg
 from edge.tensorfile import UPDATE_DTYPES, TensorFile, write_tensor_file
 from edge.wire import Update, make_manifest
 
@@ -34,50 +30,55 @@ def announced(num_samples: int, round_index: int = 0) -> Update:
 
 
 def fedavg() -> FedAvg:
-    """The fold-in needs no evaluation model or data: no context."""
+    """Aggregation needs no evaluation model or data: no context."""
     return FedAvg(ServerContext.aggregation_only())
 
 
 def deltas(count: int) -> List[Dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(3)
-    shapes = {"emb": (4000, 48), "w": (48, 48), "b": (48,)}
+    shapes = {"emb": (12000, 48), "w": (48, 48), "b": (48,)}
     return [
         {n: torch.randn(s, generator=generator) * 1e-2 for n, s in shapes.items()}
         for _ in range(count)
     ]
 
 
+class CountingFile(TensorFile):
+    """A TensorFile that remembers the largest read (in rows) of each tensor."""
+
+    largest: Dict[str, int]
+
+    def rows(self, name: str, start: int, end: int) -> torch.Tensor:
+        self.largest[name] = max(self.largest.get(name, 0), end - start)
+        return super().rows(name, start, end)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        raise AssertionError(f"{name} read whole")
+
+
 @pytest.mark.parametrize("dtype", UPDATE_DTYPES)
-def test_streaming_fold_in_equals_collected_mean(tmp_path: Path, dtype: str) -> None:
+def test_fedavg_over_files_equals_the_in_memory_mean(tmp_path: Path, dtype: str) -> None:
     updates, samples = deltas(3), [10, 30, 60]
     spec = {name: tuple(t.shape) for name, t in updates[0].items()}
     global_state = {name: torch.ones(shape) for name, shape in spec.items()}
-    strategy = fedavg()
-    received: List[AcceptedUpdate] = []
+    on_disk: List[AcceptedUpdate] = []
+    in_memory: List[AcceptedUpdate] = []
     for i, (delta, n) in enumerate(zip(updates, samples)):
         path = str(tmp_path / f"u{i}")
         write_tensor_file(path, delta, dtype)
-        tensors = TensorFile(path, spec, UPDATE_DTYPES)
-        strategy.accumulate(0, announced(n), tensors)
-        received.append(AcceptedUpdate(announced(n), dict(tensors)))
-    folded = strategy.finalize(0, global_state, [])
-    expected = apply_mean_delta(global_state, received)
+        tensors = CountingFile(path, spec, UPDATE_DTYPES)
+        tensors.largest = {}
+        on_disk.append(AcceptedUpdate(announced(n), tensors))
+        in_memory.append(AcceptedUpdate(announced(n), dict(TensorFile(path, spec, UPDATE_DTYPES))))
+    folded = fedavg().aggregate(0, global_state, on_disk)
+    expected = fedavg().aggregate(0, global_state, in_memory)
     for name in spec:
-        assert torch.allclose(folded[name], expected[name], atol=1e-6), name
+        assert torch.equal(folded[name], expected[name]), name
+    for item in on_disk:
+        assert isinstance(item.tensors, CountingFile)
+        assert item.tensors.largest["emb"] < 12000  # 2.3 MB of fp32: read in row blocks
 
 
-def test_a_skipped_round_leaves_nothing_behind(tmp_path: Path) -> None:
-    first, second = deltas(2)
-    global_state = {name: torch.zeros(t.shape) for name, t in first.items()}
-    strategy = fedavg()
-    strategy.accumulate(0, announced(5, round_index=0), first)  # round 0 then skipped
-    strategy.accumulate(1, announced(5, round_index=1), second)
-    folded = strategy.finalize(1, global_state, [])
-    for name in second:
-        assert torch.allclose(folded[name], second[name])
-    with pytest.raises(RuntimeError, match="accumulated no update"):
-        strategy.finalize(1, global_state, [])
-
-
-def test_fedavg_streams_and_collecting_strategies_opt_out() -> None:
-    assert FedAvg.streaming and not Strategy.streaming
+def test_fedavg_refuses_a_round_without_updates() -> None:
+    with pytest.raises(ValueError, match="no update"):
+        fedavg().aggregate(0, {"w": torch.zeros(2)}, [])

@@ -14,9 +14,9 @@ import torch
 import yaml
 
 from coordinator.config import load_config
-from coordinator.distill import KdStrategy
 from coordinator.server import Coordinator
-from coordinator.strategies import Strategy
+from coordinator.strategies.base import Strategy
+from coordinator.strategies.distill import KdStrategy
 from edge.errors import UserError
 from edge.methods.base import Tensors
 from edge.mqtt import BrokerSpec

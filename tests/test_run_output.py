@@ -17,7 +17,7 @@ from rich.console import Console
 
 from coordinator.config import load_config, parse_config
 from coordinator.progress import RoundTable
-from coordinator.rundir import RoundMetrics
+from coordinator.records import RoundMetrics
 from edge.errors import ProtocolError, UserError
 from edge.mqtt import LinkCounters
 from edge.progress import ProgressReporter

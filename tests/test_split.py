@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 import pytest
 import torch
 
-from coordinator.split_server import SplitServer
+from coordinator.strategies.split import SplitServer
 from edge.data import load_split
 from edge.errors import ProtocolError, UserError
 from edge.exchange import Exchange

@@ -1,10 +1,24 @@
-"""FedAvg equals a hand-computed weighted mean of the deltas."""
+"""Strategies: FedAvg equals a hand-computed weighted mean of the deltas; both registries
+(methods, strategies) find every module by scanning their package and refuse a second class
+under a name already taken."""
 
 from __future__ import annotations
 
+from typing import Any, List
+
+import pytest
 import torch
 
-from coordinator.strategies import AcceptedUpdate, apply_mean_delta, weighted_mean
+from coordinator.strategies.base import (
+    AcceptedUpdate,
+    ServerContext,
+    Strategy,
+    available_strategies,
+    make_strategy,
+    register_strategy,
+)
+from edge.errors import UserError
+from edge.methods.base import Tensors, available_methods, get_method, register_method
 from edge.wire import Update, make_manifest
 
 
@@ -27,10 +41,47 @@ def test_fedavg_is_the_sample_weighted_mean() -> None:
     b = {"w": torch.tensor([[3.0, -2.0]]), "b": torch.tensor([4.0])}
     c = {"w": torch.tensor([[0.0, 0.0]]), "b": torch.tensor([-1.0])}
     updates = [accepted(10, a), accepted(30, b), accepted(60, c)]
-    mean = weighted_mean(updates)
-    assert torch.allclose(mean["w"], torch.tensor([[0.1 * 1 + 0.3 * 3, 0.1 * 2 - 0.3 * 2]]))
-    assert torch.allclose(mean["b"], torch.tensor([0.3 * 4 - 0.6 * 1]))
     base = {"w": torch.tensor([[10.0, 10.0]]), "b": torch.tensor([1.0])}
-    new = apply_mean_delta(base, updates)
-    assert torch.allclose(new["w"], base["w"] + mean["w"])
-    assert torch.allclose(new["b"], base["b"] + mean["b"])
+    fedavg = make_strategy("fedavg", ServerContext.aggregation_only())
+    new = fedavg.aggregate(0, base, updates)
+    assert torch.allclose(new["w"], base["w"] + torch.tensor([[0.1 + 0.9, 0.2 - 0.6]]))
+    assert torch.allclose(new["b"], base["b"] + torch.tensor([1.2 - 0.6]))
+
+
+def test_every_strategy_module_is_found_by_the_package_scan() -> None:
+    assert set(available_strategies()) >= {
+        "fedavg",
+        "clipped_fedavg",
+        "median",
+        "trimmed_mean",
+        "split",
+        "kd",
+        "fedcollm",
+    }
+    with pytest.raises(UserError, match="unknown aggregation strategy 'nosuch'; known: "):
+        make_strategy("nosuch", ServerContext.aggregation_only())
+
+
+def test_a_second_strategy_under_a_taken_name_is_refused() -> None:
+    class Impostor(Strategy):
+        name = "median"
+
+        def aggregate(self, round_index: int, global_state: Tensors, updates: List[Any]) -> Tensors:
+            return global_state
+
+    available_strategies()  # the real median is registered
+    with pytest.raises(ValueError, match="strategy 'median' is registered twice"):
+        register_strategy(Impostor)
+    assert type(make_strategy("median", ServerContext.aggregation_only())) is not Impostor
+
+
+def test_a_second_method_under_a_taken_name_is_refused() -> None:
+    lora = get_method("lora")
+
+    class Impostor(lora):  # type: ignore[valid-type, misc]
+        name = "lora"
+
+    with pytest.raises(ValueError, match="method 'lora' is registered twice"):
+        register_method(Impostor)
+    assert get_method("lora") is lora
+    assert "lora" in available_methods()

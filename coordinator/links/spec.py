@@ -11,7 +11,7 @@ from typing import Dict, NoReturn, Optional, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from edge.errors import UserError
+from edge.errors import UserError, validation_line
 
 EXPECTED_FORM = (
     "expected RATE,DELAY,LOSS such as '100mbit,20ms,0.1%' (jitter as '20ms±5ms'; "
@@ -62,8 +62,7 @@ class LinkSpec(BaseModel):
         try:
             return cls(**fields)
         except ValidationError as exc:
-            reason = "; ".join(err["msg"] for err in exc.errors())
-            _fail(text, reason)
+            _fail(text, validation_line(exc, default="link"))
 
     def to_dict(self) -> Dict[str, object]:
         """What a profile records: the canonical spec string plus every number with its unit."""

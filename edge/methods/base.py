@@ -3,7 +3,7 @@
 A method is one file in `edge/methods/` defining a `FederatedMethod` subclass decorated with
 `@register_method`. `get_method(name)` imports `edge.methods.<name>` on demand, so adding a method
 never touches the agent loop or the coordinator's round loop. The coordinator pairs it with an
-aggregation strategy (`coordinator/strategies.py`), FedAvg unless the method names another.
+aggregation strategy (`coordinator/strategies/`), FedAvg unless the method names another.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Mapping, Optional, 
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from edge.errors import UserError
+from edge.errors import UserError, validation_line
 from edge.wire import ModelRef, TrainingConfig
 
 if TYPE_CHECKING:
@@ -48,6 +48,21 @@ class InitialState:
 
     global_state: Tensors
     init: Optional[Tensors] = None
+
+
+@dataclass
+class MemoryFootprint:
+    """What one device's local round holds, counted in parameters; `edge.memory_budget` turns
+    it into bytes for `jetfed doctor`."""
+
+    held_params: int
+    """Weights resident on the device (fp32), frozen or not."""
+    trainable_params: int
+    """Parameters with gradients and AdamW's two moments."""
+    layers: int
+    """Encoder layers whose activations the backward pass keeps."""
+    graphs: int = 1
+    """Forward graphs kept per step (kd also runs a proxy batch)."""
 
 
 @dataclass
@@ -90,14 +105,15 @@ class FederatedMethod(ABC):
     name: ClassVar[str]
     config_model: ClassVar[Type[MethodConfig]] = MethodConfig
     strategy: ClassVar[str] = "fedavg"
+    default_learning_rate: ClassVar[float] = 5e-4
+    """The local learning rate the demo and the benches use unless told otherwise."""
 
     def __init__(self, config: Mapping[str, Any], model_ref: ModelRef) -> None:
         try:
             self.config = self.config_model(**dict(config))
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "method"
-            raise UserError(f"method.{where}: {first['msg']} (method {self.name})") from None
+            line = validation_line(exc, root="method", default="method")
+            raise UserError(f"{line} (method {self.name})") from None
         self.model_ref = model_ref
 
     @abstractmethod
@@ -160,6 +176,16 @@ class FederatedMethod(ABC):
             metrics={"samples_seen": float(stats.samples_seen)},
         )
 
+    def memory_footprint(self, model: Any) -> MemoryFootprint:
+        """What a device holds to train `model` (the classifier on PyTorch's meta device:
+        shapes, no storage). Default: every weight held and trained, the upper bound."""
+        from edge.memory_budget import num_layers
+
+        params = sum(param.numel() for param in model.parameters())
+        return MemoryFootprint(
+            held_params=params, trainable_params=params, layers=num_layers(model)
+        )
+
     def export(self, model: Any, out_dir: str) -> None:
         """Save the global model in a format users load directly (PEFT for adapters).
 
@@ -179,6 +205,14 @@ _REGISTRY: Dict[str, Type[FederatedMethod]] = {}
 
 
 def register_method(cls: Type[FederatedMethod]) -> Type[FederatedMethod]:
+    """Class decorator: make `cls` findable as `cls.name`; a second class of that name is an
+    error (it would silently replace the first)."""
+    existing = _REGISTRY.get(cls.name)
+    if existing is not None and existing is not cls:
+        raise ValueError(
+            f"method {cls.name!r} is registered twice: {existing.__module__}."
+            f"{existing.__qualname__} and {cls.__module__}.{cls.__qualname__}"
+        )
     _REGISTRY[cls.name] = cls
     return cls
 

@@ -1,11 +1,11 @@
 """FedCoLLM: devices tune a small model (SLM) with LoRA; the coordinator co-tunes a large one (LLM).
 
 On devices this is plain federated LoRA on the experiment's `model` (the SLM). The coordinator
-(`coordinator/distill.py`) averages the SLM adapters, then distils LLM → SLM and SLM → LLM on its
-auxiliary labelled data (CE + λ·KL at temperature T each way) and broadcasts the updated SLM
-adapter: only the SLM's LoRA ever crosses the network. `method.llm` names the LLM (any Hugging
-Face id or path sharing the SLM's tokenizer, e.g. Qwen2.5-0.5B with Qwen2.5-1.5B); the offline
-pair is MiniLM with `model.num_hidden_layers: 3` as the SLM and the full 6-layer MiniLM as the LLM.
+(`coordinator/strategies/distill.py`) averages the SLM adapters, then distils LLM → SLM and SLM →
+LLM on its auxiliary labelled data (CE + λ·KL at temperature T each way) and broadcasts the updated
+SLM adapter: only the SLM's LoRA ever crosses the network. `method.llm` names the LLM (any Hugging
+Face id or path sharing the SLM's tokenizer, e.g. Qwen2.5-0.5B with Qwen2.5-1.5B); the offline pair
+is MiniLM with `model.num_hidden_layers: 3` as the SLM and the full 6-layer MiniLM as the LLM.
 """
 
 from __future__ import annotations

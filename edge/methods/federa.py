@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 from edge.errors import UserError
-from edge.methods.base import InitialState, Tensors, register_method
+from edge.methods.base import InitialState, MemoryFootprint, Tensors, register_method
 from edge.methods.lora import LoraMethod
 
 
@@ -31,6 +31,14 @@ def factor_names(prefix: str) -> Tuple[str, str]:
 @register_method
 class FederaMethod(LoraMethod):
     name = "federa"
+    default_learning_rate = 5e-4
+    """PiSSA wants less than LoRA (NOTES.md: 5e-4 worked, 2e-4 was slow)."""
+
+    def memory_footprint(self, model: Any) -> MemoryFootprint:
+        """LoRA's, plus the fixed A₀/B₀ copy kept for the export."""
+        footprint = super().memory_footprint(model)
+        footprint.held_params += self.lora_params(model)
+        return footprint
 
     def svd_factors(self, model: Any) -> Tensors:
         """Exact fp32 SVD of every target weight → PiSSA-scaled A₀, B₀ (coordinator only)."""

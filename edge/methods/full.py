@@ -1,7 +1,7 @@
 """Full fine-tuning (the FedLLM baseline every PEFT method is judged against).
 
 Every weight is trained locally, the task head included; devices upload the delta of the whole
-model and the coordinator's streaming FedAvg (`coordinator.strategies.FedAvg`) averages them by
+model and the coordinator's FedAvg (`coordinator/strategies/fedavg.py`) averages them by
 sample count. The payload is the whole model (MiniLM fp32 ≈ 91 MB, GB for larger models), which
 is why it travels as chunked, disk-backed blobs and can be compressed (`transfer.update_dtype`:
 fp16, bf16 or int8 deltas). The export is a plain Hugging Face folder:
@@ -19,6 +19,8 @@ from edge.models import load_classifier
 @register_method
 class FullMethod(FederatedMethod):
     name = "full"
+    default_learning_rate = 2e-5
+    """5e-5 diverged under skew (NOTES.md); the default memory footprint is full's."""
 
     def build(self, init: Optional[Tensors], seed: int) -> Any:
         model = load_classifier(self.model_ref, seed=seed)

@@ -8,7 +8,7 @@ Schedule of round r on a device (its LoRA adapter stays on the device across rou
    always fp16 on the wire. Traffic scales with proxy × classes, never with the model.
 The proxy set is named by the coordinator (the `kd_proxy` blob: row indices of `proxy_split` and
 the sha256 of their texts); each device reads those rows from its own --data and never their
-labels. The coordinator's half (consensus, global model) is `coordinator/distill.py`.
+labels. The coordinator's half (consensus, global model) is `coordinator/strategies/distill.py`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from edge.methods.base import (
     InitialState,
     LocalResult,
     LocalRound,
+    MemoryFootprint,
     Tensors,
     register_method,
 )
@@ -113,6 +114,12 @@ class KdMethod(LoraMethod):
     config_model = KdSettings
     config: KdSettings
     strategy = "kd"
+
+    def memory_footprint(self, model: Any) -> MemoryFootprint:
+        """LoRA's, with a proxy batch of the same size through the graph each step."""
+        footprint = super().memory_footprint(model)
+        footprint.graphs = 2
+        return footprint
 
     def __init__(self, config: Any, model_ref: Any) -> None:
         super().__init__(config, model_ref)

@@ -6,7 +6,14 @@ from typing import Any, List, Optional
 
 from pydantic import Field
 
-from edge.methods.base import FederatedMethod, InitialState, MethodConfig, Tensors, register_method
+from edge.methods.base import (
+    FederatedMethod,
+    InitialState,
+    MemoryFootprint,
+    MethodConfig,
+    Tensors,
+    register_method,
+)
 from edge.models import default_target_modules, load_classifier, quiet_transformers
 
 
@@ -26,6 +33,7 @@ class LoraMethod(FederatedMethod):
     name = "lora"
     config_model = LoraSettings
     config: LoraSettings
+    default_learning_rate = 1e-3
 
     def peft_model(self, rank: int, alpha: float, seed: int) -> Any:
         """The base classifier wrapped by PEFT LoRA (task head trained as `modules_to_save`)."""
@@ -47,3 +55,19 @@ class LoraMethod(FederatedMethod):
 
     def initial_state(self, seed: int) -> InitialState:
         return InitialState(global_state=self.get_state(self.build(None, seed)))
+
+    def lora_params(self, model: Any, layers: Optional[int] = None) -> int:
+        """LoRA parameters this method adds to `model` (in its first `layers` layers if given)."""
+        from edge.memory_budget import lora_params
+
+        return lora_params(model, self.config.rank, self.config.target_modules, layers)
+
+    def memory_footprint(self, model: Any) -> MemoryFootprint:
+        """The frozen base, LoRA and the task head trained."""
+        from edge.memory_budget import head_params, num_layers
+
+        return MemoryFootprint(
+            held_params=sum(param.numel() for param in model.parameters()),
+            trainable_params=self.lora_params(model) + head_params(model),
+            layers=num_layers(model),
+        )

@@ -1,12 +1,12 @@
 """Split learning (Split-FedLLM, SFL-style): the device runs the bottom of the model only.
 
 The device holds the embeddings and the first `cut_layer` encoder layers (with LoRA); the split
-server on the coordinator (`coordinator/split_server.py`) holds the other layers and the task head
-(with LoRA). Per batch the device sends the cut activations, the attention mask and the labels;
-the server runs forward and backward, steps its part and returns the gradient at the cut; the
-device finishes backward and steps. In U-shaped mode (`u_shaped: true`) the head stays on the
-device and labels never leave it: the server returns the top activations, the device runs head +
-loss and sends back their gradient, and the server answers with the gradient at the cut.
+server on the coordinator (`coordinator/strategies/split.py`) holds the other layers and the task
+head (with LoRA). Per batch the device sends the cut activations, the attention mask and the labels;
+the server runs forward and backward, steps its part and returns the gradient at the cut; the device
+finishes backward and steps. In U-shaped mode (`u_shaped: true`) the head stays on the device and
+labels never leave it: the server returns the top activations, the device runs head + loss and sends
+back their gradient, and the server answers with the gradient at the cut.
 
 Rounds are SFL-style: the device-side tensors (bottom LoRA, + the head when U-shaped) are the
 global state and are averaged like LoRA; the server-side tensors live in the strategy.
@@ -40,7 +40,7 @@ from pydantic import Field
 
 from edge.errors import ProtocolError, UserError
 from edge.logs import log_event
-from edge.methods.base import LocalResult, LocalRound, Tensors, register_method
+from edge.methods.base import LocalResult, LocalRound, MemoryFootprint, Tensors, register_method
 from edge.methods.lora import LoraMethod, LoraSettings
 from edge.transfer import TransferTimeout
 from edge.wire import PayloadTooLarge, WireModel, parse_message
@@ -455,6 +455,20 @@ class SplitMethod(LoraMethod):
     strategy = "split"
     config_model = SplitSettings
     config: SplitSettings
+    default_learning_rate = 5e-4
+
+    def memory_footprint(self, model: Any) -> MemoryFootprint:
+        """The embeddings and the first `cut_layer` layers, with LoRA on those layers."""
+        from edge.memory_budget import client_params, num_layers
+
+        layers = self.config.cut_layer
+        if layers > num_layers(model):
+            raise UserError(f"method.cut_layer must be in 1..{num_layers(model)}, got {layers}")
+        return MemoryFootprint(
+            held_params=client_params(model, layers),
+            trainable_params=self.lora_params(model, layers),
+            layers=layers,
+        )
 
     def layout(self, model: Any) -> SplitLayout:
         return SplitLayout.of(model, self.config.cut_layer, self.config.u_shaped)

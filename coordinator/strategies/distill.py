@@ -5,14 +5,14 @@ sample-weighted mean of probabilities at temperature T), broadcast in the next r
 blob. The global model of round r, the one evaluated and exported, is the coordinator's student:
 the base model with a FRESH adapter distilled for `server_steps` steps on the proxy set toward the
 consensus of round r (KL at T, no labels). Rebuilding it every round makes it a pure function of
-the consensus. The federated global state is empty; after `--resume` the first round trains
-without a consensus (it lives only in memory and in the exported `consensus.safetensors`).
+the consensus. The federated global state is empty; the consensus is checkpointed, so after
+`--resume` devices distil toward the last one as in an uninterrupted run.
 
 `fedcollm`: FedAvg of the SLM adapters, then `server_steps` steps of mutual distillation on the
 auxiliary labelled data: the SLM minimises CE + λ·KL(LLM ‖ SLM), the LLM CE + λ·KL(SLM ‖ LLM),
 each direction's teacher detached; the distilled SLM adapter is the next global state. The
 SLM is evaluated as `accuracy`, the LLM as `llm_accuracy` / `llm_eval_loss`. The LLM adapter is
-coordinator-only state (in memory, exported under `llm/`); `--resume` restarts it.
+coordinator-only state (exported under `llm/`), checkpointed and restored by `--resume`.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from coordinator.strategies import (
+from coordinator.strategies.base import (
     AcceptedUpdate,
     ServerContext,
     Strategy,
-    apply_mean_delta,
     check_saved_state,
     register_strategy,
 )
+from coordinator.strategies.fedavg import apply_mean_delta
 from edge.data import TextDataset, load_split
 from edge.distillation import (
     DistillationSettings,

@@ -13,9 +13,9 @@ and the copies are averaged, weighted by the samples each processed, when the ro
 U-shaped mode: the forward that produced the top activations is recomputed when their gradient
 comes back (with the same RNG state, so the same dropout masks) instead of keeping its graph:
 another device may step the shared weights in between, and nothing is held for a device that
-never answers. Limits: the server part is not in the checkpoint (a resumed run restarts it from
-the pre-trained weights + fresh LoRA); in `shared` mode, batches of a device whose update is
-later refused have already stepped the shared copy.
+never answers. The server part's trainable tensors are checkpointed with the global state and
+restored by `--resume` (its optimizer state is fresh each round anyway). Limit: in `shared`
+mode, batches of a device whose update is later refused have already stepped the shared copy.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from coordinator.strategies import (
+from coordinator.strategies.base import (
     AcceptedUpdate,
     ServerContext,
-    Strategy,
     check_saved_state,
     register_strategy,
 )
+from coordinator.strategies.fedavg import FedAvg
 from edge.errors import ProtocolError, UserError
 from edge.logs import log_event
 from edge.methods.base import Tensors
@@ -321,7 +321,7 @@ class SplitServer:
 
 
 @register_strategy
-class SplitStrategy(Strategy):
+class SplitStrategy(FedAvg):
     """FedAvg of the device-side tensors + the split server for the rest (see module doc)."""
 
     name = "split"

@@ -6,57 +6,52 @@ coordinator applies to every strategy (an update with a larger global L2 norm ge
 Settings come from the experiment's `aggregation:` section, e.g.
 
     aggregation:
-      strategy: trimmed_mean      # or clipped_fedavg, median
+      strategy: trimmed_mean      # or clipped_fedavg (clip_norm: 5.0), median (no setting)
       trim_fraction: 0.2          # trimmed_mean: share dropped at EACH end, per coordinate
-      clip_norm: 5.0              # clipped_fedavg: each delta scaled to at most this L2 norm
       max_update_norm: 100.0      # any strategy: refuse updates beyond this norm
 
 Updates carry deltas (the method's `local_round` uploads new − global); median and trimmed mean
-ignore sample counts on purpose (a device could lie about them). These strategies need every
-update of a round at once, so they keep the decoded tensors until `aggregate`.
+ignore sample counts on purpose (a device could lie about them). Each setting belongs to one
+strategy: any other key is a one-line error. Median and trimmed mean read one tensor of every
+update at a time; clipped FedAvg sums row blocks like FedAvg.
 """
 
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import List, Mapping
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
-from coordinator.strategies import (
+from coordinator.strategies.base import (
     AcceptedUpdate,
-    ServerContext,
     Strategy,
-    apply_mean_delta,
+    StrategySettings,
     register_strategy,
 )
-from edge.errors import UserError
+from coordinator.strategies.fedavg import apply_mean_delta
 from edge.methods.base import Tensors
+from edge.tensorfile import TensorFile
 
 
-class RobustSettings(BaseModel):
-    """The `aggregation:` keys a robust strategy understands (others are refused)."""
+class ClipSettings(StrategySettings):
+    clip_norm: float = Field(gt=0)
+    """Each delta is scaled down to at most this global L2 norm."""
 
-    model_config = ConfigDict(extra="forbid")
 
-    clip_norm: Optional[float] = Field(default=None, gt=0)
+class TrimSettings(StrategySettings):
     trim_fraction: float = Field(default=0.1, ge=0, lt=0.5)
+    """Share of values dropped at EACH end, per coordinate."""
 
 
-def update_norm(tensors: Tensors) -> float:
-    """Global L2 norm over every tensor of an update (float64 accumulation)."""
+def update_norm(tensors: Mapping[str, torch.Tensor]) -> float:
+    """Global L2 norm over every tensor of an update (float64 accumulation); an upload's file
+    measured it while it was validated."""
+    if isinstance(tensors, TensorFile):
+        return tensors.l2_norm
     total = sum(float(t.double().pow(2).sum()) for t in tensors.values())
     return math.sqrt(total)
-
-
-def clip_update(item: AcceptedUpdate, bound: float) -> AcceptedUpdate:
-    """The same update with its delta scaled down to norm ≤ `bound` (never scaled up)."""
-    norm = update_norm(item.tensors)
-    if norm <= bound:
-        return item
-    scale = bound / norm
-    return AcceptedUpdate(item.update, {n: t * scale for n, t in item.tensors.items()})
 
 
 def coordinate_statistic(
@@ -73,41 +68,28 @@ def coordinate_statistic(
     return new_state
 
 
-class RobustStrategy(Strategy):
-    """Shared settings parsing; subclasses define `aggregate`."""
-
-    takes_settings = True
-    required: Tuple[str, ...] = ()
-
-    def __init__(self, ctx: ServerContext) -> None:
-        super().__init__(ctx)
-        try:
-            self.robust = RobustSettings(**ctx.settings)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first.get("loc", ()))
-            raise UserError(f"aggregation.{where}: {first.get('msg')}") from None
-        for key in self.required:
-            if getattr(self.robust, key) is None:
-                raise UserError(f"aggregation.{key} is required by strategy {self.name}")
-
-
 @register_strategy
-class ClippedFedAvg(RobustStrategy):
+class ClippedFedAvg(Strategy):
     """FedAvg of deltas each clipped to L2 norm ≤ `clip_norm` (the DP-FedAvg bound)."""
 
     name = "clipped_fedavg"
-    required = ("clip_norm",)
+    settings_model = ClipSettings
+    settings: ClipSettings
 
     def aggregate(
         self, round_index: int, global_state: Tensors, updates: List[AcceptedUpdate]
     ) -> Tensors:
-        bound = float(self.robust.clip_norm or 0.0)
-        return apply_mean_delta(global_state, [clip_update(item, bound) for item in updates])
+        bound = self.settings.clip_norm
+        scales = {}
+        for item in updates:
+            norm = update_norm(item.tensors)
+            if norm > bound:  # never scaled up
+                scales[item.update.device_id] = bound / norm
+        return apply_mean_delta(global_state, updates, scales)
 
 
 @register_strategy
-class CoordinateMedian(RobustStrategy):
+class CoordinateMedian(Strategy):
     """Per-coordinate median of the deltas (mean of the two middle ones for an even count)."""
 
     name = "median"
@@ -119,13 +101,15 @@ class CoordinateMedian(RobustStrategy):
 
 
 @register_strategy
-class TrimmedMean(RobustStrategy):
+class TrimmedMean(Strategy):
     """Per-coordinate mean after dropping floor(trim_fraction·n) values at each end."""
 
     name = "trimmed_mean"
+    settings_model = TrimSettings
+    settings: TrimSettings
 
     def aggregate(
         self, round_index: int, global_state: Tensors, updates: List[AcceptedUpdate]
     ) -> Tensors:
-        trim = math.floor(self.robust.trim_fraction * len(updates))
+        trim = math.floor(self.settings.trim_fraction * len(updates))
         return coordinate_statistic(global_state, updates, trim)

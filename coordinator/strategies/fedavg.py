@@ -1,0 +1,60 @@
+"""FedAvg over deltas: global + Σ nₖ·Δₖ / Σ nₖ (for LoRA: A, B and the head separately).
+
+The sum walks the tensors a few MB of rows at a time, reading each device's rows from its
+upload's file on disk and summing nₖ·Δₖ in fp64 in device-id order. Memory: 2 × model size
+(the global state and the result) for any number of devices, which is what lets full-model
+rounds scale. Bit-identical whatever order updates arrived in (n·Δ is exact in fp64 and the
+order is fixed), so a rerun or a resumed run ends where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+from typing import List, Mapping, Optional
+
+import torch
+
+from coordinator.strategies.base import AcceptedUpdate, Strategy, register_strategy
+from edge.methods.base import Tensors
+from edge.tensorfile import read_rows, row_ranges
+
+
+def apply_mean_delta(
+    global_state: Tensors,
+    updates: List[AcceptedUpdate],
+    scales: Optional[Mapping[str, float]] = None,
+) -> Tensors:
+    """global + Σ nₖ·sₖ·Δₖ / Σ nₖ per tensor, in fp64, a few MB of rows at a time.
+
+    `scales` (device id → sₖ, 1 when absent) shrinks single deltas (clipped FedAvg)."""
+    if not updates:
+        raise ValueError("no update to aggregate")
+    ordered = sorted(updates, key=lambda item: item.update.device_id)
+    total = float(sum(item.update.num_samples for item in ordered))
+    weights = [
+        float(item.update.num_samples) * (scales or {}).get(item.update.device_id, 1.0)
+        for item in ordered
+    ]
+    # results allocated before any block is read, so short-lived blocks do not fragment the
+    # heap between long-lived results (that kept ~70 MB of holes resident)
+    new_state = {name: torch.empty_like(v, dtype=torch.float32) for name, v in global_state.items()}
+    for name, value in global_state.items():
+        result = new_state[name]
+        for start, end in row_ranges(tuple(value.shape)):
+            rows = slice(start, end) if value.dim() >= 2 else slice(None)
+            acc = torch.zeros_like(value[rows], dtype=torch.float64)
+            for item, weight in zip(ordered, weights):
+                acc.add_(read_rows(item.tensors, name, start, end), alpha=weight)
+            result[rows] = acc.div_(total).add_(value[rows])
+    return new_state
+
+
+@register_strategy
+class FedAvg(Strategy):
+    """The sample-weighted mean of the deltas, added to the global state (module doc)."""
+
+    name = "fedavg"
+
+    def aggregate(
+        self, round_index: int, global_state: Tensors, updates: List[AcceptedUpdate]
+    ) -> Tensors:
+        return apply_mean_delta(global_state, updates)
