@@ -36,6 +36,7 @@ BENCHES = (
     "edge_step_overhead",
     "transfer_throughput",
     "split_overhead",
+    "hostile_replay",
 )
 """What `all` runs, cheapest first. The reproduction (tens of minutes) and the compression
 accuracy study (federated full fine-tuning per update dtype) run only by name."""
