@@ -5,9 +5,11 @@ real SST-2), and a third client that watches every message of the run and answer
 hostile variants: exact duplicates, bit flips, truncations, copies on another device's topic or
 on a stranger's (forged senders), copies held back and released out of order, every earlier
 round's updates and hellos replayed when a new round starts, chunk indices `int()` refuses
-(`²`, 4,400 digits), a profile record claiming 2**70 bytes of RSS, records from a device that
-never said hello, and a forged retained `offline` for a live device. Coordinator messages are
-only duplicated: forging them needs the coordinator's account (docs/SECURITY.md).
+(`²`, 4,400 digits), each update again with another base digest in the device's own name (its
+nack must not make the honest device give up), a profile record claiming 2**70 bytes of RSS,
+records from a device that never said hello, and a forged retained `offline` for a live
+device. Coordinator messages are only duplicated: forging them needs the coordinator's account
+(docs/SECURITY.md).
 
 Invariants (`violations`): the coordinator exits 0 and never logs a crash; every round
 aggregates exactly the two honest devices; every ack names the honest update of its (device,
@@ -150,9 +152,11 @@ class Attacker:
             return
         if leaf == "update":
             update = json.loads(payload)
-            self.observed.honest_updates.setdefault(
-                (device_id, update["round_index"]), update["blob"]["digest"]
-            )
+            key = (device_id, update["round_index"])
+            if key not in self.observed.honest_updates:
+                self.observed.honest_updates[key] = update["blob"]["digest"]
+                refused = dict(update, base_digest="0" * 64)
+                self._send("forged_refused", topic, json.dumps(refused).encode())
         if leaf == "hello" and self.observed.offline_forged_s is not None and device_id == "dev-0":
             self.observed.reannounced.add(device_id)
         if leaf == "up":

@@ -17,6 +17,7 @@ def test_replayed_and_mutated_traffic_breaks_no_invariant(
     assert not outcome.violations, outcome.violations
     for kind in ("duplicate", "bit_flip", "truncation", "cross_round_replay", "reordered"):
         assert outcome.sent.get(kind), (kind, outcome.sent)
-    for kind in ("forged", "forged_other", "bad_index", "huge_number", "never_said_hello"):
+    forged = ("forged", "forged_other", "forged_refused", "bad_index", "huge_number")
+    for kind in (*forged, "never_said_hello"):
         assert outcome.sent.get(kind), (kind, outcome.sent)
     assert outcome.sent.get("forged_offline") == 1
