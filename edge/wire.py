@@ -15,11 +15,12 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edge.bounds import (
     MAX_BYTES,
     MAX_MAP_ENTRIES,
+    MAX_METRIC,
     Bytes,
     Count,
     Metric,
@@ -198,8 +199,31 @@ class Hello(WireModel):
     accelerator: str
     memory_total_bytes: Bytes
     telemetry_backend: str = "none"
-    methods: List[str] = Field(default_factory=list)
-    context: Dict[str, Any] = Field(default_factory=dict)
+    methods: List[str] = Field(default_factory=list, max_length=MAX_MAP_ENTRIES)
+    context: Dict[str, Any] = Field(default_factory=dict, max_length=MAX_MAP_ENTRIES)
+    """Free-form facts (`DeviceContext`); its numbers are range-checked like any other."""
+
+    @field_validator("context")
+    @classmethod
+    def _bounded_context(cls, value: Dict[str, Any]) -> Dict[str, Any]:
+        check_json_numbers(value)
+        return value
+
+
+def check_json_numbers(value: Any, depth: int = 0) -> None:
+    """Free-form JSON from the network: finite numbers within ±MAX_METRIC, at most 4 levels
+    deep, so nothing downstream (tables, formatting, sums) meets 2**70 or NaN."""
+    if depth > 4:
+        raise ValueError("nested more than 4 levels")
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    if isinstance(value, (int, float)):
+        if not (math.isfinite(value) and abs(value) <= MAX_METRIC):
+            raise ValueError(f"number {value!r:.40} is out of range")
+        return
+    items = value.values() if isinstance(value, dict) else value
+    for item in items:
+        check_json_numbers(item, depth + 1)
 
 
 class Update(WireModel):
