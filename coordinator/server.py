@@ -597,10 +597,15 @@ class Coordinator:
         self.run_dir.append_profiles(fresh)
 
     def _on_update(self, device_id: str, payload: bytes) -> None:
-        """A refusal after parsing names the update (its round and message digest), so only the
-        device that sent exactly this message abandons it."""
-        update = parse_message(Update, payload)
+        """Every refusal names the update (its round and message digest), so only the device
+        that sent exactly these bytes abandons it."""
         digest = message_digest(payload)
+        try:
+            update = parse_message(Update, payload)
+        except ProtocolError as exc:  # its round is unknown: name the round being collected
+            collecting = self._inbound.round_index if self._inbound else None
+            self._reject(device_id, collecting, "invalid_update", str(exc), digest)
+            return
         try:
             self._admit_update(device_id, update, digest)
         except ProtocolError as exc:
