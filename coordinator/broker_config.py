@@ -299,6 +299,7 @@ def render_mosquitto_conf(layout: BrokerLayout, options: BrokerConfigOptions) ->
             "",
             "# Plaintext, loopback only: for a coordinator on the broker host.",
             f"listener {options.plain_port} 127.0.0.1",
+            "use_username_as_clientid true",
         ]
     bind = f" {options.bind_address}" if options.bind_address else ""
     lines += [
@@ -310,6 +311,9 @@ def render_mosquitto_conf(layout: BrokerLayout, options: BrokerConfigOptions) ->
         f"keyfile {layout.server_key}",
         f"crlfile {layout.crl}",
         f"require_certificate {'true' if options.mutual_tls else 'false'}",
+        "# The broker names each session after its account, whatever client id it sends: no",
+        "# account can take over (disconnect) another's session, the coordinator's included.",
+        "use_username_as_clientid true",
     ]
     if options.mutual_tls:
         lines.append("use_identity_as_username true")

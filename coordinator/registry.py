@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 from edge.wire import Hello
 
@@ -25,6 +25,9 @@ class DeviceRegistry:
     def __init__(self, client_indices: Optional[Dict[str, int]] = None) -> None:
         self.devices: Dict[str, DeviceRecord] = {}
         self.client_indices: Dict[str, int] = dict(client_indices or {})
+        self.joined: Set[str] = set()
+        """Every device that said hello to this process (kept when it goes offline): only
+        these may write profile records."""
 
     def _record(self, device_id: str) -> DeviceRecord:
         record = self.devices.setdefault(device_id, DeviceRecord(device_id))
@@ -45,6 +48,7 @@ class DeviceRegistry:
         record = self._record(hello.device_id)
         record.hello = hello
         record.online = True
+        self.joined.add(hello.device_id)
         record.offline_since_s = None
 
     def ready(self) -> List[str]:

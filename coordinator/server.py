@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from coordinator.config import ExperimentConfig, config_digest, resume_conflicts
+from coordinator.inbound import check_profile_records
 from coordinator.records import CheckpointState, RoundMetrics
 from coordinator.registry import DeviceRegistry
 from coordinator.rundir import RunDir
@@ -43,7 +44,9 @@ from edge.wire import (
     Topics,
     Update,
     encode_message,
+    message_digest,
     mqtt_publish_wire_bytes,
+    parse_chunk_index,
     parse_message,
 )
 
@@ -71,7 +74,8 @@ class _Inbound:
     round_index: int
     task: Task
     transfers: Dict[str, Download] = field(default_factory=dict)
-    announced: Dict[str, Update] = field(default_factory=dict)
+    announced: Dict[str, Tuple[Update, str]] = field(default_factory=dict)
+    """Per device: the update being pulled and its message digest (what a nack names)."""
     accepted: Dict[str, AcceptedUpdate] = field(default_factory=dict)
     last_accept_s: Optional[float] = None
     collecting: bool = True
@@ -173,6 +177,9 @@ class Coordinator:
         self._inbound: Optional[_Inbound] = None
         self._profile_keys = {profile_key(r) for r in self.run_dir.read_profiles()}
         self._round_records: Dict[int, List[PhaseRecord]] = {}
+        self._accepted_blobs: Dict[Tuple[str, int], str] = {}
+        """(device, round) → blob digest of every update accepted by this process: an identical
+        re-send is re-acked even after its round closed (its ack may have been lost)."""
         self._round_bytes = {"up": 0, "down": 0}
         self._messages_handled = 0
         self._announcements_settled = False
@@ -280,8 +287,17 @@ class Coordinator:
             self.link.publish(self.topics.coordinator, b"", retain=True)
             self.link.wait_published(5)
             self.link.close()
-            self.run_dir.write_profile_tables()
+            self._write_profile_tables()
         return results
+
+    def _write_profile_tables(self) -> None:
+        """The tables are a convenience derived from profiles.jsonl (kept whatever happens): a
+        failure is one log line, never a failed run."""
+        try:
+            self.run_dir.write_profile_tables()
+        except Exception as exc:  # pandas/pyarrow raise many types; the run itself is done
+            error = f"{type(exc).__name__}: {exc}"
+            log_event(logger, logging.ERROR, "profiles.tables_failed", error=error)
 
     def _await_upload_records(self, timeout_s: float) -> None:
         """A device reports a round's upload phase only once that upload was acknowledged (on
@@ -475,7 +491,8 @@ class Coordinator:
                     download.poll()
                 except TransferTimeout as exc:
                     del inbound.transfers[device_id]
-                    self._reject(device_id, task.round_index, "transfer_timeout", str(exc))
+                    _, message = inbound.announced[device_id]
+                    self._reject(device_id, task.round_index, "transfer_timeout", str(exc), message)
 
     def _only_offline_devices_missing(self, missing: Set[str]) -> bool:
         """Quorum is in and every missing device has been offline for the grace period: waiting
@@ -483,7 +500,9 @@ class Coordinator:
         inbound = self._inbound
         assert inbound is not None
         rounds = self.config.rounds
-        if len(inbound.accepted) < rounds.min_clients or inbound.transfers.keys() & missing:
+        if not missing or len(inbound.accepted) < rounds.min_clients:
+            return False
+        if inbound.transfers.keys() & missing:
             return False
         if not all(self.registry.offline_for_s(d) > rounds.offline_grace_s for d in missing):
             return False
@@ -538,7 +557,15 @@ class Coordinator:
             log_event(logger, logging.WARNING, "message.rejected", topic=topic, reason=exc)
             return None
 
-    def _reject(self, device_id: str, round_index: Optional[int], code: str, reason: str) -> None:
+    def _reject(
+        self,
+        device_id: str,
+        round_index: Optional[int],
+        code: str,
+        reason: str,
+        digest: Optional[str] = None,
+    ) -> None:
+        """One log line and a nack; `round_index` + `digest` name a refused update message."""
         log_event(
             logger,
             logging.WARNING,
@@ -547,7 +574,9 @@ class Coordinator:
             code=code,
             reason=reason,
         )
-        nack = Nack(device_id=device_id, round_index=round_index, code=code, reason=reason)
+        nack = Nack(
+            device_id=device_id, round_index=round_index, digest=digest, code=code, reason=reason
+        )
         self.link.publish(self.topics.device(device_id, "nack"), encode_message(nack))
 
     def _check_sender(self, device_id: str, claimed: str) -> None:
@@ -593,8 +622,13 @@ class Coordinator:
 
     def _store_profiles(self, device_id: str, records: List[PhaseRecord]) -> None:
         """Append records not seen before (devices re-send until an update carries them)."""
-        if any(r.device_id != device_id or r.experiment != self.config.name for r in records):
-            raise ProtocolError("profile records name another device or experiment")
+        check_profile_records(
+            device_id,
+            records,
+            experiment=self.config.name,
+            joined=self.registry.joined,
+            latest_round=self._inbound.round_index if self._inbound else self.start_round,
+        )
         fresh = [r for r in records if profile_key(r) not in self._profile_keys]
         self._profile_keys.update(profile_key(r) for r in fresh)
         for record in fresh:
@@ -602,24 +636,38 @@ class Coordinator:
         self.run_dir.append_profiles(fresh)
 
     def _on_update(self, device_id: str, payload: bytes) -> None:
+        """Every refusal names the update (its round and message digest), so only the device
+        that sent exactly these bytes abandons it."""
+        digest = message_digest(payload)
+        try:
+            update = parse_message(Update, payload)
+        except ProtocolError as exc:  # its round is unknown: name the round being collected
+            collecting = self._inbound.round_index if self._inbound else None
+            self._reject(device_id, collecting, "invalid_update", str(exc), digest)
+            return
+        try:
+            self._admit_update(device_id, update, digest)
+        except ProtocolError as exc:
+            code = exc.code or "invalid_update"
+            self._reject(device_id, update.round_index, code, str(exc), digest)
+
+    def _admit_update(self, device_id: str, update: Update, digest: str) -> None:
         inbound = self._inbound
-        update = parse_message(Update, payload)
         self._check_sender(device_id, update.device_id)
         if update.experiment != self.config.name:
             raise ProtocolError(f"update for experiment {update.experiment!r}", "wrong_experiment")
+        if self._accepted_blobs.get((device_id, update.round_index)) == update.blob.digest:
+            self._ack(device_id, update)  # a re-send (or a replay) of an accepted update
+            return
         if inbound is None or update.round_index != inbound.round_index:
             collecting = "none" if inbound is None else inbound.round_index
             raise ProtocolError(
                 f"stale round {update.round_index}; collecting round {collecting}", "stale_round"
             )
-        accepted = inbound.accepted.get(device_id)
-        if accepted is not None:
-            if accepted.update.blob.digest != update.blob.digest:
-                raise ProtocolError(
-                    "a different update for this round was already accepted", "conflicting_update"
-                )
-            self._ack(device_id, update)
-            return
+        if device_id in inbound.accepted:
+            raise ProtocolError(
+                "a different update for this round was already accepted", "conflicting_update"
+            )
         if not inbound.collecting:
             raise ProtocolError(f"round {inbound.round_index} is closed", "round_closed")
         if device_id not in inbound.task.selected_devices:
@@ -630,10 +678,7 @@ class Coordinator:
         if update.base_digest != inbound.task.global_state.digest:
             raise ProtocolError("update was computed against another global state", "wrong_base")
         self._store_profiles(device_id, update.profile)
-        if (
-            device_id in inbound.transfers
-            and inbound.announced[device_id].blob.digest == update.blob.digest
-        ):
+        if device_id in inbound.transfers and inbound.announced[device_id][0].blob == update.blob:
             return
         topic = self.topics.device(device_id, "pull")
         download = Download(
@@ -650,8 +695,11 @@ class Coordinator:
             retry_after_s=self.config.transfer.retry_after_s,
             timeout_s=self.config.transfer.timeout_s,
         )
+        previous = inbound.transfers.pop(device_id, None)
+        if previous is not None:
+            previous.close()
         inbound.transfers[device_id] = download
-        inbound.announced[device_id] = update
+        inbound.announced[device_id] = (update, digest)
         download.start()
 
     def _on_chunk(self, device_id: str, digest: str, index_text: str, payload: bytes) -> None:
@@ -662,16 +710,25 @@ class Coordinator:
             return
         if not inbound.collecting:
             return
-        if not index_text.isdigit():
-            raise ProtocolError(f"chunk index {index_text!r} is not a number")
+        index = parse_chunk_index(index_text)
+        update, message = inbound.announced[device_id]
         try:
-            download.add_chunk(int(index_text), payload)
+            self._add_chunk(inbound, device_id, download, index, payload)
+        except ProtocolError as exc:
+            self._reject(
+                device_id, update.round_index, exc.code or "invalid_update", str(exc), message
+            )
+
+    def _add_chunk(
+        self, inbound: _Inbound, device_id: str, download: Download, index: int, payload: bytes
+    ) -> None:
+        try:
+            download.add_chunk(index, payload)
         except ProtocolError as exc:  # already asked for again: no nack, the round goes on
             log_event(logger, logging.WARNING, "chunk.rejected", device_id=device_id, reason=exc)
             if download.rejected_chunks <= MAX_REJECTED_CHUNKS:
                 return
             del inbound.transfers[device_id]
-            inbound.announced.pop(device_id, None)
             download.close()
             raise ProtocolError(
                 f"{download.rejected_chunks} chunks failed their checks, the last: {exc}",
@@ -680,7 +737,7 @@ class Coordinator:
         if not download.complete:
             return
         del inbound.transfers[device_id]
-        update = inbound.announced.pop(device_id)
+        update, _ = inbound.announced[device_id]
         try:
             candidate = self._decode_update(update, download)
         except BaseException:
@@ -689,6 +746,7 @@ class Coordinator:
         inbound.spooled.append(download)  # read by aggregate
         inbound.accepted[device_id] = candidate
         inbound.last_accept_s = time.monotonic()
+        self._accepted_blobs[(device_id, update.round_index)] = update.blob.digest
         self._ack(device_id, update)
         log_event(
             logger,

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import psutil
 from pydantic import BaseModel, ConfigDict, Field
@@ -45,6 +45,8 @@ from edge.wire import (
     Topics,
     Update,
     encode_message,
+    message_digest,
+    parse_chunk_index,
     parse_message,
 )
 
@@ -104,8 +106,10 @@ class EdgeAgent:
         self._pending_task: Optional[Task] = None
         self._finished_rounds: Dict[int, str] = {}
         self._downloads: Dict[str, Download] = {}
-        self._acks: Dict[int, str] = {}
-        self._nacks: Dict[int, Nack] = {}
+        self._acks: Set[Tuple[int, str]] = set()
+        """(round, blob digest) of every ack: only one naming our own upload completes it."""
+        self._nacks: Dict[Tuple[int, str], Nack] = {}
+        """(round, message digest) → nack: only one naming the update we sent abandons it."""
         self._model: Optional[_ModelCache] = None
         self._datasets: Dict[Tuple[str, str], TextDataset] = {}
         self._unsent_records: List[PhaseRecord] = []
@@ -119,6 +123,7 @@ class EdgeAgent:
                 dev(self.device_id, "pull"),
                 dev(self.device_id, "ack"),
                 dev(self.device_id, "nack"),
+                dev(self.device_id, "status"),
                 dev(self.device_id, "exchange/down/#"),
             ],
             will=(dev(self.device_id, "status"), b"offline"),
@@ -150,6 +155,12 @@ class EdgeAgent:
         dev = self.topics.device
         self.link.publish(dev(self.device_id, "hello"), encode_message(self.hello()), retain=True)
         self.link.publish(dev(self.device_id, "status"), b"online", retain=True)
+
+    def _reannounce(self, payload: bytes) -> None:
+        """Our retained status says we are gone (a stale last will, a forgery) while we are
+        connected: the coordinator would forget us, so announce again."""
+        log_event(logger, logging.WARNING, "device.reannounce", status=payload[:16])
+        self._announce()
 
     def hello(self) -> Hello:
         import torch
@@ -247,17 +258,19 @@ class EdgeAgent:
             if leaf == "down" and len(rest) == 2:
                 download = self._downloads.get(rest[0])
                 if download is not None:
-                    download.add_chunk(int(rest[1]), payload)
+                    download.add_chunk(parse_chunk_index(rest[1]), payload)
             elif leaf == "ack":
                 ack = parse_message(Ack, payload)
-                self._acks[ack.round_index] = ack.digest
+                self._acks.add((ack.round_index, ack.digest))
             elif leaf == "nack":
                 nack = parse_message(Nack, payload)
                 log_event(
                     logger, logging.WARNING, "nack.received", code=nack.code, reason=nack.reason
                 )
-                if nack.round_index is not None:
-                    self._nacks[nack.round_index] = nack
+                if nack.round_index is not None and nack.digest is not None:
+                    self._nacks[(nack.round_index, nack.digest)] = nack
+            elif leaf == "status" and payload != b"online":
+                self._reannounce(payload)
         except (ProtocolError, ValueError) as exc:
             log_event(logger, logging.WARNING, "message.rejected", topic=topic, reason=exc)
 
@@ -371,8 +384,6 @@ class EdgeAgent:
         pending = self._pending_task
         if pending is not None and pending.round_index > task.round_index:
             raise RoundAbandoned(f"round {pending.round_index} started")
-        if task.round_index in self._nacks:
-            raise RoundAbandoned(self._nacks[task.round_index].reason)
 
     @dataclass
     class _Job:
@@ -440,20 +451,24 @@ class EdgeAgent:
             profile=self._unsent_records + self.profiler.drain(),
         )
         self._unsent_records = list(update.profile)
+        message = encode_message(update)
+        refused_key = (task.round_index, message_digest(message))
         sent_before = self.link.counters.bytes_sent
         received_before = self.link.counters.bytes_received
         update_topic = self.topics.device(self.device_id, "update")
         deadline = time.monotonic() + self.config.transfer_timeout_s
         last_sent = 0.0
         try:
-            while task.round_index not in self._acks:
+            while (task.round_index, manifest.digest) not in self._acks:
                 if time.monotonic() > deadline:
                     raise TransferTimeout(f"no ack for round {task.round_index}")
                 if time.monotonic() - last_sent > self.config.ack_retry_s:
-                    self.link.publish(update_topic, encode_message(update))
+                    self.link.publish(update_topic, message)
                     last_sent = time.monotonic()
                 self._pump(timeout_s=0.1)
                 self._check_superseded(task)
+                if refused_key in self._nacks:
+                    raise RoundAbandoned(self._nacks[refused_key].reason)
         finally:
             self.blobs.withdraw(manifest.digest)
             counters.bytes_sent += self.link.counters.bytes_sent - sent_before

@@ -17,6 +17,17 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from edge.bounds import (
+    MAX_BYTES,
+    MAX_MAP_ENTRIES,
+    MAX_METRIC,
+    Bytes,
+    Count,
+    Metric,
+    Name,
+    RoundIndex,
+    UnixSeconds,
+)
 from edge.errors import ProtocolError, validation_line
 from edge.telemetry.records import PhaseRecord
 
@@ -91,6 +102,17 @@ def announcement_experiment(topic: str) -> str:
     return parts[1]
 
 
+CHUNK_INDEX_PATTERN = re.compile(r"[0-9]{1,12}")
+
+
+def parse_chunk_index(text: str) -> int:
+    """A chunk topic's index: ASCII digits only (`str.isdigit` also takes `²`, which `int`
+    refuses) and bounded, so no topic can make `int` raise or parse 4,400 digits."""
+    if not CHUNK_INDEX_PATTERN.fullmatch(text):
+        raise ProtocolError(f"chunk index {text[:32]!r} is not a number of at most 12 digits")
+    return int(text)
+
+
 # --------------------------------------------------------------------------- messages
 
 
@@ -104,10 +126,10 @@ class BlobManifest(WireModel):
     """What a receiver needs to fetch, verify and resume a chunked payload."""
 
     digest: str = Field(pattern=DIGEST_PATTERN)
-    size_bytes: int = Field(ge=0)
-    chunk_size_bytes: int = Field(gt=0)
-    chunk_digests: List[str]
-    content: str = "safetensors"
+    size_bytes: Bytes
+    chunk_size_bytes: int = Field(gt=0, le=MAX_BYTES)
+    chunk_digests: List[str] = Field(max_length=1 << 22)
+    content: str = Field(default="safetensors", max_length=64)
 
     @property
     def chunk_count(self) -> int:
@@ -135,21 +157,21 @@ class ModelRef(WireModel):
 
     name_or_path: str
     revision: Optional[str] = None
-    num_labels: int = Field(ge=1)
+    num_labels: int = Field(ge=1, le=1 << 20)
     max_length: int = Field(default=128, ge=8, le=8192)
-    num_hidden_layers: Optional[int] = Field(default=None, ge=1)
+    num_hidden_layers: Optional[int] = Field(default=None, ge=1, le=10_000)
 
 
 class TrainingConfig(WireModel):
     """The local training budget of one round on one device."""
 
-    local_steps: Optional[int] = Field(default=50, ge=1)
-    epochs: Optional[float] = Field(default=None, gt=0)
+    local_steps: Optional[int] = Field(default=50, ge=1, le=1 << 30)
+    epochs: Optional[float] = Field(default=None, gt=0, le=1e6)
     batch_size: int = Field(default=16, ge=1, le=4096)
     learning_rate: float = Field(default=1e-3, gt=0, le=1)
     weight_decay: float = Field(default=0.0, ge=0, le=1)
-    seed: int = 0
-    max_grad_norm: Optional[float] = Field(default=1.0, gt=0)
+    seed: int = Field(default=0, ge=0, le=(1 << 32) - 1)
+    max_grad_norm: Optional[float] = Field(default=1.0, gt=0, le=1e12)
 
 
 class PartitionSpec(WireModel):
@@ -157,31 +179,31 @@ class PartitionSpec(WireModel):
 
     kind: str = Field(default="none", pattern="^(none|iid|dirichlet|shards)$")
     num_clients: int = Field(default=1, ge=1, le=100000)
-    alpha: float = Field(default=0.5, gt=0)
-    shards_per_client: int = Field(default=2, ge=1)
-    seed: int = 0
+    alpha: float = Field(default=0.5, gt=0, le=1e6)
+    shards_per_client: int = Field(default=2, ge=1, le=1 << 20)
+    seed: int = Field(default=0, ge=0, le=(1 << 32) - 1)
 
 
 class Task(WireModel):
     """The coordinator's instruction for one round (retained, so late devices still get it)."""
 
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int = Field(default=SCHEMA_VERSION, ge=0, le=1 << 16)
     experiment: str = Field(pattern=ID_PATTERN)
-    round_index: int = Field(ge=0)
+    round_index: RoundIndex
     method: str = Field(pattern=ID_PATTERN)
     method_config: Dict[str, Any] = Field(default_factory=dict)
     model: ModelRef
     training: TrainingConfig
     partition: PartitionSpec = PartitionSpec()
-    client_indices: Dict[str, int] = Field(default_factory=dict)
+    client_indices: Dict[str, Count] = Field(default_factory=dict)
     selected_devices: List[str]
     global_state: BlobManifest
     init_state: Optional[BlobManifest] = None
     extra_blobs: Dict[str, BlobManifest] = Field(default_factory=dict)
     update_dtype: str = Field(default="fp32", pattern="^(fp32|fp16|bf16|int8)$")
-    chunk_size_bytes: int = Field(default=DEFAULT_CHUNK_SIZE_BYTES, gt=0)
-    issued_unix_s: float
-    deadline_unix_s: float
+    chunk_size_bytes: int = Field(default=DEFAULT_CHUNK_SIZE_BYTES, gt=0, le=MAX_BYTES)
+    issued_unix_s: UnixSeconds
+    deadline_unix_s: UnixSeconds
 
 
 class Announcement(WireModel):
@@ -190,46 +212,62 @@ class Announcement(WireModel):
 
     schema_version: int = SCHEMA_VERSION
     experiment: str = Field(pattern=ID_PATTERN)
-    started_unix_s: float
+    started_unix_s: UnixSeconds
 
 
 class Hello(WireModel):
     """A device's capabilities, sent on every (re)connect."""
 
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int = Field(default=SCHEMA_VERSION, ge=0, le=1 << 16)
     device_id: str = Field(pattern=ID_PATTERN)
     jetfed_version: str
     hostname: str
     machine: str
     accelerator: str
-    memory_total_bytes: int = Field(ge=0)
+    memory_total_bytes: Bytes
     telemetry_backend: str = "none"
-    methods: List[str] = Field(default_factory=list)
-    context: Dict[str, Any] = Field(default_factory=dict)
+    methods: List[str] = Field(default_factory=list, max_length=MAX_MAP_ENTRIES)
+    context: Dict[str, Any] = Field(default_factory=dict, max_length=MAX_MAP_ENTRIES)
+    """Free-form facts (`DeviceContext`); its numbers are range-checked like any other."""
+
+    @field_validator("context")
+    @classmethod
+    def _bounded_context(cls, value: Dict[str, Any]) -> Dict[str, Any]:
+        check_json_numbers(value)
+        return value
+
+
+def check_json_numbers(value: Any, depth: int = 0) -> None:
+    """Free-form JSON from the network: finite numbers within ±MAX_METRIC, at most 4 levels
+    deep, so nothing downstream (tables, formatting, sums) meets 2**70 or NaN."""
+    if depth > 4:
+        raise ValueError("nested more than 4 levels")
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    if isinstance(value, (int, float)):
+        if not (math.isfinite(value) and abs(value) <= MAX_METRIC):
+            raise ValueError(f"number {value!r:.40} is out of range")
+        return
+    items = value.values() if isinstance(value, dict) else value
+    for item in items:
+        check_json_numbers(item, depth + 1)
 
 
 class Update(WireModel):
     """A device's result for a round; the tensors follow as the chunks of `blob`."""
 
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int = Field(default=SCHEMA_VERSION, ge=0, le=1 << 16)
     experiment: str
     device_id: str = Field(pattern=ID_PATTERN)
-    round_index: int = Field(ge=0)
+    round_index: RoundIndex
     base_digest: str = Field(pattern=DIGEST_PATTERN)
-    num_samples: int = Field(ge=1)
-    local_steps: int = Field(ge=0)
-    train_loss: float
+    num_samples: int = Field(ge=1, le=1 << 40)
+    local_steps: Count
+    train_loss: Metric
     blob: BlobManifest
-    metrics: Dict[str, float] = Field(default_factory=dict)
+    metrics: Dict[Name, Metric] = Field(default_factory=dict, max_length=MAX_MAP_ENTRIES)
     profile: List[PhaseRecord] = Field(default_factory=list, max_length=10000)
     """Phase records not yet acknowledged; riding on the update makes them as reliable as it."""
-
-    @field_validator("train_loss")
-    @classmethod
-    def _finite_loss(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("train_loss is not finite")
-        return value
 
 
 class ChunkRequest(WireModel):
@@ -237,34 +275,33 @@ class ChunkRequest(WireModel):
 
     device_id: str = Field(pattern=ID_PATTERN)
     digest: str = Field(pattern=DIGEST_PATTERN)
-    indices: List[int] = Field(max_length=1 << 20)
-
-    @field_validator("indices")
-    @classmethod
-    def _non_negative(cls, value: List[int]) -> List[int]:
-        if any(index < 0 for index in value):
-            raise ValueError("chunk indices must be >= 0")
-        return value
+    indices: List[Count] = Field(max_length=1 << 20)
 
 
 class Ack(WireModel):
     device_id: str
-    round_index: int
+    round_index: RoundIndex
     digest: str
 
 
 class Nack(WireModel):
-    """Why a message from this device was refused; `code` is stable, `reason` is for people."""
+    """Why a message from this device was refused; `code` is stable, `reason` is for people.
+
+    A refused update is named by `round_index` and `digest`, the sha256 of the refused `Update`
+    message's bytes (`message_digest`): a device abandons its upload only on a nack naming the
+    very message it sent, never on one earned by a replay, a forgery or a bit-flipped copy in its
+    name. Other refusals (a hello, a status, a profile, a chunk request) carry neither."""
 
     device_id: str
-    round_index: Optional[int] = None
+    round_index: Optional[RoundIndex] = None
+    digest: Optional[str] = Field(default=None, pattern=DIGEST_PATTERN)
     code: str
     reason: str
 
 
 class ProfileBatch(WireModel):
     device_id: str = Field(pattern=ID_PATTERN)
-    round_index: int = Field(ge=0)
+    round_index: RoundIndex
     records: List[PhaseRecord] = Field(max_length=10000)
 
 
@@ -275,12 +312,12 @@ class Progress(WireModel):
     """Where a device is in its round, for the live table (small, rate-limited by the device)."""
 
     device_id: str = Field(pattern=ID_PATTERN)
-    round_index: int = Field(ge=0)
+    round_index: RoundIndex
     phase: str = Field(pattern="^(" + "|".join(PROGRESS_PHASES) + ")$")
-    step: Optional[int] = Field(default=None, ge=0)
-    total_steps: Optional[int] = Field(default=None, ge=1)
-    bytes_received: int = Field(ge=0)
-    bytes_sent: int = Field(ge=0)
+    step: Optional[Count] = None
+    total_steps: Optional[Count] = Field(default=None, ge=1)
+    bytes_received: Bytes
+    bytes_sent: Bytes
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -288,6 +325,12 @@ M = TypeVar("M", bound=BaseModel)
 
 def encode_message(message: BaseModel) -> bytes:
     return message.model_dump_json().encode("utf-8")
+
+
+def message_digest(payload: bytes) -> str:
+    """What a nack names a refused update by: the sha256 of the message's exact bytes (a device
+    re-sends identical bytes until acknowledged)."""
+    return sha256_hex(payload)
 
 
 def parse_message(model: Type[M], payload: bytes, max_bytes: int = MAX_JSON_MESSAGE_BYTES) -> M:

@@ -78,6 +78,19 @@ def _cases(
     )
     other_bytes = encode_tensors({n: t * 2 for n, t in small.items()})
     always_corrupt = bytes([other_bytes[0] ^ 0xFF]) + other_bytes[1:]
+    unserved = make_manifest(encode_tensors({n: t * 3 for n, t in small.items()}), 1 << 10)
+
+    def chunk_on_an_active_upload(index: str) -> Callable[[], None]:
+        """Announce an update bad-1 never serves (its transfer stays active), then a chunk."""
+
+        def send() -> None:
+            bad.send(bad.update(task, unserved))
+            bad.publish(f"up/{unserved.digest}/{index}", b"x")
+
+        return send
+
+    huge_rss = record.model_copy(update={"device_id": "bad-1"}).model_dump(mode="json")
+    huge_rss["peak_rss_bytes"] = 2**70
     norm_case = (
         "absurd norm",
         update_with(encode_tensors({n: torch.full_like(t, 100.0) for n, t in small.items()})),
@@ -149,6 +162,18 @@ def _cases(
                 )
             ),
             "bad_chunks",
+        ),
+        ("chunk index ²", chunk_on_an_active_upload("²"), "invalid_up"),
+        ("chunk index of 4,400 digits", chunk_on_an_active_upload("9" * 4400), "invalid_up"),
+        (
+            "peak_rss_bytes = 2**70",
+            lambda: bad.publish(
+                "profile",
+                json.dumps(
+                    {"device_id": "bad-1", "round_index": task.round_index, "records": [huge_rss]}
+                ).encode(),
+            ),
+            "invalid_profile",
         ),
         ("status garbage", lambda: bad.publish("status", b"maybe"), "invalid_status"),
         (
@@ -249,6 +274,32 @@ def test_bad_input_gets_a_nack_and_one_log_line_and_loses_nothing(
         ghost.send(ghost.update(task, ghost.offer_tensors(small)))
         reply = ghost.wait_reply()
         assert isinstance(reply, Nack) and reply.code == "not_selected"
+        ghost_record = PhaseRecord(
+            experiment=NAME,
+            device_id="ghost-9",
+            round_index=task.round_index,
+            phase="train",
+            start_unix_s=1.0,
+            end_unix_s=2.0,
+            duration_s=1.0,
+        )
+        ghost.publish(
+            "profile",
+            encode_message(
+                ProfileBatch(
+                    device_id="ghost-9", round_index=task.round_index, records=[ghost_record]
+                )
+            ),
+        )
+        reply = ghost.wait_reply()
+        assert isinstance(reply, Nack) and reply.code == "unknown_device", "never said hello"
+
+        # A refused update is named by its round and the digest of its exact bytes.
+        stale = encode_message(bad.update(task, bad.offer_tensors(small), round_index=5))
+        bad.publish("update", stale)
+        reply = bad.wait_reply()
+        assert isinstance(reply, Nack) and reply.code == "stale_round"
+        assert (reply.round_index, reply.digest) == (5, hashlib.sha256(stale).hexdigest())
         other = encode_tensors({n: t * 2 for n, t in small.items()})
         bad.send(bad.update(task, bad.offer(other), device_id="good-0"), device_id="good-0")
         reply = good.wait_reply()
@@ -269,7 +320,7 @@ def test_bad_input_gets_a_nack_and_one_log_line_and_loses_nothing(
     assert "Traceback" not in text and "internal_error" not in text
     rejected = [line for line in text.splitlines() if "message.rejected" in line]
     expected_codes = [code for _, _, code in cases]
-    expected_codes += ["not_selected", "conflicting_update"]
+    expected_codes += ["not_selected", "unknown_device", "stale_round", "conflicting_update"]
     for code in set(expected_codes):
         lines = [line for line in rejected if f"code={code} " in line]
         assert len(lines) == expected_codes.count(code), (code, lines)

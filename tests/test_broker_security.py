@@ -237,6 +237,35 @@ def test_wrong_password_unknown_user_and_anonymous_are_refused(
     assert anonymous is not None and anonymous.value in NOT_AUTHORISED
 
 
+def test_a_device_account_cannot_take_over_the_coordinators_client_id(
+    password_deployment: Deployment, probes: List[Probe]
+) -> None:
+    """`use_username_as_clientid`: the broker names each session after its account, so a
+    device connecting with the coordinator's client id (on either listener) disconnects no
+    one; the coordinator still receives what is published after the attempt."""
+    dep = password_deployment
+    coordinator_id = f"jetfed-coordinator-{EXP}"
+    coord = Probe(coordinator_id)
+    probes.append(coord)
+    rc = coord.connect(dep.plain_port, dep.env("coordinator"), tls=False)
+    assert rc is not None and not rc.is_failure
+    coord.subscribe("jetfed/+/devices/+/update")
+    thief = Probe(coordinator_id)
+    probes.append(thief)
+    rc = thief.connect(dep.tls_port, dep.env("A"))
+    assert rc is not None and not rc.is_failure
+    thief_local = Probe(coordinator_id)
+    probes.append(thief_local)
+    rc = thief_local.connect(dep.plain_port, dep.env("B"), tls=False)
+    assert rc is not None and not rc.is_failure
+    thief.publish(f"jetfed/{EXP}/devices/A/update", b"after the takeover attempt")
+    assert coord.until(f"jetfed/{EXP}/devices/A/update") == [
+        (f"jetfed/{EXP}/devices/A/update", b"after the takeover attempt")
+    ]
+    assert coord.outcome.empty(), "the coordinator was disconnected"
+    assert "use_username_as_clientid true" in (dep.out / "mosquitto.conf").read_text()
+
+
 def test_plaintext_to_tls_listener_fails_and_plain_listener_still_needs_password(
     password_deployment: Deployment, probes: List[Probe]
 ) -> None:

@@ -106,3 +106,21 @@ def test_sampler_auto_opens_the_named_backend(tmp_path: Path) -> None:
         assert sampler.backend_name == "ina3221" and sampler.sample_count > 0
     finally:
         sampler.stop()
+
+
+def test_a_sensor_value_out_of_range_is_dropped_from_the_record_not_the_update(
+    orin: Tuple[Sampler, Dict[str, Path]],
+) -> None:
+    """Fields are filled unchecked after a record is made; drained records must pass the
+    coordinator's schema (edge/bounds.py), or the whole update carrying them would be refused."""
+    sampler, _ = orin
+    profiler = Profiler("exp", "dev-0")
+    profiler.sampler = sampler
+    with profiler.phase("train", 0) as counters:
+        pass
+    assert counters.record is not None
+    counters.record.peak_power_w = float("inf")
+    counters.record.peak_rss_bytes = 2**70
+    (record,) = profiler.drain()
+    assert record.peak_power_w is None and record.peak_rss_bytes is None
+    assert record.energy_j is not None, "the fields in range are kept"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -10,12 +11,34 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import psutil
+from pydantic import ValidationError
 
+from edge.logs import log_event
 from edge.telemetry.context import DeviceContext, collect_context
 from edge.telemetry.memory import CudaPeakProbe
 from edge.telemetry.records import MAX_TRACE_POINTS, PhaseRecord
 from edge.telemetry.sampler import Sampler
 from edge.telemetry.window import WindowSummary
+
+logger = logging.getLogger(__name__)
+
+
+def in_range(record: PhaseRecord) -> PhaseRecord:
+    """The record as the coordinator's schema accepts it: a field a sensor filled out of its
+    range (fields are assigned unchecked after construction) is reset to its default, with one
+    log line, rather than getting the whole update refused."""
+    values = record.model_dump()
+    while True:
+        try:
+            return PhaseRecord.model_validate(values)
+        except ValidationError as exc:
+            fields = {str(error["loc"][0]) for error in exc.errors()}
+            if any(PhaseRecord.model_fields[name].is_required() for name in fields):
+                raise  # set, and checked, when the record was made
+            named = ",".join(sorted(fields))
+            log_event(logger, logging.WARNING, "phase.out_of_range", fields=named)
+            for name in fields:
+                values[name] = PhaseRecord.model_fields[name].get_default(call_default_factory=True)
 
 
 @dataclass
@@ -190,4 +213,4 @@ class Profiler:
         """Records closed since the last drain, oldest first."""
         with self._lock:
             records, self._records = self._records, []
-        return records
+        return [in_range(record) for record in records]
