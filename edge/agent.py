@@ -93,8 +93,15 @@ class RoundAbandoned(Exception):
     """This round cannot finish here (nack, newer task, timeout); wait for the next task."""
 
 
+ANNOUNCEMENT_WAIT_S = 10.0
+"""A following agent whose experiment's announcement is not there this long after connecting
+serves a run that already ended."""
+
+
 class EdgeAgent:
-    def __init__(self, config: EdgeConfig) -> None:
+    def __init__(self, config: EdgeConfig, follow: bool = False) -> None:
+        """`follow`: joined through edge.lobby, so serve only while the experiment's coordinator
+        announces its run (finishing the round in hand when the announcement goes)."""
         if config.experiment is None:
             raise ValueError("EdgeAgent serves one experiment; edge.lobby.Lobby picks it")
         self.config = config
@@ -125,6 +132,7 @@ class EdgeAgent:
                 dev(self.device_id, "nack"),
                 dev(self.device_id, "status"),
                 dev(self.device_id, "exchange/down/#"),
+                *([self.topics.coordinator] if follow else []),
             ],
             will=(dev(self.device_id, "status"), b"offline"),
             on_connected=self._announce,
@@ -143,6 +151,11 @@ class EdgeAgent:
         self.profiler.on_step = self.progress.step
         prefix = self.exchange.down_prefix
         self.link.on_topic(lambda topic: topic.startswith(prefix), self.exchange.deliver)
+        self.follow = follow
+        self._announced = threading.Event()
+        if follow:
+            announcement = self.topics.coordinator
+            self.link.on_topic(lambda topic: topic == announcement, self._on_announcement)
 
     # ------------------------------------------------------------------ connection
 
@@ -161,6 +174,14 @@ class EdgeAgent:
         connected: the coordinator would forget us, so announce again."""
         log_event(logger, logging.WARNING, "device.reannounce", status=payload[:16])
         self._announce()
+
+    def _on_announcement(self, topic: str, payload: bytes) -> None:
+        """paho thread: our experiment's coordinator is running (payload) or its run ended."""
+        if payload:
+            self._announced.set()
+        else:
+            log_event(logger, logging.INFO, "experiment.ended", experiment=self.topics.experiment)
+            self.stop()
 
     def hello(self) -> Hello:
         import torch
@@ -217,9 +238,12 @@ class EdgeAgent:
             experiment=self.topics.experiment,
             listening=self.topics.task,
         )
+        connected_s = time.monotonic()
         try:
             while not self._stop.is_set():
                 if max_rounds is not None and len(self._finished_rounds) >= max_rounds:
+                    return
+                if self._run_ended(connected_s):
                     return
                 task = self._pending_task or self._wait_for_task()
                 self._pending_task = None
@@ -230,6 +254,16 @@ class EdgeAgent:
             if self.profiler.sampler is not None:
                 self.profiler.sampler.stop()
                 self.profiler.sampler = None
+
+    def _run_ended(self, connected_s: float) -> bool:
+        """A following agent whose experiment no longer announces itself (it ended between the
+        lobby's choice and this connection: a cleared retained message is never delivered)."""
+        if not self.follow or self._announced.is_set():
+            return False
+        if time.monotonic() - connected_s < ANNOUNCEMENT_WAIT_S:
+            return False
+        log_event(logger, logging.INFO, "experiment.ended", experiment=self.topics.experiment)
+        return True
 
     def _start_telemetry(self) -> None:
         """Start sampling, measure the idle baseline before any training (its record rides on

@@ -3,9 +3,14 @@
 A device installed once (a systemd service, or `jetfed edge run` with broker-config's edge.env)
 listens on `jetfed/+/coordinator`, where each running coordinator keeps a retained
 `Announcement` (cleared when its run ends, or by its last will). The device joins the oldest
-live experiment with a fresh `EdgeAgent` — its own connection, subscribed to that experiment's
-topics only, whose last will marks it offline there — serves it until the announcement is gone,
-then waits for the next. Nothing of one experiment reaches another.
+live experiment with a fresh `EdgeAgent` — subscribed to that experiment's topics only, whose
+last will marks it offline there — which serves it until the announcement is gone; then the
+device waits for the next. Nothing of one experiment reaches another.
+
+A device holds one broker connection at a time: the lobby's closes before the agent's opens.
+Brokers that tie the client id to the account (`jetfed broker-config` sets Mosquitto's
+`use_username_as_clientid`, against client-id takeover) would otherwise make the two
+connections of one account disconnect each other forever.
 """
 
 from __future__ import annotations
@@ -34,15 +39,9 @@ class Lobby:
         self._changed = threading.Event()
         self._agent: Optional[EdgeAgent] = None
         self._stop = threading.Event()
-        self.link = MqttLink(
-            config.broker,
-            client_id=f"jetfed-edge-{config.device_id}-lobby",
-            subscriptions=[ANNOUNCEMENTS],
-        )
-        self.link.on_topic(lambda topic: True, self._on_announcement)
 
     def _on_announcement(self, topic: str, payload: bytes) -> None:
-        """paho thread: record or forget an experiment; stop the agent whose run ended."""
+        """paho thread: record or forget an experiment."""
         try:
             experiment = announcement_experiment(topic)
             started_unix_s = None
@@ -59,10 +58,6 @@ class Lobby:
                 self._live.pop(experiment, None)
             else:
                 self._live[experiment] = started_unix_s
-            agent = self._agent
-        if agent is not None and started_unix_s is None and agent.topics.experiment == experiment:
-            log_event(logger, logging.INFO, "experiment.ended", experiment=experiment)
-            agent.stop()
         self._changed.set()
 
     def _next_experiment(self) -> Optional[str]:
@@ -78,38 +73,51 @@ class Lobby:
         if agent is not None:
             agent.stop()
 
+    def _wait_for_experiment(self) -> Optional[str]:
+        """Connect, read the live announcements, return the experiment to join (None: stopped)."""
+        with self._lock:
+            self._live.clear()
+        link = MqttLink(
+            self.config.broker,
+            client_id=f"jetfed-edge-{self.config.device_id}",
+            subscriptions=[ANNOUNCEMENTS],
+        )
+        link.on_topic(lambda topic: True, self._on_announcement)
+        link.connect()
+        try:
+            self._changed.wait(1.0)  # retained announcements arrive right after subscribing
+            self._changed.clear()
+            if self._next_experiment() is None:
+                log_event(
+                    logger,
+                    logging.INFO,
+                    "edge.waiting",
+                    device_id=self.config.device_id,
+                    broker=self.config.broker.url,
+                    listening=ANNOUNCEMENTS,
+                    experiment="any (not pinned: --experiment)",
+                )
+            while self._next_experiment() is None and not self._stop.is_set():
+                self._changed.wait(1.0)
+                self._changed.clear()
+            return None if self._stop.is_set() else self._next_experiment()
+        finally:
+            link.close()
+
     def run(self, max_rounds: Optional[int] = None) -> None:
         """Serve experiments until stopped (or, with `max_rounds`, after the first one)."""
-        self.link.connect()
-        try:
-            while not self._stop.is_set():
-                experiment = self._next_experiment()
-                if experiment is None:
-                    log_event(
-                        logger,
-                        logging.INFO,
-                        "edge.waiting",
-                        device_id=self.config.device_id,
-                        broker=self.config.broker.url,
-                        listening=ANNOUNCEMENTS,
-                        experiment="any (not pinned: --experiment)",
-                    )
-                    self._changed.clear()
-                    while self._next_experiment() is None and not self._stop.is_set():
-                        self._changed.wait(1.0)
-                        self._changed.clear()
-                    continue
-                log_event(logger, logging.INFO, "experiment.joined", experiment=experiment)
-                agent = EdgeAgent(self.config.model_copy(update={"experiment": experiment}))
-                with self._lock:
-                    self._agent = agent
-                    ended = experiment not in self._live
-                if not ended:
-                    agent.run(max_rounds=max_rounds)
-                with self._lock:
-                    self._agent = None
-                    still_live = experiment in self._live
-                if max_rounds is not None or still_live:
-                    return
-        finally:
-            self.link.close()
+        while not self._stop.is_set():
+            experiment = self._wait_for_experiment()
+            if experiment is None:
+                return
+            log_event(logger, logging.INFO, "experiment.joined", experiment=experiment)
+            pinned = self.config.model_copy(update={"experiment": experiment})
+            agent = EdgeAgent(pinned, follow=True)
+            with self._lock:
+                self._agent = agent
+            if not self._stop.is_set():
+                agent.run(max_rounds=max_rounds)
+            with self._lock:
+                self._agent = None
+            if max_rounds is not None:
+                return
