@@ -85,18 +85,15 @@ class Lobby:
         link.on_topic(lambda topic: True, self._on_announcement)
         link.connect()
         try:
-            self._changed.wait(1.0)  # retained announcements arrive right after subscribing
-            self._changed.clear()
-            if self._next_experiment() is None:
-                log_event(
-                    logger,
-                    logging.INFO,
-                    "edge.waiting",
-                    device_id=self.config.device_id,
-                    broker=self.config.broker.url,
-                    listening=ANNOUNCEMENTS,
-                    experiment="any (not pinned: --experiment)",
-                )
+            log_event(
+                logger,
+                logging.INFO,
+                "edge.waiting",
+                device_id=self.config.device_id,
+                broker=self.config.broker.url,
+                listening=ANNOUNCEMENTS,
+                experiment="any (not pinned: --experiment)",
+            )
             while self._next_experiment() is None and not self._stop.is_set():
                 self._changed.wait(1.0)
                 self._changed.clear()
