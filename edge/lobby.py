@@ -23,6 +23,7 @@ from edge.agent import EdgeAgent, EdgeConfig
 from edge.errors import ProtocolError
 from edge.logs import log_event
 from edge.mqtt import MqttLink
+from edge.telemetry.backends.detect import detect_backend
 from edge.wire import ANNOUNCEMENTS, Announcement, announcement_experiment, parse_message
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,9 @@ class Lobby:
 
     def run(self, max_rounds: Optional[int] = None) -> None:
         """Serve experiments until stopped (or, with `max_rounds`, after the first one)."""
+        config = self.config
+        # A device that cannot measure what was asked says so now, not once a run is announced.
+        detect_backend(config.telemetry, sysfs_root=config.sysfs_root).close()
         while not self._stop.is_set():
             experiment = self._wait_for_experiment()
             if experiment is None:

@@ -124,11 +124,11 @@ class Profiler:
         cuda = CudaPeakProbe()
         cuda.start()
         lifetime_peak_at_start = _lifetime_peak_rss_bytes()
+        if self.on_phase is not None:
+            self.on_phase(phase, round_index)
         window = self.sampler.open_window() if self.sampler is not None else None
         start_unix_s = time.time()
         start_s = time.perf_counter()
-        if self.on_phase is not None:
-            self.on_phase(phase, round_index)
         try:
             yield counters
         finally:
@@ -170,6 +170,9 @@ class Profiler:
         record.peak_power_w = summary.peak_power_w
         record.mean_power_by_rail_w = summary.mean_power_by_rail_w
         record.peak_power_by_rail_w = summary.peak_power_by_rail_w
+        # The phase lasts as long as its sampled window, so energy / seconds is the mean power.
+        record.duration_s = summary.duration_s
+        record.end_unix_s = record.start_unix_s + summary.duration_s
         if summary.energy_j is not None and self.idle_power_w is not None:
             record.energy_above_idle_j = summary.energy_j - self.idle_power_w * summary.duration_s
         record.peak_rss_bytes = max(record.peak_rss_bytes or 0, summary.peak_rss_bytes or 0)
