@@ -70,7 +70,7 @@
 
   function phaseTable(run) {
     const phases = new Set();
-    run.rounds.forEach((r) => Object.keys(r.energy_by_phase_j).forEach((p) => phases.add(p)));
+    run.rounds.forEach((r) => Object.entries(r.energy_by_phase_j).forEach(([p, j]) => { if (j !== null) phases.add(p); }));
     if (!phases.size) return el("p", "no per-phase energy measured (no power sensor on the devices)", "muted");
     const names = [...phases];
     const table = el("table");
