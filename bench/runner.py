@@ -37,6 +37,7 @@ BENCHES = (
     "transfer_throughput",
     "split_overhead",
     "link_rates",
+    "live_page",
 )
 """What `all` runs, cheapest first. The reproduction (tens of minutes) and the compression
 accuracy study (federated full fine-tuning per update dtype) run only by name."""

@@ -15,6 +15,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from operator import methodcaller
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from coordinator.config import ExperimentConfig, config_digest, resume_conflicts
@@ -280,7 +281,7 @@ class Coordinator:
                 results.append(metrics)
                 if self.on_round is not None:
                     self.on_round(metrics)
-                self._notify(lambda observer, done=metrics: observer.on_round(done))
+                self._notify(methodcaller("on_round", metrics))
             self._await_upload_records(LAST_UPLOAD_RECORDS_WAIT_S)
         finally:
             self.link.publish(self.topics.task, b"", retain=True)

@@ -93,11 +93,13 @@ class Browser:
         return result["result"].get("value")
 
     async def wait_for(self, expression: str, timeout_s: float = 120.0) -> Any:
-        """The page's own state, read until `expression` is truthy (the page updates itself
-        from server-sent events; there is nothing else to wait on from outside)."""
+        """The page's own state, read until `expression` is truthy (an error counts as not yet:
+        the page may still be loading); the page updates itself from server-sent events, there
+        is nothing else to wait on from outside."""
         deadline = time.monotonic() + timeout_s
         while True:
-            value = await self.evaluate(expression)
+            guarded = f"(() => {{ try {{ return {expression}; }} catch {{ }} }})()"
+            value = await self.evaluate(guarded)
             if value:
                 return value
             assert time.monotonic() < deadline, f"page never satisfied: {expression}"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
-import json
 import secrets
 import threading
 from pathlib import Path
@@ -139,7 +138,7 @@ class UiServer:
         return web.Response(body=body, content_type=content_type)
 
     async def _snapshot(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response(self.state.snapshot())
+        return web.Response(text=self.state.snapshot_json(), content_type="application/json")
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
         if len(self._clients) >= MAX_EVENT_CLIENTS:
@@ -149,15 +148,17 @@ class UiServer:
         await response.prepare(request)
         self._clients.add(queue)
         try:
-            first = "event: snapshot\ndata: " + json.dumps(self.state.snapshot()) + "\n\n"
+            first = "event: snapshot\ndata: " + self.state.snapshot_json() + "\n\n"
             await asyncio.wait_for(response.write(first.encode()), WRITE_TIMEOUT_S)
             while True:
                 event = await queue.get()
                 if event is None:
                     break
                 await asyncio.wait_for(response.write(event.encode()), WRITE_TIMEOUT_S)
-        except (asyncio.TimeoutError, ConnectionError):
+        except asyncio.TimeoutError:  # not taking writes: dropped
             self.dropped_clients += 1
+        except ConnectionError:  # the page went away
+            pass
         finally:
             self._clients.discard(queue)
         return response
@@ -169,7 +170,7 @@ class UiServer:
         version = -1
         while True:
             await asyncio.sleep(TICK_S)
-            version, state, telemetry = self.state.take_updates(version)
+            version, state, telemetry = self.state.take_updates(version, bool(self._clients))
             events: List[str] = []
             if state is not None:
                 events.append(f"event: state\ndata: {state}\n\n")

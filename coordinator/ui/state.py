@@ -173,7 +173,7 @@ class LiveState(RunObserver):
             self.version += 1
 
     def on_telemetry(self, telemetry: LiveTelemetry) -> None:
-        rows = [
+        rows: List[Dict[str, Any]] = [
             {
                 "t": s.wall_unix_s,
                 "rails_w": s.rails_w,
@@ -221,32 +221,42 @@ class LiveState(RunObserver):
                         device.update(_hello_facts(hello), status="done")
             self.version += 1
 
-    def _state_locked(self) -> Dict[str, Any]:
+    def _state_copy(self) -> Dict[str, Any]:
+        """Under the lock: copies of what the protocol thread changes in place (telemetry rows
+        and run numbers are replaced, never changed), so encoding happens outside the lock."""
         return {
             "title": self.title,
             "live": self.live,
             "finished": self.finished,
             "rounds_total": self.rounds_total,
             "now_unix_s": time.time(),
-            "devices": [self._devices[d] for d in sorted(self._devices)],
-            "round": self._round,
+            "devices": [dict(self._devices[d]) for d in sorted(self._devices)],
+            "round": None if self._round is None else dict(self._round),
             "run": self._runs,
         }
 
-    def snapshot(self) -> Dict[str, Any]:
+    def snapshot_json(self) -> str:
         """Everything, telemetry window included (a page that just connected)."""
         with self._lock:
-            state = self._state_locked()
+            state = self._state_copy()
             state["telemetry"] = {d: list(w) for d, w in self._windows.items()}
-            return json.loads(json.dumps(state))
+        return json.dumps(state)
 
-    def take_updates(self, seen_version: int) -> Tuple[int, Optional[str], Optional[str]]:
+    def snapshot(self) -> Dict[str, Any]:
+        return dict(json.loads(self.snapshot_json()))
+
+    def take_updates(
+        self, seen_version: int, encode: bool = True
+    ) -> Tuple[int, Optional[str], Optional[str]]:
         """(version, state JSON if it changed since `seen_version`, new telemetry JSON if any):
-        encoded once per tick however many pages watch."""
+        encoded once per tick however many pages watch; nothing encoded without `encode`."""
         with self._lock:
-            state = None
-            if self.version != seen_version:
-                state = json.dumps(self._state_locked())
-            fresh = json.dumps(self._fresh) if self._fresh else None
+            state = self._state_copy() if encode and self.version != seen_version else None
+            fresh = self._fresh if encode and self._fresh else None
             self._fresh = {}
-            return self.version, state, fresh
+            version = self.version if encode else seen_version
+        return (
+            version,
+            None if state is None else json.dumps(state),
+            None if fresh is None else json.dumps(fresh),
+        )

@@ -160,7 +160,11 @@
   }
 
   function addTelemetry(fresh) {
-    Object.entries(fresh).forEach(([id, rows]) => { page.telemetry[id] = (page.telemetry[id] || []).concat(rows); });
+    Object.entries(fresh).forEach(([id, rows]) => {
+      const known = page.telemetry[id] || [];
+      const last = known.length ? known[known.length - 1].t : -Infinity;
+      page.telemetry[id] = known.concat(rows.filter((r) => r.t > last));  // a snapshot may overlap
+    });
     renderPower();
   }
 
