@@ -288,11 +288,43 @@ def _start_demo(tmp_path: Path) -> Tuple[subprocess.Popen[str], str]:
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (scripts/setup.sh --test)")
 def test_page_in_chromium_during_a_demo_run(tmp_path: Path) -> None:
     process, url = _start_demo(tmp_path)
+    run_dir = tmp_path / "runs" / "live-page"
     try:
-        asyncio.run(_watch_page(url, tmp_path / "runs" / "live-page"))
+        asyncio.run(_watch_page(url, run_dir))
     finally:
         process.terminate()
         process.wait(timeout=30)
+    _check_profiles_serve(run_dir)
+
+
+def _check_profiles_serve(run_dir: Path) -> None:
+    """`jetfed profiles serve` over the finished run: the report's numbers, one computation."""
+    from profiles.records import load_run
+    from profiles.summary import round_costs
+
+    command = [sys.executable, "-m", "jetfed", "profiles", "serve", str(run_dir)]
+    server = subprocess.Popen(
+        [*command, "--ui", "127.0.0.1:0"], env=ENV, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        url = server.stdout.readline().split()[2]
+        status, body, _ = _get(url + "api/state")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert status == 200
+    (run,) = json.loads(body)["run"]["runs"]
+    costs = round_costs(load_run(run_dir))
+    assert [(r["round_index"], r["accuracy"], r["energy_j"]) for r in run["rounds"]] == [
+        (c.round_index, c.accuracy, c.energy_j) for c in costs
+    ]
+    assert all(c.energy_j is not None for c in costs)  # the emulated INA3221 rails
+    refused = subprocess.run(
+        [*command[:-1], str(run_dir / "logs")], env=ENV, capture_output=True, text=True
+    )
+    assert refused.returncode != 0 and "no metrics.jsonl" in refused.stderr + refused.stdout
+    assert "Traceback" not in refused.stderr
 
 
 async def _watch_page(url: str, run_dir: Path) -> None:

@@ -154,6 +154,7 @@
 
   function apply(state) {
     page.state = state;
+    if (!state.live) document.getElementById("connection").textContent = "finished runs";
     document.getElementById("title").textContent = state.title;
     renderFleet(state);
     renderRuns(state);
