@@ -1,7 +1,9 @@
 """The live page's cost on the coordinator: CPU of the page server's thread while pages watch a
 10-device run (simulated at the real message rates: 1 `LiveTelemetry` of 4 samples × 7 rails
 and 1 `Progress` a second per device), and the protocol thread's time per observer call with
-and without 20 idle pages open. Run: python -m bench.live_page [--quick]
+and without 20 idle pages open. Without --quick also a real local fleet (2 devices, 3 rounds of
+5 steps) without the page, then with it and 20 pages watching: the rounds' seconds.
+Run: python -m bench.live_page [--quick]
 """
 
 from __future__ import annotations
@@ -94,6 +96,29 @@ def _feed(state: LiveState, devices: int, seconds: int, real_time: bool) -> floa
     return spent_s
 
 
+def _fleet_round_s(out_dir: Path, pages: int) -> List[float]:
+    """Round seconds of rounds 1.. (round 0 also loads the model) of a tiny local fleet."""
+    from contextlib import ExitStack
+
+    from coordinator.demo import DEMO_DATA, demo_config
+    from coordinator.fleet import run_local_fleet
+
+    config = demo_config(
+        f"bench-live-page-{pages}", "lora", 2, 3, 5, str(DEMO_DATA), str(out_dir), "iid", 1.0,
+        32, None,
+    )  # fmt: skip
+    with ExitStack() as stack:
+        observers = []
+        if pages:
+            state = LiveState("bench", [config.run_dir], rounds_total=3)
+            server = stack.enter_context(UiServer(state, "127.0.0.1", 0))
+            for page in _open_pages(server, pages, read=True):
+                stack.callback(page.close)
+            observers.append(state)
+        metrics = run_local_fleet(config, 2, observers=observers)
+    return [m.round_s for m in metrics[1:]]
+
+
 def run(quick: bool) -> Dict[str, Any]:
     watch_s = 20 if quick else 60
     results: Dict[str, Any] = {"devices": 10, "watch_s": watch_s}
@@ -118,6 +143,13 @@ def run(quick: bool) -> Dict[str, Any]:
             results["observer_call_us_0_idle_pages"] = round(per_call[0] * 1e6, 1)
             results["observer_call_us_20_idle_pages"] = round(per_call[20] * 1e6, 1)
             results["dropped_pages"] = server.dropped_clients
+        if not quick:
+            without = _fleet_round_s(Path(tmp), 0)
+            watched = _fleet_round_s(Path(tmp), 20)
+            results["fleet_round_s_without_page"] = [round(s, 2) for s in without]
+            results["fleet_round_s_20_pages"] = [round(s, 2) for s in watched]
+            change = sum(watched) / sum(without) - 1
+            results["fleet_round_s_change_percent"] = round(100 * change, 1)
     return results
 
 
