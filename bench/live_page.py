@@ -51,7 +51,7 @@ def _drain(conn: socket.socket) -> None:
 def _open_pages(server: UiServer, count: int, read: bool) -> List[socket.socket]:
     """`count` event streams, connected before this returns; reading ones are drained by a
     thread, idle ones never read."""
-    before = len(server._clients)
+    before = server.pages_open
     pages = []
     for _ in range(count):
         conn = socket.create_connection(("127.0.0.1", server.port))
@@ -59,7 +59,7 @@ def _open_pages(server: UiServer, count: int, read: bool) -> List[socket.socket]
         pages.append(conn)
         if read:
             threading.Thread(target=_drain, args=(conn,), daemon=True).start()
-    while len(server._clients) < before + count:
+    while server.pages_open < before + count:
         time.sleep(0.05)
     return pages
 

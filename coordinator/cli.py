@@ -76,8 +76,9 @@ def coordinator_run(
             typer.echo(f"embedded broker on {embedded.url} (loopback only; devices on other hosts")
             typer.echo("  need Mosquitto: see README 'Deploying on real devices')")
             spec = BrokerSpec(url=embedded.url)
-        coordinator = Coordinator(config, spec, resume=resume)  # config/data/model errors first
+        # The page's port before the run directory: a taken port must not leave a run behind.
         page = stack.enter_context(live_page(config, ui, ui_token))
+        coordinator = Coordinator(config, spec, resume=resume)  # config/data/model errors first
         if page is not None:
             coordinator.observers.append(page)
         table = stack.enter_context(RoundTable(config, config.rounds.min_clients))

@@ -97,6 +97,11 @@ class UiServer:
         self.dropped_clients = 0
 
     @property
+    def pages_open(self) -> int:
+        """Event streams open now."""
+        return len(self._clients)
+
+    @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/"

@@ -132,7 +132,6 @@ class LiveState(RunObserver):
         with self._lock:
             self._round = {
                 "round_index": task.round_index,
-                "rounds": None,
                 "selected": list(task.selected_devices),
                 "min_clients": task.min_clients,
                 "issued_unix_s": task.issued_unix_s,
