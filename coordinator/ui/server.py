@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import logging
 import secrets
 import threading
 from pathlib import Path
@@ -26,6 +27,8 @@ from aiohttp import web
 
 from coordinator.ui.state import LiveState
 from edge.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 TICK_S = 0.5
 MAX_EVENT_CLIENTS = 64
@@ -175,7 +178,11 @@ class UiServer:
         version = -1
         while True:
             await asyncio.sleep(TICK_S)
-            version, state, telemetry = self.state.take_updates(version, bool(self._clients))
+            try:
+                version, state, telemetry = self.state.take_updates(version, bool(self._clients))
+            except Exception:  # the page must outlive any surprise in what it shows
+                logger.exception("ui.update_failed")
+                continue
             events: List[str] = []
             if state is not None:
                 events.append(f"event: state\ndata: {state}\n\n")

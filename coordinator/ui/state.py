@@ -2,13 +2,15 @@
 read as JSON by the page server's thread: the fleet, the round under way, a bounded window of
 each device's live telemetry, and the run's per-round numbers.
 
-The per-round numbers are `profiles.summary.round_costs` of the run directory, reloaded when a
-round ends: the page and `jetfed profiles report` share one computation.
+The per-round numbers are `profiles.summary.round_costs` of the run directory, reloaded (on the
+page server's thread, never the protocol thread's) after a round ended: the page and
+`jetfed profiles report` share one computation.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import deque
@@ -19,9 +21,13 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 from coordinator.observer import RunObserver
 from coordinator.records import RoundMetrics
 from coordinator.registry import DeviceRecord
+from edge.errors import UserError
+from edge.logs import log_event
 from edge.wire import Hello, LiveTelemetry, Progress, Task
 from profiles.records import RunRecords, load_run
 from profiles.summary import RunSummary, default_target, round_costs, run_labels, to_target
+
+logger = logging.getLogger(__name__)
 
 WINDOW_S = 300.0
 """How much live telemetry the page keeps per device (the page's "last minutes")."""
@@ -106,6 +112,7 @@ class LiveState(RunObserver):
         self._windows: Dict[str, Deque[Dict[str, Any]]] = {}
         self._fresh: Dict[str, List[Dict[str, Any]]] = {}
         self._runs: Dict[str, Any] = {"target_accuracy": None, "runs": []}
+        self._runs_stale = False
         if not live:
             self._load_runs()
 
@@ -193,20 +200,35 @@ class LiveState(RunObserver):
             device["last_seen_unix_s"] = time.time()
 
     def on_round(self, metrics: RoundMetrics) -> None:
-        self._load_runs()
         with self._lock:
             for device in self._devices.values():
                 if device["online"]:
                     device["status"] = "online"
+            self._runs_stale = True
             self.version += 1
 
     def on_finished(self) -> None:
         with self._lock:
             self.finished = True
             self._round = None
-        self._load_runs()
+            self._runs_stale = True
+            self.version += 1
 
     # ------------------------------------------------------------------ the page's reads
+
+    def _refresh_runs(self) -> None:
+        """Reload the run directories if a round ended since; a file caught mid-append is read
+        again at the next tick."""
+        with self._lock:
+            stale, self._runs_stale = self._runs_stale, False
+        if not stale:
+            return
+        try:
+            self._load_runs()
+        except UserError as exc:
+            log_event(logger, logging.DEBUG, "ui.reload_later", reason=exc)
+            with self._lock:
+                self._runs_stale = True
 
     def _load_runs(self) -> None:
         runs = [load_run(path) for path in self.run_dirs if (path / "metrics.jsonl").exists()]
@@ -236,6 +258,7 @@ class LiveState(RunObserver):
 
     def snapshot_json(self) -> str:
         """Everything, telemetry window included (a page that just connected)."""
+        self._refresh_runs()
         with self._lock:
             state = self._state_copy()
             state["telemetry"] = {d: list(w) for d, w in self._windows.items()}
@@ -249,6 +272,8 @@ class LiveState(RunObserver):
     ) -> Tuple[int, Optional[str], Optional[str]]:
         """(version, state JSON if it changed since `seen_version`, new telemetry JSON if any):
         encoded once per tick however many pages watch; nothing encoded without `encode`."""
+        if encode:
+            self._refresh_runs()
         with self._lock:
             state = self._state_copy() if encode and self.version != seen_version else None
             fresh = self._fresh if encode and self._fresh else None
