@@ -83,6 +83,18 @@ def test_live_publisher_drops_rail_names_the_wire_refuses() -> None:
     assert list(message.samples[0].rails_w) == ["VDD_IN"]
 
 
+def test_live_publisher_never_raises_into_the_sampler_thread() -> None:
+    def broken_link(payload: bytes) -> None:
+        raise ConnectionError("not connected")
+
+    publisher = LivePublisher("dev-1", broken_link)
+    publisher.enabled = True
+    publisher.on_sample(_sample(0.0))
+    publisher.backend = "not a valid name"  # the message would not validate either
+    publisher.on_sample(_sample(2.0))
+    assert publisher.messages_sent == 0
+
+
 @pytest.mark.parametrize(
     "mutation",
     [

@@ -74,7 +74,8 @@ class LivePublisher:
         self._failed = False
 
     def on_sample(self, sample: Sample) -> None:
-        """The sampler thread's hook, called with every sample."""
+        """The sampler thread's hook, called with every sample; never raises (the sampler's
+        thread also measures the profiles)."""
         if not self.enabled:
             self._pending.clear()
             return
@@ -82,11 +83,17 @@ class LivePublisher:
         if now_s - self._last_kept_s < self.min_gap_s:
             return
         self._last_kept_s = now_s
-        self._pending.append(live_sample(sample))
-        del self._pending[:-LIVE_TELEMETRY_MAX_SAMPLES]
-        if now_s - self._last_publish_s >= self.publish_interval_s:
-            self._last_publish_s = now_s
-            self._flush()
+        try:
+            self._pending.append(live_sample(sample))
+            del self._pending[:-LIVE_TELEMETRY_MAX_SAMPLES]
+            if now_s - self._last_publish_s >= self.publish_interval_s:
+                self._last_publish_s = now_s
+                self._flush()
+        except Exception as exc:  # display only: a dropped second is no loss
+            self._pending = []
+            if not self._failed:
+                log_event(logger, logging.WARNING, "telemetry.live_dropped", reason=exc)
+            self._failed = True
 
     def _flush(self) -> None:
         message = LiveTelemetry(
@@ -94,12 +101,6 @@ class LivePublisher:
         )
         self._pending = []
         payload = encode_message(message)
-        try:
-            self.publish(payload)
-        except Exception as exc:  # display only: a dropped second is no loss
-            if not self._failed:
-                log_event(logger, logging.WARNING, "telemetry.live_dropped", reason=exc)
-            self._failed = True
-            return
+        self.publish(payload)
         self.messages_sent += 1
         self.bytes_sent += len(payload)
