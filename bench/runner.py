@@ -38,6 +38,7 @@ BENCHES = (
     "split_overhead",
     "link_rates",
     "hostile_replay",
+    "live_page",
 )
 """What `all` runs, cheapest first. The reproduction (tens of minutes) and the compression
 accuracy study (federated full fine-tuning per update dtype) run only by name."""

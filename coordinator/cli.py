@@ -27,6 +27,18 @@ def coordinator_run(
         None, "--set", help="section.key=value, repeatable."
     ),
     embedded_port: int = typer.Option(1883, "--embedded-port", help="Port of the embedded broker."),
+    ui: Optional[str] = typer.Option(
+        None,
+        "--ui",
+        metavar="HOST:PORT",
+        help="Serve the live fleet page there, e.g. 127.0.0.1:8080 (docs/LIVE_PAGE.md).",
+    ),
+    ui_token: Optional[str] = typer.Option(
+        None,
+        "--ui-token",
+        envvar="JETFED_UI_TOKEN",
+        help="Token the page asks of browsers beyond loopback (default: generated, printed once).",
+    ),
 ) -> None:
     """Run the rounds of an experiment; devices join with `jetfed edge run`. Broker flags (or
     JETFED_* variables, e.g. broker-config's coordinator.env) override the config's `broker:`."""
@@ -36,6 +48,7 @@ def coordinator_run(
     from coordinator.config import load_config
     from coordinator.progress import RoundTable
     from coordinator.server import Coordinator
+    from coordinator.ui import live_page
     from edge.cli import broker_spec
     from edge.mqtt import BrokerSpec
 
@@ -63,7 +76,11 @@ def coordinator_run(
             typer.echo(f"embedded broker on {embedded.url} (loopback only; devices on other hosts")
             typer.echo("  need Mosquitto: see README 'Deploying on real devices')")
             spec = BrokerSpec(url=embedded.url)
+        # The page's port before the run directory: a taken port must not leave a run behind.
+        page = stack.enter_context(live_page(config, ui, ui_token))
         coordinator = Coordinator(config, spec, resume=resume)  # config/data/model errors first
+        if page is not None:
+            coordinator.observers.append(page)
         table = stack.enter_context(RoundTable(config, config.rounds.min_clients))
         coordinator.on_round, coordinator.on_progress = table.add, table.progress
         coordinator.run()
@@ -95,6 +112,21 @@ def demo(
         help="Put each device behind an emulated link, e.g. 100mbit,20ms,0.1% or "
         "up=10mbit,down=100mbit,delay=20ms (root; see docs/LINKS.md).",
     ),
+    ui_linger_s: float = typer.Option(
+        0.0, "--ui-linger-s", min=0, help="Keep the live page up this long after the run."
+    ),
+    ui: Optional[str] = typer.Option(
+        None,
+        "--ui",
+        metavar="HOST:PORT",
+        help="Serve the live fleet page there, e.g. 127.0.0.1:8080 (docs/LIVE_PAGE.md).",
+    ),
+    ui_token: Optional[str] = typer.Option(
+        None,
+        "--ui-token",
+        envvar="JETFED_UI_TOKEN",
+        help="Token the page asks of browsers beyond loopback (default: generated, printed once).",
+    ),
 ) -> None:
     """A whole federated run on this machine: embedded broker, coordinator, N devices."""
     import time
@@ -120,7 +152,7 @@ def demo(
         max_eval_samples,
         learning_rate,
     )
-    metrics = run_demo(config, clients, broker, link_spec)
+    metrics = run_demo(config, clients, broker, link_spec, ui, ui_token, ui_linger_s)
     if not metrics:
         raise UserError(
             "the demo completed no round; see the logs in " + str(config.run_dir / "logs")

@@ -15,6 +15,7 @@ from coordinator.links import LinkSpec
 from coordinator.links.netns import require_root
 from coordinator.progress import RoundTable
 from coordinator.records import RoundMetrics
+from coordinator.ui import live_page
 from edge.methods.base import get_method
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data" / "sst2"
@@ -62,10 +63,20 @@ def run_demo(
     clients: int,
     broker_url: Optional[str],
     link: Optional[LinkSpec] = None,
+    ui: Optional[str] = None,
+    ui_token: Optional[str] = None,
+    ui_linger_s: float = 0.0,
 ) -> List[RoundMetrics]:
-    """Run the whole fleet with a live table; returns the per-round metrics."""
+    """Run the whole fleet with a live table (and the live page at `ui`, HOST:PORT); returns
+    the per-round metrics."""
     if link is not None:
         require_root()
-    return run_local_fleet(
-        config, clients, link=link, broker_url=broker_url, table=RoundTable(config, clients)
-    )
+    with live_page(config, ui, ui_token, ui_linger_s) as page:
+        return run_local_fleet(
+            config,
+            clients,
+            link=link,
+            broker_url=broker_url,
+            table=RoundTable(config, clients),
+            observers=[page] if page is not None else [],
+        )

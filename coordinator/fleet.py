@@ -14,12 +14,13 @@ import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable, ContextManager, List, Optional, Union
+from typing import Any, Callable, ContextManager, List, Optional, Sequence, Union
 from urllib.parse import urlsplit, urlunsplit
 
 from coordinator.config import ExperimentConfig
 from coordinator.links import LinkedFleet, LinkSpec
 from coordinator.local_mosquitto import LocalMosquitto, listening
+from coordinator.observer import RunObserver
 from coordinator.progress import RoundTable
 from coordinator.records import RoundMetrics
 from edge.errors import UserError
@@ -123,6 +124,7 @@ def run_local_fleet(
     on_round: Optional[Callable[[RoundMetrics], None]] = None,
     resume: bool = False,
     table: Optional[RoundTable] = None,
+    observers: Sequence[RunObserver] = (),
 ) -> List[RoundMetrics]:
     """Run `config` with `clients` local edge processes; returns the per-round metrics (also in
     `config.run_dir`/metrics.jsonl, next to profiles.jsonl, devices.jsonl and, with a link,
@@ -137,6 +139,7 @@ def run_local_fleet(
     resume: continue the run in `config.run_dir` from its checkpoint (`--resume`).
     table: shown (rounds and device progress) once the coordinator is built, so a config, data
         or model error is its one line, never under an empty table.
+    observers: told what happens in the run (the live page, coordinator/observer.py).
     """
     import torch
 
@@ -162,6 +165,7 @@ def run_local_fleet(
         coordinator = Coordinator(
             config, BrokerSpec(url=broker_url), resume=resume, on_round=on_round
         )
+        coordinator.observers.extend(observers)
         if table is not None:
             stack.enter_context(table)
             coordinator.on_round, coordinator.on_progress = table.add, table.progress

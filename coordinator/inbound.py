@@ -9,6 +9,15 @@ from edge.errors import ProtocolError
 from edge.telemetry.records import PhaseRecord
 
 
+def check_joined(device_id: str, joined: Set[str], experiment: str, what: str) -> None:
+    """Telemetry of any kind is taken only from a device that said hello in this experiment."""
+    if device_id not in joined:
+        raise ProtocolError(
+            f"device {device_id} never said hello in {experiment}: its {what} is refused",
+            "unknown_device",
+        )
+
+
 def check_profile_records(
     device_id: str,
     records: List[PhaseRecord],
@@ -19,11 +28,7 @@ def check_profile_records(
     """Records are stored only from a device that said hello in this experiment, about itself,
     this experiment and a round that has started: anything else is refused as a whole (a
     device never mixes), so profiles.jsonl holds only records of devices that joined."""
-    if device_id not in joined:
-        raise ProtocolError(
-            f"device {device_id} never said hello in {experiment}: its records are refused",
-            "unknown_device",
-        )
+    check_joined(device_id, joined, experiment, "profile records")
     if any(r.device_id != device_id or r.experiment != experiment for r in records):
         raise ProtocolError("profile records name another device or experiment")
     future = [r.round_index for r in records if r.round_index > latest_round]

@@ -15,10 +15,12 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from operator import methodcaller
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from coordinator.config import ExperimentConfig, config_digest, resume_conflicts
-from coordinator.inbound import check_profile_records
+from coordinator.inbound import check_joined, check_profile_records
+from coordinator.observer import RunObserver
 from coordinator.records import CheckpointState, RoundMetrics
 from coordinator.registry import DeviceRegistry
 from coordinator.rundir import RunDir
@@ -32,10 +34,12 @@ from edge.telemetry.records import PhaseRecord
 from edge.tensorfile import UPDATE_DTYPES, TensorFile
 from edge.transfer import BlobServer, Download, TransferTimeout
 from edge.wire import (
+    LIVE_TELEMETRY_MAX_BYTES,
     Ack,
     Announcement,
     ChunkRequest,
     Hello,
+    LiveTelemetry,
     ModelRef,
     Nack,
     ProfileBatch,
@@ -58,6 +62,7 @@ DEVICE_TO_COORDINATOR = (
     "update",
     "profile",
     "progress",
+    "telemetry",
     "want",
     "up/#",
     "exchange/up/#",
@@ -118,6 +123,8 @@ class Coordinator:
         self.on_round = on_round
         self.on_progress = on_progress
         """Told each selected device's validated progress reports (the live table)."""
+        self.observers: List[RunObserver] = []
+        """Told what happens in the run (the live page); display only (coordinator/observer.py)."""
         self._stop = False
         if self.run_dir.exists() and not resume:
             raise UserError(
@@ -281,6 +288,7 @@ class Coordinator:
                 results.append(metrics)
                 if self.on_round is not None:
                     self.on_round(metrics)
+                self._notify(methodcaller("on_round", metrics))
             self._await_upload_records(LAST_UPLOAD_RECORDS_WAIT_S)
         finally:
             self.link.publish(self.topics.task, b"", retain=True)
@@ -288,7 +296,15 @@ class Coordinator:
             self.link.wait_published(5)
             self.link.close()
             self._write_profile_tables()
+            self._notify(lambda observer: observer.on_finished())
         return results
+
+    def _notify(self, tell: Callable[[RunObserver], None]) -> None:
+        for observer in self.observers:
+            try:
+                tell(observer)
+            except Exception:  # an observer is display only: never the run's end
+                logger.exception("observer.failed observer=%s", type(observer).__name__)
 
     def _write_profile_tables(self) -> None:
         """The tables are a convenience derived from profiles.jsonl (kept whatever happens): a
@@ -344,9 +360,12 @@ class Coordinator:
             chunk_size_bytes=self.config.transfer.chunk_size_bytes,
             issued_unix_s=now,
             deadline_unix_s=now + self.config.rounds.deadline_s,
+            min_clients=self.config.rounds.min_clients,
+            live_telemetry=any(observer.wants_telemetry for observer in self.observers),
         )
         self._inbound = _Inbound(round_index, task)
         self.link.publish(self.topics.task, encode_message(task), retain=True)
+        self._notify(lambda observer: observer.on_task(task))
         overhead_s = None if previous_done_s is None else time.monotonic() - previous_done_s
         log_event(
             logger,
@@ -539,6 +558,8 @@ class Coordinator:
                 self._on_profile(device_id, payload)
             elif leaf == "progress":
                 self._on_progress(device_id, payload)
+            elif leaf == "telemetry":
+                self._on_telemetry(device_id, payload)
             elif leaf == "exchange" and len(rest) >= 2 and rest[0] == "up":
                 self.strategy.on_exchange(device_id, "/".join(rest[1:]), payload)
         except ProtocolError as exc:
@@ -591,12 +612,16 @@ class Coordinator:
         if payload not in (b"online", b"offline", b""):
             raise ProtocolError(f"status {payload[:32]!r} is not online or offline")
         self.registry.on_status(device_id, payload == b"online")
+        record = self.registry.devices[device_id]
+        self._notify(lambda observer: observer.on_device(record))
 
     def _on_hello(self, device_id: str, payload: bytes) -> None:
         hello = parse_message(Hello, payload)
         self._check_sender(device_id, hello.device_id)
         self.registry.on_hello(hello)
         self.run_dir.append_device(hello)
+        record = self.registry.devices[device_id]
+        self._notify(lambda observer: observer.on_device(record))
         log_event(
             logger, logging.INFO, "device.hello", device_id=device_id, accelerator=hello.accelerator
         )
@@ -619,6 +644,17 @@ class Coordinator:
             and device_id in inbound.task.selected_devices
         ):
             self.on_progress(progress)
+        if inbound is not None and progress.round_index == inbound.round_index:
+            self._notify(lambda observer: observer.on_progress(progress))
+
+    def _on_telemetry(self, device_id: str, payload: bytes) -> None:
+        """Display only, and only while someone watches."""
+        if not any(observer.wants_telemetry for observer in self.observers):
+            return
+        telemetry = parse_message(LiveTelemetry, payload, LIVE_TELEMETRY_MAX_BYTES)
+        self._check_sender(device_id, telemetry.device_id)
+        check_joined(device_id, self.registry.joined, self.config.name, "live telemetry")
+        self._notify(lambda observer: observer.on_telemetry(telemetry))
 
     def _store_profiles(self, device_id: str, records: List[PhaseRecord]) -> None:
         """Append records not seen before (devices re-send until an update carries them)."""
@@ -748,6 +784,7 @@ class Coordinator:
         inbound.last_accept_s = time.monotonic()
         self._accepted_blobs[(device_id, update.round_index)] = update.blob.digest
         self._ack(device_id, update)
+        self._notify(lambda observer: observer.on_accepted(device_id, update.round_index))
         log_event(
             logger,
             logging.INFO,

@@ -28,6 +28,7 @@ from edge.methods.base import FederatedMethod, LocalRound, available_methods, ge
 from edge.mqtt import BrokerSpec, MqttLink
 from edge.progress import ProgressReporter
 from edge.telemetry.context import DeviceContext
+from edge.telemetry.live import LivePublisher
 from edge.telemetry.phases import PhaseCounters, Profiler
 from edge.telemetry.records import PhaseRecord
 from edge.telemetry.sampler import DEFAULT_RATE_HZ, Sampler
@@ -149,6 +150,10 @@ class EdgeAgent:
         )
         self.profiler.on_phase = self.progress.phase
         self.profiler.on_step = self.progress.step
+        telemetry_topic = dev(self.device_id, "telemetry")
+        self.live = LivePublisher(
+            self.device_id, lambda payload: self.link.publish(telemetry_topic, payload)
+        )
         prefix = self.exchange.down_prefix
         self.link.on_topic(lambda topic: topic.startswith(prefix), self.exchange.deliver)
         self.follow = follow
@@ -272,6 +277,8 @@ class EdgeAgent:
         self.profiler.sampler = Sampler.auto(
             config.telemetry, rate_hz=config.sample_rate_hz, sysfs_root=config.sysfs_root
         )
+        self.live.backend = self.profiler.sampler.backend_name
+        self.profiler.sampler.listeners.append(self.live.on_sample)
         if config.idle_baseline_s > 0:
             self.profiler.measure_idle_baseline(config.idle_baseline_s)
         self._context = self.profiler.context()
@@ -310,10 +317,12 @@ class EdgeAgent:
 
     def _on_task(self, payload: bytes) -> None:
         if not payload:
+            self.live.enabled = False
             return
         task = parse_message(Task, payload)
         if task.experiment != self.config.experiment:
             raise ProtocolError(f"task for experiment {task.experiment!r}")
+        self.live.enabled = task.live_telemetry
         if task.round_index in self._finished_rounds:
             return
         if self._pending_task is None or task.round_index >= self._pending_task.round_index:

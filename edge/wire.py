@@ -16,11 +16,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from typing_extensions import Annotated
 
 from edge.bounds import (
     MAX_BYTES,
+    MAX_COUNT,
     MAX_MAP_ENTRIES,
     MAX_METRIC,
+    MAX_POWER_W,
     Bytes,
     Count,
     Metric,
@@ -204,6 +207,10 @@ class Task(WireModel):
     chunk_size_bytes: int = Field(default=DEFAULT_CHUNK_SIZE_BYTES, gt=0, le=MAX_BYTES)
     issued_unix_s: UnixSeconds
     deadline_unix_s: UnixSeconds
+    min_clients: int = Field(default=1, ge=1, le=MAX_COUNT)
+    """The round's quorum (shown on the live page)."""
+    live_telemetry: bool = False
+    """Someone watches the live page: devices publish `LiveTelemetry` while this says so."""
 
 
 class Announcement(WireModel):
@@ -318,6 +325,34 @@ class Progress(WireModel):
     total_steps: Optional[Count] = Field(default=None, ge=1)
     bytes_received: Bytes
     bytes_sent: Bytes
+
+
+LIVE_TELEMETRY_MAX_SAMPLES = 16
+LIVE_TELEMETRY_MAX_RAILS = 16
+LIVE_TELEMETRY_MAX_BYTES = 16 << 10
+RAIL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,31}$"
+LiveWatts = Annotated[float, Field(ge=0, le=MAX_POWER_W, allow_inf_nan=False)]
+
+
+class LiveSample(WireModel):
+    """One decimated telemetry sample: watts per rail and module, memory; None = no sensor."""
+
+    wall_unix_s: UnixSeconds
+    rails_w: Dict[Annotated[str, Field(pattern=RAIL_NAME_PATTERN)], Optional[LiveWatts]] = Field(
+        default_factory=dict, max_length=LIVE_TELEMETRY_MAX_RAILS
+    )
+    total_w: Optional[LiveWatts] = None
+    rss_bytes: Optional[Bytes] = None
+    system_used_bytes: Optional[Bytes] = None
+
+
+class LiveTelemetry(WireModel):
+    """A device's recent samples for the live page (a few per second, about 1 KB a second);
+    display only: no round depends on it."""
+
+    device_id: str = Field(pattern=ID_PATTERN)
+    backend: str = Field(pattern=ID_PATTERN)
+    samples: List[LiveSample] = Field(min_length=1, max_length=LIVE_TELEMETRY_MAX_SAMPLES)
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -56,5 +56,44 @@ def report(
     typer.echo(f"        {result.html_path}")
 
 
+@group.command("serve")
+def serve(
+    run_dirs: List[Path] = typer.Argument(
+        ..., metavar="RUN_DIR...", help="runs/<experiment> folders (finished or running)."
+    ),
+    address: str = typer.Option(
+        "127.0.0.1:8080", "--ui", metavar="HOST:PORT", help="Where to serve the page."
+    ),
+    ui_token: Optional[str] = typer.Option(
+        None,
+        "--ui-token",
+        envvar="JETFED_UI_TOKEN",
+        help="Token the page asks of browsers beyond loopback (default: generated, printed once).",
+    ),
+    target_accuracy: Optional[float] = typer.Option(
+        None, "--target-accuracy", help="Accuracy of the *-to-target line (default as report)."
+    ),
+) -> None:
+    """The live page over finished runs (compare them), until Ctrl-C: the report's numbers."""
+    import time
+
+    from coordinator.ui.server import UiServer, parse_address
+    from coordinator.ui.state import LiveState
+    from profiles.records import load_run
+
+    for path in run_dirs:
+        load_run(path)  # one line naming a folder that is not a run
+    host, port = parse_address(address)
+    title = "jetfed runs: " + ", ".join(path.name for path in run_dirs)
+    state = LiveState(title, run_dirs, live=False, target_accuracy=target_accuracy)
+    with UiServer(state, host, port, ui_token) as server:
+        typer.echo(server.banner() + " (Ctrl-C to stop)")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(group, name="profiles")

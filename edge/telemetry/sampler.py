@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Deque, List, Optional, Tuple
+from typing import Callable, Deque, List, Optional, Tuple
 
 from edge.logs import log_event
 from edge.telemetry.backends.base import Backend
@@ -46,6 +46,8 @@ class Sampler:
         self._started_monotonic_s: Optional[float] = None
         self._failed = False
         self._clock_offset_s: Optional[float] = None
+        self.listeners: List[Callable[[Sample], None]] = []
+        """Told every sample on the sampler's thread (the live telemetry); must be quick."""
 
     @classmethod
     def auto(
@@ -127,6 +129,8 @@ class Sampler:
         self._trace.append((sample.wall_unix_s, sample.total_w))
         for window in self._windows:
             window.add(sample)
+        for listener in self.listeners:
+            listener(sample)
 
     def _now_on_backend_clock(self) -> float:
         return time.monotonic() + (self._clock_offset_s or 0.0)
