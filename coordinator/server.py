@@ -365,6 +365,7 @@ class Coordinator:
             status="skipped",
             method=self.method.name,
             devices=sorted(inbound.accepted),
+            client_indices=task.client_indices,
             num_selected=len(selected),
             num_aggregated=len(accepted),
             overhead_s=overhead_s,
@@ -438,17 +439,18 @@ class Coordinator:
         while True:
             self._pump(0.2)
             ready = self.registry.ready()
-            # Indices (hence shards and seeds) go to a whole quorum at once, in sorted id order,
-            # never in the order devices happened to arrive: reruns train identically.
+            if len(ready) >= rounds.min_clients and not self._announcements_settled:
+                self._settle_announcements()
+                continue
+            # Indices (hence shards and seeds) go to every device ready once the announcements
+            # settled, at once and in sorted id order, never in the order devices happened to
+            # arrive: the mapping is a function of the fleet (or data.client_indices).
             if len(ready) >= rounds.min_clients:
                 if partition.kind != "none":
                     self.registry.assign_indices(ready, partition.num_clients)
                 else:
                     self.registry.assign_indices(ready, len(self.registry.devices) + 1)
             eligible = [d for d in ready if d in self.registry.client_indices]
-            if len(eligible) >= rounds.min_clients and not self._announcements_settled:
-                self._settle_announcements()
-                continue
             if len(eligible) >= rounds.min_clients or self._stop:
                 break
             if time.monotonic() > deadline:

@@ -32,6 +32,7 @@ from edge.telemetry.phases import PhaseCounters, Profiler
 from edge.telemetry.records import PhaseRecord
 from edge.telemetry.sampler import DEFAULT_RATE_HZ, Sampler
 from edge.tensorfile import TensorFile
+from edge.train import device_seed
 from edge.transfer import BlobServer, Download, TransferTimeout
 from edge.wire import (
     ID_PATTERN,
@@ -448,7 +449,7 @@ class EdgeAgent:
             training=task.training,
             model_ref=task.model,
             round_index=task.round_index,
-            seed=task.training.seed * 1_000_003 + task.round_index * 1009 + client_index,
+            seed=device_seed(task.training.seed, task.round_index, client_index),
             device=pick_device(self.config.torch_device),
             global_state=global_state,
             profiler=self.profiler,
