@@ -332,7 +332,7 @@ def test_fuzzed_inbound_messages_never_escape_and_bad_ones_are_rejected(
     start = len(captured.lines)
     coordinator = live_round.coordinator
     if topic.endswith("/want") and "/exchange/" not in topic:
-        coordinator._serve_want(topic, payload)  # paho's thread calls this for want topics
+        coordinator.intake.serve_want(topic, payload)  # paho's thread calls this for want topics
     else:
         coordinator.link.inbox.put((topic, payload))
     live_round.settle()
