@@ -24,7 +24,13 @@ from edge.data import TextDataset, client_shard, load_split
 from edge.errors import ProtocolError, UserError
 from edge.exchange import Exchange
 from edge.logs import log_event
-from edge.methods.base import FederatedMethod, LocalRound, available_methods, get_method
+from edge.methods.base import (
+    FederatedMethod,
+    LocalRound,
+    available_methods,
+    get_method,
+    run_local_round,
+)
 from edge.mqtt import BrokerSpec, MqttLink
 from edge.progress import ProgressReporter
 from edge.telemetry.context import DeviceContext
@@ -343,7 +349,7 @@ class EdgeAgent:
                     job = self._prepare(task, blobs)
                 finally:
                     self._release_downloads()
-            result = job.method_instance.local_round(job.local)
+            result = run_local_round(job.method_instance, job.local)
             with self.profiler.phase("upload", task.round_index) as counters:
                 self._upload(task, result, counters)
             self._finished_rounds[task.round_index] = "uploaded"
