@@ -116,7 +116,7 @@ class Intake:
         blobs: BlobServer,
         expected: Dict[str, Tuple[int, ...]],
         publish: Publish,
-        publish_raw: Publish,
+        publish_raw: Callable[[str, bytes], None],
         on_exchange: Callable[[str, str, bytes], None],
         tell_progress: Callable[[Progress], None],
         start_round: int,

@@ -25,8 +25,9 @@ from coordinator.strategies.base import AcceptedUpdate, ServerContext, Strategy,
 from edge.data import TextDataset, load_split
 from edge.errors import UserError
 from edge.logs import log_event
+from edge.memlink import open_link
 from edge.methods.base import FederatedMethod, Tensors, get_method
-from edge.mqtt import BrokerSpec, MqttLink
+from edge.mqtt import BrokerSpec
 from edge.telemetry.records import PhaseRecord
 from edge.transfer import BlobServer
 from edge.wire import (
@@ -131,7 +132,7 @@ class Coordinator:
         self.blobs = BlobServer(
             self._publish_raw, config.transfer.chunk_size_bytes, background=True
         )
-        self.link = MqttLink(
+        self.link = open_link(
             broker,
             client_id=f"jetfed-coordinator-{config.name}",
             subscriptions=[self.topics.all_devices(leaf) for leaf in DEVICE_TO_COORDINATOR],

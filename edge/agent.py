@@ -24,6 +24,7 @@ from edge.data import TextDataset, client_shard, load_split
 from edge.errors import ProtocolError, UserError
 from edge.exchange import Exchange
 from edge.logs import log_event
+from edge.memlink import open_link
 from edge.methods.base import (
     FederatedMethod,
     LocalRound,
@@ -31,7 +32,7 @@ from edge.methods.base import (
     get_method,
     run_local_round,
 )
-from edge.mqtt import BrokerSpec, MqttLink
+from edge.mqtt import BrokerSpec
 from edge.progress import ProgressReporter
 from edge.telemetry.context import DeviceContext
 from edge.telemetry.phases import PhaseCounters, Profiler
@@ -128,7 +129,7 @@ class EdgeAgent:
         self._datasets: Dict[Tuple[str, str], TextDataset] = {}
         self._unsent_records: List[PhaseRecord] = []
         dev = self.topics.device
-        self.link = MqttLink(
+        self.link = open_link(
             config.broker,
             client_id=f"jetfed-edge-{config.device_id}",
             subscriptions=[
