@@ -170,3 +170,5 @@ def test_method_contract(method: str, tmp_path: Path, minilm_path: str) -> None:
         "neither the global state nor the strategy's state (kd: the consensus) changed"
     )
     assert load_export(config.run_dir / "global" / "round-0000", coordinator.model_ref) is not None
+    trained = {r.device_id for r in coordinator.run_dir.read_profiles() if r.phase == "train"}
+    assert trained == {"dev-0", "dev-1"}, "the agent opens the train phase for every method"
