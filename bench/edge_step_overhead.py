@@ -57,7 +57,7 @@ def run(quick: bool, datasets: Path = DEFAULT_DATASETS, threads: int = 1) -> Dic
     import torch
 
     from edge.data import load_split
-    from edge.methods.base import LocalRound, get_method
+    from edge.methods.base import LocalRound, get_method, run_local_round
     from edge.models import load_tokenizer
     from edge.telemetry.phases import Profiler
     from edge.train import batch_indices, train_local
@@ -97,7 +97,7 @@ def run(quick: bool, datasets: Path = DEFAULT_DATASETS, threads: int = 1) -> Dic
             global_state=method.get_state(model),
             profiler=profiler,
         )
-        method.local_round(job)
+        run_local_round(method, job)
         profiler.drain()
 
     loops: Dict[str, Callable[[int], None]] = {

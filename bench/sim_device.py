@@ -1,7 +1,7 @@
 """Thin simulated devices: real protocol participants that do no training.
 
-Each one speaks the wire protocol with the same parts the edge agent uses (`MqttLink`,
-`BlobServer`, `Download`, the `edge.wire` messages): retained hello and status, fetch the task's
+Each one speaks the wire protocol with the same parts the edge agent uses (its device session,
+edge/session.py, `Download`, the `edge.wire` messages): retained hello and status, fetch the task's
 blobs chunk by chunk with verification, offer a real-size update, answer the coordinator's pulls,
 wait for the ack, send its profile records. Everything runs on the link's network thread; one
 fleet thread re-sends unacknowledged updates and re-asks stalled downloads. Each device holds three
@@ -23,13 +23,13 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import jetfed
 from edge.errors import ProtocolError
 from edge.logs import log_event
-from edge.mqtt import BrokerSpec, MqttLink
+from edge.mqtt import BrokerSpec
+from edge.session import DeviceSession
 from edge.telemetry.records import PhaseRecord
-from edge.transfer import BlobServer, Download
+from edge.transfer import Download
 from edge.wire import (
     Ack,
     BlobManifest,
-    ChunkRequest,
     Hello,
     Nack,
     ProfileBatch,
@@ -95,31 +95,22 @@ class SimDevice:
         self._round: Optional[_Round] = None
         self._have_init: Optional[str] = None
         self._lock = threading.RLock()
-        dev = self.topics.device
-        self.link = MqttLink(
+        self.session = DeviceSession(
             BrokerSpec(url=broker_url),
+            experiment,
+            device_id,
+            self._hello,
             client_id=f"jetfed-sim-{device_id}",
-            subscriptions=[
-                self.topics.task,
-                dev(device_id, "down/#"),
-                dev(device_id, "pull"),
-                dev(device_id, "ack"),
-                dev(device_id, "nack"),
-            ],
-            will=(dev(device_id, "status"), b"offline"),
-            on_connected=self._announce,
         )
+        self.link = self.session.link
         self.meter: Meter = meter or (
             lambda: (self.link.counters.bytes_sent, self.link.counters.bytes_received)
         )
-        self.blobs = BlobServer(self._publish, chunk_size_bytes=1 << 20)
-        self.link.on_topic(lambda topic: True, self._handle)
+        self.blobs = self.session.blobs
+        self.link.on_topic(lambda topic: True, self._handle)  # after the session's pull handler
 
-    def _publish(self, topic: str, payload: bytes) -> None:
-        self.link.publish(topic, payload)
-
-    def _announce(self) -> None:
-        hello = Hello(
+    def _hello(self) -> Hello:
+        return Hello(
             device_id=self.device_id,
             jetfed_version=jetfed.__version__,
             hostname=socket.gethostname(),
@@ -129,15 +120,12 @@ class SimDevice:
             telemetry_backend="none",
             methods=["lora", "federa"],
         )
-        dev = self.topics.device
-        self.link.publish(dev(self.device_id, "hello"), encode_message(hello), retain=True)
-        self.link.publish(dev(self.device_id, "status"), b"online", retain=True)
 
     def connect(self) -> None:
         self.link.connect()
 
     def close(self) -> None:
-        self.link.close(final=(self.topics.device(self.device_id, "status"), b"offline"))
+        self.session.close()
 
     # ------------------------------------------------------------------ network thread
 
@@ -150,24 +138,12 @@ class SimDevice:
                 _, leaf, rest = self.topics.parse_device_topic(topic)
                 if leaf == "down" and len(rest) == 2:
                     self._on_chunk(rest[0], int(rest[1]), payload)
-                elif leaf == "pull":
-                    request = parse_message(ChunkRequest, payload)
-                    self.blobs.serve(
-                        request.digest,
-                        request.indices,
-                        lambda digest, index: self.topics.chunk(
-                            self.device_id, "up", digest, index
-                        ),
-                    )
                 elif leaf == "ack":
                     self._on_ack(parse_message(Ack, payload))
                 elif leaf == "nack":
                     self.nacks.append(parse_message(Nack, payload))
             except (ProtocolError, ValueError) as exc:
                 log_event(logger, logging.WARNING, "sim.rejected", topic=topic, reason=exc)
-
-    def _up_topic(self, digest: str, index: int) -> str:
-        return self.topics.chunk(self.device_id, "up", digest, index)
 
     def _on_task(self, payload: bytes) -> None:
         if not payload:
@@ -180,9 +156,8 @@ class SimDevice:
             needed["init"] = task.init_state
         log = RoundLog(task_s=time.monotonic(), meter_at_task=self.meter())
         self.rounds[task.round_index] = log
-        want = self.topics.device(self.device_id, "want")
         downloads = {
-            manifest.digest: Download(manifest, self._requester(want, manifest.digest), 8 << 30)
+            manifest.digest: Download(manifest, self.session.requester(manifest.digest), 8 << 30)
             for manifest in needed.values()
         }
         self._round = _Round(task, downloads, time.time(), log)
@@ -190,13 +165,6 @@ class SimDevice:
             self._have_init = task.init_state.digest
         for download in downloads.values():
             download.start()
-
-    def _requester(self, topic: str, digest: str) -> Callable[[List[int]], None]:
-        def request(indices: List[int]) -> None:
-            message = ChunkRequest(device_id=self.device_id, digest=digest, indices=list(indices))
-            self.link.publish(topic, encode_message(message))
-
-        return request
 
     def _on_chunk(self, digest: str, index: int, payload: bytes) -> None:
         current = self._round

@@ -103,6 +103,14 @@ def demo(
     alpha: float = typer.Option(1.0, "--alpha", help="Dirichlet concentration."),
     learning_rate: Optional[float] = typer.Option(None, "--lr"),
     max_eval_samples: Optional[int] = typer.Option(None, "--max-eval-samples"),
+    seed: int = typer.Option(
+        0,
+        "--seed",
+        min=0,
+        max=(1 << 32) - 1,
+        help="Seeds partition, initial state, selection and training: a rerun with the same "
+        "seed and --clients gives bit-identical global adapters.",
+    ),
     broker: Optional[str] = typer.Option(
         None, "--broker", help="Use this broker instead of the embedded one."
     ),
@@ -151,6 +159,7 @@ def demo(
         alpha,
         max_eval_samples,
         learning_rate,
+        seed,
     )
     metrics = run_demo(config, clients, broker, link_spec, ui, ui_token, ui_linger_s)
     if not metrics:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge.errors import UserError, validation_line
 from edge.mqtt import BrokerSpec
@@ -89,8 +89,16 @@ class ExperimentConfig(Section):
     aggregation: AggregationSection = AggregationSection()
     transfer: TransferSection = TransferSection()
     output_dir: str = "runs"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=(1 << 32) - 1)
+    """Seeds the initial state, the selection and (unless `training.seed` is set) every device's
+    local training: each device derives its own from (seed, round, client index)."""
     eval_device: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _training_seed(self) -> ExperimentConfig:
+        if "seed" not in self.training.model_fields_set:
+            self.training = self.training.model_copy(update={"seed": self.seed})
+        return self
 
     @property
     def run_dir(self) -> Path:

@@ -33,8 +33,10 @@ def demo_config(
     alpha: float,
     max_eval_samples: Optional[int],
     learning_rate: Optional[float],
+    seed: int = 0,
 ) -> ExperimentConfig:
-    """The demo's experiment, as a user would write it in YAML (see examples/)."""
+    """The demo's experiment, as a user would write it in YAML (see examples/); `seed` seeds
+    the partition, the initial state, the selection and every device's training."""
     model: Dict[str, Any] = {"name_or_path": "minilm", "max_length": 64}
     if method == "fedcollm":
         model["num_hidden_layers"] = 3  # the offline pair: 3-layer SLM, 6-layer LLM (method.llm)
@@ -49,11 +51,12 @@ def demo_config(
         },
         "data": {
             "path": data,
-            "partition": {"kind": partition, "num_clients": clients, "alpha": alpha, "seed": 0},
+            "partition": {"kind": partition, "num_clients": clients, "alpha": alpha, "seed": seed},
             "max_eval_samples": max_eval_samples,
         },
         "rounds": {"count": rounds, "min_clients": clients, "wait_for_devices_s": 180},
         "output_dir": output_dir,
+        "seed": seed,
     }
     return parse_config(raw, "demo")
 

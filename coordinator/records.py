@@ -21,6 +21,8 @@ class RoundMetrics(BaseModel):
     status: str
     method: str
     devices: List[str] = Field(default_factory=list)
+    client_indices: Dict[str, int] = Field(default_factory=dict)
+    """Each selected device's client index (its shard and seed) in this round."""
     num_selected: int = 0
     num_aggregated: int = 0
     accuracy: Optional[float] = None

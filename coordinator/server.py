@@ -5,8 +5,8 @@ the global state → collect updates until every selected device answered or the
 aggregate if at least `min_clients` arrived → evaluate → export → checkpoint → metrics.
 
 All protocol state is owned by the thread calling `run()`; paho's thread only queues inbound
-messages and serves chunk requests. Every inbound message is validated; a bad one is logged once
-and answered with a nack on the device's nack topic, and it never changes accepted state.
+messages and serves chunk requests. Every inbound message goes through `coordinator.inbound.Intake`
+(validation, acks, nacks); a bad one never changes accepted state.
 """
 
 from __future__ import annotations
@@ -14,44 +14,32 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass, field
 from operator import methodcaller
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from coordinator.config import ExperimentConfig, config_digest, resume_conflicts
-from coordinator.inbound import check_joined, check_profile_records
+from coordinator.inbound import Intake
 from coordinator.observer import RunObserver
 from coordinator.records import CheckpointState, RoundMetrics
 from coordinator.registry import DeviceRegistry
 from coordinator.rundir import RunDir
 from coordinator.strategies.base import AcceptedUpdate, ServerContext, Strategy, make_strategy
 from edge.data import TextDataset, load_split
-from edge.errors import ProtocolError, UserError
+from edge.errors import UserError
 from edge.logs import log_event
+from edge.memlink import open_link
 from edge.methods.base import FederatedMethod, Tensors, get_method
-from edge.mqtt import BrokerSpec, MqttLink
+from edge.mqtt import BrokerSpec
 from edge.telemetry.records import PhaseRecord
-from edge.tensorfile import UPDATE_DTYPES, TensorFile
-from edge.transfer import BlobServer, Download, TransferTimeout
+from edge.transfer import BlobServer
 from edge.wire import (
-    LIVE_TELEMETRY_MAX_BYTES,
-    Ack,
     Announcement,
-    ChunkRequest,
-    Hello,
-    LiveTelemetry,
+    BlobManifest,
     ModelRef,
-    Nack,
-    ProfileBatch,
     Progress,
     Task,
     Topics,
-    Update,
     encode_message,
-    message_digest,
-    mqtt_publish_wire_bytes,
-    parse_chunk_index,
-    parse_message,
 )
 
 logger = logging.getLogger(__name__)
@@ -68,29 +56,6 @@ DEVICE_TO_COORDINATOR = (
     "exchange/up/#",
 )
 LAST_UPLOAD_RECORDS_WAIT_S = 5.0
-MAX_REJECTED_CHUNKS = 16
-"""A device whose chunks keep failing their checks is refused, not re-asked forever."""
-
-
-@dataclass
-class _Inbound:
-    """Transfers and results of the round in progress."""
-
-    round_index: int
-    task: Task
-    transfers: Dict[str, Download] = field(default_factory=dict)
-    announced: Dict[str, Tuple[Update, str]] = field(default_factory=dict)
-    """Per device: the update being pulled and its message digest (what a nack names)."""
-    accepted: Dict[str, AcceptedUpdate] = field(default_factory=dict)
-    last_accept_s: Optional[float] = None
-    collecting: bool = True
-    """False once the round stopped collecting: a late update is refused, never acked."""
-    spooled: List[Download] = field(default_factory=list)
-    """Accepted uploads, read by the strategy's `aggregate`: deleted when the round ends."""
-
-
-def profile_key(record: PhaseRecord) -> Tuple[str, int, str, float]:
-    return (record.device_id, record.round_index, record.phase, record.start_unix_s)
 
 
 def device_totals(records: List[PhaseRecord]) -> Dict[str, float]:
@@ -172,7 +137,7 @@ class Coordinator:
         self.blobs = BlobServer(
             self._publish_raw, config.transfer.chunk_size_bytes, background=True
         )
-        self.link = MqttLink(
+        self.link = open_link(
             broker,
             client_id=f"jetfed-coordinator-{config.name}",
             subscriptions=[self.topics.all_devices(leaf) for leaf in DEVICE_TO_COORDINATOR],
@@ -180,15 +145,23 @@ class Coordinator:
             on_connected=self._announce,
         )
         self._started_unix_s = time.time()
-        self.link.on_topic(self._is_want, self._serve_want)
-        self._inbound: Optional[_Inbound] = None
-        self._profile_keys = {profile_key(r) for r in self.run_dir.read_profiles()}
-        self._round_records: Dict[int, List[PhaseRecord]] = {}
-        self._accepted_blobs: Dict[Tuple[str, int], str] = {}
-        """(device, round) → blob digest of every update accepted by this process: an identical
-        re-send is re-acked even after its round closed (its ack may have been lost)."""
-        self._round_bytes = {"up": 0, "down": 0}
-        self._messages_handled = 0
+        self.intake = Intake(
+            config,
+            self.topics,
+            self.registry,
+            self.run_dir,
+            self.blobs,
+            self.expected,
+            publish=self.link.publish,
+            publish_raw=self._publish_raw,
+            on_exchange=self.strategy.on_exchange,
+            tell_progress=self._tell_progress,
+            notify=self._notify,
+            observers=self.observers,
+            start_round=self.start_round,
+        )
+        self.link.on_topic(self.intake.is_want, self.intake.serve_want)
+        self._bytes_down = 0
         self._announcements_settled = False
 
     # ------------------------------------------------------------------ setup
@@ -242,29 +215,14 @@ class Coordinator:
         self.link.publish(self.topics.coordinator, encode_message(announcement), retain=True)
 
     def _publish_raw(self, topic: str, payload: bytes) -> None:
-        self._round_bytes["down"] += self.link.publish(topic, payload)
+        self._bytes_down += self.link.publish(topic, payload)
+
+    def _tell_progress(self, progress: Progress) -> None:
+        if self.on_progress is not None:
+            self.on_progress(progress)
 
     def _send_exchange(self, device_id: str, subtopic: str, payload: bytes) -> None:
         self._publish_raw(self.topics.device(device_id, f"exchange/down/{subtopic}"), payload)
-
-    def _is_want(self, topic: str) -> bool:
-        return topic.startswith(f"{self.topics.root}/devices/") and topic.endswith("/want")
-
-    def _serve_want(self, topic: str, payload: bytes) -> None:
-        parsed = self._parse_topic(topic)
-        if parsed is None:
-            return
-        device_id = parsed[0]
-        try:
-            request = parse_message(ChunkRequest, payload)
-            self._check_sender(device_id, request.device_id)
-            self.blobs.serve(
-                request.digest,
-                request.indices,
-                lambda digest, index: self.topics.chunk(device_id, "down", digest, index),
-            )
-        except ProtocolError as exc:
-            self._reject(device_id, None, exc.code or "bad_request", str(exc))
 
     # ------------------------------------------------------------------ run
 
@@ -274,7 +232,7 @@ class Coordinator:
     def run(self) -> List[RoundMetrics]:
         self.link.connect()
         started_s = time.monotonic() - self.wall_clock_offset_s
-        init_manifest = None
+        init_manifest: Optional[BlobManifest] = None
         if self.init is not None:
             init_manifest = self.blobs.offer_tensors(self.init)
         results: List[RoundMetrics] = []
@@ -284,7 +242,7 @@ class Coordinator:
                 if self._stop:
                     break
                 metrics = self._run_round(round_index, init_manifest, started_s, previous_done_s)
-                previous_done_s = self._inbound.last_accept_s if self._inbound else None
+                previous_done_s = self.intake.round.last_accept_s if self.intake.round else None
                 results.append(metrics)
                 if self.on_round is not None:
                     self.on_round(metrics)
@@ -318,12 +276,12 @@ class Coordinator:
     def _await_upload_records(self, timeout_s: float) -> None:
         """A device reports a round's upload phase only once that upload was acknowledged (on
         its next update, or a profile message): wait briefly for the last round's ones."""
-        inbound = self._inbound
+        inbound = self.intake.round
         if inbound is None or self._stop:
             return
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            records = self._round_records.get(inbound.round_index, [])
+            records = self.intake.round_records.get(inbound.round_index, [])
             reported = {r.device_id for r in records if r.phase == "upload"}
             if set(inbound.accepted) <= reported:
                 return
@@ -332,13 +290,42 @@ class Coordinator:
     def _run_round(
         self,
         round_index: int,
-        init_manifest: object,
+        init_manifest: Optional[BlobManifest],
         started_s: float,
         previous_done_s: Optional[float],
     ) -> RoundMetrics:
+        """select → task → collect → aggregate → evaluate/export → record."""
         round_start_s = time.monotonic()
-        self._round_bytes = {"up": 0, "down": 0}
+        self._bytes_down = 0
+        self.intake.bytes_up = 0
         selected = self._select(round_index)
+        task, offered = self._publish_task(round_index, selected, init_manifest)
+        overhead_s = None if previous_done_s is None else time.monotonic() - previous_done_s
+        self._collect(task)
+        accepted = self.intake.close_round()
+        metrics = RoundMetrics(
+            round_index=round_index,
+            status="skipped",
+            method=self.method.name,
+            devices=[a.update.device_id for a in accepted],
+            client_indices=task.client_indices,
+            num_selected=len(selected),
+            num_aggregated=len(accepted),
+            overhead_s=overhead_s,
+        )
+        self._aggregate(metrics, accepted)
+        for digest in offered:
+            self.blobs.withdraw(digest)
+        self.intake.release_round()
+        self._evaluate_and_export(metrics)
+        self._record(metrics, round_start_s, started_s)
+        return metrics
+
+    def _publish_task(
+        self, round_index: int, selected: List[str], init_manifest: Optional[BlobManifest]
+    ) -> Tuple[Task, List[str]]:
+        """Offer the global state (and the strategy's extra blobs), publish the retained task
+        and open the intake; returns the task and the digests to withdraw when the round ends."""
         extra = self.strategy.configure_round(round_index, self.global_state)
         global_manifest = self.blobs.offer_tensors(self.global_state)
         extra_manifests = {name: self.blobs.offer(data) for name, data in extra.items()}
@@ -354,7 +341,7 @@ class Coordinator:
             client_indices={d: self.registry.client_indices[d] for d in selected},
             selected_devices=selected,
             global_state=global_manifest,
-            init_state=init_manifest,  # type: ignore[arg-type]
+            init_state=init_manifest,
             extra_blobs=extra_manifests,
             update_dtype=self.config.transfer.update_dtype,
             chunk_size_bytes=self.config.transfer.chunk_size_bytes,
@@ -363,10 +350,9 @@ class Coordinator:
             min_clients=self.config.rounds.min_clients,
             live_telemetry=any(observer.wants_telemetry for observer in self.observers),
         )
-        self._inbound = _Inbound(round_index, task)
+        self.intake.open_round(task)
         self.link.publish(self.topics.task, encode_message(task), retain=True)
         self._notify(lambda observer: observer.on_task(task))
-        overhead_s = None if previous_done_s is None else time.monotonic() - previous_done_s
         log_event(
             logger,
             logging.INFO,
@@ -374,61 +360,53 @@ class Coordinator:
             round_index=round_index,
             devices=len(selected),
         )
-        self._collect(task)
-        inbound = self._inbound
-        inbound.collecting = False
-        accepted = [inbound.accepted[d] for d in sorted(inbound.accepted)]
-        aggregate_s = eval_s = 0.0
-        metrics = RoundMetrics(
-            round_index=round_index,
-            status="skipped",
-            method=self.method.name,
-            devices=sorted(inbound.accepted),
-            num_selected=len(selected),
-            num_aggregated=len(accepted),
-            overhead_s=overhead_s,
-        )
-        if len(accepted) >= self.config.rounds.min_clients:
-            t0 = time.monotonic()
-            self.global_state = self.strategy.aggregate(round_index, self.global_state, accepted)
-            aggregate_s = time.monotonic() - t0
-            metrics.status = "aggregated"
-            total = sum(a.update.num_samples for a in accepted)
-            metrics.train_loss = (
-                sum(a.update.train_loss * a.update.num_samples for a in accepted) / total
-            )
-        else:
+        return task, [global_manifest.digest, *(m.digest for m in extra_manifests.values())]
+
+    def _aggregate(self, metrics: RoundMetrics, accepted: List[AcceptedUpdate]) -> None:
+        """The strategy's next global state, if at least `min_clients` updates arrived."""
+        if len(accepted) < self.config.rounds.min_clients:
             log_event(
                 logger,
                 logging.WARNING,
                 "round.skipped",
-                round_index=round_index,
+                round_index=metrics.round_index,
                 accepted=len(accepted),
                 min_clients=self.config.rounds.min_clients,
             )
-        for digest in [global_manifest.digest, *(m.digest for m in extra_manifests.values())]:
-            self.blobs.withdraw(digest)
-        for download in inbound.spooled:
-            download.close()
+            return
+        t0 = time.monotonic()
+        self.global_state = self.strategy.aggregate(
+            metrics.round_index, self.global_state, accepted
+        )
+        metrics.aggregate_s = time.monotonic() - t0
+        metrics.status = "aggregated"
+        total = sum(a.update.num_samples for a in accepted)
+        metrics.train_loss = (
+            sum(a.update.train_loss * a.update.num_samples for a in accepted) / total
+        )
+
+    def _evaluate_and_export(self, metrics: RoundMetrics) -> None:
         t0 = time.monotonic()
         evaluation = dict(self.strategy.evaluate(self.global_state))
-        eval_s = time.monotonic() - t0
-        self.strategy.export(self.global_state, str(self.run_dir.adapter_dir(round_index)))
+        metrics.eval_s = time.monotonic() - t0
+        self.strategy.export(self.global_state, str(self.run_dir.adapter_dir(metrics.round_index)))
         metrics.accuracy = evaluation.pop("accuracy", None)
         metrics.eval_loss = evaluation.pop("eval_loss", None)
         metrics.extra.update(evaluation)
-        metrics.aggregate_s = aggregate_s
-        metrics.eval_s = eval_s
-        metrics.extra.update(device_totals(self._round_records.get(round_index, [])))
-        metrics.bytes_up = self._round_bytes["up"]
-        metrics.bytes_down = self._round_bytes["down"]
+
+    def _record(self, metrics: RoundMetrics, round_start_s: float, started_s: float) -> None:
+        """Round totals, the checkpoint, then the metrics line (a resumed run never repeats a
+        round that has its line)."""
+        records = self.intake.round_records.get(metrics.round_index, [])
+        metrics.extra.update(device_totals(records))
+        metrics.bytes_up = self.intake.bytes_up
+        metrics.bytes_down = self._bytes_down
         metrics.round_s = time.monotonic() - round_start_s
         metrics.wall_clock_s = time.monotonic() - started_s
-        self.save_checkpoint(round_index, metrics.wall_clock_s)
+        self.save_checkpoint(metrics.round_index, metrics.wall_clock_s)
         # profiles.parquet/.csv are rewritten from every record at the end of run(), not here:
         # per round that cost ~100 ms with 10 devices, growing with devices × rounds.
         self.run_dir.append_metrics(metrics)
-        return metrics
 
     def save_checkpoint(self, completed_round: int, wall_clock_s: float) -> None:
         """Everything `--resume` needs to continue after `completed_round`."""
@@ -457,17 +435,18 @@ class Coordinator:
         while True:
             self._pump(0.2)
             ready = self.registry.ready()
-            # Indices (hence shards and seeds) go to a whole quorum at once, in sorted id order,
-            # never in the order devices happened to arrive: reruns train identically.
+            if len(ready) >= rounds.min_clients and not self._announcements_settled:
+                self._settle_announcements()
+                continue
+            # Indices (hence shards and seeds) go to every device ready once the announcements
+            # settled, at once and in sorted id order, never in the order devices happened to
+            # arrive: the mapping is a function of the fleet (or data.client_indices).
             if len(ready) >= rounds.min_clients:
                 if partition.kind != "none":
                     self.registry.assign_indices(ready, partition.num_clients)
                 else:
                     self.registry.assign_indices(ready, len(self.registry.devices) + 1)
             eligible = [d for d in ready if d in self.registry.client_indices]
-            if len(eligible) >= rounds.min_clients and not self._announcements_settled:
-                self._settle_announcements()
-                continue
             if len(eligible) >= rounds.min_clients or self._stop:
                 break
             if time.monotonic() > deadline:
@@ -488,14 +467,14 @@ class Coordinator:
         self._announcements_settled = True
         give_up = time.monotonic() + cap_s
         while time.monotonic() < give_up:
-            before = self._messages_handled
+            before = self.intake.messages_handled
             self._pump(quiet_s)
-            if self._messages_handled == before:
+            if self.intake.messages_handled == before:
                 return
 
     def _collect(self, task: Task) -> None:
         """Until every selected device's update is accepted, or the deadline passes."""
-        inbound = self._inbound
+        inbound = self.intake.round
         assert inbound is not None
         deadline_s = time.monotonic() + (task.deadline_unix_s - time.time())
         selected = set(task.selected_devices)
@@ -505,18 +484,12 @@ class Coordinator:
             self._pump(0.1)
             if self._only_offline_devices_missing(selected - set(inbound.accepted)):
                 break
-            for device_id, download in list(inbound.transfers.items()):
-                try:
-                    download.poll()
-                except TransferTimeout as exc:
-                    del inbound.transfers[device_id]
-                    _, message = inbound.announced[device_id]
-                    self._reject(device_id, task.round_index, "transfer_timeout", str(exc), message)
+            self.intake.poll_transfers()
 
     def _only_offline_devices_missing(self, missing: Set[str]) -> bool:
         """Quorum is in and every missing device has been offline for the grace period: waiting
         for the deadline would only delay the round (dropped devices rejoin a later one)."""
-        inbound = self._inbound
+        inbound = self.intake.round
         assert inbound is not None
         rounds = self.config.rounds
         if not missing or len(inbound.accepted) < rounds.min_clients:
@@ -535,280 +508,4 @@ class Coordinator:
         return True
 
     def _pump(self, timeout_s: float) -> None:
-        self.link.drain(self._dispatch, timeout_s)
-
-    def _dispatch(self, topic: str, payload: bytes) -> None:
-        """Route one inbound message; nothing a device sends can raise out of here."""
-        parsed = self._parse_topic(topic)
-        if parsed is None:
-            return
-        device_id, leaf, rest = parsed
-        self._messages_handled += 1
-        self._round_bytes["up"] += mqtt_publish_wire_bytes(topic, len(payload))
-        try:
-            if leaf == "status":
-                self._on_status(device_id, payload)
-            elif leaf == "hello":
-                self._on_hello(device_id, payload)
-            elif leaf == "update":
-                self._on_update(device_id, payload)
-            elif leaf == "up" and len(rest) == 2:
-                self._on_chunk(device_id, rest[0], rest[1], payload)
-            elif leaf == "profile":
-                self._on_profile(device_id, payload)
-            elif leaf == "progress":
-                self._on_progress(device_id, payload)
-            elif leaf == "telemetry":
-                self._on_telemetry(device_id, payload)
-            elif leaf == "exchange" and len(rest) >= 2 and rest[0] == "up":
-                self.strategy.on_exchange(device_id, "/".join(rest[1:]), payload)
-        except ProtocolError as exc:
-            round_index = self._inbound.round_index if self._inbound else None
-            code = exc.code or "invalid_" + leaf.replace("/", "_")
-            self._reject(device_id, round_index, code, str(exc))
-        except Exception as exc:  # a message must never kill the coordinator
-            logger.exception("message.crashed topic=%s", topic)
-            self._reject(device_id, None, "internal_error", type(exc).__name__)
-
-    def _parse_topic(self, topic: str) -> Optional[Tuple[str, str, List[str]]]:
-        """(device id, leaf, rest), or None after one log line (no device to nack)."""
-        try:
-            return self.topics.parse_device_topic(topic)
-        except ProtocolError as exc:
-            log_event(logger, logging.WARNING, "message.rejected", topic=topic, reason=exc)
-            return None
-
-    def _reject(
-        self,
-        device_id: str,
-        round_index: Optional[int],
-        code: str,
-        reason: str,
-        digest: Optional[str] = None,
-    ) -> None:
-        """One log line and a nack; `round_index` + `digest` name a refused update message."""
-        log_event(
-            logger,
-            logging.WARNING,
-            "message.rejected",
-            device_id=device_id,
-            code=code,
-            reason=reason,
-        )
-        nack = Nack(
-            device_id=device_id, round_index=round_index, digest=digest, code=code, reason=reason
-        )
-        self.link.publish(self.topics.device(device_id, "nack"), encode_message(nack))
-
-    def _check_sender(self, device_id: str, claimed: str) -> None:
-        if claimed != device_id:
-            raise ProtocolError(
-                f"device_id {claimed!r} inside the message does not match the topic",
-                "sender_mismatch",
-            )
-
-    def _on_status(self, device_id: str, payload: bytes) -> None:
-        """`online`/`offline`; empty is a cleared retained status (offline)."""
-        if payload not in (b"online", b"offline", b""):
-            raise ProtocolError(f"status {payload[:32]!r} is not online or offline")
-        self.registry.on_status(device_id, payload == b"online")
-        record = self.registry.devices[device_id]
-        self._notify(lambda observer: observer.on_device(record))
-
-    def _on_hello(self, device_id: str, payload: bytes) -> None:
-        hello = parse_message(Hello, payload)
-        self._check_sender(device_id, hello.device_id)
-        self.registry.on_hello(hello)
-        self.run_dir.append_device(hello)
-        record = self.registry.devices[device_id]
-        self._notify(lambda observer: observer.on_device(record))
-        log_event(
-            logger, logging.INFO, "device.hello", device_id=device_id, accelerator=hello.accelerator
-        )
-
-    def _on_profile(self, device_id: str, payload: bytes) -> None:
-        batch = parse_message(ProfileBatch, payload)
-        self._check_sender(device_id, batch.device_id)
-        self._store_profiles(device_id, batch.records)
-
-    def _on_progress(self, device_id: str, payload: bytes) -> None:
-        """Display only: a report of a device selected for the round in progress."""
-        progress = parse_message(Progress, payload)
-        self._check_sender(device_id, progress.device_id)
-        inbound = self._inbound
-        if (
-            self.on_progress is not None
-            and inbound is not None
-            and inbound.collecting
-            and progress.round_index == inbound.round_index
-            and device_id in inbound.task.selected_devices
-        ):
-            self.on_progress(progress)
-        if inbound is not None and progress.round_index == inbound.round_index:
-            self._notify(lambda observer: observer.on_progress(progress))
-
-    def _on_telemetry(self, device_id: str, payload: bytes) -> None:
-        """Display only, and only while someone watches."""
-        if not any(observer.wants_telemetry for observer in self.observers):
-            return
-        telemetry = parse_message(LiveTelemetry, payload, LIVE_TELEMETRY_MAX_BYTES)
-        self._check_sender(device_id, telemetry.device_id)
-        check_joined(device_id, self.registry.joined, self.config.name, "live telemetry")
-        self._notify(lambda observer: observer.on_telemetry(telemetry))
-
-    def _store_profiles(self, device_id: str, records: List[PhaseRecord]) -> None:
-        """Append records not seen before (devices re-send until an update carries them)."""
-        check_profile_records(
-            device_id,
-            records,
-            experiment=self.config.name,
-            joined=self.registry.joined,
-            latest_round=self._inbound.round_index if self._inbound else self.start_round,
-        )
-        fresh = [r for r in records if profile_key(r) not in self._profile_keys]
-        self._profile_keys.update(profile_key(r) for r in fresh)
-        for record in fresh:
-            self._round_records.setdefault(record.round_index, []).append(record)
-        self.run_dir.append_profiles(fresh)
-
-    def _on_update(self, device_id: str, payload: bytes) -> None:
-        """Every refusal names the update (its round and message digest), so only the device
-        that sent exactly these bytes abandons it."""
-        digest = message_digest(payload)
-        try:
-            update = parse_message(Update, payload)
-        except ProtocolError as exc:  # its round is unknown: name the round being collected
-            collecting = self._inbound.round_index if self._inbound else None
-            self._reject(device_id, collecting, "invalid_update", str(exc), digest)
-            return
-        try:
-            self._admit_update(device_id, update, digest)
-        except ProtocolError as exc:
-            code = exc.code or "invalid_update"
-            self._reject(device_id, update.round_index, code, str(exc), digest)
-
-    def _admit_update(self, device_id: str, update: Update, digest: str) -> None:
-        inbound = self._inbound
-        self._check_sender(device_id, update.device_id)
-        if update.experiment != self.config.name:
-            raise ProtocolError(f"update for experiment {update.experiment!r}", "wrong_experiment")
-        if self._accepted_blobs.get((device_id, update.round_index)) == update.blob.digest:
-            self._ack(device_id, update)  # a re-send (or a replay) of an accepted update
-            return
-        if inbound is None or update.round_index != inbound.round_index:
-            collecting = "none" if inbound is None else inbound.round_index
-            raise ProtocolError(
-                f"stale round {update.round_index}; collecting round {collecting}", "stale_round"
-            )
-        if device_id in inbound.accepted:
-            raise ProtocolError(
-                "a different update for this round was already accepted", "conflicting_update"
-            )
-        if not inbound.collecting:
-            raise ProtocolError(f"round {inbound.round_index} is closed", "round_closed")
-        if device_id not in inbound.task.selected_devices:
-            raise ProtocolError(
-                f"device {device_id} was not selected for round {inbound.round_index}",
-                "not_selected",
-            )
-        if update.base_digest != inbound.task.global_state.digest:
-            raise ProtocolError("update was computed against another global state", "wrong_base")
-        self._store_profiles(device_id, update.profile)
-        if device_id in inbound.transfers and inbound.announced[device_id][0].blob == update.blob:
-            return
-        topic = self.topics.device(device_id, "pull")
-        download = Download(
-            update.blob,
-            request=lambda indices: self._publish_raw(
-                topic,
-                encode_message(
-                    ChunkRequest(
-                        device_id=device_id, digest=update.blob.digest, indices=list(indices)
-                    )
-                ),
-            ),
-            max_size_bytes=self.config.transfer.max_update_bytes,
-            retry_after_s=self.config.transfer.retry_after_s,
-            timeout_s=self.config.transfer.timeout_s,
-        )
-        previous = inbound.transfers.pop(device_id, None)
-        if previous is not None:
-            previous.close()
-        inbound.transfers[device_id] = download
-        inbound.announced[device_id] = (update, digest)
-        download.start()
-
-    def _on_chunk(self, device_id: str, digest: str, index_text: str, payload: bytes) -> None:
-        inbound = self._inbound
-        download = inbound.transfers.get(device_id) if inbound else None
-        if inbound is None or download is None or download.manifest.digest != digest:
-            log_event(logger, logging.DEBUG, "chunk.unexpected", device_id=device_id)
-            return
-        if not inbound.collecting:
-            return
-        index = parse_chunk_index(index_text)
-        update, message = inbound.announced[device_id]
-        try:
-            self._add_chunk(inbound, device_id, download, index, payload)
-        except ProtocolError as exc:
-            self._reject(
-                device_id, update.round_index, exc.code or "invalid_update", str(exc), message
-            )
-
-    def _add_chunk(
-        self, inbound: _Inbound, device_id: str, download: Download, index: int, payload: bytes
-    ) -> None:
-        try:
-            download.add_chunk(index, payload)
-        except ProtocolError as exc:  # already asked for again: no nack, the round goes on
-            log_event(logger, logging.WARNING, "chunk.rejected", device_id=device_id, reason=exc)
-            if download.rejected_chunks <= MAX_REJECTED_CHUNKS:
-                return
-            del inbound.transfers[device_id]
-            download.close()
-            raise ProtocolError(
-                f"{download.rejected_chunks} chunks failed their checks, the last: {exc}",
-                "bad_chunks",
-            ) from None
-        if not download.complete:
-            return
-        del inbound.transfers[device_id]
-        update, _ = inbound.announced[device_id]
-        try:
-            candidate = self._decode_update(update, download)
-        except BaseException:
-            download.close()
-            raise
-        inbound.spooled.append(download)  # read by aggregate
-        inbound.accepted[device_id] = candidate
-        inbound.last_accept_s = time.monotonic()
-        self._accepted_blobs[(device_id, update.round_index)] = update.blob.digest
-        self._ack(device_id, update)
-        self._notify(lambda observer: observer.on_accepted(device_id, update.round_index))
-        log_event(
-            logger,
-            logging.INFO,
-            "update.accepted",
-            device_id=device_id,
-            round_index=update.round_index,
-        )
-
-    def _decode_update(self, update: Update, download: Download) -> AcceptedUpdate:
-        """Validate a complete upload from its spool file, which the strategy then reads
-        lazily (it is kept until the round ends)."""
-        try:
-            tensors = TensorFile(download.result_path(), self.expected, UPDATE_DTYPES)
-        except ProtocolError as exc:
-            raise ProtocolError(str(exc), exc.code or "invalid_tensors") from None
-        bound = self.config.aggregation.max_update_norm
-        if bound is not None and tensors.l2_norm > bound:
-            raise ProtocolError(
-                f"update L2 norm {tensors.l2_norm:.4g} exceeds aggregation.max_update_norm="
-                f"{bound:g}",
-                code="update_norm_too_large",
-            )
-        return AcceptedUpdate(update, tensors)
-
-    def _ack(self, device_id: str, update: Update) -> None:
-        ack = Ack(device_id=device_id, round_index=update.round_index, digest=update.blob.digest)
-        self.link.publish(self.topics.device(device_id, "ack"), encode_message(ack))
+        self.link.drain(self.intake.dispatch, timeout_s)

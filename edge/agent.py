@@ -24,21 +24,28 @@ from edge.data import TextDataset, client_shard, load_split
 from edge.errors import ProtocolError, UserError
 from edge.exchange import Exchange
 from edge.logs import log_event
-from edge.methods.base import FederatedMethod, LocalRound, available_methods, get_method
-from edge.mqtt import BrokerSpec, MqttLink
+from edge.methods.base import (
+    FederatedMethod,
+    LocalRound,
+    available_methods,
+    get_method,
+    run_local_round,
+)
+from edge.mqtt import BrokerSpec
 from edge.progress import ProgressReporter
+from edge.session import DeviceSession
 from edge.telemetry.context import DeviceContext
 from edge.telemetry.live import LivePublisher
 from edge.telemetry.phases import PhaseCounters, Profiler
 from edge.telemetry.records import PhaseRecord
 from edge.telemetry.sampler import DEFAULT_RATE_HZ, Sampler
 from edge.tensorfile import TensorFile
-from edge.transfer import BlobServer, Download, TransferTimeout
+from edge.train import device_seed
+from edge.transfer import Download, TransferTimeout
 from edge.wire import (
     ID_PATTERN,
     Ack,
     BlobManifest,
-    ChunkRequest,
     Hello,
     Nack,
     ProfileBatch,
@@ -122,25 +129,21 @@ class EdgeAgent:
         self._datasets: Dict[Tuple[str, str], TextDataset] = {}
         self._unsent_records: List[PhaseRecord] = []
         dev = self.topics.device
-        self.link = MqttLink(
+        self.session = DeviceSession(
             config.broker,
+            config.experiment,
+            config.device_id,
+            self.hello,
             client_id=f"jetfed-edge-{config.device_id}",
-            subscriptions=[
-                self.topics.task,
-                dev(self.device_id, "down/#"),
-                dev(self.device_id, "pull"),
-                dev(self.device_id, "ack"),
-                dev(self.device_id, "nack"),
+            extra_subscriptions=[
                 dev(self.device_id, "status"),
                 dev(self.device_id, "exchange/down/#"),
                 *([self.topics.coordinator] if follow else []),
             ],
-            will=(dev(self.device_id, "status"), b"offline"),
-            on_connected=self._announce,
+            background=True,
         )
-        self.blobs = BlobServer(self._publish_raw, chunk_size_bytes=1 << 20, background=True)
-        pull_topic = dev(self.device_id, "pull")
-        self.link.on_topic(lambda topic: topic == pull_topic, self._serve_pull)
+        self.link = self.session.link
+        self.blobs = self.session.blobs
         self.exchange = Exchange(self.topics, self.device_id, self.link.publish)
         progress_topic = dev(self.device_id, "progress")
         self.progress = ProgressReporter(
@@ -164,21 +167,11 @@ class EdgeAgent:
 
     # ------------------------------------------------------------------ connection
 
-    def _publish_raw(self, topic: str, payload: bytes) -> None:
-        self.link.publish(topic, payload)
-
-    def _announce(self) -> None:
-        """On every (re)connect: retained hello and `online`, so a coordinator that (re)starts
-        later still learns about this device the moment it subscribes."""
-        dev = self.topics.device
-        self.link.publish(dev(self.device_id, "hello"), encode_message(self.hello()), retain=True)
-        self.link.publish(dev(self.device_id, "status"), b"online", retain=True)
-
     def _reannounce(self, payload: bytes) -> None:
         """Our retained status says we are gone (a stale last will, a forgery) while we are
         connected: the coordinator would forget us, so announce again."""
         log_event(logger, logging.WARNING, "device.reannounce", status=payload[:16])
-        self._announce()
+        self.session.announce()
 
     def _on_announcement(self, topic: str, payload: bytes) -> None:
         """paho thread: our experiment's coordinator is running (payload) or its run ended."""
@@ -208,18 +201,6 @@ class EdgeAgent:
         if self.config.link_info:
             context["link"] = self.config.link_info
         return context
-
-    def _serve_pull(self, topic: str, payload: bytes) -> None:
-        """paho thread: the coordinator asks for chunks of one of our uploads."""
-        try:
-            request = parse_message(ChunkRequest, payload)
-            self.blobs.serve(
-                request.digest,
-                request.indices,
-                lambda digest, index: self.topics.chunk(self.device_id, "up", digest, index),
-            )
-        except ProtocolError as exc:
-            log_event(logger, logging.WARNING, "pull.rejected", reason=exc)
 
     # ------------------------------------------------------------------ main loop
 
@@ -351,7 +332,7 @@ class EdgeAgent:
                     job = self._prepare(task, blobs)
                 finally:
                     self._release_downloads()
-            result = job.method_instance.local_round(job.local)
+            result = run_local_round(job.method_instance, job.local)
             with self.profiler.phase("upload", task.round_index) as counters:
                 self._upload(task, result, counters)
             self._finished_rounds[task.round_index] = "uploaded"
@@ -382,12 +363,11 @@ class EdgeAgent:
         """Fetch every blob the task names into spool files (verified; name → path) that live
         until `_release_downloads`; resumes by re-asking for missing chunks."""
         manifests = self._needed_blobs(task)
-        want_topic = self.topics.device(self.device_id, "want")
         self._release_downloads()
         for manifest in manifests.values():
             download = Download(
                 manifest,
-                request=self._requester(want_topic, manifest.digest),
+                request=self.session.requester(manifest.digest),
                 max_size_bytes=self.config.max_download_bytes,
                 retry_after_s=self.config.transfer_retry_s,
                 timeout_s=self.config.transfer_timeout_s,
@@ -415,13 +395,6 @@ class EdgeAgent:
         for download in self._downloads.values():
             download.close()
         self._downloads = {}
-
-    def _requester(self, topic: str, digest: str) -> Any:
-        def request(indices: Any) -> None:
-            message = ChunkRequest(device_id=self.device_id, digest=digest, indices=list(indices))
-            self.link.publish(topic, encode_message(message))
-
-        return request
 
     def _check_superseded(self, task: Task) -> None:
         pending = self._pending_task
@@ -457,7 +430,7 @@ class EdgeAgent:
             training=task.training,
             model_ref=task.model,
             round_index=task.round_index,
-            seed=task.training.seed * 1_000_003 + task.round_index * 1009 + client_index,
+            seed=device_seed(task.training.seed, task.round_index, client_index),
             device=pick_device(self.config.torch_device),
             global_state=global_state,
             profiler=self.profiler,

@@ -22,7 +22,7 @@ from typing import Dict, Optional
 from edge.agent import EdgeAgent, EdgeConfig
 from edge.errors import ProtocolError
 from edge.logs import log_event
-from edge.mqtt import MqttLink
+from edge.memlink import open_link
 from edge.telemetry.backends.detect import detect_backend
 from edge.wire import ANNOUNCEMENTS, Announcement, announcement_experiment, parse_message
 
@@ -78,7 +78,7 @@ class Lobby:
         """Connect, read the live announcements, return the experiment to join (None: stopped)."""
         with self._lock:
             self._live.clear()
-        link = MqttLink(
+        link = open_link(
             self.config.broker,
             client_id=f"jetfed-edge-{self.config.device_id}",
             subscriptions=[ANNOUNCEMENTS],

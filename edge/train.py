@@ -50,6 +50,14 @@ def tokenize_batch(
     return {key: value.to(device) for key, value in batch.items()}
 
 
+def device_seed(experiment_seed: int, round_index: int, client_index: int) -> int:
+    """One device's training seed for one round: a pure function of the experiment's seed, the
+    round and the device's client index, mixed (numpy's SeedSequence) so that neighbouring
+    seeds, rounds and clients give independent streams."""
+    words = np.random.SeedSequence([experiment_seed, round_index, client_index]).generate_state(1)
+    return int(words[0])
+
+
 def batch_indices(num_samples: int, batch_size: int, steps: int, seed: int) -> Iterator[List[int]]:
     """`steps` batches from reshuffled passes over the data (deterministic for a seed)."""
     rng = np.random.default_rng(seed)

@@ -1,16 +1,18 @@
-"""A scripted device: a real protocol participant built from edge/wire.py, edge/mqtt.py and
-edge/transfer.py that says exactly what a test tells it to, including things a correct edge
-never would (wrong ids, stale rounds, broken tensors, corrupt chunks)."""
+"""A scripted device: a real protocol participant on the device session the agent uses
+(edge/session.py: link, retained hello and status, chunk requests) that says exactly what a
+test tells it to, including things a correct edge never would (wrong ids, stale rounds, broken
+tensors, corrupt chunks): it answers pulls itself, so it can serve corrupt chunks."""
 
 from __future__ import annotations
 
 import queue
 import time
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-from edge.mqtt import BrokerSpec, MqttLink
+from edge.mqtt import BrokerSpec
+from edge.session import DeviceSession
 from edge.transfer import Download
 from edge.wire import (
     Ack,
@@ -37,14 +39,16 @@ class ScriptedDevice:
         self.experiment = experiment
         self.device_id = device_id
         dev = self.topics.device
-        self.link = MqttLink(
+        self.session = DeviceSession(
             BrokerSpec(url=broker_url),
+            experiment,
+            device_id,
+            self.hello,
             client_id=f"scripted-{device_id}",
-            subscriptions=[
-                self.topics.task,
-                *(dev(device_id, leaf) for leaf in ("down/#", "ack", "nack", "pull")),
-            ],
+            serve_pulls=False,
+            announce_on_connect=False,
         )
+        self.link = self.session.link
         self.served: Dict[str, Tuple[BlobManifest, bytes]] = {}
         self._first_serve: Dict[str, bytes] = {}
         pull_topic = dev(device_id, "pull")
@@ -55,10 +59,8 @@ class ScriptedDevice:
 
     # ------------------------------------------------------------------ connection
 
-    def join(self) -> None:
-        """Connect, then the retained hello and `online` a real edge sends."""
-        self.link.connect()
-        hello = Hello(
+    def hello(self) -> Hello:
+        return Hello(
             device_id=self.device_id,
             jetfed_version="scripted",
             hostname="test",
@@ -67,15 +69,18 @@ class ScriptedDevice:
             memory_total_bytes=1 << 30,
             methods=["lora"],
         )
-        dev = self.topics.device
-        self.link.publish(dev(self.device_id, "hello"), encode_message(hello), retain=True)
-        self.link.publish(dev(self.device_id, "status"), b"online", retain=True)
+
+    def join(self) -> None:
+        """Connect, then the retained hello and `online` a real edge sends (`link.connect()`
+        alone: a device that never says hello)."""
+        self.link.connect()
+        self.session.announce()
 
     def close(self) -> None:
-        self.link.close(final=(self.topics.device(self.device_id, "status"), b"offline"))
+        self.session.close()
 
     def publish(self, leaf: str, payload: bytes, device_id: Optional[str] = None) -> None:
-        self.link.publish(self.topics.device(device_id or self.device_id, leaf), payload)
+        self.session.publish(leaf, payload, device_id)
 
     # ------------------------------------------------------------------ inbound
 
@@ -124,14 +129,7 @@ class ScriptedDevice:
 
     def fetch(self, manifest: BlobManifest, timeout_s: float = 60.0) -> Dict[str, torch.Tensor]:
         """Download a coordinator blob through `want` / `down/` exactly as an edge does."""
-        want = self.topics.device(self.device_id, "want")
-
-        def request(indices: List[int]) -> None:
-            message = ChunkRequest(
-                device_id=self.device_id, digest=manifest.digest, indices=indices
-            )
-            self.link.publish(want, encode_message(message))
-
+        request = self.session.requester(manifest.digest)
         download = Download(manifest, request, max_size_bytes=1 << 30, retry_after_s=2.0)
         self._download = download
         download.start()

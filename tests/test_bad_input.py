@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from coordinator.server import MAX_REJECTED_CHUNKS
+from coordinator.inbound import MAX_REJECTED_CHUNKS
 from edge.telemetry.records import PhaseRecord
 from edge.wire import (
     Ack,

@@ -76,7 +76,7 @@ class Captured(logging.Handler):
         self.lines: List[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.name.startswith(("coordinator", "edge.agent")):
+        if record.name.startswith(("coordinator", "edge.agent", "edge.session")):
             self.lines.append(record.getMessage())
 
 
@@ -332,7 +332,7 @@ def test_fuzzed_inbound_messages_never_escape_and_bad_ones_are_rejected(
     start = len(captured.lines)
     coordinator = live_round.coordinator
     if topic.endswith("/want") and "/exchange/" not in topic:
-        coordinator._serve_want(topic, payload)  # paho's thread calls this for want topics
+        coordinator.intake.serve_want(topic, payload)  # paho's thread calls this for want topics
     else:
         coordinator.link.inbox.put((topic, payload))
     live_round.settle()
@@ -505,7 +505,7 @@ def test_fuzzed_messages_to_the_edge_never_escape_and_bad_ones_are_logged(
         payload = data.draw(payloads(_edge_templates(digest)[leaf]))
         topic = topics.task if leaf == "task" else topics.device("dev-0", leaf)
         if leaf == "pull":
-            agent._serve_pull(topic, payload)
+            agent.session.serve_pull(topic, payload)
         else:
             agent._dispatch(topic, payload)
         must_log = fails_schema(EDGE_MODELS[leaf], payload)

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from edge.data import TextDataset
     from edge.exchange import Exchange
-    from edge.telemetry.phases import Profiler
+    from edge.telemetry.phases import PhaseCounters, Profiler
     from edge.train import TrainStats
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,12 @@ class MemoryFootprint:
     """Forward graphs kept per step (kd also runs a proxy batch)."""
 
 
+def _phase_counters() -> PhaseCounters:
+    from edge.telemetry.phases import PhaseCounters
+
+    return PhaseCounters()
+
+
 @dataclass
 class LocalRound:
     """Everything one device's round needs; built by the agent, consumed by the method."""
@@ -79,6 +85,9 @@ class LocalRound:
     device: str
     global_state: Tensors
     profiler: Profiler
+    counters: PhaseCounters = field(default_factory=_phase_counters)
+    """The "train" phase's counters (opened by `run_local_round`): a method adds its extras
+    (bytes exchanged, its own counters) here; it never opens that phase itself."""
     extra_blobs: Dict[str, bytes] = field(default_factory=dict)
     exchange: Optional[Exchange] = None
     data_path: Optional[str] = None
@@ -157,12 +166,10 @@ class FederatedMethod(ABC):
         )
 
     def local_round(self, job: LocalRound) -> LocalResult:
-        """Default: train locally, upload the change of the federated tensors."""
+        """Default: train locally, upload the change of the federated tensors. Runs inside the
+        "train" phase, which `run_local_round` opens."""
         self.set_state(job.model, job.global_state)
-        with job.profiler.phase("train", job.round_index) as counters:
-            stats = self.train(job)
-            counters.extra["steps"] = float(stats.steps)
-        return self.delta_result(job, stats)
+        return self.delta_result(job, self.train(job))
 
     def delta_result(self, job: LocalRound, stats: TrainStats) -> LocalResult:
         """The upload after local training: the change of the federated tensors."""
@@ -199,6 +206,16 @@ class FederatedMethod(ABC):
             with open(readme, "w", encoding="utf-8") as handle:
                 handle.write(f"---\ntags:\n- jetfed\n---\n# jetfed global model ({self.name})\n")
         model.save_pretrained(out_dir)
+
+
+def run_local_round(method: FederatedMethod, job: LocalRound) -> LocalResult:
+    """The method's local round inside the "train" phase, opened here for every method (one
+    that forgot could not lose its profile record); the method only adds extras."""
+    with job.profiler.phase("train", job.round_index) as counters:
+        job.counters = counters
+        result = method.local_round(job)
+        counters.extra["steps"] = float(result.local_steps)
+    return result
 
 
 _REGISTRY: Dict[str, Type[FederatedMethod]] = {}

@@ -176,10 +176,8 @@ class KdMethod(LoraMethod):
                 kl = consensus_kl(model, proxy_batch, consensus, settings.temperature)
                 return model(**batch).loss + settings.kl_weight * kl
 
-        with job.profiler.phase("train", job.round_index) as counters:
-            stats = self.train(job, loss_fn)
-            logits = predict_logits(job.model, job.tokenizer, proxy_set, max_length, job.device)
-            counters.extra["steps"] = float(stats.steps)
+        stats = self.train(job, loss_fn)
+        logits = predict_logits(job.model, job.tokenizer, proxy_set, max_length, job.device)
         return LocalResult(
             tensors={"logits": logits},
             num_samples=len(job.dataset),

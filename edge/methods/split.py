@@ -493,18 +493,17 @@ class SplitMethod(LoraMethod):
         loss_fn = SplitBatchLoss(layout, transport, job.round_index, settings.activation_dtype)
         job.exchange.drain()
         sent_before, received_before = job.exchange.bytes_sent, job.exchange.bytes_received
-        with job.profiler.phase("train", job.round_index) as counters:
-            started = time.perf_counter()
-            stats = self.train(job, loss_fn)
-            train_s = time.perf_counter() - started
-            counters.bytes_sent += job.exchange.bytes_sent - sent_before
-            counters.bytes_received += job.exchange.bytes_received - received_before
-            counters.extra.update(split_counters(loss_fn.traffic, transport.retries, train_s))
-            counters.extra["steps"] = float(stats.steps)
-            counters.extra["split_cut_layer"] = float(settings.cut_layer)
-            counters.extra["split_bytes_per_batch"] = (
-                counters.bytes_sent + counters.bytes_received
-            ) / max(1, loss_fn.traffic.batches)
+        started = time.perf_counter()
+        stats = self.train(job, loss_fn)
+        train_s = time.perf_counter() - started
+        counters = job.counters
+        counters.bytes_sent += job.exchange.bytes_sent - sent_before
+        counters.bytes_received += job.exchange.bytes_received - received_before
+        counters.extra.update(split_counters(loss_fn.traffic, transport.retries, train_s))
+        counters.extra["split_cut_layer"] = float(settings.cut_layer)
+        counters.extra["split_bytes_per_batch"] = (
+            counters.bytes_sent + counters.bytes_received
+        ) / max(1, loss_fn.traffic.batches)
         return self.delta_result(job, stats)
 
 

@@ -1,0 +1,184 @@
+"""coordinator.inbound.Intake on its own: what devices send goes in through `dispatch`, what it
+answers (acks, nacks, chunk requests) comes out of the publish callables. No broker needed:
+the chunks an update is pulled with come from a device-side BlobServer, as on the wire."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import pytest
+import torch
+
+from coordinator.config import parse_config
+from coordinator.inbound import Intake, check_sender
+from coordinator.registry import DeviceRegistry
+from coordinator.rundir import RunDir
+from edge.errors import ProtocolError
+from edge.transfer import BlobServer
+from edge.wire import (
+    Hello,
+    ModelRef,
+    Task,
+    Topics,
+    TrainingConfig,
+    Update,
+    encode_message,
+)
+
+SPEC = {"w": (2, 3)}
+
+
+class Wire:
+    """What the intake published, by leaf of the device topic."""
+
+    def __init__(self) -> None:
+        self.sent: List[Tuple[str, bytes]] = []
+
+    def publish(self, topic: str, payload: bytes) -> int:
+        self.sent.append((topic, payload))
+        return len(payload)
+
+    def leaf(self, leaf: str) -> List[Dict[str, object]]:
+        return [json.loads(p) for t, p in self.sent if t.endswith("/" + leaf)]
+
+
+@pytest.fixture
+def intake(tmp_path: Path) -> Tuple[Intake, Wire, Task, Topics]:
+    config = parse_config({"name": "ib", "data": {"path": str(tmp_path)}})
+    topics = Topics("ib")
+    wire = Wire()
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.create({})
+    server_blobs = BlobServer(wire.publish, 1024)
+    intake = Intake(
+        config,
+        topics,
+        DeviceRegistry(),
+        run_dir,
+        server_blobs,
+        SPEC,
+        publish=wire.publish,
+        publish_raw=wire.publish,
+        on_exchange=lambda *_: None,
+        tell_progress=lambda _: None,
+        start_round=0,
+    )
+    for device_id in ("dev-0", "dev-1"):
+        hello = Hello(
+            device_id=device_id,
+            jetfed_version="0",
+            hostname="h",
+            machine="x86_64",
+            accelerator="cpu",
+            memory_total_bytes=1 << 30,
+        )
+        intake.dispatch(topics.device(device_id, "hello"), encode_message(hello))
+    now = time.time()
+    task = Task(
+        experiment="ib",
+        round_index=0,
+        method="lora",
+        model=ModelRef(name_or_path="minilm", num_labels=2),
+        training=TrainingConfig(),
+        selected_devices=["dev-0"],
+        global_state=server_blobs.offer_tensors({"w": torch.zeros(2, 3)}),
+        issued_unix_s=now,
+        deadline_unix_s=now + 60,
+    )
+    intake.open_round(task)
+    return intake, wire, task, topics
+
+
+def announce(device_id: str, task: Task, blobs: BlobServer, round_index: int = 0) -> Update:
+    return Update(
+        experiment="ib",
+        device_id=device_id,
+        round_index=round_index,
+        base_digest=task.global_state.digest,
+        num_samples=4,
+        local_steps=1,
+        train_loss=0.5,
+        blob=blobs.offer_tensors({"w": torch.ones(2, 3)}),
+    )
+
+
+def deliver(intake: Intake, wire: Wire, topics: Topics, device_id: str, blobs: BlobServer) -> None:
+    """Serve the chunks the intake asked `device_id` for, into the intake."""
+    for request in wire.leaf("pull"):
+        blobs.serve(
+            str(request["digest"]),
+            list(request["indices"]),  # type: ignore[call-overload]
+            lambda digest, index: topics.chunk(device_id, "up", digest, index),
+        )
+
+
+def test_an_update_is_pulled_validated_acked_and_a_resend_reacked(
+    intake: Tuple[Intake, Wire, Task, Topics],
+) -> None:
+    inbox, wire, task, topics = intake
+    device = Wire()
+    blobs = BlobServer(device.publish, 1024)
+    update = announce("dev-0", task, blobs)
+    inbox.dispatch(topics.device("dev-0", "update"), encode_message(update))
+    deliver(inbox, wire, topics, "dev-0", blobs)
+    for topic, payload in device.sent:
+        inbox.dispatch(topic, payload)
+    assert [a["digest"] for a in wire.leaf("ack")] == [update.blob.digest]
+    inbox.dispatch(topics.device("dev-0", "update"), encode_message(update))
+    assert len(wire.leaf("ack")) == 2, "an identical re-send is re-acked"
+    accepted = inbox.close_round()
+    assert [a.update.device_id for a in accepted] == ["dev-0"]
+    assert accepted[0].tensors["w"].equal(torch.ones(2, 3))
+    assert wire.leaf("nack") == []
+    inbox.release_round()
+
+
+@pytest.mark.parametrize(
+    ("device_id", "change", "code"),
+    [
+        ("dev-1", {}, "not_selected"),
+        ("dev-0", {"device_id": "dev-1"}, "sender_mismatch"),
+        ("dev-0", {"experiment": "other"}, "wrong_experiment"),
+        ("dev-0", {"round_index": 3}, "stale_round"),
+        ("dev-0", {"base_digest": "0" * 64}, "wrong_base"),
+    ],
+)
+def test_a_refused_update_is_nacked_by_round_and_digest(
+    intake: Tuple[Intake, Wire, Task, Topics], device_id: str, change: Dict[str, object], code: str
+) -> None:
+    inbox, wire, task, topics = intake
+    update = announce(device_id, task, BlobServer(Wire().publish, 1024)).model_copy(update=change)
+    payload = encode_message(update)
+    inbox.dispatch(topics.device(device_id, "update"), payload)
+    (nack,) = wire.leaf("nack")
+    assert nack["code"] == code and nack["round_index"] == update.round_index
+    assert wire.leaf("pull") == [] and inbox.close_round() == []
+
+
+def test_records_of_a_device_that_never_said_hello_are_refused(
+    intake: Tuple[Intake, Wire, Task, Topics],
+) -> None:
+    inbox, wire, _, topics = intake
+    batch = {"device_id": "ghost", "round_index": 0, "records": []}
+    inbox.dispatch(topics.device("ghost", "profile"), json.dumps(batch).encode())
+    (nack,) = wire.leaf("nack")
+    assert nack["code"] == "unknown_device"
+
+
+def test_a_chunk_request_for_nothing_offered_is_nacked(
+    intake: Tuple[Intake, Wire, Task, Topics],
+) -> None:
+    inbox, wire, _, topics = intake
+    want = {"device_id": "dev-0", "digest": "a" * 64, "indices": [0]}
+    inbox.serve_want(topics.device("dev-0", "want"), json.dumps(want).encode())
+    (nack,) = wire.leaf("nack")
+    assert nack["code"] == "bad_request"
+
+
+def test_check_sender() -> None:
+    check_sender("dev-0", "dev-0")
+    with pytest.raises(ProtocolError, match="does not match"):
+        check_sender("dev-0", "dev-1")
