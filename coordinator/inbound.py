@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from coordinator.config import ExperimentConfig
-from coordinator.observer import RunObserver
+from coordinator.observer import RunObserver, notify
 from coordinator.registry import DeviceRegistry
 from coordinator.rundir import RunDir
 from coordinator.strategies.base import AcceptedUpdate
@@ -127,13 +127,12 @@ class Intake:
         publish_raw: Callable[[str, bytes], None],
         on_exchange: Callable[[str, str, bytes], None],
         tell_progress: Callable[[Progress], None],
-        notify: Callable[[Callable[[RunObserver], None]], None],
-        observers: Sequence[RunObserver],
         start_round: int,
+        observers: Sequence[RunObserver] = (),
     ) -> None:
         """`publish` sends answers (acks, nacks); `publish_raw` sends chunk requests (counted
         as round traffic); `tell_progress` hears validated progress of selected devices;
-        `notify` tells the run's `observers` (display only) what was accepted."""
+        the run's `observers` (display only) hear what was accepted."""
         self.config = config
         self.topics = topics
         self.registry = registry
@@ -144,7 +143,6 @@ class Intake:
         self._publish_raw = publish_raw
         self._on_exchange = on_exchange
         self._tell_progress = tell_progress
-        self._notify = notify
         self._observers = observers
         self.start_round = start_round
         self.round: Optional[RoundIntake] = None
@@ -237,6 +235,9 @@ class Intake:
                 del inbound.transfers[device_id]
                 _, message = inbound.announced[device_id]
                 self._reject(device_id, inbound.round_index, "transfer_timeout", str(exc), message)
+
+    def _notify(self, tell: Callable[[RunObserver], None]) -> None:
+        notify(self._observers, tell)
 
     def _parse_topic(self, topic: str) -> Optional[Tuple[str, str, List[str]]]:
         """(device id, leaf, rest), or None after one log line (no device to nack)."""

@@ -6,6 +6,9 @@ observer that raises is logged and ignored; no round ever waits on or depends on
 
 from __future__ import annotations
 
+import logging
+from typing import Callable, Sequence
+
 from coordinator.records import RoundMetrics
 from coordinator.registry import DeviceRecord
 from edge.wire import LiveTelemetry, Progress, Task
@@ -36,3 +39,15 @@ class RunObserver:
 
     def on_finished(self) -> None:
         """The run ended (profile tables written)."""
+
+
+logger = logging.getLogger(__name__)
+
+
+def notify(observers: Sequence[RunObserver], tell: Callable[[RunObserver], None]) -> None:
+    """Tell every observer; one that raises is logged, never the run's end."""
+    for observer in observers:
+        try:
+            tell(observer)
+        except Exception:  # an observer is display only
+            logger.exception("observer.failed observer=%s", type(observer).__name__)

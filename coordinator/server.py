@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from coordinator.config import ExperimentConfig, config_digest, resume_conflicts
 from coordinator.inbound import Intake
-from coordinator.observer import RunObserver
+from coordinator.observer import RunObserver, notify
 from coordinator.records import CheckpointState, RoundMetrics
 from coordinator.registry import DeviceRegistry
 from coordinator.rundir import RunDir
@@ -156,7 +156,6 @@ class Coordinator:
             publish_raw=self._publish_raw,
             on_exchange=self.strategy.on_exchange,
             tell_progress=self._tell_progress,
-            notify=self._notify,
             observers=self.observers,
             start_round=self.start_round,
         )
@@ -258,11 +257,7 @@ class Coordinator:
         return results
 
     def _notify(self, tell: Callable[[RunObserver], None]) -> None:
-        for observer in self.observers:
-            try:
-                tell(observer)
-            except Exception:  # an observer is display only: never the run's end
-                logger.exception("observer.failed observer=%s", type(observer).__name__)
+        notify(self.observers, tell)
 
     def _write_profile_tables(self) -> None:
         """The tables are a convenience derived from profiles.jsonl (kept whatever happens): a
