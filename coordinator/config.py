@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge.errors import UserError
+from edge.instruction_eval import GenerationBudget
 from edge.mqtt import BrokerSpec
 from edge.wire import DEFAULT_CHUNK_SIZE_BYTES, ID_PATTERN, PartitionSpec, TrainingConfig
 
@@ -24,6 +25,12 @@ class ModelSection(Section):
     max_length: int = Field(default=64, ge=8, le=8192)
     num_labels: Optional[int] = Field(default=None, ge=1)
     num_hidden_layers: Optional[int] = Field(default=None, ge=1)
+    kind: Optional[str] = Field(default=None, pattern="^(causal_lm|classifier)$")
+    """None: read from the model's config (`*ForCausalLM` → causal_lm)."""
+    dtype: str = Field(default="auto", pattern="^(auto|fp32|bf16|fp16)$")
+    chat_template: Optional[str] = None
+    """Causal LMs: a built-in chat template by name (chatml, plain) instead of the model's."""
+    gradient_checkpointing: bool = False
 
 
 class MethodSection(BaseModel):
@@ -44,6 +51,9 @@ class DataSection(Section):
     partition: PartitionSpec = PartitionSpec(kind="iid", num_clients=2)
     client_indices: Dict[str, int] = Field(default_factory=dict)
     max_eval_samples: Optional[int] = Field(default=None, ge=1)
+    client_paths: Dict[str, str] = Field(default_factory=dict)
+    """A local fleet's per-device data folders (device id → path; others use `path`): each
+    client may hold a different task. Devices elsewhere pass their own --data."""
 
 
 class RoundsSection(Section):
@@ -78,6 +88,18 @@ class TransferSection(Section):
     timeout_s: float = Field(default=300.0, gt=0)
 
 
+class EvaluationSection(GenerationBudget):
+    """The coordinator's evaluation of a causal LM: bounded generation, and the metric a run
+    is judged by (time-/energy-to-target)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: Optional[str] = Field(
+        default=None, pattern="^(accuracy|exact_match|rouge_l|perplexity|eval_loss)$"
+    )
+    """None: accuracy for classifiers, the data's generation metric for causal LMs."""
+
+
 class ExperimentConfig(Section):
     name: str = Field(pattern=ID_PATTERN)
     broker: Optional[BrokerSpec] = None
@@ -88,6 +110,7 @@ class ExperimentConfig(Section):
     rounds: RoundsSection = RoundsSection()
     aggregation: AggregationSection = AggregationSection()
     transfer: TransferSection = TransferSection()
+    evaluation: EvaluationSection = EvaluationSection()
     output_dir: str = "runs"
     seed: int = 0
     eval_device: Optional[str] = None
@@ -124,6 +147,29 @@ def parse_config(raw: Any, origin: str = "config") -> ExperimentConfig:
     method_cls = get_method(config.method.name)
     method_cls(config.method.settings(), ModelRef(name_or_path="x", num_labels=2))
     return config
+
+
+CLASSIFIER_ONLY_MODEL_FIELDS = ("num_labels",)
+
+
+def causal_lm_config(config: ExperimentConfig) -> bool:
+    """Whether the run's model is a causal LM (its config, or `model.kind`); a classifier-only
+    option on a causal LM is a user error."""
+    from edge.models import CAUSAL_LM, model_kind
+    from edge.wire import ModelRef
+
+    model = config.model
+    ref = ModelRef(
+        name_or_path=model.name_or_path, revision=model.revision, num_labels=1, kind=model.kind
+    )
+    causal = model_kind(ref) == CAUSAL_LM
+    for name in CLASSIFIER_ONLY_MODEL_FIELDS:
+        if causal and getattr(model, name) is not None:
+            raise UserError(
+                f"model.{name} is a classifier option; {model.name_or_path} is a causal LM "
+                "(remove it, or set model.kind: classifier)"
+            )
+    return causal
 
 
 def load_config(path: str, overrides: Optional[List[str]] = None) -> ExperimentConfig:

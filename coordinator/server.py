@@ -15,13 +15,18 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from coordinator.config import ExperimentConfig, config_digest, resume_conflicts
+from coordinator.config import (
+    ExperimentConfig,
+    causal_lm_config,
+    config_digest,
+    resume_conflicts,
+)
 from coordinator.registry import DeviceRegistry
 from coordinator.rundir import CheckpointState, RoundMetrics, RunDir
 from coordinator.strategies import AcceptedUpdate, ServerContext, Strategy, make_strategy
-from edge.data import TextDataset, load_split
+from edge.data import load_task_split
 from edge.errors import ProtocolError, UserError
 from edge.logs import log_event
 from edge.methods.base import FederatedMethod, Tensors, get_method
@@ -105,6 +110,7 @@ class Coordinator:
                 f"run directory {self.run_dir.path} already exists: pass --resume to continue it "
                 "or choose another experiment name"
             )
+        self.causal = causal_lm_config(config)
         self.validation = self._load_validation()
         self.model_ref = ModelRef(
             name_or_path=config.model.name_or_path,
@@ -112,6 +118,10 @@ class Coordinator:
             num_labels=config.model.num_labels or self._num_labels(),
             max_length=config.model.max_length,
             num_hidden_layers=config.model.num_hidden_layers,
+            kind=config.model.kind,
+            dtype=config.model.dtype,
+            chat_template=config.model.chat_template,
+            gradient_checkpointing=config.model.gradient_checkpointing,
         )
         self.method: FederatedMethod = get_method(config.method.name)(
             config.method.settings(), self.model_ref
@@ -138,6 +148,7 @@ class Coordinator:
                 settings=config.aggregation.settings(),
                 send=self._send_exchange,
                 data_path=config.data.path,
+                generation=config.evaluation,
             ),
         )
         if self._saved_strategy_state:
@@ -161,9 +172,9 @@ class Coordinator:
 
     # ------------------------------------------------------------------ setup
 
-    def _load_validation(self) -> TextDataset:
+    def _load_validation(self) -> Any:
         data = self.config.data
-        dataset = load_split(data.path, data.validation_split)
+        dataset = load_task_split(data.path, data.validation_split, self.causal)
         if data.max_eval_samples is not None and len(dataset) > data.max_eval_samples:
             dataset = dataset.subset(range(data.max_eval_samples))
         return dataset

@@ -126,6 +126,7 @@ class FederatedMethod(ABC):
 
     def train(self, job: LocalRound, loss_fn: Optional[Any] = None) -> TrainStats:
         """The shared local loop on the job's model, data and budget (`loss_fn` replaces CE)."""
+        from edge.models import autocast_dtype
         from edge.train import train_local
 
         return train_local(
@@ -137,6 +138,7 @@ class FederatedMethod(ABC):
             device=job.device,
             seed=job.seed,
             loss_fn=loss_fn,
+            autocast=autocast_dtype(job.model_ref, job.device),
         )
 
     def local_round(self, job: LocalRound) -> LocalResult:
