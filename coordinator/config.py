@@ -12,7 +12,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from edge.errors import UserError
 from edge.instruction_eval import GenerationBudget
 from edge.mqtt import BrokerSpec
-from edge.wire import DEFAULT_CHUNK_SIZE_BYTES, ID_PATTERN, PartitionSpec, TrainingConfig
+from edge.wire import (
+    DEFAULT_CHUNK_SIZE_BYTES,
+    ID_PATTERN,
+    ModelRef,
+    PartitionSpec,
+    TrainingConfig,
+)
 
 
 class Section(BaseModel):
@@ -142,7 +148,6 @@ def parse_config(raw: Any, origin: str = "config") -> ExperimentConfig:
     ):
         raise UserError(f"{origin}: rounds.clients_per_round must be >= rounds.min_clients")
     from edge.methods.base import get_method
-    from edge.wire import ModelRef
 
     method_cls = get_method(config.method.name)
     method_cls(config.method.settings(), ModelRef(name_or_path="x", num_labels=2))
@@ -152,17 +157,29 @@ def parse_config(raw: Any, origin: str = "config") -> ExperimentConfig:
 CLASSIFIER_ONLY_MODEL_FIELDS = ("num_labels",)
 
 
+def model_ref_of(config: ExperimentConfig, num_labels: int) -> ModelRef:
+    """The wire form of the `model:` section (what tasks carry to devices)."""
+    model = config.model
+    return ModelRef(
+        name_or_path=model.name_or_path,
+        revision=model.revision,
+        num_labels=num_labels,
+        max_length=model.max_length,
+        num_hidden_layers=model.num_hidden_layers,
+        kind=model.kind,
+        dtype=model.dtype,
+        chat_template=model.chat_template,
+        gradient_checkpointing=model.gradient_checkpointing,
+    )
+
+
 def causal_lm_config(config: ExperimentConfig) -> bool:
     """Whether the run's model is a causal LM (its config, or `model.kind`); a classifier-only
     option on a causal LM is a user error."""
     from edge.models import CAUSAL_LM, model_kind
-    from edge.wire import ModelRef
 
     model = config.model
-    ref = ModelRef(
-        name_or_path=model.name_or_path, revision=model.revision, num_labels=1, kind=model.kind
-    )
-    causal = model_kind(ref) == CAUSAL_LM
+    causal = model_kind(model_ref_of(config, num_labels=1)) == CAUSAL_LM
     for name in CLASSIFIER_ONLY_MODEL_FIELDS:
         if causal and getattr(model, name) is not None:
             raise UserError(

@@ -21,6 +21,7 @@ from coordinator.config import (
     ExperimentConfig,
     causal_lm_config,
     config_digest,
+    model_ref_of,
     resume_conflicts,
 )
 from coordinator.registry import DeviceRegistry
@@ -38,7 +39,6 @@ from edge.wire import (
     Ack,
     ChunkRequest,
     Hello,
-    ModelRef,
     Nack,
     ProfileBatch,
     Task,
@@ -112,17 +112,7 @@ class Coordinator:
             )
         self.causal = causal_lm_config(config)
         self.validation = self._load_validation()
-        self.model_ref = ModelRef(
-            name_or_path=config.model.name_or_path,
-            revision=config.model.revision,
-            num_labels=config.model.num_labels or self._num_labels(),
-            max_length=config.model.max_length,
-            num_hidden_layers=config.model.num_hidden_layers,
-            kind=config.model.kind,
-            dtype=config.model.dtype,
-            chat_template=config.model.chat_template,
-            gradient_checkpointing=config.model.gradient_checkpointing,
-        )
+        self.model_ref = model_ref_of(config, config.model.num_labels or self._num_labels())
         self.method: FederatedMethod = get_method(config.method.name)(
             config.method.settings(), self.model_ref
         )
