@@ -64,6 +64,10 @@ def coordinator_run(
     typer.echo(f"run directory: {config.run_dir}")
 
 
+def _number(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def demo(
     clients: int = typer.Option(2, "--clients", min=1, max=32, help="Edge processes to start."),
     rounds: int = typer.Option(3, "--rounds", min=1),
@@ -118,12 +122,15 @@ def demo(
         raise UserError(
             "the demo completed no round; see the logs in " + str(config.run_dir / "logs")
         )
+    from coordinator.quality import metric_name, metric_value
+
     last = metrics[-1]
+    metric = metric_name(config.evaluation.metric, metrics)
     total_s = last.wall_clock_s
     behind = f", devices behind {link_spec} links" if link_spec is not None else ""
     typer.echo(
-        f"done: {len(metrics)} rounds in {total_s:.0f} s, final validation accuracy "
-        f"{last.accuracy:.3f}{behind}; run directory {config.run_dir}"
+        f"done: {len(metrics)} rounds in {total_s:.0f} s, final validation {metric} "
+        f"{_number(metric_value(last, metric))}{behind}; run directory {config.run_dir}"
     )
     from profiles.report import build_report
 

@@ -9,7 +9,10 @@ from rich.live import Live
 from rich.table import Table
 
 from coordinator.config import ExperimentConfig
+from coordinator.quality import metric_name, metric_value
 from coordinator.rundir import RoundMetrics
+
+SHORT_NAMES = {"accuracy": "acc", "exact_match": "EM", "rouge_l": "ROUGE-L", "perplexity": "ppl"}
 
 
 def _bytes(value: float) -> str:
@@ -44,7 +47,9 @@ class RoundTable:
             title=f"jetfed {cfg.name}: {cfg.method.name} on {cfg.model.name_or_path}, "
             f"{self.clients} devices, {cfg.rounds.count} rounds",
         )
-        for column in ("round", "devices", "loss", "acc", "up", "down", "s", "J", "mem"):
+        metric = metric_name(cfg.evaluation.metric, self.rows)
+        columns = ("round", "devices", "loss", SHORT_NAMES.get(metric, metric), "up", "down")
+        for column in (*columns, "s", "J", "mem"):
             table.add_column(column, justify="right", no_wrap=True)
         for m in self.rows:
             peak = m.extra.get("peak_rss_bytes")
@@ -52,7 +57,7 @@ class RoundTable:
                 str(m.round_index + 1),
                 f"{m.num_aggregated}/{m.num_selected}",
                 _opt(m.train_loss, ".3f"),
-                _opt(m.accuracy, ".3f"),
+                _opt(metric_value(m, metric), ".3f"),
                 _bytes(m.bytes_up),
                 _bytes(m.bytes_down),
                 f"{m.round_s:.1f}",
