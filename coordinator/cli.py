@@ -70,9 +70,19 @@ def _number(value: Optional[float]) -> str:
 
 def demo(
     clients: int = typer.Option(2, "--clients", min=1, max=32, help="Edge processes to start."),
-    rounds: int = typer.Option(3, "--rounds", min=1),
+    rounds: Optional[int] = typer.Option(
+        None, "--rounds", min=1, help="Default: 3 (minilm), 2 (smollm2)."
+    ),
     method: str = typer.Option("lora", "--method", help="lora, federa, full, ..."),
-    local_steps: int = typer.Option(50, "--local-steps", min=1),
+    model: str = typer.Option(
+        "minilm",
+        "--model",
+        help="minilm (classifier on SST-2) or smollm2 (instruction-tuned LLM, SST-2 as "
+        "generation); any HF model id or folder works too.",
+    ),
+    local_steps: Optional[int] = typer.Option(
+        None, "--local-steps", min=1, help="Default: 50 (minilm), 8 (smollm2)."
+    ),
     data: Optional[str] = typer.Option(
         None, "--data", help="Dataset folder (default: bundled SST-2 sample)."
     ),
@@ -116,6 +126,7 @@ def demo(
         alpha,
         max_eval_samples,
         learning_rate,
+        model,
     )
     metrics = run_demo(config, clients, broker, link_spec)
     if not metrics:

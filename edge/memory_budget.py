@@ -8,6 +8,10 @@ and the LoRA target layers are exact for any architecture transformers knows. On
 - activations of an encoder layer kept for the backward pass, per token:
   ≈ 12·hidden + 2·intermediate values, plus heads·seq attention probabilities, all fp32, with the
   batch padded to `max_length` (the worst case: batches are padded to their longest sample);
+- causal LMs: the lm_head's logits where the loss is (edge.causal_lm gathers the response
+  positions first): batch × response tokens × vocab fp32 values, LOGITS_COPIES of them (logits,
+  log-softmax, their gradient); response tokens default to `max_length` (the worst case). A
+  naive loop over all positions would hold this for every token, prompt and padding included;
 - the runtime: Python + torch + transformers + peft as imported by the agent. On CPU that is
   RUNTIME_CPU_BYTES (measured: torch 2.13 CPU, transformers 5.23, x86); CUDA adds its context
   and kernels, CUDA_RUNTIME_BYTES (an assumption, not a measurement: cuBLAS/cuDNN handles on
@@ -35,6 +39,7 @@ CUDA_RUNTIME_BYTES = 1 << 30
 ACTIVATION_HIDDEN_FACTOR = 12
 ACTIVATION_INTERMEDIATE_FACTOR = 2
 METHODS = ("lora", "federa", "full", "split", "kd", "fedcollm")
+LOGITS_COPIES = 3
 SPLIT_DEFAULT_CLIENT_LAYERS = 2
 """`method.cut_layer`'s default in edge/methods/split.py."""
 
@@ -55,14 +60,15 @@ class MemoryEstimate(BaseModel):
     gradients_bytes: int
     optimizer_bytes: int
     activations_bytes: int
+    logits_bytes: int = 0
     runtime_bytes: int
     total_bytes: int
 
 
 def _meta_model(name_or_path: str, num_labels: int) -> Any:
-    """The classifier with every tensor on the meta device: shapes without memory."""
+    """The model (causal LM or classifier, by its config) on the meta device: shapes only."""
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from edge.models import quiet_transformers, resolve_model_path
 
@@ -72,8 +78,10 @@ def _meta_model(name_or_path: str, num_labels: int) -> Any:
             config = AutoConfig.from_pretrained(path, num_labels=num_labels)
         except (OSError, ValueError) as exc:
             raise UserError(f"--model {name_or_path!r}: cannot read its config: {exc}") from None
+        causal = any(a.endswith("ForCausalLM") for a in config.architectures or [])
+        auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
         with torch.device("meta"):
-            return AutoModelForSequenceClassification.from_config(config)
+            return auto.from_config(config)
 
 
 def _lora_trainable(model: Any, rank: int, layers: Optional[int]) -> int:
@@ -125,6 +133,7 @@ def estimate_training_memory(
     lora_rank: int = 8,
     client_layers: Optional[int] = None,
     cuda: bool = False,
+    response_tokens: Optional[int] = None,
 ) -> MemoryEstimate:
     """Peak memory of a device's local round for `method`, from the config alone."""
     if method not in METHODS:
@@ -157,6 +166,10 @@ def estimate_training_memory(
     )
     graphs = 2 if method == "kd" else 1
     activations = graphs * (layers * per_layer + tokens * hidden) * FP32_BYTES
+    logits = 0
+    if type(model).__name__.endswith("ForCausalLM") and method != "split":
+        answer = min(max_length, response_tokens or max_length)
+        logits = batch_size * answer * int(config.vocab_size) * FP32_BYTES * LOGITS_COPIES
     runtime = RUNTIME_CPU_BYTES + (CUDA_RUNTIME_BYTES if cuda else 0)
     weights = (held_params + extra_params) * FP32_BYTES
     gradients = trainable * FP32_BYTES
@@ -173,8 +186,9 @@ def estimate_training_memory(
         gradients_bytes=gradients,
         optimizer_bytes=optimizer,
         activations_bytes=activations,
+        logits_bytes=logits,
         runtime_bytes=runtime,
-        total_bytes=weights + gradients + optimizer + activations + runtime,
+        total_bytes=weights + gradients + optimizer + activations + logits + runtime,
     )
 
 
@@ -186,5 +200,6 @@ def describe(estimate: MemoryEstimate) -> List[str]:
         f"grads+AdamW {(estimate.gradients_bytes + estimate.optimizer_bytes) / mib:.0f} MiB "
         f"({estimate.trainable_params:,} trainable)",
         f"activations {estimate.activations_bytes / mib:.0f} MiB",
+        *([f"logits {estimate.logits_bytes / mib:.0f} MiB"] if estimate.logits_bytes else []),
         f"runtime {estimate.runtime_bytes / mib:.0f} MiB",
     ]
