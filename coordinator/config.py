@@ -61,6 +61,10 @@ class DataSection(Section):
     """A local fleet's per-device data folders (device id → path; others use `path`): each
     client may hold a different task. Devices elsewhere pass their own --data."""
 
+    def path_for(self, device_id: str) -> str:
+        """The data folder of a local fleet's device `device_id`."""
+        return self.client_paths.get(device_id, self.path)
+
 
 class RoundsSection(Section):
     count: int = Field(default=3, ge=1)

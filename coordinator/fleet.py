@@ -54,7 +54,7 @@ def start_edges(
     for index in range(clients):
         device_id = f"demo-{index + 1:02d}"
         log = open(log_dir / f"{device_id}.log", "wb")  # noqa: SIM115 - owned by the process
-        data = config.data.client_paths.get(device_id, config.data.path)
+        data = config.data.path_for(device_id)
         command = edge_command(broker_url, device_id, config.name, data, link_info)
         if fleet is not None:
             command = fleet.device_command(index, command)
