@@ -159,6 +159,7 @@ def parse_config(raw: Any, origin: str = "config") -> ExperimentConfig:
 
 
 CLASSIFIER_ONLY_MODEL_FIELDS = ("num_labels",)
+CAUSAL_LM_METHODS = ("lora", "federa", "full")
 
 
 def model_ref_of(config: ExperimentConfig, num_labels: int) -> ModelRef:
@@ -184,6 +185,11 @@ def causal_lm_config(config: ExperimentConfig) -> bool:
 
     model = config.model
     causal = model_kind(model_ref_of(config, num_labels=1)) == CAUSAL_LM
+    if causal and config.method.name not in CAUSAL_LM_METHODS:
+        raise UserError(
+            f"method {config.method.name} does not train causal LMs yet; "
+            f"{', '.join(CAUSAL_LM_METHODS)} do"
+        )
     for name in CLASSIFIER_ONLY_MODEL_FIELDS:
         if causal and getattr(model, name) is not None:
             raise UserError(

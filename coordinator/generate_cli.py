@@ -28,6 +28,7 @@ def load_tuned(run_dir: Path, round_index: Optional[int] = None) -> Tuple[Any, A
     if not causal_lm_config(config):
         raise UserError(f"{run_dir}: {config.model.name_or_path} is not a causal LM")
     ref = model_ref_of(config, num_labels=1).model_copy(update={"gradient_checkpointing": False})
+    model: Any
     with quiet_transformers():
         if (folder / ADAPTER_CONFIG).exists():
             from peft import PeftModel

@@ -62,6 +62,9 @@ def quiet_transformers() -> Iterator[None]:
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
+            # PEFT's save looks for the base's config under its name (`smollm2`) to check for a
+            # resized vocabulary; jetfed never resizes it.
+            warnings.filterwarnings("ignore", message="Could not find a config file")
             yield
     finally:
         hf_logging.set_verbosity(previous)

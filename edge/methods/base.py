@@ -173,7 +173,10 @@ class FederatedMethod(ABC):
         if not os.path.exists(readme):
             with open(readme, "w", encoding="utf-8") as handle:
                 handle.write(f"---\ntags:\n- jetfed\n---\n# jetfed global model ({self.name})\n")
-        model.save_pretrained(out_dir)
+        from edge.models import quiet_transformers
+
+        with quiet_transformers():
+            model.save_pretrained(out_dir)
 
 
 _REGISTRY: Dict[str, Type[FederatedMethod]] = {}
