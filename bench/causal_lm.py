@@ -2,12 +2,13 @@
 
 - Step time: `edge.train.train_local` (response-only lm_head) vs a bare PEFT loop that calls
   `model(**batch).loss` (Hugging Face's full [batch, tokens, vocab] logits) on the SAME batches
-  (GSM8K, batch 8, ≤ 128 tokens, LoRA q_proj,v_proj r8, AdamW lr 1e-3, clipping 1.0),
+  (SST-2 as generation, batch 8, ≤ 128 tokens, LoRA q_proj,v_proj r8, AdamW lr 1e-3, clipping 1.0),
   interleaved repetitions, medians compared (goal: within 5 %).
 - Peak RSS of a training process at batch 8 × 256 tokens (every row exactly 256 tokens: a GSM8K
   answer after enough GSM8K questions, the prompt cut from the left), one process per
   configuration so each peak is its own: LoRA q,v (goal ≤ 3 GB), LoRA all-linear, full
-  fine-tuning, and LoRA q,v through the naive full-logits loss for comparison.
+  fine-tuning, each with and without `model.gradient_checkpointing`, and LoRA q,v through the
+  naive full-logits loss for comparison.
 - Bytes per device per round: each method's federated state as safetensors (what travels down,
   and up as the delta), fp32.
 """
@@ -35,11 +36,20 @@ SHORT_ANSWER_CHARS = 400
 """GSM8K answers under this many characters (≈ 120 tokens) leave room for a prompt in 256."""
 MAX_GRAD_NORM = 1.0
 RSS_CONFIGS = {
-    "lora q,v": ("lora", {}, False),
-    "lora all-linear": ("lora", {"target_modules": "all-linear"}, False),
-    "full": ("full", {}, False),
-    "lora q,v, naive full-logits loss": ("lora", {}, True),
+    "lora q,v": ("lora", {}, False, False),
+    "lora q,v, gradient checkpointing": ("lora", {}, False, True),
+    "lora all-linear": ("lora", {"target_modules": "all-linear"}, False, False),
+    "lora all-linear, gradient checkpointing": (
+        "lora",
+        {"target_modules": "all-linear"},
+        False,
+        True,
+    ),
+    "full": ("full", {}, False, False),
+    "full, gradient checkpointing": ("full", {}, False, True),
+    "lora q,v, naive full-logits loss": ("lora", {}, True, False),
 }
+"""label → (method, method settings, naive HF loss, model.gradient_checkpointing)."""
 BYTES_CONFIGS = {
     "lora q,v": ("lora", {}),
     "lora all-linear": ("lora", {"target_modules": "all-linear"}),
@@ -48,10 +58,15 @@ BYTES_CONFIGS = {
 }
 
 
-def _ref(max_length: int) -> Any:
+def _ref(max_length: int, checkpointing: bool = False) -> Any:
     from edge.wire import ModelRef
 
-    return ModelRef(name_or_path="smollm2", num_labels=1, max_length=max_length)
+    return ModelRef(
+        name_or_path="smollm2",
+        num_labels=1,
+        max_length=max_length,
+        gradient_checkpointing=checkpointing,
+    )
 
 
 def long_rows(datasets: Path, count: int) -> Any:
@@ -92,7 +107,7 @@ def step_times(datasets: Path, steps: int, repeats: int) -> Dict[str, Any]:
     from edge.wire import TrainingConfig
 
     ref = _ref(STEP_MAX_LENGTH)
-    data = load_instructions(str(datasets / "gsm8k"), "train").subset(range(512))
+    data = load_instructions(str(datasets / "sst2"), "train").subset(range(512))
     model = get_method("lora")({}, ref).build(None, seed=0)
     tokenizer = load_tokenizer(ref)
     training = TrainingConfig(
@@ -125,8 +140,8 @@ def step_times(datasets: Path, steps: int, repeats: int) -> Dict[str, Any]:
     return {"step_s": stats, "overhead_pct": overhead, "meets_goal": overhead <= GOAL_PCT}
 
 
-def peak_child(method_name: str, settings: Dict[str, Any], naive: bool, steps: int,
-               datasets: Path) -> Dict[str, Any]:  # fmt: skip
+def peak_child(method_name: str, settings: Dict[str, Any], naive: bool, checkpointing: bool,
+               steps: int, datasets: Path) -> Dict[str, Any]:  # fmt: skip
     """One configuration's training, run as its own process by `peak_rss`."""
     import resource
 
@@ -138,7 +153,7 @@ def peak_child(method_name: str, settings: Dict[str, Any], naive: bool, steps: i
     from edge.wire import TrainingConfig
 
     torch.set_num_threads(1)
-    ref = _ref(RSS_MAX_LENGTH)
+    ref = _ref(RSS_MAX_LENGTH, checkpointing)
     data = long_rows(datasets, BATCH_SIZE * steps)
     method = get_method(method_name)(settings, ref)
     model = method.build(method.initial_state(0).init, seed=0)
@@ -163,7 +178,7 @@ import json, sys
 from pathlib import Path
 from bench.causal_lm import peak_child
 args = json.loads(sys.argv[1])
-print(json.dumps(peak_child(*args[:4], Path(args[4]))))
+print(json.dumps(peak_child(*args[:5], Path(args[5]))))
 """
 
 
@@ -172,11 +187,11 @@ def peak_rss(datasets: Path, steps: int) -> Dict[str, Any]:
     repo = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     results = {}
-    for label, (method, settings, naive) in RSS_CONFIGS.items():
+    for label, (method, settings, naive, checkpointing) in RSS_CONFIGS.items():
         started = time.perf_counter()
         done = subprocess.run(
             [sys.executable, "-c", PEAK_SCRIPT,
-             json.dumps([method, settings, naive, steps, str(datasets)])],
+             json.dumps([method, settings, naive, checkpointing, steps, str(datasets)])],
             capture_output=True, text=True, env=env, cwd=repo, check=True,
         )  # fmt: skip
         results[label] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -238,7 +253,8 @@ def markdown(results: Dict[str, Any]) -> str:
         [
             f"SmolLM2-135M-Instruct, {results['torch_threads']} torch thread(s).",
             "",
-            f"Step time, GSM8K batch {BATCH_SIZE} ≤ {STEP_MAX_LENGTH} tokens, LoRA q,v r8, "
+            f"Step time, SST-2 as generation, batch {BATCH_SIZE} ≤ {STEP_MAX_LENGTH} tokens, "
+            "LoRA q,v r8, "
             f"{results['steps_per_repetition']} steps × {results['repetitions']} interleaved "
             "repetitions (s/step):",
             "",

@@ -8,6 +8,8 @@ and the LoRA target layers are exact for any architecture transformers knows. On
 - activations of an encoder layer kept for the backward pass, per token:
   ≈ 12·hidden + 2·intermediate values, plus heads·seq attention probabilities, all fp32, with the
   batch padded to `max_length` (the worst case: batches are padded to their longest sample);
+- with `gradient_checkpointing` (`model.gradient_checkpointing`), only each layer's input is
+  kept, plus one layer's activations while it is recomputed;
 - causal LMs: the lm_head's logits where the loss is (edge.causal_lm gathers the response
   positions first): batch × response tokens × vocab fp32 values, LOGITS_COPIES of them (logits,
   log-softmax, their gradient); response tokens default to `max_length` (the worst case). A
@@ -134,6 +136,7 @@ def estimate_training_memory(
     client_layers: Optional[int] = None,
     cuda: bool = False,
     response_tokens: Optional[int] = None,
+    gradient_checkpointing: bool = False,
 ) -> MemoryEstimate:
     """Peak memory of a device's local round for `method`, from the config alone."""
     if method not in METHODS:
@@ -165,7 +168,10 @@ def estimate_training_memory(
         + batch_size * heads * max_length * max_length
     )
     graphs = 2 if method == "kd" else 1
-    activations = graphs * (layers * per_layer + tokens * hidden) * FP32_BYTES
+    kept = layers * per_layer
+    if gradient_checkpointing:  # each layer's input, plus one layer recomputed at a time
+        kept = layers * tokens * hidden + per_layer
+    activations = graphs * (kept + tokens * hidden) * FP32_BYTES
     logits = 0
     if type(model).__name__.endswith("ForCausalLM") and method != "split":
         answer = min(max_length, response_tokens or max_length)

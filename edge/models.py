@@ -132,7 +132,11 @@ def load_causal_lm(ref: ModelRef) -> PreTrainedModel:
     model.name_or_path = ref.name_or_path
     model.config.use_cache = False
     if ref.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.24 renamed it; Jetson stacks pinned to transformers 4 have the old name
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
     return model
 
 

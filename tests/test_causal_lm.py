@@ -168,3 +168,18 @@ def test_generation_metrics() -> None:
     assert exact_match("exact_match", " Positive.", "positive")
     assert rouge_l(["the cat sat"], ["the cat sat"]) == pytest.approx(1.0)
     assert 0.0 < rouge_l(["the cat sat down"], ["a cat sat"]) < 1.0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    require_smollm2()
+    plain = load_model(SMOLLM2)
+    checkpointed = load_model(SMOLLM2.model_copy(update={"gradient_checkpointing": True}))
+    tokenizer = load_tokenizer(SMOLLM2)
+    data = load_instructions(str(_datasets("sst2")), "validation")
+    batch = instruction_batch(tokenizer, data, [0, 1], SMOLLM2.max_length, "cpu")
+    for model in (plain, checkpointed):
+        model.train()
+        response_loss(model, batch).backward()
+    assert checkpointed.is_gradient_checkpointing and not plain.is_gradient_checkpointing
+    grads = [m.model.layers[0].mlp.up_proj.weight.grad for m in (plain, checkpointed)]
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
