@@ -183,3 +183,11 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
     assert checkpointed.is_gradient_checkpointing and not plain.is_gradient_checkpointing
     grads = [m.model.layers[0].mlp.up_proj.weight.grad for m in (plain, checkpointed)]
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_target_modules_default_list_comma_string_or_all_linear() -> None:
+    from edge.methods.lora import LoraSettings
+
+    assert LoraSettings(target_modules="q_proj, v_proj").targets(None) == ["q_proj", "v_proj"]
+    assert LoraSettings(target_modules="all-linear").targets(None) == "all-linear"
+    assert LoraSettings(target_modules=["o_proj"]).targets(None) == ["o_proj"]
