@@ -18,6 +18,7 @@ batches are padded to their longest row (right padding; labels mask padding and 
 from __future__ import annotations
 
 import json
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -57,9 +58,8 @@ class InstructionSet:
     metric: str
     labels: List[int]
     label_words: Optional[List[str]] = None
-    _tokens: Dict[Tuple[int, int], Tuple[List[int], List[int]]] = field(
-        default_factory=dict, repr=False
-    )
+    _tokens: Dict[Tuple[int, int], Tuple[array, array]] = field(default_factory=dict, repr=False)
+    """(row, max_length) → (prompt ids, response ids), 4 bytes a token (Python ints take 36)."""
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -90,8 +90,7 @@ def _prompt_settings(folder: Path) -> Dict[str, str]:
         settings = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         raise UserError(f"{path}: not valid JSON") from None
-    unknown = set(settings) - {"system", "instruction"} if isinstance(settings, dict) else {""}
-    if unknown:
+    if not isinstance(settings, dict) or set(settings) - {"system", "instruction"}:
         raise UserError(f"{path}: expected an object with 'system' and/or 'instruction'")
     return {key: str(value) for key, value in settings.items()}
 
@@ -267,8 +266,9 @@ def row_tokens(
                 f"a response of {len(response)} tokens does not fit model.max_length="
                 f"{max_length}: raise max_length (responses are never truncated)"
             )
-        data._tokens[key] = (prompt[-room:], response)
-    return data._tokens[key]
+        data._tokens[key] = (array("i", prompt[-room:]), array("i", response))
+    prompt_ids, response_ids = data._tokens[key]
+    return list(prompt_ids), list(response_ids)
 
 
 def instruction_batch(
