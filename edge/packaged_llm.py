@@ -13,12 +13,17 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import importlib.util
+import io
+import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Iterator, Optional
 
 from edge.errors import UserError
+from edge.logs import log_event
+
+logger = logging.getLogger(__name__)
 
 SMOLLM2_NAME = "smollm2"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -88,7 +93,9 @@ def _convert(gguf: Path, target: Path) -> None:
 
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    with quiet_transformers():
+    log_event(logger, logging.WARNING, "model.converting_once", model=SMOLLM2_NAME, into=target)
+    # GGUF dequantisation draws a progress bar on stderr of its own
+    with quiet_transformers(), contextlib.redirect_stderr(io.StringIO()):
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
