@@ -87,11 +87,25 @@ def coordinator_run(
     typer.echo(f"run directory: {config.run_dir}")
 
 
+def _number(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def demo(
     clients: int = typer.Option(2, "--clients", min=1, max=32, help="Edge processes to start."),
-    rounds: int = typer.Option(3, "--rounds", min=1),
+    rounds: Optional[int] = typer.Option(
+        None, "--rounds", min=1, help="Default: 3 (minilm), 2 (smollm2)."
+    ),
     method: str = typer.Option("lora", "--method", help="lora, federa, full, ..."),
-    local_steps: int = typer.Option(50, "--local-steps", min=1),
+    model: str = typer.Option(
+        "minilm",
+        "--model",
+        help="minilm (classifier on SST-2) or smollm2 (instruction-tuned LLM, SST-2 as "
+        "generation); any HF model id or folder works too.",
+    ),
+    local_steps: Optional[int] = typer.Option(
+        None, "--local-steps", min=1, help="Default: 50 (minilm), 8 (smollm2)."
+    ),
     data: Optional[str] = typer.Option(
         None, "--data", help="Dataset folder (default: bundled SST-2 sample)."
     ),
@@ -160,18 +174,22 @@ def demo(
         max_eval_samples,
         learning_rate,
         seed,
+        model,
     )
     metrics = run_demo(config, clients, broker, link_spec, ui, ui_token, ui_linger_s)
     if not metrics:
         raise UserError(
             "the demo completed no round; see the logs in " + str(config.run_dir / "logs")
         )
+    from coordinator.quality import metric_name, metric_value
+
     last = metrics[-1]
+    metric = metric_name(config.evaluation.metric, metrics)
     total_s = last.wall_clock_s
     behind = f", devices behind {link_spec} links" if link_spec is not None else ""
     typer.echo(
-        f"done: {plural(len(metrics), 'round')} in {total_s:.0f} s, final validation accuracy "
-        f"{last.accuracy:.3f}{behind}; run directory {config.run_dir}"
+        f"done: {plural(len(metrics), 'round')} in {total_s:.0f} s, final validation {metric} "
+        f"{_number(metric_value(last, metric))}{behind}; run directory {config.run_dir}"
     )
     from profiles.report import build_report
 

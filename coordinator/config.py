@@ -10,8 +10,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge.errors import UserError, validation_line
+from edge.instruction_eval import GenerationBudget
 from edge.mqtt import BrokerSpec
-from edge.wire import DEFAULT_CHUNK_SIZE_BYTES, ID_PATTERN, PartitionSpec, TrainingConfig
+from edge.wire import (
+    DEFAULT_CHUNK_SIZE_BYTES,
+    ID_PATTERN,
+    ModelRef,
+    PartitionSpec,
+    TrainingConfig,
+)
 
 
 class Section(BaseModel):
@@ -24,6 +31,12 @@ class ModelSection(Section):
     max_length: int = Field(default=64, ge=8, le=8192)
     num_labels: Optional[int] = Field(default=None, ge=1)
     num_hidden_layers: Optional[int] = Field(default=None, ge=1)
+    kind: Optional[str] = Field(default=None, pattern="^(causal_lm|classifier)$")
+    """None: read from the model's config (`*ForCausalLM` → causal_lm)."""
+    dtype: str = Field(default="auto", pattern="^(auto|fp32|bf16|fp16)$")
+    chat_template: Optional[str] = None
+    """Causal LMs: a built-in chat template by name (chatml, plain) instead of the model's."""
+    gradient_checkpointing: bool = False
 
 
 class MethodSection(BaseModel):
@@ -44,6 +57,13 @@ class DataSection(Section):
     partition: PartitionSpec = PartitionSpec(kind="iid", num_clients=2)
     client_indices: Dict[str, int] = Field(default_factory=dict)
     max_eval_samples: Optional[int] = Field(default=None, ge=1)
+    client_paths: Dict[str, str] = Field(default_factory=dict)
+    """A local fleet's per-device data folders (device id → path; others use `path`): each
+    client may hold a different task. Devices elsewhere pass their own --data."""
+
+    def path_for(self, device_id: str) -> str:
+        """The data folder of a local fleet's device `device_id`."""
+        return self.client_paths.get(device_id, self.path)
 
 
 class RoundsSection(Section):
@@ -78,6 +98,18 @@ class TransferSection(Section):
     timeout_s: float = Field(default=300.0, gt=0)
 
 
+class EvaluationSection(GenerationBudget):
+    """The coordinator's evaluation of a causal LM: bounded generation, and the metric a run
+    is judged by (time-/energy-to-target)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: Optional[str] = Field(
+        default=None, pattern="^(accuracy|exact_match|rouge_l|perplexity|eval_loss)$"
+    )
+    """None: accuracy for classifiers, the data's generation metric for causal LMs."""
+
+
 class ExperimentConfig(Section):
     name: str = Field(pattern=ID_PATTERN)
     broker: Optional[BrokerSpec] = None
@@ -88,6 +120,7 @@ class ExperimentConfig(Section):
     rounds: RoundsSection = RoundsSection()
     aggregation: AggregationSection = AggregationSection()
     transfer: TransferSection = TransferSection()
+    evaluation: EvaluationSection = EvaluationSection()
     output_dir: str = "runs"
     seed: int = Field(default=0, ge=0, le=(1 << 32) - 1)
     """Seeds the initial state, the selection and (unless `training.seed` is set) every device's
@@ -131,11 +164,51 @@ def parse_config(
     ):
         raise UserError(f"{origin}: rounds.clients_per_round must be >= rounds.min_clients")
     from edge.methods.base import get_method
-    from edge.wire import ModelRef
 
     method_cls = get_method(config.method.name)
     method_cls(config.method.settings(), ModelRef(name_or_path="x", num_labels=2))
     return config
+
+
+CLASSIFIER_ONLY_MODEL_FIELDS = ("num_labels",)
+CAUSAL_LM_METHODS = ("lora", "federa", "full")
+
+
+def model_ref_of(config: ExperimentConfig, num_labels: int) -> ModelRef:
+    """The wire form of the `model:` section (what tasks carry to devices)."""
+    model = config.model
+    return ModelRef(
+        name_or_path=model.name_or_path,
+        revision=model.revision,
+        num_labels=num_labels,
+        max_length=model.max_length,
+        num_hidden_layers=model.num_hidden_layers,
+        kind=model.kind,
+        dtype=model.dtype,
+        chat_template=model.chat_template,
+        gradient_checkpointing=model.gradient_checkpointing,
+    )
+
+
+def causal_lm_config(config: ExperimentConfig) -> bool:
+    """Whether the run's model is a causal LM (its config, or `model.kind`); a classifier-only
+    option on a causal LM is a user error."""
+    from edge.models import CAUSAL_LM, model_kind
+
+    model = config.model
+    causal = model_kind(model_ref_of(config, num_labels=1)) == CAUSAL_LM
+    if causal and config.method.name not in CAUSAL_LM_METHODS:
+        raise UserError(
+            f"method {config.method.name} does not train causal LMs yet; "
+            f"{', '.join(CAUSAL_LM_METHODS)} do"
+        )
+    for name in CLASSIFIER_ONLY_MODEL_FIELDS:
+        if causal and getattr(model, name) is not None:
+            raise UserError(
+                f"model.{name} is a classifier option; {model.name_or_path} is a causal LM "
+                "(remove it, or set model.kind: classifier)"
+            )
+    return causal
 
 
 def load_config(path: str, overrides: Optional[List[str]] = None) -> ExperimentConfig:

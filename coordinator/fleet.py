@@ -56,7 +56,8 @@ def start_edges(
     for index in range(clients):
         device_id = f"demo-{index + 1:02d}"
         log = open(log_dir / f"{device_id}.log", "wb")  # noqa: SIM115 - owned by the process
-        command = edge_command(broker_url, device_id, config.name, config.data.path, link_info)
+        data = config.data.path_for(device_id)
+        command = edge_command(broker_url, device_id, config.name, data, link_info)
         if fleet is not None:
             command = fleet.device_command(index, command)
         with log:
@@ -150,7 +151,9 @@ def run_local_fleet(
     if broker_url is None and own_broker not in OWN_BROKERS:
         raise UserError(f"own_broker {own_broker!r}: expected one of {', '.join(OWN_BROKERS)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    # the devices run one torch thread each: leave them their cores (oversubscribed, 2 threads
+    # made a SmolLM2 evaluation 2.5× slower than 1 on a loaded 2-core machine)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) - clients))
     log_dir = config.run_dir / "logs"
     with ExitStack() as stack:
         fleet = stack.enter_context(LinkedFleet(clients, spec)) if spec is not None else None

@@ -15,8 +15,11 @@ from rich.live import Live
 from rich.table import Table
 
 from coordinator.config import ExperimentConfig
+from coordinator.quality import metric_name, metric_value
 from coordinator.records import RoundMetrics
 from edge.wire import Progress
+
+SHORT_NAMES = {"accuracy": "acc", "exact_match": "EM", "rouge_l": "ROUGE-L", "perplexity": "ppl"}
 
 
 def _bytes(value: float) -> str:
@@ -84,7 +87,9 @@ class RoundTable:
     def render(self) -> Table:
         cfg = self.config
         table = Table(title=self.title, min_width=len(self.title), caption_justify="left")
-        for column in ("round", "devices", "loss", "acc", "up", "down", "s", "J", "mem"):
+        metric = metric_name(self.config.evaluation.metric, self.rows)
+        columns = ("round", "devices", "loss", SHORT_NAMES.get(metric, metric), "up", "down")
+        for column in (*columns, "s", "J", "mem"):
             table.add_column(column, justify="right", no_wrap=True)
         for m in self.rows:
             peak = m.extra.get("peak_rss_bytes")
@@ -92,7 +97,7 @@ class RoundTable:
                 str(m.round_index),
                 f"{m.num_aggregated}/{m.num_selected}",
                 _opt(m.train_loss, ".3f"),
-                _opt(m.accuracy, ".3f"),
+                _opt(metric_value(m, metric), ".3f"),
                 _bytes(m.bytes_up),
                 _bytes(m.bytes_down),
                 f"{m.round_s:.1f}",

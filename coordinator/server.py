@@ -15,16 +15,22 @@ import logging
 import random
 import time
 from operator import methodcaller
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from coordinator.config import ExperimentConfig, config_digest, resume_conflicts
+from coordinator.config import (
+    ExperimentConfig,
+    causal_lm_config,
+    config_digest,
+    model_ref_of,
+    resume_conflicts,
+)
 from coordinator.inbound import Intake
 from coordinator.observer import RunObserver, notify
 from coordinator.records import CheckpointState, RoundMetrics
 from coordinator.registry import DeviceRegistry
 from coordinator.rundir import RunDir
 from coordinator.strategies.base import AcceptedUpdate, ServerContext, Strategy, make_strategy
-from edge.data import TextDataset, load_split
+from edge.data import load_task_split
 from edge.errors import UserError
 from edge.logs import log_event
 from edge.memlink import open_link
@@ -35,7 +41,6 @@ from edge.transfer import BlobServer
 from edge.wire import (
     Announcement,
     BlobManifest,
-    ModelRef,
     Progress,
     Task,
     Topics,
@@ -96,14 +101,9 @@ class Coordinator:
                 f"run directory {self.run_dir.path} already exists: pass --resume to continue it "
                 "or choose another experiment name"
             )
+        self.causal = causal_lm_config(config)
         self.validation = self._load_validation()
-        self.model_ref = ModelRef(
-            name_or_path=config.model.name_or_path,
-            revision=config.model.revision,
-            num_labels=config.model.num_labels or self._num_labels(),
-            max_length=config.model.max_length,
-            num_hidden_layers=config.model.num_hidden_layers,
-        )
+        self.model_ref = model_ref_of(config, config.model.num_labels or self._num_labels())
         self.method: FederatedMethod = get_method(config.method.name)(
             config.method.settings(), self.model_ref
         )
@@ -129,6 +129,7 @@ class Coordinator:
                 settings=config.aggregation.settings(),
                 send=self._send_exchange,
                 data_path=config.data.path,
+                generation=config.evaluation,
             ),
         )
         if self._saved_strategy_state:
@@ -165,9 +166,9 @@ class Coordinator:
 
     # ------------------------------------------------------------------ setup
 
-    def _load_validation(self) -> TextDataset:
+    def _load_validation(self) -> Any:
         data = self.config.data
-        dataset = load_split(data.path, data.validation_split)
+        dataset = load_task_split(data.path, data.validation_split, self.causal)
         if data.max_eval_samples is not None and len(dataset) > data.max_eval_samples:
             dataset = dataset.subset(range(data.max_eval_samples))
         return dataset

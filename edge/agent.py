@@ -20,7 +20,7 @@ import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
 import jetfed
-from edge.data import TextDataset, client_shard, load_split
+from edge.data import client_shard, load_task_split
 from edge.errors import ProtocolError, UserError
 from edge.exchange import Exchange
 from edge.logs import log_event
@@ -126,7 +126,7 @@ class EdgeAgent:
         self._nacks: Dict[Tuple[int, str], Nack] = {}
         """(round, message digest) → nack: only one naming the update we sent abandons it."""
         self._model: Optional[_ModelCache] = None
-        self._datasets: Dict[Tuple[str, str], TextDataset] = {}
+        self._datasets: Dict[Tuple[str, str, str], Any] = {}
         self._unsent_records: List[PhaseRecord] = []
         dev = self.topics.device
         self.session = DeviceSession(
@@ -408,7 +408,7 @@ class EdgeAgent:
 
     def _prepare(self, task: Task, blobs: Dict[str, str]) -> EdgeAgent._Job:
         """Decode the state, (re)build the model if needed, derive this device's data shard."""
-        from edge.models import load_tokenizer, pick_device
+        from edge.models import is_causal_lm, load_tokenizer, pick_device
 
         init_digest = task.init_state.digest if task.init_state is not None else ""
         key = (task.method, repr(sorted(task.method_config.items())), repr(task.model), init_digest)
@@ -421,7 +421,7 @@ class EdgeAgent:
         expected = {name: tuple(t.shape) for name, t in cache.method.get_state(cache.model).items()}
         global_state = dict(TensorFile(blobs["global"], expected))
         client_index = task.client_indices.get(self.device_id, 0)
-        dataset = self._dataset(task, client_index)
+        dataset = self._dataset(task, client_index, is_causal_lm(cache.model))
         extra = {name: Path(blobs[name]).read_bytes() for name in task.extra_blobs}
         local = LocalRound(
             model=cache.model,
@@ -440,12 +440,13 @@ class EdgeAgent:
         )
         return EdgeAgent._Job(cache.method, local)
 
-    def _dataset(self, task: Task, client_index: int) -> TextDataset:
+    def _dataset(self, task: Task, client_index: int, causal: bool) -> Any:
+        """This device's shard: instruction data for a causal LM, a TextDataset otherwise."""
         if not self.config.data:
             raise UserError("this device has no data: pass --data DIR (or JETFED_DATA)")
-        key = (repr(task.partition), str(client_index))
+        key = (repr(task.partition), str(client_index), str(causal))
         if key not in self._datasets:
-            full = load_split(self.config.data, self.config.train_split)
+            full = load_task_split(self.config.data, self.config.train_split, causal)
             self._datasets = {key: client_shard(full, task.partition, client_index)}
         return self._datasets[key]
 

@@ -45,7 +45,7 @@ class TextDataset:
         return max(self.labels) + 1 if self.labels else 0
 
 
-def _read_rows(path: Path) -> Iterable[Dict[str, Any]]:
+def read_rows(path: Path) -> Iterable[Dict[str, Any]]:
     if path.suffix == ".jsonl":
         with path.open(encoding="utf-8") as handle:
             for line_number, line in enumerate(handle, 1):
@@ -93,12 +93,22 @@ def _rows_to_dataset(rows: Iterable[Dict[str, Any]], origin: str) -> TextDataset
     return TextDataset(texts_a=texts_a, labels=labels, texts_b=texts_b if pair else None)
 
 
-def _split_file(folder: Path, split: str) -> Path:
+def split_file(folder: Path, split: str) -> Path:
     for suffix in SUFFIXES:
         candidate = folder / f"{split}{suffix}"
         if candidate.exists():
             return candidate
     raise UserError(f"{folder}: no {split}.jsonl, {split}.csv or {split}.parquet")
+
+
+def load_task_split(source: str, split: str, causal: bool) -> Any:
+    """A split as the model's kind needs it: instruction data (`edge.instructions`) for causal
+    LMs, a TextDataset for classifiers."""
+    if causal:
+        from edge.instructions import load_instructions
+
+        return load_instructions(source, split)
+    return load_split(source, split)
 
 
 def load_split(source: str, split: str) -> TextDataset:
@@ -107,10 +117,10 @@ def load_split(source: str, split: str) -> TextDataset:
         return _load_hf(source[3:], split)
     path = Path(source).expanduser()
     if path.is_dir():
-        path = _split_file(path, split)
+        path = split_file(path, split)
     elif not path.exists():
         raise UserError(f"data path {source!r} does not exist")
-    return _rows_to_dataset(_read_rows(path), str(path))
+    return _rows_to_dataset(read_rows(path), str(path))
 
 
 def _load_hf(name: str, split: str) -> TextDataset:

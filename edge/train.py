@@ -1,18 +1,22 @@
 """The local training loop and evaluation shared by the methods.
 
 Deliberately a plain PyTorch loop (AdamW, dynamic padding per batch) so its step time can be
-compared one-to-one with a bare PEFT loop; see bench/edge_step_overhead.py.
+compared one-to-one with a bare PEFT loop; see bench/edge_step_overhead.py. A classifier trains
+on a TextDataset with cross-entropy over its labels; a causal LM on an InstructionSet
+(`edge.instructions`) with the loss on response tokens only (`edge.causal_lm.response_loss`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 import numpy as np
 
 from edge.data import TextDataset
+from edge.instructions import InstructionSet, instruction_batch
 from edge.wire import TrainingConfig
 
 
@@ -58,6 +62,19 @@ def device_seed(experiment_seed: int, round_index: int, client_index: int) -> in
     return int(words[0])
 
 
+def make_batch(
+    tokenizer: Any,
+    dataset: Union[TextDataset, InstructionSet],
+    indices: List[int],
+    max_length: int,
+    device: str,
+) -> Dict[str, Any]:
+    """A padded batch of either kind of data (see `tokenize_batch`, `instruction_batch`)."""
+    if isinstance(dataset, InstructionSet):
+        return instruction_batch(tokenizer, dataset, indices, max_length, device)
+    return tokenize_batch(tokenizer, dataset, indices, max_length, device)
+
+
 def batch_indices(num_samples: int, batch_size: int, steps: int, seed: int) -> Iterator[List[int]]:
     """`steps` batches from reshuffled passes over the data (deterministic for a seed)."""
     rng = np.random.default_rng(seed)
@@ -83,17 +100,25 @@ def planned_steps(training: TrainingConfig, num_samples: int) -> int:
 def train_local(
     model: Any,
     tokenizer: Any,
-    dataset: TextDataset,
+    dataset: Union[TextDataset, InstructionSet],
     training: TrainingConfig,
     max_length: int,
     device: str,
     seed: int,
     loss_fn: Optional[Any] = None,
     on_step: Optional[Callable[[int, int], None]] = None,
+    autocast: Optional[Any] = None,
 ) -> TrainStats:
-    """Train the model's trainable parameters in place; `loss_fn(model, batch)` overrides CE;
-    `on_step(k, n)` is told after each of the n steps (progress reports)."""
+    """Train the model's trainable parameters in place; `loss_fn(model, batch)` overrides the
+    default loss (CE, or the response-token loss on instruction data); `on_step(k, n)` is told
+    after each of the n steps (progress reports); `autocast` is a torch dtype to autocast the
+    forward pass to (CUDA bf16/fp16), None for plain fp32."""
     import torch
+
+    if loss_fn is None and isinstance(dataset, InstructionSet):
+        from edge.causal_lm import response_loss
+
+        loss_fn = response_loss
 
     torch.manual_seed(seed)
     model.to(device)
@@ -106,8 +131,13 @@ def train_local(
     total_loss = 0.0
     samples_seen = 0
     for step, indices in enumerate(batch_indices(len(dataset), training.batch_size, steps, seed)):
-        batch = tokenize_batch(tokenizer, dataset, indices, max_length, device)
-        loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
+        batch = make_batch(tokenizer, dataset, indices, max_length, device)
+        with (
+            torch.autocast(device.split(":")[0], dtype=autocast)
+            if autocast is not None
+            else contextlib.nullcontext()
+        ):
+            loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if training.max_grad_norm is not None:

@@ -163,6 +163,15 @@ class ModelRef(WireModel):
     num_labels: int = Field(ge=1, le=1 << 20)
     max_length: int = Field(default=128, ge=8, le=8192)
     num_hidden_layers: Optional[int] = Field(default=None, ge=1, le=10_000)
+    kind: Optional[str] = Field(default=None, pattern="^(causal_lm|classifier)$")
+    """None: taken from the model's config (`*ForCausalLM` → causal_lm)."""
+    dtype: str = Field(default="auto", pattern="^(auto|fp32|bf16|fp16)$")
+    """Compute dtype: weights stay fp32; bf16/fp16 autocast on CUDA (auto: bf16 there, fp32 on
+    CPU)."""
+    chat_template: Optional[str] = Field(default=None, pattern="^[a-z0-9_-]{1,32}$")
+    """Causal LMs: a built-in template by name (`edge.instructions.TEMPLATES`) instead of the
+    tokenizer's own."""
+    gradient_checkpointing: bool = False
 
 
 class TrainingConfig(WireModel):

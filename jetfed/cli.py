@@ -22,6 +22,7 @@ REGISTRARS = [
     "edge.doctor_cli",
     "edge.inference_cli",
     "coordinator.onnx_cli",
+    "coordinator.generate_cli",
 ]
 
 app = typer.Typer(

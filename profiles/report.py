@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from coordinator.quality import LOWER_IS_BETTER
 from edge.errors import UserError
 from profiles.document import (
     NA,
@@ -218,15 +219,19 @@ def build_report(
     """Write report.md, report.html and the PNG plots into out_dir."""
     if not run_dirs:
         raise UserError("give at least one RUN_DIR")
-    if target_accuracy is not None and not 0.0 <= target_accuracy <= 1.0:
-        raise UserError(f"--target-accuracy must be within 0..1, got {target_accuracy}")
     runs = [load_run(Path(path)) for path in run_dirs]
     summaries = [
         RunSummary(label, run, round_costs(run)) for label, run in zip(run_labels(runs), runs)
     ]
+    metric = summaries[0].metric
+    bounded = metric not in LOWER_IS_BETTER
+    if target_accuracy is not None and bounded and not 0.0 <= target_accuracy <= 1.0:
+        raise UserError(f"--target-accuracy must be within 0..1, got {target_accuracy}")
     out_dir.mkdir(parents=True, exist_ok=True)
     target = target_accuracy if target_accuracy is not None else default_target(summaries)
-    targets = [] if target is None else [to_target(s.label, s.costs, target) for s in summaries]
+    targets = (
+        [] if target is None else [to_target(s.label, s.costs, target, metric) for s in summaries]
+    )
     memory = [memory_row(s.label, s.run.profiles) for s in summaries]
     chosen_round = _pick_round(summaries, round_index)
     has_energy = any(c.energy_j is not None for s in summaries for c in s.costs) or any(
@@ -262,14 +267,14 @@ def build_report(
         )
     blocks += [
         _overview(summaries),
-        Heading(2, "To target accuracy"),
+        Heading(2, f"To target {metric}"),
     ]
     if target is not None:
         how = "given" if target_accuracy is not None else "the best every evaluated run reached"
-        blocks.append(Paragraph(f"Target accuracy {target:.4f} ({how})."))
+        blocks.append(Paragraph(f"Target {metric} {target:.4f} ({how})."))
         blocks.append(_target_table(targets, target))
     else:
-        blocks.append(Paragraph("No run has an accuracy: no target table."))
+        blocks.append(Paragraph(f"No run has a {metric}: no target table."))
     blocks += [
         Heading(2, "Accuracy"),
         Image("accuracy vs wall-clock", "accuracy_vs_time.png"),

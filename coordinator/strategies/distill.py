@@ -260,6 +260,8 @@ class FedCoLLMStrategy(PayloadAccounting):
     def evaluate(self, global_state: Tensors) -> Dict[str, float]:
         results = super().evaluate(global_state)
         ctx = self.ctx
+        if not isinstance(ctx.validation, TextDataset):
+            raise UserError("fedcollm trains classifiers only (causal LMs: lora, federa, full)")
         llm = evaluate(
             self.llm,
             ctx.tokenizer,

@@ -63,6 +63,8 @@ class MemoryFootprint:
     """Encoder layers whose activations the backward pass keeps."""
     graphs: int = 1
     """Forward graphs kept per step (kd also runs a proxy batch)."""
+    logits_on_device: bool = True
+    """A causal LM's [batch, response tokens, vocab] logits are computed here (not for split)."""
 
 
 def _phase_counters() -> PhaseCounters:
@@ -151,6 +153,7 @@ class FederatedMethod(ABC):
 
     def train(self, job: LocalRound, loss_fn: Optional[Any] = None) -> TrainStats:
         """The shared local loop on the job's model, data and budget (`loss_fn` replaces CE)."""
+        from edge.models import autocast_dtype
         from edge.train import train_local
 
         return train_local(
@@ -163,6 +166,7 @@ class FederatedMethod(ABC):
             seed=job.seed,
             loss_fn=loss_fn,
             on_step=job.profiler.step,
+            autocast=autocast_dtype(job.model_ref, job.device),
         )
 
     def local_round(self, job: LocalRound) -> LocalResult:
@@ -205,7 +209,10 @@ class FederatedMethod(ABC):
         if not os.path.exists(readme):
             with open(readme, "w", encoding="utf-8") as handle:
                 handle.write(f"---\ntags:\n- jetfed\n---\n# jetfed global model ({self.name})\n")
-        model.save_pretrained(out_dir)
+        from edge.models import quiet_transformers
+
+        with quiet_transformers():
+            model.save_pretrained(out_dir)
 
 
 def run_local_round(method: FederatedMethod, job: LocalRound) -> LocalResult:

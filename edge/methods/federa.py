@@ -15,6 +15,7 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 from edge.errors import UserError
 from edge.methods.base import InitialState, MemoryFootprint, Tensors, register_method
 from edge.methods.lora import LoraMethod
+from edge.models import quiet_transformers
 
 
 def _lora_layers(model: Any) -> Iterator[Tuple[str, Any]]:
@@ -98,4 +99,5 @@ class FederaMethod(LoraMethod):
                 layer.lora_B["default"].weight.copy_(torch.cat([state[name_b], -init[name_b]], 1))
         heads = {name: value for name, value in state.items() if "lora_" not in name}
         self.set_state(export, heads)
-        export.save_pretrained(out_dir)
+        with quiet_transformers():
+            export.save_pretrained(out_dir)

@@ -5,7 +5,8 @@ model and the coordinator's FedAvg (`coordinator/strategies/fedavg.py`) averages
 sample count. The payload is the whole model (MiniLM fp32 ≈ 91 MB, GB for larger models), which
 is why it travels as chunked, disk-backed blobs and can be compressed (`transfer.update_dtype`:
 fp16, bf16 or int8 deltas). The export is a plain Hugging Face folder:
-`AutoModelForSequenceClassification.from_pretrained(runs/<exp>/global/round-NNNN)`.
+`AutoModelForSequenceClassification.from_pretrained(runs/<exp>/global/round-NNNN)` (or
+`AutoModelForCausalLM` for a causal LM; SmolLM2's delta is 538 MB fp32).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from edge.methods.base import FederatedMethod, InitialState, Tensors, register_method
-from edge.models import load_classifier
+from edge.models import load_model
 
 
 @register_method
@@ -23,7 +24,7 @@ class FullMethod(FederatedMethod):
     """5e-5 diverged under skew (NOTES.md); the default memory footprint is full's."""
 
     def build(self, init: Optional[Tensors], seed: int) -> Any:
-        model = load_classifier(self.model_ref, seed=seed)
+        model = load_model(self.model_ref, seed=seed)
         for param in model.parameters():
             param.requires_grad_(True)
         return model

@@ -1,8 +1,13 @@
-"""Plain federated LoRA: A random, B zero; devices train A, B and the task head."""
+"""Plain federated LoRA: A random, B zero; devices train A, B and (classifiers) the task head.
+
+Classifiers and causal LMs alike: the model's kind picks PEFT's task type. `target_modules` is
+a list, a comma-separated string (`q_proj,v_proj`) or `all-linear`; unset, PEFT's per-model
+default (query/value for BERT, q_proj/v_proj for Llama-style decoders).
+"""
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Union
 
 from pydantic import Field
 
@@ -14,14 +19,22 @@ from edge.methods.base import (
     Tensors,
     register_method,
 )
-from edge.models import default_target_modules, load_classifier, quiet_transformers
+from edge.models import default_target_modules, is_causal_lm, load_model, quiet_transformers
 
 
 class LoraSettings(MethodConfig):
     rank: int = Field(default=8, ge=1, le=4096)
     alpha: float = Field(default=16.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
-    target_modules: Optional[List[str]] = None
+    target_modules: Optional[Union[List[str], str]] = None
+
+    def targets(self, model: Any) -> Union[List[str], str]:
+        """The configured targets (`all-linear` passes through), else the model's default."""
+        if isinstance(self.target_modules, str):
+            if self.target_modules == "all-linear":
+                return self.target_modules
+            return [name.strip() for name in self.target_modules.split(",") if name.strip()]
+        return self.target_modules or default_target_modules(model)
 
     @property
     def scaling(self) -> float:
@@ -36,16 +49,17 @@ class LoraMethod(FederatedMethod):
     default_learning_rate = 1e-3
 
     def peft_model(self, rank: int, alpha: float, seed: int) -> Any:
-        """The base classifier wrapped by PEFT LoRA (task head trained as `modules_to_save`)."""
+        """The base model wrapped by PEFT LoRA (a classifier's head trained as
+        `modules_to_save`)."""
         from peft import LoraConfig, TaskType, get_peft_model
 
-        base = load_classifier(self.model_ref, seed=seed)
+        base = load_model(self.model_ref, seed=seed)
         peft_config = LoraConfig(
-            task_type=TaskType.SEQ_CLS,
+            task_type=TaskType.CAUSAL_LM if is_causal_lm(base) else TaskType.SEQ_CLS,
             r=rank,
             lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT accepts floats
             lora_dropout=self.config.dropout,
-            target_modules=self.config.target_modules or default_target_modules(base),
+            target_modules=self.config.targets(base),
         )
         with quiet_transformers():
             return get_peft_model(base, peft_config)

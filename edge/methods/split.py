@@ -468,6 +468,7 @@ class SplitMethod(LoraMethod):
             held_params=client_params(model, layers),
             trainable_params=self.lora_params(model, layers),
             layers=layers,
+            logits_on_device=False,
         )
 
     def layout(self, model: Any) -> SplitLayout:
