@@ -36,6 +36,7 @@ from edge.transfer import BlobServer, Download, TransferTimeout
 from edge.wire import (
     ID_PATTERN,
     Ack,
+    Announcement,
     BlobManifest,
     ChunkRequest,
     Hello,
@@ -109,12 +110,14 @@ class EdgeAgent:
         self._model: Optional[_ModelCache] = None
         self._datasets: Dict[Tuple[str, str], TextDataset] = {}
         self._unsent_records: List[PhaseRecord] = []
+        self._coordinator_started_unix_s: Optional[float] = None
         dev = self.topics.device
         self.link = MqttLink(
             config.broker,
             client_id=f"jetfed-edge-{config.device_id}",
             subscriptions=[
                 self.topics.task,
+                self.topics.coordinator,
                 dev(self.device_id, "down/#"),
                 dev(self.device_id, "pull"),
                 dev(self.device_id, "ack"),
@@ -243,6 +246,9 @@ class EdgeAgent:
             if topic == self.topics.task:
                 self._on_task(payload)
                 return
+            if topic == self.topics.coordinator:
+                self._on_announcement(payload)
+                return
             _, leaf, rest = self.topics.parse_device_topic(topic)
             if leaf == "down" and len(rest) == 2:
                 download = self._downloads.get(rest[0])
@@ -260,6 +266,16 @@ class EdgeAgent:
                     self._nacks[nack.round_index] = nack
         except (ProtocolError, ValueError) as exc:
             log_event(logger, logging.WARNING, "message.rejected", topic=topic, reason=exc)
+
+    def _on_announcement(self, payload: bytes) -> None:
+        """A coordinator (re)started: say hello again. Some brokers (RabbitMQ) never deliver
+        retained messages to wildcard subscriptions, so it may not have seen our retained one."""
+        if not payload:
+            return
+        announcement = parse_message(Announcement, payload)
+        if announcement.started_unix_s != self._coordinator_started_unix_s:
+            self._coordinator_started_unix_s = announcement.started_unix_s
+            self._announce()
 
     def _on_task(self, payload: bytes) -> None:
         if not payload:
