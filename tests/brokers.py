@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -38,6 +39,25 @@ def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s} s")
+
+
+def wait_mqtt_accepts(host: str, port: int, timeout_s: float) -> None:
+    """Until a broker answers an MQTT CONNECT with success (a NATS cluster listens before its
+    JetStream quorum can serve MQTT sessions)."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    accepted = threading.Event()
+    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+    client.on_connect = lambda c, u, f, reason, p: reason.is_failure or accepted.set()
+    client.connect_async(host, port)
+    client.loop_start()
+    try:
+        if not accepted.wait(timeout_s):
+            raise TimeoutError(f"no MQTT session at {host}:{port} after {timeout_s} s")
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 class MosquittoBroker:
@@ -101,9 +121,7 @@ class BrokerProcess:
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
 
-    def _spawn(
-        self, command: List[str], env: Optional[Dict[str, str]] = None, ready_s: float = 20.0
-    ) -> None:
+    def _spawn(self, command: List[str], env: Optional[Dict[str, str]] = None) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = open(self.workdir / "broker.log", "ab")  # noqa: SIM115 - owned by the process
         self.process = subprocess.Popen(
@@ -113,7 +131,9 @@ class BrokerProcess:
             env={**os.environ, **(env or {})},
             start_new_session=True,
         )
-        wait_for_port(self.host, self.port, ready_s)
+
+    def wait_ready(self, timeout_s: float = 20.0) -> None:
+        wait_for_port(self.host, self.port, timeout_s)
 
     def _signal(self, signum: int) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -159,14 +179,16 @@ class NatsBroker(BrokerProcess):
         self.routes = routes or []
         self.extra_config = extra_config
 
-    def start(self) -> None:
+    def start(self, wait: bool = True) -> None:
+        """Start the process; `wait`: until MQTT listens (a cluster node listens only once
+        JetStream has a quorum, so a cluster starts every node first)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         lines = [
             f"server_name: {self.name}",
             f"listen: {self.host}:{free_port()}",
             f'jetstream {{ store_dir: "{self.workdir / "jetstream"}" }}',
             f"mqtt {{ listen: {self.host}:{self.port}"
-            + (" stream_replicas: 3 }" if self.cluster_port is not None else " }"),
+            + (", stream_replicas: 3 }" if self.cluster_port is not None else " }"),
         ]
         if self.cluster_port is not None:
             routes = ", ".join(f"nats-route://{self.host}:{port}" for port in self.routes)
@@ -177,6 +199,8 @@ class NatsBroker(BrokerProcess):
         config = self.workdir / "nats.conf"
         config.write_text("\n".join([*lines, self.extra_config, ""]))
         self._spawn([binary("nats-server") or "nats-server", "-c", str(config)])
+        if wait:
+            self.wait_ready()
 
 
 class NatsCluster:
@@ -198,7 +222,10 @@ class NatsCluster:
 
     def start(self) -> None:
         for node in self.nodes:
-            node.start()
+            node.start(wait=False)
+        for node in self.nodes:
+            node.wait_ready(60.0)
+            wait_mqtt_accepts(node.host, node.port, 60.0)
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -233,4 +260,5 @@ class RabbitMqBroker(BrokerProcess):
             "RABBITMQ_LOG_BASE": str(self.workdir / "log"),
             "RABBITMQ_PID_FILE": str(self.workdir / "rabbitmq.pid"),
         }
-        self._spawn([RABBITMQ_SERVER], env, ready_s=90.0)
+        self._spawn([RABBITMQ_SERVER], env)
+        self.wait_ready(120.0)
