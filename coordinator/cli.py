@@ -15,7 +15,8 @@ def coordinator_run(
         None,
         "--broker",
         envvar="JETFED_BROKER",
-        help="Overrides broker.url (mqtt://HOST:1883, mqtts://HOST:8883); none: embedded broker.",
+        help="Overrides broker.url (mqtt://HOST:1883, mqtts://HOST:8883; cluster nodes: several, "
+        "comma-separated, tried in order); none: embedded broker.",
     ),
     username: Optional[str] = typer.Option(None, envvar="JETFED_USERNAME"),
     password: Optional[str] = typer.Option(None, envvar="JETFED_PASSWORD"),

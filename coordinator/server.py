@@ -231,6 +231,11 @@ class Coordinator:
 
     def run(self) -> List[RoundMetrics]:
         self.link.connect()
+        self.link.check_message_limit(
+            f"{self.topics.root}/probe",
+            self.config.transfer.chunk_size_bytes,
+            "transfer.chunk_size_bytes",
+        )
         started_s = time.monotonic() - self.wall_clock_offset_s
         init_manifest: Optional[BlobManifest] = None
         if self.init is not None:

@@ -45,6 +45,7 @@ from edge.transfer import Download, TransferTimeout
 from edge.wire import (
     ID_PATTERN,
     Ack,
+    Announcement,
     BlobManifest,
     Hello,
     Nack,
@@ -128,6 +129,7 @@ class EdgeAgent:
         self._model: Optional[_ModelCache] = None
         self._datasets: Dict[Tuple[str, str, str], Any] = {}
         self._unsent_records: List[PhaseRecord] = []
+        self._coordinator_started_unix_s: Optional[float] = None
         dev = self.topics.device
         self.session = DeviceSession(
             config.broker,
@@ -136,9 +138,9 @@ class EdgeAgent:
             self.hello,
             client_id=f"jetfed-edge-{config.device_id}",
             extra_subscriptions=[
+                self.topics.coordinator,
                 dev(self.device_id, "status"),
                 dev(self.device_id, "exchange/down/#"),
-                *([self.topics.coordinator] if follow else []),
             ],
             background=True,
         )
@@ -161,9 +163,6 @@ class EdgeAgent:
         self.link.on_topic(lambda topic: topic.startswith(prefix), self.exchange.deliver)
         self.follow = follow
         self._announced = threading.Event()
-        if follow:
-            announcement = self.topics.coordinator
-            self.link.on_topic(lambda topic: topic == announcement, self._on_announcement)
 
     # ------------------------------------------------------------------ connection
 
@@ -172,14 +171,6 @@ class EdgeAgent:
         connected: the coordinator would forget us, so announce again."""
         log_event(logger, logging.WARNING, "device.reannounce", status=payload[:16])
         self.session.announce()
-
-    def _on_announcement(self, topic: str, payload: bytes) -> None:
-        """paho thread: our experiment's coordinator is running (payload) or its run ended."""
-        if payload:
-            self._announced.set()
-        else:
-            log_event(logger, logging.INFO, "experiment.ended", experiment=self.topics.experiment)
-            self.stop()
 
     def hello(self) -> Hello:
         import torch
@@ -276,6 +267,9 @@ class EdgeAgent:
             if topic == self.topics.task:
                 self._on_task(payload)
                 return
+            if topic == self.topics.coordinator:
+                self._on_announcement(payload)
+                return
             _, leaf, rest = self.topics.parse_device_topic(topic)
             if leaf == "down" and len(rest) == 2:
                 download = self._downloads.get(rest[0])
@@ -295,6 +289,24 @@ class EdgeAgent:
                 self._reannounce(payload)
         except (ProtocolError, ValueError) as exc:
             log_event(logger, logging.WARNING, "message.rejected", topic=topic, reason=exc)
+
+    def _on_announcement(self, payload: bytes) -> None:
+        """Our experiment's coordinator runs (payload) or its run ended (empty). A (re)started
+        coordinator hears our hello again: some brokers (RabbitMQ) never deliver retained
+        messages to wildcard subscriptions, so it may not have seen our retained one. A device
+        that follows announcements (edge.lobby) leaves once the run ended."""
+        if not payload:
+            if self.follow:
+                log_event(
+                    logger, logging.INFO, "experiment.ended", experiment=self.topics.experiment
+                )
+                self.stop()
+            return
+        announcement = parse_message(Announcement, payload)
+        self._announced.set()
+        if announcement.started_unix_s != self._coordinator_started_unix_s:
+            self._coordinator_started_unix_s = announcement.started_unix_s
+            self.session.announce()
 
     def _on_task(self, payload: bytes) -> None:
         if not payload:

@@ -31,7 +31,10 @@ def broker_spec(**fields: Any) -> Any:
 
 def edge_run(
     broker: str = typer.Option(
-        ..., envvar="JETFED_BROKER", help="mqtt://HOST:1883 or mqtts://HOST:8883"
+        ...,
+        envvar="JETFED_BROKER",
+        help="mqtt://HOST:1883 or mqtts://HOST:8883; cluster nodes: several, comma-separated, "
+        "tried in order",
     ),
     device_id: str = typer.Option(..., envvar="JETFED_DEVICE_ID", help="Unique id, e.g. orin-01."),
     data: Optional[str] = typer.Option(

@@ -176,6 +176,10 @@ class MemLink:
             self._broker.publish(topic, bytes(payload), retain)
         return wire_bytes
 
+    def check_message_limit(self, topic: str, payload_bytes: int, setting: str) -> None:
+        """`MqttLink.check_message_limit`'s twin: the in-memory broker has no limit beyond the
+        link's own `max_message_bytes`, which every publish checks."""
+
     def wait_published(self, timeout_s: float = 30.0) -> bool:
         return True  # a publish is routed before `publish` returns
 

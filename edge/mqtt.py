@@ -1,10 +1,13 @@
 """One MQTT connection (paho-mqtt 2.x) that survives broker restarts and network drops.
 
 paho's network thread reconnects with backoff; on every (re)connect we re-subscribe and publish
-the retained `online` status. Inbound messages land on a queue that the owner's single thread
-drains, so protocol state is never touched from two threads. Handlers registered with
-`on_topic` run on paho's thread instead: used only for serving blob chunks, which must keep
-flowing while the owner is busy training.
+the retained `online` status. A broker spec may name several URLs (the nodes of a cluster): the
+first that answers is used, and every lost connection or failed attempt moves to the next one in
+order (one log line per switch), so a device whose node dies carries on through another node.
+
+Inbound messages land on a queue that the owner's single thread drains, so protocol state is
+never touched from two threads. Handlers registered with `on_topic` run on paho's thread instead:
+used only for serving blob chunks, which must keep flowing while the owner is busy training.
 """
 
 from __future__ import annotations
@@ -17,12 +20,12 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, Union
 from urllib.parse import urlparse
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edge.errors import UserError
 from edge.logs import log_event
@@ -35,6 +38,10 @@ CONNECT_RETRY_S = 1.0
 # CONNACK reasons that may pass (MQTT 5 codes, which paho also uses for 3.1.1 brokers):
 # server unavailable, server busy. Anything else refuses the same credentials again.
 RETRYABLE_REFUSALS = (136, 137)
+PROBE_ATTEMPTS = 3
+PROBE_WAIT_S = 5.0
+PROBE_TOPIC_HEADROOM_BYTES = 256
+"""Probe payloads are this much larger than a chunk: the longest chunk topic minus the probe's."""
 NOT_AUTHORISED = (134, 135)  # bad user name or password, not authorised
 
 
@@ -46,8 +53,14 @@ def refusal_text(reason_code: Any, username: Optional[str]) -> str:
     return str(reason_code)
 
 
+Endpoint = Tuple[str, int, bool]  # host, port, tls
+
+
 class BrokerSpec(BaseModel):
-    """Where the broker is and how to authenticate: `mqtt://host:1883` or `mqtts://host:8883`."""
+    """Where the broker is and how to authenticate: `mqtt://host:1883` or `mqtts://host:8883`.
+
+    `url` may list several nodes of one cluster, comma-separated (or a YAML list), tried in order:
+    `mqtt://node-a:1883,mqtt://node-b:1883`. They share the credentials and TLS settings."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -60,19 +73,42 @@ class BrokerSpec(BaseModel):
     keepalive_s: int = Field(default=30, ge=5)
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, gt=1024)
 
-    def endpoint(self) -> Tuple[str, int, bool]:
-        """(host, port, tls) from the URL; UserError for anything else."""
-        parsed = urlparse(self.url)
-        if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parsed.hostname:
+    @field_validator("url", mode="before")
+    @classmethod
+    def _join_list(cls, value: Union[str, List[str]]) -> str:
+        return ",".join(value) if isinstance(value, list) else value
+
+    def urls(self) -> List[str]:
+        """The broker URLs in the order they are tried."""
+        return [part.strip() for part in self.url.split(",") if part.strip()]
+
+    def endpoints(self) -> List[Endpoint]:
+        """(host, port, tls) of every URL; UserError for a malformed one or mixed TLS."""
+        found = [_endpoint_of(url) for url in self.urls()]
+        if not found:
+            raise UserError("broker url is empty: give mqtt://HOST:1883 or mqtts://HOST:8883")
+        if len({tls for _, _, tls in found}) > 1:
             raise UserError(
-                f"broker url {self.url!r} must look like mqtt://HOST:1883 or mqtts://HOST:8883"
+                f"broker urls {self.url!r} mix mqtt:// and mqtts://: list the nodes of one "
+                "cluster with the same scheme"
             )
-        tls = parsed.scheme in ("mqtts", "ssl")
-        return parsed.hostname, parsed.port or (8883 if tls else 1883), tls
+        return found
+
+    def endpoint(self) -> Endpoint:
+        """The first endpoint, after checking every URL."""
+        return self.endpoints()[0]
+
+
+def _endpoint_of(url: str) -> Endpoint:
+    parsed = urlparse(url)
+    if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parsed.hostname:
+        raise UserError(f"broker url {url!r} must look like mqtt://HOST:1883 or mqtts://HOST:8883")
+    tls = parsed.scheme in ("mqtts", "ssl")
+    return parsed.hostname, parsed.port or (8883 if tls else 1883), tls
 
 
 def apply_credentials(client: paho.Client, spec: BrokerSpec) -> Tuple[str, int]:
-    """Username/password and TLS from `spec` on a paho client; returns (host, port)."""
+    """Username/password and TLS from `spec` on a paho client; returns the first (host, port)."""
     if spec.username:
         client.username_pw_set(spec.username, spec.password)
     host, port, tls = spec.endpoint()
@@ -136,6 +172,9 @@ class MqttLink:
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
+        self._client.on_connect_fail = self._handle_connect_fail
+        self._endpoints = [(h, p) for h, p, _ in spec.endpoints()]
+        self._current = 0
         self._host, self._port = host, port
 
     # ------------------------------------------------------------------ lifecycle
@@ -155,7 +194,8 @@ class MqttLink:
             remaining_s = deadline_s - time.monotonic()
             if remaining_s <= 0:
                 raise UserError(self._no_connection(started_s, cause))
-            time.sleep(min(CONNECT_RETRY_S, remaining_s))
+            if self._switch(cause) == 0:  # every node tried once: back off before the next pass
+                time.sleep(min(CONNECT_RETRY_S, remaining_s))
         self._client.loop_start()
         self._answered.wait(max(0.0, deadline_s - time.monotonic()))
         if self._connected.is_set():
@@ -164,7 +204,7 @@ class MqttLink:
         self._client.loop_stop()
         if self._refusal is not None:
             raise UserError(
-                f"the broker at {self.spec.url} refused the connection: {self._refusal}"
+                f"the broker at {self.broker_url} refused the connection: {self._refusal}"
             )
         raise UserError(
             self._no_connection(
@@ -179,13 +219,43 @@ class MqttLink:
         waited_s = time.monotonic() - started_s
         return f"no connection to the broker at {self.spec.url} after {waited_s:.0f} s: {cause}"
 
+    @property
+    def broker_url(self) -> str:
+        """The URL of the node this link uses (or tries) now."""
+        return self.spec.urls()[self._current]
+
+    def _switch(self, cause: str) -> int:
+        """Move to the next URL of the list (a log line when there is another); its index."""
+        if len(self._endpoints) == 1:
+            return 0
+        previous = self.broker_url
+        self._current = (self._current + 1) % len(self._endpoints)
+        self._host, self._port = self._endpoints[self._current]
+        log_event(
+            logger,
+            logging.WARNING,
+            "mqtt.switch",
+            client_id=self.client_id,
+            from_url=previous,
+            to_url=self.broker_url,
+            cause=cause,
+        )
+        return self._current
+
+    def _switch_reconnect_target(self, cause: str) -> None:
+        """After a lost connection or failed attempt, point paho's reconnect at the next URL.
+        paho offers no public way to change the address of a client that is reconnecting."""
+        if len(self._endpoints) > 1 and not self._closing:
+            self._switch(cause)
+            self._client._host, self._client._port = self._host, self._port
+
     def _open_socket(self) -> Optional[str]:
         """One TCP (and TLS) connect and the MQTT CONNECT; why it failed, or None."""
         address = f"{self._host}:{self._port}"
         try:
             self._client.connect(self._host, self._port, keepalive=self.spec.keepalive_s)
         except ssl.SSLError as exc:
-            raise UserError(f"TLS with the broker at {self.spec.url} failed: {exc}") from None
+            raise UserError(f"TLS with the broker at {self.broker_url} failed: {exc}") from None
         except ConnectionRefusedError:
             return f"nothing is listening at {address}"
         except socket.gaierror as exc:
@@ -193,7 +263,7 @@ class MqttLink:
         except OSError as exc:
             return f"no answer from {address} ({exc.strerror or type(exc).__name__})"
         except ValueError as exc:
-            raise UserError(f"cannot reach the broker at {self.spec.url}: {exc}") from None
+            raise UserError(f"cannot reach the broker at {self.broker_url}: {exc}") from None
         return None
 
     def close(self, final: Optional[Tuple[str, bytes]] = None) -> None:
@@ -223,6 +293,39 @@ class MqttLink:
         with self._counter_lock:
             self.counters.bytes_sent += wire_bytes
         return wire_bytes
+
+    def check_message_limit(self, topic: str, payload_bytes: int, setting: str) -> None:
+        """Send one message a little larger than `payload_bytes` to ourselves on `topic` and wait
+        for it, a few times; UserError naming `setting` if it never comes back.
+
+        Brokers differ in their largest message (NATS: max_payload, Mosquitto:
+        message_size_limit) and some drop a bigger publish silently: checked at start, that is
+        one line, not a transfer that stalls mid-round."""
+        probe = bytes(payload_bytes + PROBE_TOPIC_HEADROOM_BYTES)
+        arrived = threading.Event()
+
+        def on_probe(_topic: str, payload: bytes) -> None:
+            if len(payload) == len(probe):
+                arrived.set()
+
+        entry = (topic.__eq__, on_probe)
+        self._handlers.append(entry)
+        self._client.subscribe(topic, qos=1)
+        started_s = time.monotonic()
+        try:
+            for _ in range(PROBE_ATTEMPTS):  # the first may race the subscription
+                self._client.publish(topic, probe, qos=1)
+                if arrived.wait(PROBE_WAIT_S):
+                    return
+        finally:
+            self._client.unsubscribe(topic)
+            self._handlers.remove(entry)
+        raise UserError(
+            f"the broker at {self.broker_url} never delivered a {len(probe)}-byte message "
+            f"({PROBE_ATTEMPTS} tries in {time.monotonic() - started_s:.0f} s): its message "
+            f"size limit is below {setting}={payload_bytes}; lower {setting} or raise the "
+            "broker's limit (docs/BROKERS.md)"
+        )
 
     def wait_published(self, timeout_s: float = 30.0) -> bool:
         """Wait until paho has no outgoing messages left in flight (best effort)."""
@@ -262,7 +365,9 @@ class MqttLink:
         for topic in self._subscriptions:
             client.subscribe(topic, qos=1)
         self.connect_count += 1
-        log_event(logger, logging.INFO, "mqtt.connected", client_id=self.client_id)
+        log_event(
+            logger, logging.INFO, "mqtt.connected", client_id=self.client_id, broker=self.broker_url
+        )
         self._connected.set()
         self._answered.set()
         if self._on_connected is not None:
@@ -270,8 +375,18 @@ class MqttLink:
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         if self._connected.is_set() and not self._closing:
-            log_event(logger, logging.WARNING, "mqtt.disconnected", reason=str(reason_code))
+            log_event(
+                logger,
+                logging.WARNING,
+                "mqtt.disconnected",
+                broker=self.broker_url,
+                reason=str(reason_code),
+            )
+        self._switch_reconnect_target(f"connection lost ({reason_code})")
         self._connected.clear()
+
+    def _handle_connect_fail(self, client, userdata) -> None:  # type: ignore[no-untyped-def]
+        self._switch_reconnect_target("reconnect failed")
 
     def _handle_message(self, client, userdata, message) -> None:  # type: ignore[no-untyped-def]
         topic, payload = message.topic, bytes(message.payload)

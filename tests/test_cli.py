@@ -30,7 +30,7 @@ def run_cli(args: List[str]) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     ("args", "named"),
     [
-        (["demo", "--model", "x"], "--model"),
+        (["demo", "--modle", "x"], "--modle"),
         (["demo", "--rounds", "x"], "--rounds"),
         (["nosuch"], "No such command 'nosuch'"),
         (["edge", "run", "--max-rounds"], "--max-rounds"),
@@ -43,6 +43,14 @@ def test_a_usage_mistake_is_the_usage_message_and_exit_2(args: List[str], named:
     assert "Traceback" not in result.stderr and "Exception" not in result.stderr
     assert named in result.stderr and len(result.stderr.splitlines()) <= 8, result.stderr
     assert result.stdout == ""
+
+
+def test_an_uninstalled_model_is_one_line() -> None:
+    """`--model` takes any Hugging Face id or folder: one that is not here is one line, exit 1."""
+    result = run_cli(["demo", "--model", "x"])
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("jetfed: error: model 'x' is not installed")
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
 
 
 def test_help_still_works() -> None:

@@ -1,0 +1,103 @@
+"""A node of a 3-node NATS cluster dies mid-round: its device fails over to another node and the
+round completes with every update counted once; retained state stays right on the survivors.
+
+NATS rather than RabbitMQ: NATS keeps MQTT retained messages and sessions in JetStream streams
+replicated on all three nodes, so any two still hold the task and the announcement; RabbitMQ
+3.10 keeps retained messages in a node-local store, so a device that fails over to another node
+would not find the task there (docs/BROKERS.md). A NATS node also starts in a second, not a
+minute."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from pathlib import Path
+from typing import Dict, List
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge.wire import Announcement, parse_message
+from tests.brokers import NatsBroker, NatsCluster
+from tests.fleet import jetfed, log_tail, read_metrics, stop, wait_for, write_config
+
+
+def _retained(node: NatsBroker, topics: List[str]) -> Dict[str, bytes]:
+    """The retained messages on `topics` at `node`: subscribe, then (subscribed) publish a
+    marker; everything retained arrives before the marker (one connection keeps order)."""
+    got: Dict[str, bytes] = {}
+    marker = "jetfed/cluster-test/marker"
+    done = threading.Event()
+
+    def on_message(client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+        if message.topic == marker:
+            done.set()
+        elif message.payload:
+            got[message.topic] = bytes(message.payload)
+
+    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+    client.on_message = on_message
+    client.on_connect = lambda c, u, f, r, p: c.subscribe([(t, 1) for t in [*topics, marker]])
+    client.on_subscribe = lambda c, u, m, r, p: c.publish(marker, b"x", qos=1)
+    client.connect(node.host, node.port)
+    client.loop_start()
+    try:
+        assert done.wait(60), "the marker never came back"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return got
+
+
+def _edge(url: str, device_id: str, name: str, data: Path, logs: Path) -> subprocess.Popen[bytes]:
+    return jetfed(
+        "-v", "edge", "run", "--broker", url, "--device-id", device_id, "--experiment", name,
+        "--data", str(data), "--threads", "1", log=logs / f"{device_id}.log",
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    run=False,
+    reason="found here: the device fails over (mqtt.switch, reconnected to a live node), but one "
+    "QoS 1 chunk to it is then never delivered by the cluster and the round stalls; not yet fixed",
+)
+def test_node_killed_mid_round_devices_fail_over(
+    nats_cluster: NatsCluster, tmp_path: Path, minilm_path: str, sst2_dir: Path
+) -> None:
+    name = "cluster-failover"
+    config = write_config(tmp_path, name, "lora", sst2_dir, rounds=2)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    coordinator = jetfed(
+        "-v", "coordinator", "run", str(config), "--broker", nats_cluster.url(2, 0, 1),
+        log=logs / "coordinator.log",
+    )  # fmt: skip
+    edges = [
+        _edge(nats_cluster.url(*order), f"dev-{index}", name, sst2_dir, logs)
+        for index, order in enumerate([(0, 1, 2), (1, 2, 0)])
+    ]
+    topics = [f"jetfed/{name}/coordinator", f"jetfed/{name}/task"]
+    try:
+        wait_for(
+            lambda: "round_index=0 phase=train" in (logs / "dev-0.log").read_text(),
+            300,
+            "dev-0 training round 0",
+        )
+        nats_cluster.nodes[0].kill()
+        wait_for(lambda: read_metrics(tmp_path / "runs" / name), 300, "round 0")
+        retained = _retained(nats_cluster.nodes[1], topics)
+        announcement = parse_message(Announcement, retained[topics[0]])
+        assert announcement.experiment == name
+        assert coordinator.wait(timeout=600) == 0, log_tail(*logs.iterdir())
+    finally:
+        stop([coordinator, *edges])
+    metrics = read_metrics(tmp_path / "runs" / name)
+    assert [(m["round_index"], m["status"], m["num_aggregated"]) for m in metrics] == [
+        (0, "aggregated", 2),
+        (1, "aggregated", 2),
+    ]
+    device_log = (logs / "dev-0.log").read_text()
+    assert f"from_url={nats_cluster.nodes[0].url} to_url={nats_cluster.nodes[1].url}" in device_log
+    assert _retained(nats_cluster.nodes[1], topics) == {}, "the run's retained state outlived it"
