@@ -3,8 +3,8 @@
 Two strategies on real MiniLM shapes: `fedavg`, the default (sums nₖ·Δₖ in fp64, a few MB of rows at
 a time, in device-id order), and `median` (coordinate-wise, one tensor of every update at a time),
 both given in-memory updates. Separately, the decode + validation every update passes first
-(`edge.wire.decode_tensors` with the expected spec). Throughput = update bytes in (N × fp32 size) /
-seconds.
+(`jetfed.edge.wire.decode_tensors` with the expected spec). Throughput = update bytes in (N × fp32
+size) / seconds.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from bench.tensors import Spec, full_spec, lora_spec, random_tensors, raw_bytes
 
 
 def _updates(spec: Spec, count: int) -> List[Any]:
-    from coordinator.strategies.base import AcceptedUpdate
-    from edge.wire import BlobManifest, Update
+    from jetfed.coordinator.strategies.base import AcceptedUpdate
+    from jetfed.edge.wire import BlobManifest, Update
 
     manifest = BlobManifest(
         digest="0" * 64, size_bytes=1, chunk_size_bytes=1, chunk_digests=["0" * 64]
@@ -45,7 +45,7 @@ def _updates(spec: Spec, count: int) -> List[Any]:
 
 def _time_aggregate(spec: Spec, count: int, repeats: int, path: str) -> Dict[str, Any]:
     """`path` is the strategy's name; aggregation uses none of the server context."""
-    from coordinator.strategies.base import ServerContext, make_strategy
+    from jetfed.coordinator.strategies.base import ServerContext, make_strategy
 
     updates = _updates(spec, count)
     global_state = random_tensors(spec, seed=99, scale=1.0)
@@ -67,7 +67,7 @@ def _time_aggregate(spec: Spec, count: int, repeats: int, path: str) -> Dict[str
 
 
 def _time_decode(spec: Spec, repeats: int) -> Dict[str, float]:
-    from edge.wire import decode_tensors, encode_tensors
+    from jetfed.edge.wire import decode_tensors, encode_tensors
 
     payload = encode_tensors(random_tensors(spec, seed=1))
     times = []

@@ -1,6 +1,6 @@
 """Causal-LM training on SmolLM2-135M-Instruct: step time, peak memory, bytes per round.
 
-- Step time: `edge.train.train_local` (response-only lm_head) vs a bare PEFT loop that calls
+- Step time: `jetfed.edge.train.train_local` (response-only lm_head) vs a bare PEFT loop that calls
   `model(**batch).loss` (Hugging Face's full [batch, tokens, vocab] logits) on the SAME batches
   (SST-2 as generation, batch 8, ≤ 128 tokens, LoRA q_proj,v_proj r8, AdamW lr 1e-3, clipping 1.0),
   interleaved repetitions, medians compared (goal: within 5 %).
@@ -59,7 +59,7 @@ BYTES_CONFIGS = {
 
 
 def _ref(max_length: int, checkpointing: bool = False) -> Any:
-    from edge.wire import ModelRef
+    from jetfed.edge.wire import ModelRef
 
     return ModelRef(
         name_or_path="smollm2",
@@ -71,7 +71,7 @@ def _ref(max_length: int, checkpointing: bool = False) -> Any:
 
 def long_rows(datasets: Path, count: int) -> Any:
     """`count` rows of exactly RSS_MAX_LENGTH tokens once rendered: answer i after questions."""
-    from edge.instructions import load_instructions, rows_to_instructions
+    from jetfed.edge.instructions import load_instructions, rows_to_instructions
 
     gsm8k = load_instructions(str(datasets / "gsm8k"), "train")
     short = [i for i, answer in enumerate(gsm8k.responses) if len(answer) < SHORT_ANSWER_CHARS]
@@ -100,11 +100,11 @@ def bare_peft_loop(model: Any, batches: List[Dict[str, Any]], seed: int) -> None
 
 
 def step_times(datasets: Path, steps: int, repeats: int) -> Dict[str, Any]:
-    from edge.instructions import load_instructions
-    from edge.methods.base import get_method
-    from edge.models import load_tokenizer
-    from edge.train import batch_indices, make_batch, train_local
-    from edge.wire import TrainingConfig
+    from jetfed.edge.instructions import load_instructions
+    from jetfed.edge.methods.base import get_method
+    from jetfed.edge.models import load_tokenizer
+    from jetfed.edge.train import batch_indices, make_batch, train_local
+    from jetfed.edge.wire import TrainingConfig
 
     ref = _ref(STEP_MAX_LENGTH)
     data = load_instructions(str(datasets / "sst2"), "train").subset(range(512))
@@ -147,10 +147,10 @@ def peak_child(method_name: str, settings: Dict[str, Any], naive: bool, checkpoi
 
     import torch
 
-    from edge.methods.base import get_method
-    from edge.models import load_tokenizer
-    from edge.train import make_batch, train_local
-    from edge.wire import TrainingConfig
+    from jetfed.edge.methods.base import get_method
+    from jetfed.edge.models import load_tokenizer
+    from jetfed.edge.train import make_batch, train_local
+    from jetfed.edge.wire import TrainingConfig
 
     torch.set_num_threads(1)
     ref = _ref(RSS_MAX_LENGTH, checkpointing)
@@ -200,8 +200,8 @@ def peak_rss(datasets: Path, steps: int) -> Dict[str, Any]:
 
 
 def bytes_per_round() -> Dict[str, Any]:
-    from edge.methods.base import get_method
-    from edge.wire import encode_tensors
+    from jetfed.edge.methods.base import get_method
+    from jetfed.edge.wire import encode_tensors
 
     results = {}
     for label, (method_name, settings) in BYTES_CONFIGS.items():

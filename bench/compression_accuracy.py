@@ -18,19 +18,19 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-from edge.tensorfile import UPDATE_DTYPES, TensorFile, write_tensor_file
+from jetfed.edge.tensorfile import UPDATE_DTYPES, TensorFile, write_tensor_file
 
 DATASET = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "sst2"
 
 
 def run(quick: bool = False) -> Dict[str, Any]:
-    from coordinator.strategies.base import AcceptedUpdate, ServerContext
-    from coordinator.strategies.fedavg import FedAvg
-    from edge.data import client_shard, load_split
-    from edge.methods.base import get_method
-    from edge.models import load_tokenizer
-    from edge.train import evaluate, train_local
-    from edge.wire import ModelRef, PartitionSpec, TrainingConfig, Update, make_manifest
+    from jetfed.coordinator.strategies.base import AcceptedUpdate, ServerContext
+    from jetfed.coordinator.strategies.fedavg import FedAvg
+    from jetfed.edge.data import client_shard, load_split
+    from jetfed.edge.methods.base import get_method
+    from jetfed.edge.models import load_tokenizer
+    from jetfed.edge.train import evaluate, train_local
+    from jetfed.edge.wire import ModelRef, PartitionSpec, TrainingConfig, Update, make_manifest
 
     clients, rounds = 2, (1 if quick else 2)
     steps, eval_samples = (10, 128) if quick else (30, 400)

@@ -86,9 +86,9 @@ def instrument(coordinator: Any, events: List[Event]) -> None:
 
 def _coordinator_main(config_raw: Dict[str, Any], broker_url: str, events_path: str) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from coordinator.config import parse_config
-    from coordinator.server import Coordinator
-    from edge.mqtt import BrokerSpec
+    from jetfed.coordinator.config import parse_config
+    from jetfed.coordinator.server import Coordinator
+    from jetfed.edge.mqtt import BrokerSpec
 
     coordinator = Coordinator(parse_config(config_raw, "bench"), BrokerSpec(url=broker_url))
     events: List[Event] = []

@@ -3,7 +3,7 @@
 Three loops train the same PEFT LoRA MiniLM on the same SST-2 batches (same index lists,
 batch 16, ≤ 64 tokens padded to the batch's longest, AdamW lr 1e-3, grad clipping at 1.0):
 - `bare`: a minimal hand-written PEFT loop (tokenize, forward, backward, clip, step);
-- `train_local`: `edge.train.train_local`, the loop every method uses;
+- `train_local`: `jetfed.edge.train.train_local`, the loop every method uses;
 - `local_round`: the method's whole `local_round` (set state, profiled train phase, delta).
 Repetitions are interleaved (the order rotates each repetition) so machine noise hits all three
 alike; each repetition's time is divided by its steps (optimizer creation included); medians
@@ -56,12 +56,12 @@ def bare_peft_loop(
 def run(quick: bool, datasets: Path = DEFAULT_DATASETS, threads: int = 1) -> Dict[str, Any]:
     import torch
 
-    from edge.data import load_split
-    from edge.methods.base import LocalRound, get_method, run_local_round
-    from edge.models import load_tokenizer
-    from edge.telemetry.phases import Profiler
-    from edge.train import batch_indices, train_local
-    from edge.wire import TrainingConfig
+    from jetfed.edge.data import load_split
+    from jetfed.edge.methods.base import LocalRound, get_method, run_local_round
+    from jetfed.edge.models import load_tokenizer
+    from jetfed.edge.telemetry.phases import Profiler
+    from jetfed.edge.train import batch_indices, train_local
+    from jetfed.edge.wire import TrainingConfig
 
     torch.set_num_threads(threads)
     steps, repeats = (8, 5) if quick else (25, 9)

@@ -40,7 +40,7 @@ import paho.mqtt.client as mqtt
 
 from bench.broker import private_mosquitto
 from bench.runner import DEFAULT_DATASETS, table
-from edge.bounds import MAX_BYTES
+from jetfed.edge.bounds import MAX_BYTES
 from tests.fleet import jetfed, read_metrics, start_edges, stop, write_config
 
 HONEST = ("dev-0", "dev-1")

@@ -13,10 +13,10 @@ import threading
 import time
 from typing import Any, Dict, List, Tuple
 
-from coordinator.links import LinkedFleet, LinkSpec
-from coordinator.links.netns import ROOT_ERROR, require_root
-from coordinator.local_mosquitto import LocalMosquitto
-from edge.errors import UserError
+from jetfed.coordinator.links import LinkedFleet, LinkSpec
+from jetfed.coordinator.links.netns import ROOT_ERROR, require_root
+from jetfed.coordinator.local_mosquitto import LocalMosquitto
+from jetfed.edge.errors import UserError
 
 MIB = 1 << 20
 PREFIX = "jfb"

@@ -19,9 +19,9 @@ from typing import Any, Dict, List
 
 import psutil
 
-from coordinator.ui.server import UiServer
-from coordinator.ui.state import LiveState
-from edge.wire import LiveSample, LiveTelemetry, Progress
+from jetfed.coordinator.ui.server import UiServer
+from jetfed.coordinator.ui.state import LiveState
+from jetfed.edge.wire import LiveSample, LiveTelemetry, Progress
 
 RAILS = ("VDD_GPU_SOC", "VDD_CPU_CV", "VIN_SYS_5V0", "VDDQ_VDD2_1V8AO", "A", "B", "C")
 
@@ -100,8 +100,8 @@ def _fleet_round_s(out_dir: Path, pages: int) -> List[float]:
     """Round seconds of rounds 1.. (round 0 also loads the model) of a tiny local fleet."""
     from contextlib import ExitStack
 
-    from coordinator.demo import DEMO_DATA, demo_config
-    from coordinator.fleet import run_local_fleet
+    from jetfed.coordinator.demo import DEMO_DATA, demo_config
+    from jetfed.coordinator.fleet import run_local_fleet
 
     config = demo_config(
         f"bench-live-page-{pages}", "lora", 2, 3, 5, str(DEMO_DATA), str(out_dir), "iid", 1.0,

@@ -1,7 +1,7 @@
 """The FeDeRA reproduction: FeDeRA vs LoRA vs full fine-tuning on non-IID data, over the real
 protocol.
 
-Every run is a local fleet (`coordinator.fleet.run_local_fleet`): a private Mosquitto, the
+Every run is a local fleet (`jetfed.coordinator.fleet.run_local_fleet`): a private Mosquitto, the
 coordinator, and one `jetfed edge run` process per client (1 torch thread each), optionally each
 behind an emulated link (`--link`, root only). Data: SST-2 and 20 Newsgroups, Dirichlet α = 0.5
 over 10 clients, MiniLM (≤ 64 tokens), batch 16, the same local steps per round for every
@@ -45,7 +45,7 @@ NEWSGROUPS_EVAL_SAMPLES = 500
 
 
 def learning_rate(method: str) -> float:
-    from edge.methods.base import get_method
+    from jetfed.edge.methods.base import get_method
 
     return get_method(method).default_learning_rate
 
@@ -171,11 +171,11 @@ def standalone_step_s(method: str, data_dir: Path, steps: int = 5) -> float:
     """One process, one torch thread, nothing else of ours running: seconds per local step."""
     import torch
 
-    from edge.data import load_split
-    from edge.methods.base import get_method
-    from edge.models import load_tokenizer
-    from edge.train import train_local
-    from edge.wire import ModelRef, TrainingConfig
+    from jetfed.edge.data import load_split
+    from jetfed.edge.methods.base import get_method
+    from jetfed.edge.models import load_tokenizer
+    from jetfed.edge.train import train_local
+    from jetfed.edge.wire import ModelRef, TrainingConfig
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -212,8 +212,8 @@ def run_one(
 ) -> str:
     """One fleet run; returns how it ended ("completed", "budget", or the error). `resume`
     continues a run directory left by an earlier invocation (up to this one's round count)."""
-    from coordinator.config import parse_config
-    from coordinator.fleet import run_local_fleet
+    from jetfed.coordinator.config import parse_config
+    from jetfed.coordinator.fleet import run_local_fleet
 
     config = parse_config(raw, raw["name"])
     done = completed_rounds(config.run_dir) if resume else 0
@@ -291,8 +291,8 @@ def active_round_s(run_dir: Path) -> Dict[int, float]:
 def round_energy_j(run_dir: Path) -> Dict[int, Optional[float]]:
     """Per round, the devices' energy over every phase in profiles.jsonl, upload included (the
     round's metrics close before its upload records arrive); None without a power sensor."""
-    from coordinator.server import device_totals
-    from edge.telemetry.records import PhaseRecord
+    from jetfed.coordinator.server import device_totals
+    from jetfed.edge.telemetry.records import PhaseRecord
 
     by_round: Dict[int, List[PhaseRecord]] = {}
     for raw in _read_jsonl(run_dir / "profiles.jsonl"):

@@ -1,9 +1,9 @@
 """Thin simulated devices: real protocol participants that do no training.
 
 Each one speaks the wire protocol with the same parts the edge agent uses (its device session,
-edge/session.py, `Download`, the `edge.wire` messages): retained hello and status, fetch the task's
-blobs chunk by chunk with verification, offer a real-size update, answer the coordinator's pulls,
-wait for the ack, send its profile records. Everything runs on the link's network thread; one
+edge/session.py, `Download`, the `jetfed.edge.wire` messages): retained hello and status, fetch the
+task's blobs chunk by chunk with verification, offer a real-size update, answer the coordinator's
+pulls, wait for the ack, send its profile records. Everything runs on the link's network thread; one
 fleet thread re-sends unacknowledged updates and re-asks stalled downloads. Each device holds three
 file descriptors and paho polls them with select(), which fails above descriptor 1024, so large
 fleets are split over worker processes (`SimFleetProcesses`).
@@ -21,13 +21,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jetfed
-from edge.errors import ProtocolError
-from edge.logs import log_event
-from edge.mqtt import BrokerSpec
-from edge.session import DeviceSession
-from edge.telemetry.records import PhaseRecord
-from edge.transfer import Download
-from edge.wire import (
+from jetfed.edge.errors import ProtocolError
+from jetfed.edge.logs import log_event
+from jetfed.edge.mqtt import BrokerSpec
+from jetfed.edge.session import DeviceSession
+from jetfed.edge.telemetry.records import PhaseRecord
+from jetfed.edge.transfer import Download
+from jetfed.edge.wire import (
     Ack,
     BlobManifest,
     Hello,

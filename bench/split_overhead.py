@@ -30,11 +30,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from coordinator.strategies.split import SplitServer
-from edge.data import TextDataset, load_split
-from edge.exchange import Exchange
-from edge.methods.lora import LoraMethod
-from edge.methods.split import (
+from jetfed.coordinator.strategies.split import SplitServer
+from jetfed.edge.data import TextDataset, load_split
+from jetfed.edge.exchange import Exchange
+from jetfed.edge.methods.lora import LoraMethod
+from jetfed.edge.methods.split import (
     ExchangeTransport,
     SplitBatchLoss,
     SplitHeader,
@@ -42,10 +42,10 @@ from edge.methods.split import (
     encode_split_message,
     torch_dtype,
 )
-from edge.models import load_tokenizer
-from edge.mqtt import BrokerSpec, MqttLink
-from edge.train import batch_indices, tokenize_batch
-from edge.wire import ModelRef, Topics, encode_tensors
+from jetfed.edge.models import load_tokenizer
+from jetfed.edge.mqtt import BrokerSpec, MqttLink
+from jetfed.edge.train import batch_indices, tokenize_batch
+from jetfed.edge.wire import ModelRef, Topics, encode_tensors
 from tests.brokers import MosquittoBroker, free_port
 
 CUT_LAYER = 2
@@ -224,7 +224,7 @@ def _echo_round_trips(
 
 def _codec_ms(hidden_shape: Tuple[int, int, int]) -> float:
     """Encode + decode of one request and its reply, in-process (part of the overhead)."""
-    from edge.methods.split import decode_split_message
+    from jetfed.edge.methods.split import decode_split_message
 
     batch, length, width = hidden_shape
     header = SplitHeader(kind="fwd", session=SESSION, round_index=0, step=1)

@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict
 
-from edge.telemetry.backends.base import Backend
-from edge.telemetry.backends.detect import detect_backend
-from edge.telemetry.backends.ina3221 import Ina3221Backend
-from edge.telemetry.phases import Profiler
-from edge.telemetry.sampler import Sampler
+from jetfed.edge.telemetry.backends.base import Backend
+from jetfed.edge.telemetry.backends.detect import detect_backend
+from jetfed.edge.telemetry.backends.ina3221 import Ina3221Backend
+from jetfed.edge.telemetry.phases import Profiler
+from jetfed.edge.telemetry.sampler import Sampler
 from tests.telemetry_trees import build_ina3221_tree
 
 RATE_HZ = 10.0

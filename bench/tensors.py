@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Dict, Tuple
 
-from edge.wire import ModelRef
+from jetfed.edge.wire import ModelRef
 
 if TYPE_CHECKING:
     import torch
@@ -16,8 +16,8 @@ MINILM = ModelRef(name_or_path="minilm", num_labels=2, max_length=64)
 
 def lora_spec(method: str = "lora") -> Spec:
     """Names and shapes of MiniLM's federated LoRA state (r=8 on query,value + the head)."""
-    from edge.methods.base import get_method
-    from edge.wire import tensor_spec
+    from jetfed.edge.methods.base import get_method
+    from jetfed.edge.wire import tensor_spec
 
     instance = get_method(method)({}, MINILM)
     return tensor_spec(instance.get_state(instance.build(None, seed=0)))
@@ -25,7 +25,7 @@ def lora_spec(method: str = "lora") -> Spec:
 
 def full_spec() -> Spec:
     """Every parameter of the MiniLM classifier: what full fine-tuning uploads."""
-    from edge.models import load_classifier
+    from jetfed.edge.models import load_classifier
 
     model = load_classifier(MINILM, seed=0)
     return {name: tuple(param.shape) for name, param in model.named_parameters()}

@@ -30,10 +30,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from edge.errors import ProtocolError
-from edge.mqtt import BrokerSpec, MqttLink
-from edge.transfer import DEFAULT_WINDOW_BYTES, BlobServer, Download
-from edge.wire import BlobManifest, ChunkRequest, Topics, encode_message, parse_message
+from jetfed.edge.errors import ProtocolError
+from jetfed.edge.mqtt import BrokerSpec, MqttLink
+from jetfed.edge.transfer import DEFAULT_WINDOW_BYTES, BlobServer, Download
+from jetfed.edge.wire import BlobManifest, ChunkRequest, Topics, encode_message, parse_message
 
 TOPICS = Topics("bench")
 CHUNK_BYTES = int(os.environ.get("JETFED_BENCH_CHUNK_BYTES", 1 << 20))
@@ -309,10 +309,10 @@ def receive_main(url: str, manifests_path: str, global_path: str) -> None:
     each validated (TensorFile) and kept on disk, then FedAvg's row-block sum; prints RSS."""
     import psutil
 
-    from coordinator.strategies.base import AcceptedUpdate, ServerContext
-    from coordinator.strategies.fedavg import FedAvg
-    from edge.tensorfile import TensorFile
-    from edge.wire import Update
+    from jetfed.coordinator.strategies.base import AcceptedUpdate, ServerContext
+    from jetfed.coordinator.strategies.fedavg import FedAvg
+    from jetfed.edge.tensorfile import TensorFile
+    from jetfed.edge.wire import Update
 
     process = psutil.Process()
     global_state = dict(TensorFile(global_path))
@@ -396,7 +396,7 @@ def concurrent_rss(url: str, path: str, devices_count: int, workdir: str) -> Dic
 def _payload(workdir: str) -> Tuple[str, int]:
     """MiniLM's full federated state as random fp32 deltas, written as the agent writes it."""
     from bench.tensors import full_spec, random_tensors
-    from edge.tensorfile import write_tensor_file
+    from jetfed.edge.tensorfile import write_tensor_file
 
     path = os.path.join(workdir, "update.safetensors")
     size = write_tensor_file(path, random_tensors(full_spec(), seed=0))

@@ -12,7 +12,7 @@ import socket
 import threading
 from typing import Any, Optional
 
-from edge.errors import UserError
+from jetfed.edge.errors import UserError
 
 logger = logging.getLogger(__name__)
 

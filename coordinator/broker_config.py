@@ -25,9 +25,9 @@ import yaml
 from cryptography import x509
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from coordinator import pki
-from edge.errors import UserError, validation_line
-from edge.logs import log_event
+from jetfed.coordinator import pki
+from jetfed.edge.errors import UserError, validation_line
+from jetfed.edge.logs import log_event
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from edge.errors import UserError
+from jetfed.edge.errors import UserError
 
 
 def coordinator_run(
@@ -45,13 +45,13 @@ def coordinator_run(
     JETFED_* variables, e.g. broker-config's coordinator.env) override the config's `broker:`."""
     from contextlib import ExitStack
 
-    from coordinator.broker import EmbeddedBroker, port_taken
-    from coordinator.config import load_config
-    from coordinator.progress import RoundTable
-    from coordinator.server import Coordinator
-    from coordinator.ui import live_page
-    from edge.cli import broker_spec
-    from edge.mqtt import BrokerSpec
+    from jetfed.coordinator.broker import EmbeddedBroker, port_taken
+    from jetfed.coordinator.config import load_config
+    from jetfed.coordinator.progress import RoundTable
+    from jetfed.coordinator.server import Coordinator
+    from jetfed.coordinator.ui import live_page
+    from jetfed.edge.cli import broker_spec
+    from jetfed.edge.mqtt import BrokerSpec
 
     config = load_config(config_path, override)
     given = {
@@ -154,9 +154,9 @@ def demo(
     """A whole federated run on this machine: embedded broker, coordinator, N devices."""
     import time
 
-    from coordinator.demo import DEMO_DATA, demo_config, run_demo
-    from coordinator.links import LinkSpec
-    from coordinator.progress import plural
+    from jetfed.coordinator.demo import DEMO_DATA, demo_config, run_demo
+    from jetfed.coordinator.links import LinkSpec
+    from jetfed.coordinator.progress import plural
 
     link_spec = LinkSpec.parse(link) if link is not None else None
 
@@ -182,7 +182,7 @@ def demo(
         raise UserError(
             "the demo completed no round; see the logs in " + str(config.run_dir / "logs")
         )
-    from coordinator.quality import metric_name, metric_value
+    from jetfed.coordinator.quality import metric_name, metric_value
 
     last = metrics[-1]
     metric = metric_name(config.evaluation.metric, metrics)
@@ -192,7 +192,7 @@ def demo(
         f"done: {plural(len(metrics), 'round')} in {total_s:.0f} s, final validation {metric} "
         f"{_number(metric_value(last, metric))}{behind}; run directory {config.run_dir}"
     )
-    from profiles.report import build_report
+    from jetfed.profiles.report import build_report
 
     report = build_report([config.run_dir], config.run_dir / "report")
     typer.echo(f"report: {report.markdown_path} (also report.html and PNG plots beside it)")

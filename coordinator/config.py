@@ -9,10 +9,10 @@ from typing import Any, Dict, List, Mapping, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from edge.errors import UserError, validation_line
-from edge.instruction_eval import GenerationBudget
-from edge.mqtt import BrokerSpec
-from edge.wire import (
+from jetfed.edge.errors import UserError, validation_line
+from jetfed.edge.instruction_eval import GenerationBudget
+from jetfed.edge.mqtt import BrokerSpec
+from jetfed.edge.wire import (
     DEFAULT_CHUNK_SIZE_BYTES,
     ID_PATTERN,
     ModelRef,
@@ -163,7 +163,7 @@ def parse_config(
         config.rounds.clients_per_round < config.rounds.min_clients
     ):
         raise UserError(f"{origin}: rounds.clients_per_round must be >= rounds.min_clients")
-    from edge.methods.base import get_method
+    from jetfed.edge.methods.base import get_method
 
     method_cls = get_method(config.method.name)
     method_cls(config.method.settings(), ModelRef(name_or_path="x", num_labels=2))
@@ -193,7 +193,7 @@ def model_ref_of(config: ExperimentConfig, num_labels: int) -> ModelRef:
 def causal_lm_config(config: ExperimentConfig) -> bool:
     """Whether the run's model is a causal LM (its config, or `model.kind`); a classifier-only
     option on a causal LM is a user error."""
-    from edge.models import CAUSAL_LM, model_kind
+    from jetfed.edge.models import CAUSAL_LM, model_kind
 
     model = config.model
     causal = model_kind(model_ref_of(config, num_labels=1)) == CAUSAL_LM

@@ -10,14 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from coordinator.config import ExperimentConfig, parse_config
-from coordinator.fleet import run_local_fleet
-from coordinator.links import LinkSpec
-from coordinator.links.netns import require_root
-from coordinator.progress import RoundTable
-from coordinator.records import RoundMetrics
-from coordinator.ui import live_page
-from edge.methods.base import get_method
+from jetfed.coordinator.config import ExperimentConfig, parse_config
+from jetfed.coordinator.fleet import run_local_fleet
+from jetfed.coordinator.links import LinkSpec
+from jetfed.coordinator.links.netns import require_root
+from jetfed.coordinator.progress import RoundTable
+from jetfed.coordinator.records import RoundMetrics
+from jetfed.coordinator.ui import live_page
+from jetfed.edge.methods.base import get_method
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data" / "sst2"
 DEMO_MODELS = ("minilm", "smollm2")

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, List, Optional, Sequence, Union
 from urllib.parse import urlsplit, urlunsplit
 
-from coordinator.config import ExperimentConfig
-from coordinator.links import LinkedFleet, LinkSpec
-from coordinator.local_mosquitto import LocalMosquitto, listening
-from coordinator.observer import RunObserver
-from coordinator.progress import RoundTable
-from coordinator.records import RoundMetrics
-from edge.errors import UserError
+from jetfed.coordinator.config import ExperimentConfig
+from jetfed.coordinator.links import LinkedFleet, LinkSpec
+from jetfed.coordinator.local_mosquitto import LocalMosquitto, listening
+from jetfed.coordinator.observer import RunObserver
+from jetfed.coordinator.progress import RoundTable
+from jetfed.coordinator.records import RoundMetrics
+from jetfed.edge.errors import UserError
 
 LOOPBACK = "127.0.0.1"
 OWN_BROKERS = ("amqtt", "mosquitto")
@@ -83,7 +83,7 @@ def stop_processes(processes: List[subprocess.Popen[bytes]], timeout_s: float = 
 def own_broker_context(kind: str, host: str, log_dir: Path) -> ContextManager[Any]:
     """A fresh broker listening on `host` only; the context's value has `.url`."""
     if kind == "amqtt":
-        from coordinator.broker import EmbeddedBroker
+        from jetfed.coordinator.broker import EmbeddedBroker
 
         return EmbeddedBroker(host=host)
     if kind == "mosquitto":
@@ -144,8 +144,8 @@ def run_local_fleet(
     """
     import torch
 
-    from coordinator.server import Coordinator
-    from edge.mqtt import BrokerSpec
+    from jetfed.coordinator.server import Coordinator
+    from jetfed.edge.mqtt import BrokerSpec
 
     spec = LinkSpec.parse(link) if isinstance(link, str) else link
     if broker_url is None and own_broker not in OWN_BROKERS:

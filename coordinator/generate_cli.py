@@ -12,16 +12,16 @@ from typing import Any, Optional, Tuple
 
 import typer
 
-from edge.instructions import DEFAULT_SYSTEM
+from jetfed.edge.instructions import DEFAULT_SYSTEM
 
 
 def load_tuned(run_dir: Path, round_index: Optional[int] = None) -> Tuple[Any, Any, int]:
     """(model, tokenizer, round index) of a run's saved global causal LM."""
-    from coordinator.config import causal_lm_config, model_ref_of
-    from coordinator.onnx_export import ADAPTER_CONFIG, pick_round
-    from coordinator.rundir import RunDir
-    from edge.errors import UserError
-    from edge.models import load_causal_lm, load_tokenizer, quiet_transformers
+    from jetfed.coordinator.config import causal_lm_config, model_ref_of
+    from jetfed.coordinator.onnx_export import ADAPTER_CONFIG, pick_round
+    from jetfed.coordinator.rundir import RunDir
+    from jetfed.edge.errors import UserError
+    from jetfed.edge.models import load_causal_lm, load_tokenizer, quiet_transformers
 
     round_index, folder = pick_round(run_dir, round_index)
     config = RunDir(run_dir).load_config()
@@ -44,8 +44,8 @@ def load_tuned(run_dir: Path, round_index: Optional[int] = None) -> Tuple[Any, A
 
 def answer(model: Any, tokenizer: Any, prompt: str, system: str, max_new_tokens: int) -> str:
     """The greedy answer to one prompt."""
-    from edge.causal_lm import generate
-    from edge.instructions import prompt_text
+    from jetfed.edge.causal_lm import generate
+    from jetfed.edge.instructions import prompt_text
 
     text = prompt_text(tokenizer, system, prompt)
     batch = tokenizer(text, add_special_tokens=False, return_tensors="pt")

@@ -15,17 +15,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from coordinator.config import ExperimentConfig
-from coordinator.observer import RunObserver, notify
-from coordinator.registry import DeviceRegistry
-from coordinator.rundir import RunDir
-from coordinator.strategies.base import AcceptedUpdate
-from edge.errors import ProtocolError
-from edge.logs import log_event
-from edge.telemetry.records import PhaseRecord
-from edge.tensorfile import UPDATE_DTYPES, TensorFile
-from edge.transfer import BlobServer, Download, TransferTimeout
-from edge.wire import (
+from jetfed.coordinator.config import ExperimentConfig
+from jetfed.coordinator.observer import RunObserver, notify
+from jetfed.coordinator.registry import DeviceRegistry
+from jetfed.coordinator.rundir import RunDir
+from jetfed.coordinator.strategies.base import AcceptedUpdate
+from jetfed.edge.errors import ProtocolError
+from jetfed.edge.logs import log_event
+from jetfed.edge.telemetry.records import PhaseRecord
+from jetfed.edge.tensorfile import UPDATE_DTYPES, TensorFile
+from jetfed.edge.transfer import BlobServer, Download, TransferTimeout
+from jetfed.edge.wire import (
     LIVE_TELEMETRY_MAX_BYTES,
     Ack,
     ChunkRequest,

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from edge.errors import UserError
+from jetfed.edge.errors import UserError
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0

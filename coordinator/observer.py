@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 from typing import Callable, Sequence
 
-from coordinator.records import RoundMetrics
-from coordinator.registry import DeviceRecord
-from edge.wire import LiveTelemetry, Progress, Task
+from jetfed.coordinator.records import RoundMetrics
+from jetfed.coordinator.registry import DeviceRecord
+from jetfed.edge.wire import LiveTelemetry, Progress, Task
 
 
 class RunObserver:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from coordinator.onnx_export import DEFAULT_OPSET, PARITY_TOLERANCE
+from jetfed.coordinator.onnx_export import DEFAULT_OPSET, PARITY_TOLERANCE
 
 
 def export_onnx_command(
@@ -22,7 +22,7 @@ def export_onnx_command(
     opset: int = typer.Option(DEFAULT_OPSET, "--opset", help="ONNX opset (>= 17)."),
 ) -> None:
     """Merge the global adapter into the base, export ONNX and check parity with PyTorch."""
-    from coordinator.onnx_export import export_onnx
+    from jetfed.coordinator.onnx_export import export_onnx
 
     result = export_onnx(run_dir, round_index, out, opset)
     typer.echo(

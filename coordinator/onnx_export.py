@@ -22,8 +22,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import yaml
 
-from edge.errors import UserError
-from edge.wire import ModelRef
+from jetfed.edge.errors import UserError
+from jetfed.edge.wire import ModelRef
 
 DEFAULT_OPSET = 17
 """17 is the newest opset TensorRT 8.5 (JetPack 5) parses; ONNX Runtime ≥ 1.14 runs it too."""
@@ -126,7 +126,7 @@ def _quiet_export() -> Iterator[None]:
 
 def load_round_model(run_dir: Path, model_dir: Path) -> Tuple[Any, Any, ModelRef, str]:
     """(model as saved, tokenizer, base ModelRef, source kind) for one round's folder."""
-    from edge.models import load_classifier, load_tokenizer, quiet_transformers
+    from jetfed.edge.models import load_classifier, load_tokenizer, quiet_transformers
 
     if (model_dir / ADAPTER_CONFIG).exists():
         from peft import PeftModel

@@ -14,10 +14,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from coordinator.config import ExperimentConfig
-from coordinator.quality import metric_name, metric_value
-from coordinator.records import RoundMetrics
-from edge.wire import Progress
+from jetfed.coordinator.config import ExperimentConfig
+from jetfed.coordinator.quality import metric_name, metric_value
+from jetfed.coordinator.records import RoundMetrics
+from jetfed.edge.wire import Progress
 
 SHORT_NAMES = {"accuracy": "acc", "exact_match": "EM", "rouge_l": "ROUGE-L", "perplexity": "ppl"}
 

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Set
 
-from edge.wire import Hello
+from jetfed.edge.wire import Hello
 
 
 @dataclass

@@ -24,11 +24,11 @@ from typing import Dict, List, Optional, Tuple
 
 import yaml
 
-from coordinator.config import ExperimentConfig, parse_config
-from coordinator.records import CheckpointState, RoundMetrics
-from edge.methods.base import Tensors
-from edge.telemetry.records import PhaseRecord
-from edge.wire import Hello
+from jetfed.coordinator.config import ExperimentConfig, parse_config
+from jetfed.coordinator.records import CheckpointState, RoundMetrics
+from jetfed.edge.methods.base import Tensors
+from jetfed.edge.telemetry.records import PhaseRecord
+from jetfed.edge.wire import Hello
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -56,7 +56,11 @@ def broker_config(
     ),
 ) -> None:
     """Write mosquitto.conf, passwd, acl, a CA, server/client certs and per-device bundles."""
-    from coordinator.broker_config import BrokerConfigOptions, generate_broker_config, load_devices
+    from jetfed.coordinator.broker_config import (
+        BrokerConfigOptions,
+        generate_broker_config,
+        load_devices,
+    )
 
     options = BrokerConfigOptions(
         hosts=list(host),

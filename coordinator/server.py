@@ -5,8 +5,9 @@ the global state → collect updates until every selected device answered or the
 aggregate if at least `min_clients` arrived → evaluate → export → checkpoint → metrics.
 
 All protocol state is owned by the thread calling `run()`; paho's thread only queues inbound
-messages and serves chunk requests. Every inbound message goes through `coordinator.inbound.Intake`
-(validation, acks, nacks); a bad one never changes accepted state.
+messages and serves chunk requests. Every inbound message goes through
+`jetfed.coordinator.inbound.Intake` (validation, acks, nacks); a bad one never changes accepted
+state.
 """
 
 from __future__ import annotations
@@ -17,28 +18,33 @@ import time
 from operator import methodcaller
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from coordinator.config import (
+from jetfed.coordinator.config import (
     ExperimentConfig,
     causal_lm_config,
     config_digest,
     model_ref_of,
     resume_conflicts,
 )
-from coordinator.inbound import Intake
-from coordinator.observer import RunObserver, notify
-from coordinator.records import CheckpointState, RoundMetrics
-from coordinator.registry import DeviceRegistry
-from coordinator.rundir import RunDir
-from coordinator.strategies.base import AcceptedUpdate, ServerContext, Strategy, make_strategy
-from edge.data import load_task_split
-from edge.errors import UserError
-from edge.logs import log_event
-from edge.memlink import open_link
-from edge.methods.base import FederatedMethod, Tensors, get_method
-from edge.mqtt import BrokerSpec
-from edge.telemetry.records import PhaseRecord
-from edge.transfer import BlobServer
-from edge.wire import (
+from jetfed.coordinator.inbound import Intake
+from jetfed.coordinator.observer import RunObserver, notify
+from jetfed.coordinator.records import CheckpointState, RoundMetrics
+from jetfed.coordinator.registry import DeviceRegistry
+from jetfed.coordinator.rundir import RunDir
+from jetfed.coordinator.strategies.base import (
+    AcceptedUpdate,
+    ServerContext,
+    Strategy,
+    make_strategy,
+)
+from jetfed.edge.data import load_task_split
+from jetfed.edge.errors import UserError
+from jetfed.edge.logs import log_event
+from jetfed.edge.memlink import open_link
+from jetfed.edge.methods.base import FederatedMethod, Tensors, get_method
+from jetfed.edge.mqtt import BrokerSpec
+from jetfed.edge.telemetry.records import PhaseRecord
+from jetfed.edge.transfer import BlobServer
+from jetfed.edge.wire import (
     Announcement,
     BlobManifest,
     Progress,
@@ -114,7 +120,7 @@ class Coordinator:
         self._saved_strategy_state: Tensors = {}
         self.registry = DeviceRegistry(config.data.client_indices)
         self._setup_state(resume)
-        from edge.models import load_tokenizer, pick_device
+        from jetfed.edge.models import load_tokenizer, pick_device
 
         self.strategy: Strategy = make_strategy(
             config.aggregation.strategy or self.method.strategy,

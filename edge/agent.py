@@ -20,29 +20,29 @@ import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
 import jetfed
-from edge.data import client_shard, load_task_split
-from edge.errors import ProtocolError, UserError
-from edge.exchange import Exchange
-from edge.logs import log_event
-from edge.methods.base import (
+from jetfed.edge.data import client_shard, load_task_split
+from jetfed.edge.errors import ProtocolError, UserError
+from jetfed.edge.exchange import Exchange
+from jetfed.edge.logs import log_event
+from jetfed.edge.methods.base import (
     FederatedMethod,
     LocalRound,
     available_methods,
     get_method,
     run_local_round,
 )
-from edge.mqtt import BrokerSpec
-from edge.progress import ProgressReporter
-from edge.session import DeviceSession
-from edge.telemetry.context import DeviceContext
-from edge.telemetry.live import LivePublisher
-from edge.telemetry.phases import PhaseCounters, Profiler
-from edge.telemetry.records import PhaseRecord
-from edge.telemetry.sampler import DEFAULT_RATE_HZ, Sampler
-from edge.tensorfile import TensorFile
-from edge.train import device_seed
-from edge.transfer import Download, TransferTimeout
-from edge.wire import (
+from jetfed.edge.mqtt import BrokerSpec
+from jetfed.edge.progress import ProgressReporter
+from jetfed.edge.session import DeviceSession
+from jetfed.edge.telemetry.context import DeviceContext
+from jetfed.edge.telemetry.live import LivePublisher
+from jetfed.edge.telemetry.phases import PhaseCounters, Profiler
+from jetfed.edge.telemetry.records import PhaseRecord
+from jetfed.edge.telemetry.sampler import DEFAULT_RATE_HZ, Sampler
+from jetfed.edge.tensorfile import TensorFile
+from jetfed.edge.train import device_seed
+from jetfed.edge.transfer import Download, TransferTimeout
+from jetfed.edge.wire import (
     ID_PATTERN,
     Ack,
     Announcement,
@@ -70,7 +70,7 @@ class EdgeConfig(BaseModel):
     broker: BrokerSpec
     device_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     experiment: Optional[str] = Field(default=None, pattern=ID_PATTERN)
-    """Pinned experiment; None: serve whichever coordinator announces itself (edge.lobby)."""
+    """Pinned experiment; None: serve whichever coordinator announces itself (jetfed.edge.lobby)."""
     data: Optional[str] = None
     train_split: str = "train"
     torch_device: Optional[str] = None
@@ -109,10 +109,10 @@ serves a run that already ended."""
 
 class EdgeAgent:
     def __init__(self, config: EdgeConfig, follow: bool = False) -> None:
-        """`follow`: joined through edge.lobby, so serve only while the experiment's coordinator
-        announces its run (finishing the round in hand when the announcement goes)."""
+        """`follow`: joined through jetfed.edge.lobby, so serve only while the experiment's
+        coordinator announces its run (finishing the round in hand when the announcement goes)."""
         if config.experiment is None:
-            raise ValueError("EdgeAgent serves one experiment; edge.lobby.Lobby picks it")
+            raise ValueError("EdgeAgent serves one experiment; jetfed.edge.lobby.Lobby picks it")
         self.config = config
         self.topics = Topics(config.experiment)
         self.device_id = config.device_id
@@ -294,7 +294,7 @@ class EdgeAgent:
         """Our experiment's coordinator runs (payload) or its run ended (empty). A (re)started
         coordinator hears our hello again: some brokers (RabbitMQ) never deliver retained
         messages to wildcard subscriptions, so it may not have seen our retained one. A device
-        that follows announcements (edge.lobby) leaves once the run ended."""
+        that follows announcements (jetfed.edge.lobby) leaves once the run ended."""
         if not payload:
             if self.follow:
                 log_event(
@@ -420,7 +420,7 @@ class EdgeAgent:
 
     def _prepare(self, task: Task, blobs: Dict[str, str]) -> EdgeAgent._Job:
         """Decode the state, (re)build the model if needed, derive this device's data shard."""
-        from edge.models import is_causal_lm, load_tokenizer, pick_device
+        from jetfed.edge.models import is_causal_lm, load_tokenizer, pick_device
 
         init_digest = task.init_state.digest if task.init_state is not None else ""
         key = (task.method, repr(sorted(task.method_config.items())), repr(task.model), init_digest)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict, List, Tuple
 
-from edge.instructions import IGNORE_INDEX
+from jetfed.edge.instructions import IGNORE_INDEX
 
 if TYPE_CHECKING:
     import torch

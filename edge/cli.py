@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from edge.errors import UserError, flag_error, validation_line
+from jetfed.edge.errors import UserError, flag_error, validation_line
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
@@ -19,7 +19,7 @@ def broker_spec(**fields: Any) -> Any:
     """A validated BrokerSpec from CLI flags (None = not given); UserError on a bad URL."""
     from pydantic import ValidationError
 
-    from edge.mqtt import BrokerSpec
+    from jetfed.edge.mqtt import BrokerSpec
 
     try:
         spec = BrokerSpec(**{k: v for k, v in fields.items() if v is not None})
@@ -87,9 +87,9 @@ def edge_run(
     """Serve experiments: train whenever a coordinator selects this device."""
     from pydantic import ValidationError
 
-    from edge.agent import EdgeAgent, EdgeConfig
-    from edge.lobby import Lobby
-    from edge.logs import show_progress
+    from jetfed.edge.agent import EdgeAgent, EdgeConfig
+    from jetfed.edge.lobby import Lobby
+    from jetfed.edge.logs import show_progress
 
     spec = broker_spec(
         url=broker,
@@ -117,7 +117,7 @@ def edge_run(
         raise flag_error(exc) from None
     if data is None:
         raise UserError("--data is required: the device's local dataset (folder or file)")
-    show_progress("edge.agent", "edge.lobby", "edge.progress")
+    show_progress("jetfed.edge.agent", "jetfed.edge.lobby", "jetfed.edge.progress")
     agent = EdgeAgent(config) if experiment is not None else Lobby(config)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
@@ -140,8 +140,8 @@ def partition_command(
     from rich.console import Console
     from rich.table import Table
 
-    from edge.data import class_counts, load_split, partition
-    from edge.wire import PartitionSpec
+    from jetfed.edge.data import class_counts, load_split, partition
+    from jetfed.edge.wire import PartitionSpec
 
     try:
         spec = PartitionSpec(

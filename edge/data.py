@@ -16,8 +16,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
-from edge.errors import UserError
-from edge.wire import PartitionSpec
+from jetfed.edge.errors import UserError
+from jetfed.edge.wire import PartitionSpec
 
 SUFFIXES = (".jsonl", ".csv", ".parquet")
 
@@ -102,10 +102,10 @@ def split_file(folder: Path, split: str) -> Path:
 
 
 def load_task_split(source: str, split: str, causal: bool) -> Any:
-    """A split as the model's kind needs it: instruction data (`edge.instructions`) for causal
-    LMs, a TextDataset for classifiers."""
+    """A split as the model's kind needs it: instruction data (`jetfed.edge.instructions`) for
+    causal LMs, a TextDataset for classifiers."""
     if causal:
-        from edge.instructions import load_instructions
+        from jetfed.edge.instructions import load_instructions
 
         return load_instructions(source, split)
     return load_split(source, split)

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Sequence
 
 from pydantic import Field
 
-from edge.data import TextDataset
-from edge.methods.lora import LoraSettings
+from jetfed.edge.data import TextDataset
+from jetfed.edge.methods.lora import LoraSettings
 
 if TYPE_CHECKING:
     import torch
@@ -117,7 +117,7 @@ def predict_logits(
     """[len(dataset), classes] fp32 logits of the model in eval mode, on the CPU."""
     import torch
 
-    from edge.train import tokenize_batch
+    from jetfed.edge.train import tokenize_batch
 
     model.to(device)
     model.eval()

@@ -20,9 +20,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge.memory_budget import describe, estimate_training_memory
-from edge.mqtt import BrokerSpec
-from edge.telemetry.context import DeviceContext, collect_context
+from jetfed.edge.memory_budget import describe, estimate_training_memory
+from jetfed.edge.mqtt import BrokerSpec
+from jetfed.edge.telemetry.context import DeviceContext, collect_context
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 MIN_TORCH_FOR_TRANSFORMERS_5 = (2, 6)
@@ -60,7 +60,7 @@ class DoctorOptions(BaseModel):
 
     def method_config(self) -> Dict[str, Any]:
         """The `method:` settings the flags give, for the methods that take them."""
-        from edge.methods.base import get_method
+        from jetfed.edge.methods.base import get_method
 
         fields = get_method(self.method).config_model.model_fields
         given = {"rank": self.lora_rank, "cut_layer": self.cut_layer}
@@ -152,8 +152,8 @@ def _rails_text(rails_w: Dict[str, Optional[float]], total_w: Optional[float]) -
 
 def check_jtop(context: DeviceContext, socket_path: str) -> CheckResult:
     """The jtop service answers and reports power rails (the preferred Jetson backend)."""
-    from edge.telemetry.backends.base import BackendUnavailable
-    from edge.telemetry.backends.jtop_backend import JtopBackend
+    from jetfed.edge.telemetry.backends.base import BackendUnavailable
+    from jetfed.edge.telemetry.backends.jtop_backend import JtopBackend
 
     on_jetson = context.l4t_release is not None
     if not os.path.exists(socket_path):
@@ -185,7 +185,7 @@ def check_jtop(context: DeviceContext, socket_path: str) -> CheckResult:
 
 def check_power_sensor(root: str) -> CheckResult:
     """What the sampler will use here (the same auto-detection as training) and what it reads."""
-    from edge.telemetry.backends.detect import detect_backend
+    from jetfed.edge.telemetry.backends.detect import detect_backend
 
     backend = detect_backend("auto", sysfs_root=os.path.join(root, "sys"), interval_s=0.5)
     try:
@@ -287,7 +287,7 @@ def probe_broker(spec: BrokerSpec, timeout_s: float) -> CheckResult:
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from edge.mqtt import apply_credentials
+    from jetfed.edge.mqtt import apply_credentials
 
     client = paho.Client(
         callback_api_version=CallbackAPIVersion.VERSION2,

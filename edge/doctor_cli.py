@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from edge.errors import UserError, flag_error
+from jetfed.edge.errors import UserError, flag_error
 
 STATUS_STYLES = {"ok": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
 
@@ -38,9 +38,9 @@ def doctor_command(
     from rich.console import Console
     from rich.table import Table
 
-    from edge.cli import broker_spec
-    from edge.doctor import DoctorOptions, failed, run_checks
-    from edge.methods.base import available_methods
+    from jetfed.edge.cli import broker_spec
+    from jetfed.edge.doctor import DoctorOptions, failed, run_checks
+    from jetfed.edge.methods.base import available_methods
 
     if method not in available_methods():
         raise UserError(f"--method must be one of {', '.join(available_methods())}, got {method!r}")

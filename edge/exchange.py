@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 from typing import Callable, Tuple
 
-from edge.wire import Topics
+from jetfed.edge.wire import Topics
 
 
 class Exchange:

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge.errors import UserError
-from edge.telemetry.context import DeviceContext, collect_context
+from jetfed.edge.errors import UserError
+from jetfed.edge.telemetry.context import DeviceContext, collect_context
 
 if TYPE_CHECKING:
-    from edge.telemetry.sampler import Sampler
+    from jetfed.edge.telemetry.sampler import Sampler
 
 PROVIDER_PREFERENCE = (
     "TensorrtExecutionProvider",
@@ -185,7 +185,7 @@ def bench_inference(settings: BenchSettings, sampler: Optional[Sampler] = None) 
     import numpy as np
     import onnxruntime
 
-    from edge.telemetry.sampler import Sampler
+    from jetfed.edge.telemetry.sampler import Sampler
 
     setup_started_s = time.perf_counter()
     session, requested, available = open_session(settings)

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import typer
 
-from edge.errors import flag_error
+from jetfed.edge.errors import flag_error
 
 if TYPE_CHECKING:
-    from edge.inference import BenchResult
+    from jetfed.edge.inference import BenchResult
 
 
 def _fmt(value: Optional[float], unit: str, scale: float = 1.0, digits: int = 3) -> str:
@@ -60,7 +60,7 @@ def bench_inference_command(
     from rich.console import Console
     from rich.table import Table
 
-    from edge.inference import BenchSettings, bench_inference
+    from jetfed.edge.inference import BenchSettings, bench_inference
 
     try:
         settings = BenchSettings(
@@ -89,6 +89,6 @@ def bench_inference_command(
 
 
 def register(app: typer.Typer) -> None:
-    from edge.cli import group
+    from jetfed.edge.cli import group
 
     group.command("bench-inference")(bench_inference_command)

@@ -18,8 +18,8 @@ from typing import Any, Dict, List, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge.errors import UserError
-from edge.instructions import InstructionSet, instruction_batch, prompt_batch
+from jetfed.edge.errors import UserError
+from jetfed.edge.instructions import InstructionSet, instruction_batch, prompt_batch
 
 DEFAULT_NEW_TOKENS = {"gsm8k": 160, "rouge_l": 64}
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -92,7 +92,7 @@ def evaluate_instructions(
     """`eval_loss`, `perplexity` and `exact_match` or `rouge_l` of the model on `data`."""
     import torch
 
-    from edge.causal_lm import generate, response_loss_sum
+    from jetfed.edge.causal_lm import generate, response_loss_sum
 
     model.to(device)
     model.eval()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from edge.errors import UserError
+from jetfed.edge.errors import UserError
 
 IGNORE_INDEX = -100
 DEFAULT_SYSTEM = "You are a helpful assistant. Answer briefly."
@@ -211,7 +211,7 @@ def _classification_prompt(row: Dict[str, Any], words: List[str], settings: Dict
 
 def load_instructions(source: str, split: str) -> InstructionSet:
     """One split of a local folder (or a single file) as instruction data."""
-    from edge.data import read_rows, split_file
+    from jetfed.edge.data import read_rows, split_file
 
     path = Path(source).expanduser()
     if path.is_dir():

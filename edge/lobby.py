@@ -19,12 +19,12 @@ import logging
 import threading
 from typing import Dict, Optional
 
-from edge.agent import EdgeAgent, EdgeConfig
-from edge.errors import ProtocolError
-from edge.logs import log_event
-from edge.memlink import open_link
-from edge.telemetry.backends.detect import detect_backend
-from edge.wire import ANNOUNCEMENTS, Announcement, announcement_experiment, parse_message
+from jetfed.edge.agent import EdgeAgent, EdgeConfig
+from jetfed.edge.errors import ProtocolError
+from jetfed.edge.logs import log_event
+from jetfed.edge.memlink import open_link
+from jetfed.edge.telemetry.backends.detect import detect_backend
+from jetfed.edge.wire import ANNOUNCEMENTS, Announcement, announcement_experiment, parse_message
 
 logger = logging.getLogger(__name__)
 

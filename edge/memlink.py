@@ -19,10 +19,10 @@ from urllib.parse import urlparse
 
 from paho.mqtt.client import topic_matches_sub
 
-from edge.errors import UserError
-from edge.logs import log_event
-from edge.mqtt import BrokerSpec, Handler, LinkCounters, MqttLink
-from edge.wire import check_publish_size, mqtt_publish_wire_bytes
+from jetfed.edge.errors import UserError
+from jetfed.edge.logs import log_event
+from jetfed.edge.mqtt import BrokerSpec, Handler, LinkCounters, MqttLink
+from jetfed.edge.wire import check_publish_size, mqtt_publish_wire_bytes
 
 logger = logging.getLogger(__name__)
 

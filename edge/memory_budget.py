@@ -10,7 +10,7 @@ and the LoRA target layers are exact for any architecture transformers knows. On
   batch padded to `max_length` (the worst case: batches are padded to their longest sample);
 - with `gradient_checkpointing` (`model.gradient_checkpointing`), only each layer's input is
   kept, plus one layer's activations while it is recomputed;
-- causal LMs: the lm_head's logits where the loss is (edge.causal_lm gathers the response
+- causal LMs: the lm_head's logits where the loss is (jetfed.edge.causal_lm gathers the response
   positions first): batch × response tokens × vocab fp32 values, LOGITS_COPIES of them (logits,
   log-softmax, their gradient); response tokens default to `max_length` (the worst case). A
   naive loop over all positions would hold this for every token, prompt and padding included;
@@ -31,7 +31,7 @@ from typing import Any, List, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict
 
-from edge.errors import UserError, one_line
+from jetfed.edge.errors import UserError, one_line
 
 FP32_BYTES = 4
 ADAMW_STATES = 2
@@ -68,7 +68,7 @@ def _meta_model(name_or_path: str, num_labels: int) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from edge.models import quiet_transformers, resolve_model_path
+    from jetfed.edge.models import quiet_transformers, resolve_model_path
 
     path = resolve_model_path(name_or_path)
     with quiet_transformers():
@@ -94,7 +94,7 @@ def lora_params(
     `all-linear`: every Linear inside a layer), in the first `layers` layers if given."""
     import torch
 
-    from edge.models import default_target_modules
+    from jetfed.edge.models import default_target_modules
 
     every = targets == "all-linear"
     names = [] if every else list(targets or default_target_modules(model))
@@ -156,8 +156,8 @@ def estimate_training_memory(
 ) -> MemoryEstimate:
     """Peak memory of a device's local round for the registered `method` (with its `method:`
     settings, e.g. rank or cut_layer), from the model's config alone."""
-    from edge.methods.base import get_method
-    from edge.wire import ModelRef
+    from jetfed.edge.methods.base import get_method
+    from jetfed.edge.wire import ModelRef
 
     ref = ModelRef(name_or_path=name_or_path, num_labels=num_labels, max_length=max_length)
     federated = get_method(method)(method_config or {}, ref)

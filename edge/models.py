@@ -16,9 +16,9 @@ import os
 import warnings
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
-from edge.errors import UserError, one_line
-from edge.packaged_llm import SMOLLM2_NAME, smollm2_folder
-from edge.wire import ModelRef
+from jetfed.edge.errors import UserError, one_line
+from jetfed.edge.packaged_llm import SMOLLM2_NAME, smollm2_folder
+from jetfed.edge.wire import ModelRef
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -115,7 +115,7 @@ def load_tokenizer(ref: ModelRef) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if ref.chat_template is not None:
-        from edge.instructions import apply_template
+        from jetfed.edge.instructions import apply_template
 
         apply_template(tokenizer, ref.chat_template)
     return tokenizer

@@ -27,9 +27,9 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from edge.errors import UserError
-from edge.logs import log_event
-from edge.wire import DEFAULT_MAX_MESSAGE_BYTES, check_publish_size, mqtt_publish_wire_bytes
+from jetfed.edge.errors import UserError
+from jetfed.edge.logs import log_event
+from jetfed.edge.wire import DEFAULT_MAX_MESSAGE_BYTES, check_publish_size, mqtt_publish_wire_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import shutil
 from pathlib import Path
 from typing import Iterator, Optional
 
-from edge.errors import UserError
-from edge.logs import log_event
+from jetfed.edge.errors import UserError
+from jetfed.edge.logs import log_event
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _convert(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edge.models import quiet_transformers
+    from jetfed.edge.models import quiet_transformers
 
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)

@@ -13,9 +13,9 @@ import logging
 import time
 from typing import Callable, Optional
 
-from edge.logs import log_event
-from edge.mqtt import LinkCounters
-from edge.wire import PROGRESS_PHASES, Progress, encode_message
+from jetfed.edge.logs import log_event
+from jetfed.edge.mqtt import LinkCounters
+from jetfed.edge.wire import PROGRESS_PHASES, Progress, encode_message
 
 logger = logging.getLogger(__name__)
 

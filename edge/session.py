@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 from typing import Callable, List, Optional, Sequence
 
-from edge.errors import ProtocolError
-from edge.logs import log_event
-from edge.memlink import Link, open_link
-from edge.mqtt import BrokerSpec
-from edge.transfer import BlobServer
-from edge.wire import ChunkRequest, Hello, Topics, encode_message, parse_message
+from jetfed.edge.errors import ProtocolError
+from jetfed.edge.logs import log_event
+from jetfed.edge.memlink import Link, open_link
+from jetfed.edge.mqtt import BrokerSpec
+from jetfed.edge.transfer import BlobServer
+from jetfed.edge.wire import ChunkRequest, Hello, Topics, encode_message, parse_message
 
 logger = logging.getLogger(__name__)
 

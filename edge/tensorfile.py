@@ -4,10 +4,10 @@ A full model's state is ~91 MB (MiniLM) to several GB; holding a second encoded 
 next to the decoded one is what breaks small devices and a coordinator receiving many updates.
 `write_tensor_file` streams each tensor to disk cast to the wire dtype; `TensorFile` validates a
 received file (names, shapes, dtypes, finite values; refused with ProtocolError like
-`edge.wire.decode_tensors`) and then reads tensors lazily, as a read-only mapping.
+`jetfed.edge.wire.decode_tensors`) and then reads tensors lazily, as a read-only mapping.
 
-Wire dtypes: fp32, fp16, bf16, and int8 (per-row scales, `edge.compression`), which stores each
-tensor as int8 under its name plus its scales under `name + SCALE_SUFFIX`, and says so in the
+Wire dtypes: fp32, fp16, bf16, and int8 (per-row scales, `jetfed.edge.compression`), which stores
+each tensor as int8 under its name plus its scales under `name + SCALE_SUFFIX`, and says so in the
 safetensors metadata.
 """
 
@@ -19,13 +19,13 @@ import struct
 from io import FileIO
 from typing import TYPE_CHECKING, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from edge.compression import dequantize_int8, quantize_int8, scale_shape
-from edge.errors import ProtocolError
+from jetfed.edge.compression import dequantize_int8, quantize_int8, scale_shape
+from jetfed.edge.errors import ProtocolError
 
 if TYPE_CHECKING:
     import torch
 
-    from edge.wire import TensorSpec
+    from jetfed.edge.wire import TensorSpec
 
 FLOAT_DTYPES = ("fp32", "fp16", "bf16")
 UPDATE_DTYPES = (*FLOAT_DTYPES, "int8")

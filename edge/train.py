@@ -3,7 +3,8 @@
 Deliberately a plain PyTorch loop (AdamW, dynamic padding per batch) so its step time can be
 compared one-to-one with a bare PEFT loop; see bench/edge_step_overhead.py. A classifier trains
 on a TextDataset with cross-entropy over its labels; a causal LM on an InstructionSet
-(`edge.instructions`) with the loss on response tokens only (`edge.causal_lm.response_loss`).
+(`jetfed.edge.instructions`) with the loss on response tokens only
+(`jetfed.edge.causal_lm.response_loss`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 import numpy as np
 
-from edge.data import TextDataset
-from edge.instructions import InstructionSet, instruction_batch
-from edge.wire import TrainingConfig
+from jetfed.edge.data import TextDataset
+from jetfed.edge.instructions import InstructionSet, instruction_batch
+from jetfed.edge.wire import TrainingConfig
 
 
 @dataclass
@@ -116,7 +117,7 @@ def train_local(
     import torch
 
     if loss_fn is None and isinstance(dataset, InstructionSet):
-        from edge.causal_lm import response_loss
+        from jetfed.edge.causal_lm import response_loss
 
         loss_fn = response_loss
 

@@ -26,10 +26,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Mapping, Optional, Set, Tuple
 
-from edge.errors import ProtocolError
-from edge.logs import log_event
-from edge.tensorfile import write_tensor_file
-from edge.wire import BlobManifest, make_manifest, sha256_hex
+from jetfed.edge.errors import ProtocolError
+from jetfed.edge.logs import log_event
+from jetfed.edge.tensorfile import write_tensor_file
+from jetfed.edge.wire import BlobManifest, make_manifest, sha256_hex
 
 if TYPE_CHECKING:
     import torch

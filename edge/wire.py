@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from typing_extensions import Annotated
 
-from edge.bounds import (
+from jetfed.edge.bounds import (
     MAX_BYTES,
     MAX_COUNT,
     MAX_MAP_ENTRIES,
@@ -31,8 +31,8 @@ from edge.bounds import (
     RoundIndex,
     UnixSeconds,
 )
-from edge.errors import ProtocolError, validation_line
-from edge.telemetry.records import PhaseRecord
+from jetfed.edge.errors import ProtocolError, validation_line
+from jetfed.edge.telemetry.records import PhaseRecord
 
 if TYPE_CHECKING:
     import torch
@@ -169,7 +169,7 @@ class ModelRef(WireModel):
     """Compute dtype: weights stay fp32; bf16/fp16 autocast on CUDA (auto: bf16 there, fp32 on
     CPU)."""
     chat_template: Optional[str] = Field(default=None, pattern="^[a-z0-9_-]{1,32}$")
-    """Causal LMs: a built-in template by name (`edge.instructions.TEMPLATES`) instead of the
+    """Causal LMs: a built-in template by name (`jetfed.edge.instructions.TEMPLATES`) instead of the
     tokenizer's own."""
     gradient_checkpointing: bool = False
 

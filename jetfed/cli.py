@@ -11,18 +11,18 @@ import sys
 
 import typer
 
-from edge.errors import UserError
-from edge.logs import configure_logging
+from jetfed.edge.errors import UserError
+from jetfed.edge.logs import configure_logging
 
 REGISTRARS = [
-    "edge.cli",
-    "coordinator.cli",
-    "coordinator.security_cli",
-    "profiles.cli",
-    "edge.doctor_cli",
-    "edge.inference_cli",
-    "coordinator.onnx_cli",
-    "coordinator.generate_cli",
+    "jetfed.edge.cli",
+    "jetfed.coordinator.cli",
+    "jetfed.coordinator.security_cli",
+    "jetfed.profiles.cli",
+    "jetfed.edge.doctor_cli",
+    "jetfed.edge.inference_cli",
+    "jetfed.coordinator.onnx_cli",
+    "jetfed.coordinator.generate_cli",
 ]
 
 app = typer.Typer(

@@ -25,7 +25,7 @@ def energy(
     Per rail and for the module: on AGX Orin module = VDD_GPU_SOC + VDD_CPU_CV + VIN_SYS_5V0
     (VDDQ_VDD2_1V8AO is inside VIN_SYS_5V0); on Orin NX/Nano it is VDD_IN.
     """
-    from profiles.energy import analyse_tegrastats_file
+    from jetfed.profiles.energy import analyse_tegrastats_file
 
     typer.echo(analyse_tegrastats_file(tegrastats, interval_ms).model_dump_json(indent=2))
 
@@ -49,7 +49,7 @@ def report(
 ) -> None:
     """report.md, report.html and PNG plots comparing runs: accuracy vs time and energy,
     time/energy/bytes-to-target, energy per phase, power traces, peak memory, bytes per round."""
-    from profiles.report import build_report, default_out_dir
+    from jetfed.profiles.report import build_report, default_out_dir
 
     result = build_report(run_dirs, out or default_out_dir(run_dirs), target_accuracy, round_index)
     typer.echo(f"report: {result.markdown_path}")
@@ -77,9 +77,9 @@ def serve(
     """The live page over finished runs (compare them), until Ctrl-C: the report's numbers."""
     import time
 
-    from coordinator.ui.server import UiServer, parse_address
-    from coordinator.ui.state import LiveState
-    from profiles.records import load_run
+    from jetfed.coordinator.ui.server import UiServer, parse_address
+    from jetfed.coordinator.ui.state import LiveState
+    from jetfed.profiles.records import load_run
 
     for path in run_dirs:
         load_run(path)  # one line naming a folder that is not a run

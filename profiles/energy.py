@@ -7,10 +7,10 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 from pydantic import BaseModel, ConfigDict
 
-from edge.errors import UserError
-from edge.telemetry.energy import trapezoid_j
-from edge.telemetry.rails import module_power_w, module_rail_names
-from edge.telemetry.tegrastats_parse import TegrastatsLine, parse_line
+from jetfed.edge.errors import UserError
+from jetfed.edge.telemetry.energy import trapezoid_j
+from jetfed.edge.telemetry.rails import module_power_w, module_rail_names
+from jetfed.edge.telemetry.tegrastats_parse import TegrastatsLine, parse_line
 
 TEGRASTATS_DEFAULT_INTERVAL_MS = 1000
 

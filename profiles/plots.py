@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, List, Sequence, Tuple
 
-from edge.errors import UserError
-from edge.telemetry.records import PhaseRecord
-from profiles.document import fmt_mb
-from profiles.summary import (
+from jetfed.edge.errors import UserError
+from jetfed.edge.telemetry.records import PhaseRecord
+from jetfed.profiles.document import fmt_mb
+from jetfed.profiles.summary import (
     BASELINE_PHASE,
     MemoryRow,
     RunSummary,

@@ -9,10 +9,10 @@ from typing import Any, Dict, List, Type, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from coordinator.records import RoundMetrics
-from edge.errors import UserError, validation_line
-from edge.telemetry.records import PhaseRecord
-from edge.wire import Hello
+from jetfed.coordinator.records import RoundMetrics
+from jetfed.edge.errors import UserError, validation_line
+from jetfed.edge.telemetry.records import PhaseRecord
+from jetfed.edge.wire import Hello
 
 M = TypeVar("M", bound=BaseModel)
 

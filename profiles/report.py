@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from coordinator.quality import LOWER_IS_BETTER
-from edge.errors import UserError
-from profiles.document import (
+from jetfed.coordinator.quality import LOWER_IS_BETTER
+from jetfed.edge.errors import UserError
+from jetfed.profiles.document import (
     NA,
     Block,
     Heading,
@@ -25,15 +25,15 @@ from profiles.document import (
     to_html,
     to_markdown,
 )
-from profiles.plots import (
+from jetfed.profiles.plots import (
     plot_accuracy,
     plot_bytes,
     plot_energy_by_phase,
     plot_peak_memory,
     plot_power_trace,
 )
-from profiles.records import load_run
-from profiles.summary import (
+from jetfed.profiles.records import load_run
+from jetfed.profiles.summary import (
     BASELINE_PHASE,
     MemoryRow,
     RunSummary,

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from coordinator.quality import LOWER_IS_BETTER, best, metric_name, metric_value, reaches
-from edge.telemetry.records import PhaseRecord
-from profiles.records import RunRecords
+from jetfed.coordinator.quality import LOWER_IS_BETTER, best, metric_name, metric_value, reaches
+from jetfed.edge.telemetry.records import PhaseRecord
+from jetfed.profiles.records import RunRecords
 
 ROUND_PHASES = ("download", "setup", "train", "eval", "upload")
 BASELINE_PHASE = "idle"

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from coordinator.links.netns import list_namespaces
+from jetfed.coordinator.links.netns import list_namespaces
 
 ENV = dict(
     os.environ,

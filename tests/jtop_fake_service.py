@@ -128,9 +128,9 @@ def _read_with_jtop() -> Dict[str, Any]:
 
 
 def _read_with_backend(folders: Dict[str, Path]) -> Dict[str, Any]:
-    from edge.telemetry.backends.detect import detect_backend
-    from edge.telemetry.phases import Profiler
-    from edge.telemetry.sampler import Sampler
+    from jetfed.edge.telemetry.backends.detect import detect_backend
+    from jetfed.edge.telemetry.phases import Profiler
+    from jetfed.edge.telemetry.sampler import Sampler
     from tests.telemetry_trees import set_rail
 
     backend = detect_backend("auto")

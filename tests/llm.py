@@ -1,7 +1,7 @@
 """Shared set-up of the causal-LM tests: the packaged SmolLM2, truncated, on one torch thread.
 
 Two of its 30 layers keep every test on real weights and the real tokenizer, in seconds. The
-GGUF → HF conversion happens once per machine in the user cache (`edge.packaged_llm`), shared
+GGUF → HF conversion happens once per machine in the user cache (`jetfed.edge.packaged_llm`), shared
 by every test and run.
 """
 
@@ -12,7 +12,7 @@ import importlib.util
 import pytest
 import torch
 
-from edge.wire import ModelRef
+from jetfed.edge.wire import ModelRef
 
 torch.set_num_threads(1)  # 2 threads on a loaded 2-core machine stalled every op (CAUSAL_LM.md)
 

@@ -11,10 +11,10 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-from edge.mqtt import BrokerSpec
-from edge.session import DeviceSession
-from edge.transfer import Download
-from edge.wire import (
+from jetfed.edge.mqtt import BrokerSpec
+from jetfed.edge.session import DeviceSession
+from jetfed.edge.transfer import Download
+from jetfed.edge.wire import (
     Ack,
     BlobManifest,
     ChunkRequest,

@@ -7,7 +7,7 @@ import itertools
 
 import torch
 
-from coordinator.strategies.fedavg import FedAvg
+from jetfed.coordinator.strategies.fedavg import FedAvg
 from tests.test_robust import strategy
 from tests.test_strategies import accepted
 

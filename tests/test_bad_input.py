@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from coordinator.inbound import MAX_REJECTED_CHUNKS
-from edge.telemetry.records import PhaseRecord
-from edge.wire import (
+from jetfed.coordinator.inbound import MAX_REJECTED_CHUNKS
+from jetfed.edge.telemetry.records import PhaseRecord
+from jetfed.edge.wire import (
     Ack,
     BlobManifest,
     ChunkRequest,

@@ -1,4 +1,5 @@
-"""Failover lists and the start-up message-size probe of edge.mqtt.MqttLink, on real Mosquittos."""
+"""Failover lists and the start-up message-size probe of jetfed.edge.mqtt.MqttLink, on real
+Mosquittos."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from typing import Callable, List, Tuple
 
 import pytest
 
-from edge.errors import UserError
-from edge.mqtt import BrokerSpec, MqttLink
+from jetfed.edge.errors import UserError
+from jetfed.edge.mqtt import BrokerSpec, MqttLink
 from tests.brokers import MosquittoBroker, free_port
 from tests.fleet import wait_for
 
@@ -36,7 +37,7 @@ def test_link_fails_over_to_the_next_node_and_logs_each_switch(
     first, second = mosquitto_factory(), mosquitto_factory()
     dead = f"mqtt://127.0.0.1:{free_port()}"
     link = _link(f"{dead},{first.url},{second.url}")
-    caplog.set_level(logging.WARNING, logger="edge.mqtt")
+    caplog.set_level(logging.WARNING, logger="jetfed.edge.mqtt")
     link.connect(timeout_s=20)
     try:
         assert link.broker_url == first.url

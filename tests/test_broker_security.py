@@ -24,14 +24,14 @@ import pytest
 import yaml
 from cryptography import x509
 
-from coordinator.broker_config import (
+from jetfed.coordinator.broker_config import (
     BrokerConfigOptions,
     generate_broker_config,
     parse_devices,
     pbkdf2_password_hash,
     read_env_file,
 )
-from edge.errors import UserError
+from jetfed.edge.errors import UserError
 from tests.brokers import MosquittoBroker, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

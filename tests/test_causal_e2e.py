@@ -80,7 +80,7 @@ def test_lora_two_devices_two_rounds(tmp_path: Path, mosquitto: MosquittoBroker)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from edge.packaged_llm import smollm2_folder
+    from jetfed.edge.packaged_llm import smollm2_folder
 
     run_dir = _run(tmp_path, mosquitto, "lora", 1e-3)
     adapter = run_dir / "global" / "round-0001"

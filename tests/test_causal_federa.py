@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from edge.instructions import instruction_batch, load_instructions
-from edge.methods.base import get_method
-from edge.models import load_causal_lm, load_tokenizer
-from edge.train import train_local
-from edge.wire import TrainingConfig, encode_tensors
+from jetfed.edge.instructions import instruction_batch, load_instructions
+from jetfed.edge.methods.base import get_method
+from jetfed.edge.models import load_causal_lm, load_tokenizer
+from jetfed.edge.train import train_local
+from jetfed.edge.wire import TrainingConfig, encode_tensors
 from tests.conftest import DATASETS, REPO_ROOT
 from tests.fleet import ENV
 from tests.llm import SMOLLM2, require_smollm2
@@ -55,7 +55,7 @@ def test_logits_at_init_equal_the_base_model(federa) -> None:  # type: ignore[no
 DEVICE_SCRIPT = """
 import hashlib, sys, torch
 from safetensors.torch import load_file
-from edge.methods.base import get_method
+from jetfed.edge.methods.base import get_method
 from tests.llm import SMOLLM2
 torch.set_num_threads(int(sys.argv[2]))
 method = get_method("federa")({"rank": 4, "alpha": 8}, SMOLLM2)

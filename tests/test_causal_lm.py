@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator.config import causal_lm_config, parse_config
-from edge.causal_lm import response_logits, response_loss
-from edge.errors import UserError
-from edge.instruction_eval import exact_match, final_number, rouge_l
-from edge.instructions import (
+from jetfed.coordinator.config import causal_lm_config, parse_config
+from jetfed.edge.causal_lm import response_logits, response_loss
+from jetfed.edge.errors import UserError
+from jetfed.edge.instruction_eval import exact_match, final_number, rouge_l
+from jetfed.edge.instructions import (
     IGNORE_INDEX,
     apply_template,
     instruction_batch,
@@ -22,8 +22,8 @@ from edge.instructions import (
     row_tokens,
     rows_to_instructions,
 )
-from edge.models import load_model, load_tokenizer, model_kind
-from edge.packaged_llm import smollm2_folder
+from jetfed.edge.models import load_model, load_tokenizer, model_kind
+from jetfed.edge.packaged_llm import smollm2_folder
 from tests.conftest import DATASETS
 from tests.llm import SMOLLM2, TINY_LAYERS, require_smollm2
 
@@ -186,7 +186,7 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
 
 
 def test_target_modules_default_list_comma_string_or_all_linear() -> None:
-    from edge.methods.lora import LoraSettings
+    from jetfed.edge.methods.lora import LoraSettings
 
     assert LoraSettings(target_modules="q_proj, v_proj").targets(None) == ["q_proj", "v_proj"]
     assert LoraSettings(target_modules="all-linear").targets(None) == "all-linear"

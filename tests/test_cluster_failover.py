@@ -18,7 +18,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge.wire import Announcement, parse_message
+from jetfed.edge.wire import Announcement, parse_message
 from tests.brokers import NatsBroker, NatsCluster
 from tests.fleet import jetfed, log_tail, read_metrics, stop, wait_for, write_config
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from coordinator.config import load_config
-from edge.errors import UserError
+from jetfed.coordinator.config import load_config
+from jetfed.edge.errors import UserError
 from tests.fleet import ENV
 
 GOOD = {"name": "exp", "data": {"path": "data"}}
@@ -126,7 +126,7 @@ def test_the_one_line_form_of_a_pydantic_error() -> None:
     """Every config, flag, method, strategy and message error goes through one helper."""
     from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-    from edge.errors import flag_error, validation_line
+    from jetfed.edge.errors import flag_error, validation_line
 
     class Settings(BaseModel):
         model_config = ConfigDict(extra="forbid")

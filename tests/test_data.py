@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.data import class_counts, client_shard, load_split, partition
-from edge.errors import UserError
-from edge.wire import PartitionSpec
+from jetfed.edge.data import class_counts, client_shard, load_split, partition
+from jetfed.edge.errors import UserError
+from jetfed.edge.wire import PartitionSpec
 
 
 def test_loads_real_single_and_pair_tasks(sst2_dir: Path) -> None:

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence
 
 import pytest
 
-from edge.doctor import (
+from jetfed.edge.doctor import (
     FAIL,
     OK,
     SKIP,
@@ -26,7 +26,7 @@ from edge.doctor import (
     run_checks,
     transformers_torch_problem,
 )
-from edge.mqtt import BrokerSpec
+from jetfed.edge.mqtt import BrokerSpec
 from tests.brokers import MosquittoBroker, free_port
 from tests.telemetry_trees import build_ina3221_tree
 
@@ -177,11 +177,11 @@ def test_clock_sync_sources() -> None:
 TRAIN_AND_REPORT_RSS = textwrap.dedent(
     """
     import resource, sys
-    from edge.data import load_split
-    from edge.methods.base import get_method
-    from edge.models import load_tokenizer
-    from edge.train import train_local
-    from edge.wire import ModelRef, TrainingConfig
+    from jetfed.edge.data import load_split
+    from jetfed.edge.methods.base import get_method
+    from jetfed.edge.models import load_tokenizer
+    from jetfed.edge.train import train_local
+    from jetfed.edge.wire import ModelRef, TrainingConfig
 
     method_name, data = sys.argv[1], sys.argv[2]
     ref = ModelRef(name_or_path="minilm", num_labels=2, max_length=64)
@@ -198,7 +198,7 @@ TRAIN_AND_REPORT_RSS = textwrap.dedent(
 def test_memory_estimate_is_within_2x_of_measured_rss(
     method: str, sst2_dir: Path, minilm_path: str
 ) -> None:
-    from edge.memory_budget import estimate_training_memory
+    from jetfed.edge.memory_budget import estimate_training_memory
 
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     done = subprocess.run(
@@ -218,9 +218,9 @@ def test_memory_estimate_is_within_2x_of_measured_rss(
 def test_every_registered_method_is_budgeted_from_its_own_facts() -> None:
     """The memory budget asks each method what a device holds (no list of methods outside
     edge/methods/): every registered method is accepted, and the facts follow the method."""
-    from edge.memory_budget import estimate_training_memory
-    from edge.methods.base import available_methods
-    from edge.methods.split import SplitSettings
+    from jetfed.edge.memory_budget import estimate_training_memory
+    from jetfed.edge.methods.base import available_methods
+    from jetfed.edge.methods.split import SplitSettings
 
     estimates = {m: estimate_training_memory("minilm", m, 16, 64) for m in available_methods()}
     lora, full = estimates["lora"], estimates["full"]
@@ -235,8 +235,8 @@ def test_every_registered_method_is_budgeted_from_its_own_facts() -> None:
 
 def test_demo_and_reproduction_use_each_methods_default_learning_rate(tmp_path: Path) -> None:
     from bench.reproduction import learning_rate
-    from coordinator.demo import DEMO_DATA, demo_config
-    from edge.methods.base import get_method
+    from jetfed.coordinator.demo import DEMO_DATA, demo_config
+    from jetfed.edge.methods.base import get_method
 
     for method in ("lora", "federa", "full", "split"):
         config = demo_config(

@@ -13,9 +13,9 @@ from typing import Callable, List
 
 import pytest
 
-from coordinator.broker_config import pbkdf2_password_hash
-from edge.errors import UserError
-from edge.mqtt import BrokerSpec, MqttLink
+from jetfed.coordinator.broker_config import pbkdf2_password_hash
+from jetfed.edge.errors import UserError
+from jetfed.edge.mqtt import BrokerSpec, MqttLink
 from tests.brokers import MosquittoBroker, free_port
 from tests.fleet import ENV, write_config
 
@@ -47,7 +47,7 @@ def test_a_model_that_is_not_installed_is_one_line_offline(tmp_path: Path, sst2_
 
 
 def test_a_missing_local_model_folder_is_one_line(tmp_path: Path) -> None:
-    from edge.models import resolve_model_path
+    from jetfed.edge.models import resolve_model_path
 
     with pytest.raises(UserError, match="no such folder"):
         resolve_model_path(str(tmp_path / "nowhere" / "model"))

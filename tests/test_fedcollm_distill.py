@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coordinator.strategies.distill import check_same_tokenizer, mutual_distillation
-from edge.data import TextDataset
-from edge.errors import UserError
-from edge.methods.fedcollm import FedCoLLMMethod
-from edge.models import load_tokenizer
-from edge.wire import ModelRef
+from jetfed.coordinator.strategies.distill import check_same_tokenizer, mutual_distillation
+from jetfed.edge.data import TextDataset
+from jetfed.edge.errors import UserError
+from jetfed.edge.methods.fedcollm import FedCoLLMMethod
+from jetfed.edge.models import load_tokenizer
+from jetfed.edge.wire import ModelRef
 
 SLM = ModelRef(name_or_path="minilm", num_labels=2, max_length=32, num_hidden_layers=1)
 TEXTS = ["a gripping, funny film", "dull and far too long", "warm and clever", "a mess"] * 4

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from edge.methods.fedcollm import FedCoLLMMethod
-from edge.wire import ModelRef
+from jetfed.edge.methods.fedcollm import FedCoLLMMethod
+from jetfed.edge.wire import ModelRef
 from tests.brokers import MosquittoBroker
 from tests.fleet import jetfed, log_tail, read_metrics, start_edges, stop, write_config
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from edge.methods.base import get_method
-from edge.models import load_classifier, load_tokenizer
-from edge.wire import ModelRef, encode_tensors
+from jetfed.edge.methods.base import get_method
+from jetfed.edge.models import load_classifier, load_tokenizer
+from jetfed.edge.wire import ModelRef, encode_tensors
 
 REF = ModelRef(name_or_path="minilm", num_labels=2, max_length=64)
 SENTENCES = ["a gorgeous, witty, seductive movie .", "the plot is nothing but boilerplate clichés"]
@@ -58,8 +58,8 @@ def test_factors_equal_peft_pissa_init(federa) -> None:  # type: ignore[no-untyp
 DEVICE_SCRIPT = """
 import hashlib, sys, torch
 from safetensors.torch import load_file
-from edge.methods.base import get_method
-from edge.wire import ModelRef
+from jetfed.edge.methods.base import get_method
+from jetfed.edge.wire import ModelRef
 torch.set_num_threads(int(sys.argv[2]))
 ref = ModelRef(name_or_path="minilm", num_labels=2)
 method = get_method("federa")({"rank": 8, "alpha": 16}, ref)

@@ -13,12 +13,12 @@ from typing import Any, Dict, List
 
 import pytest
 
-from coordinator.fleet import LINK_FILE, device_broker_url
-from coordinator.links import LinkedFleet, LinkSpec
-from coordinator.links.netns import ROOT_ERROR
-from coordinator.local_mosquitto import LocalMosquitto
-from edge.errors import UserError
 from jetfed.cli import main
+from jetfed.coordinator.fleet import LINK_FILE, device_broker_url
+from jetfed.coordinator.links import LinkedFleet, LinkSpec
+from jetfed.coordinator.links.netns import ROOT_ERROR
+from jetfed.coordinator.local_mosquitto import LocalMosquitto
+from jetfed.edge.errors import UserError
 from tests.brokers import MosquittoBroker, free_port
 from tests.fleet import ENV, link_leftovers, log_tail, read_metrics
 

@@ -12,10 +12,10 @@ from typing import Callable, List, Tuple
 import paho.mqtt.client as mqtt
 import pytest
 
-from edge.agent import EdgeConfig
-from edge.lobby import Lobby
-from edge.mqtt import BrokerSpec
-from edge.wire import Announcement, encode_message
+from jetfed.edge.agent import EdgeConfig
+from jetfed.edge.lobby import Lobby
+from jetfed.edge.mqtt import BrokerSpec
+from jetfed.edge.wire import Announcement, encode_message
 from tests.brokers import MosquittoBroker
 
 Message = Tuple[str, bytes]

@@ -10,10 +10,10 @@ from typing import Dict, List
 import pytest
 import torch
 
-from coordinator.strategies.base import AcceptedUpdate, ServerContext
-from coordinator.strategies.fedavg import FedAvg
-from edge.tensorfile import UPDATE_DTYPES, TensorFile, write_tensor_file
-from edge.wire import Update, make_manifest
+from jetfed.coordinator.strategies.base import AcceptedUpdate, ServerContext
+from jetfed.coordinator.strategies.fedavg import FedAvg
+from jetfed.edge.tensorfile import UPDATE_DTYPES, TensorFile, write_tensor_file
+from jetfed.edge.wire import Update, make_manifest
 
 
 def announced(num_samples: int, round_index: int = 0) -> Update:

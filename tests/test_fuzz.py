@@ -28,14 +28,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from coordinator.config import load_config
-from coordinator.server import Coordinator
-from edge.agent import EdgeAgent, EdgeConfig
-from edge.errors import ProtocolError
-from edge.mqtt import BrokerSpec
-from edge.telemetry.records import PhaseRecord
-from edge.transfer import Download
-from edge.wire import (
+from jetfed.coordinator.config import load_config
+from jetfed.coordinator.server import Coordinator
+from jetfed.edge.agent import EdgeAgent, EdgeConfig
+from jetfed.edge.errors import ProtocolError
+from jetfed.edge.mqtt import BrokerSpec
+from jetfed.edge.telemetry.records import PhaseRecord
+from jetfed.edge.transfer import Download
+from jetfed.edge.wire import (
     Ack,
     ChunkRequest,
     Hello,
@@ -76,7 +76,9 @@ class Captured(logging.Handler):
         self.lines: List[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.name.startswith(("coordinator", "edge.agent", "edge.session")):
+        if record.name.startswith(
+            ("jetfed.coordinator", "jetfed.edge.agent", "jetfed.edge.session")
+        ):
             self.lines.append(record.getMessage())
 
 

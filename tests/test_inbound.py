@@ -1,5 +1,5 @@
-"""coordinator.inbound.Intake on its own: what devices send goes in through `dispatch`, what it
-answers (acks, nacks, chunk requests) comes out of the publish callables. No broker needed:
+"""jetfed.coordinator.inbound.Intake on its own: what devices send goes in through `dispatch`, what
+it answers (acks, nacks, chunk requests) comes out of the publish callables. No broker needed:
 the chunks an update is pulled with come from a device-side BlobServer, as on the wire."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from typing import Dict, List, Tuple
 import pytest
 import torch
 
-from coordinator.config import parse_config
-from coordinator.inbound import Intake, check_sender
-from coordinator.registry import DeviceRegistry
-from coordinator.rundir import RunDir
-from edge.errors import ProtocolError
-from edge.transfer import BlobServer
-from edge.wire import (
+from jetfed.coordinator.config import parse_config
+from jetfed.coordinator.inbound import Intake, check_sender
+from jetfed.coordinator.registry import DeviceRegistry
+from jetfed.coordinator.rundir import RunDir
+from jetfed.edge.errors import ProtocolError
+from jetfed.edge.transfer import BlobServer
+from jetfed.edge.wire import (
     Hello,
     ModelRef,
     Task,

@@ -26,8 +26,8 @@ def _assert_two_aggregated_rounds(run_dir: Path) -> None:
     assert any(not first[name].equal(second[name]) for name in first), "global adapter unchanged"
     from peft import PeftModel
 
-    from edge.models import load_classifier
-    from edge.wire import ModelRef
+    from jetfed.edge.models import load_classifier
+    from jetfed.edge.wire import ModelRef
 
     base = load_classifier(ModelRef(name_or_path="minilm", num_labels=2))
     loaded = PeftModel.from_pretrained(base, str(run_dir / "global/round-0001"))

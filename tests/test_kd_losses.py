@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from edge.data import TextDataset
-from edge.distillation import (
+from jetfed.edge.data import TextDataset
+from jetfed.edge.distillation import (
     ce_plus_kl,
     consensus_kl,
     mixture_logits,

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from edge.data import load_split
-from edge.distillation import texts_digest, unlabelled
-from edge.errors import ProtocolError, UserError
-from edge.methods.base import get_method
-from edge.methods.kd import KdMethod, ProxyRound
-from edge.wire import ModelRef, decode_tensors, encode_tensors
+from jetfed.edge.data import load_split
+from jetfed.edge.distillation import texts_digest, unlabelled
+from jetfed.edge.errors import ProtocolError, UserError
+from jetfed.edge.methods.base import get_method
+from jetfed.edge.methods.kd import KdMethod, ProxyRound
+from jetfed.edge.wire import ModelRef, decode_tensors, encode_tensors
 
 REF = ModelRef(name_or_path="minilm", num_labels=2)
 

@@ -28,11 +28,11 @@ from bench.link_rates import (
     python_in,
     upload,
 )
-from coordinator.links import LinkedFleet, LinkSpec, cleanup_stale
-from coordinator.links.model import LinkDirection
-from coordinator.links.netns import ROOT_ERROR, list_namespaces, pid_alive
-from coordinator.links.spec import EXPECTED_FORM
-from edge.errors import UserError
+from jetfed.coordinator.links import LinkedFleet, LinkSpec, cleanup_stale
+from jetfed.coordinator.links.model import LinkDirection
+from jetfed.coordinator.links.netns import ROOT_ERROR, list_namespaces, pid_alive
+from jetfed.coordinator.links.spec import EXPECTED_FORM
+from jetfed.edge.errors import UserError
 from tests.brokers import MosquittoBroker, free_port
 from tests.fleet import link_leftovers
 
@@ -259,7 +259,7 @@ def test_loss_drops_that_share_of_packets() -> None:
 
 OWNER = """
     import subprocess, sys, time
-    from coordinator.links import LinkedFleet, LinkSpec
+    from jetfed.coordinator.links import LinkedFleet, LinkSpec
     fleet = LinkedFleet(2, LinkSpec.parse("10mbit,10ms"), prefix=sys.argv[1])
     sleeper = subprocess.Popen(fleet.device_command(0, ["sleep", "120"]))
     print(fleet.tag, sleeper.pid, flush=True)

@@ -17,13 +17,13 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import psutil
 import pytest
 
-from coordinator.registry import DeviceRecord
-from coordinator.ui.server import UiServer
-from coordinator.ui.state import LiveState
-from edge.errors import ProtocolError
-from edge.telemetry.live import LivePublisher
-from edge.telemetry.samples import Sample
-from edge.wire import (
+from jetfed.coordinator.registry import DeviceRecord
+from jetfed.coordinator.ui.server import UiServer
+from jetfed.coordinator.ui.state import LiveState
+from jetfed.edge.errors import ProtocolError
+from jetfed.edge.telemetry.live import LivePublisher
+from jetfed.edge.telemetry.samples import Sample
+from jetfed.edge.wire import (
     LIVE_TELEMETRY_MAX_BYTES,
     Hello,
     LiveSample,
@@ -311,8 +311,8 @@ def test_page_in_chromium_during_a_demo_run(tmp_path: Path) -> None:
 
 def _check_profiles_serve(run_dir: Path) -> None:
     """`jetfed profiles serve` over the finished run: the report's numbers, one computation."""
-    from profiles.records import load_run
-    from profiles.summary import round_costs
+    from jetfed.profiles.records import load_run
+    from jetfed.profiles.summary import round_costs
 
     command = [sys.executable, "-m", "jetfed", "profiles", "serve", str(run_dir)]
     server = subprocess.Popen(

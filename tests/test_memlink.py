@@ -8,9 +8,9 @@ from typing import List, Tuple
 
 import pytest
 
-from edge.errors import UserError
-from edge.memlink import MemBroker, MemLink, open_link
-from edge.mqtt import BrokerSpec, MqttLink
+from jetfed.edge.errors import UserError
+from jetfed.edge.memlink import MemBroker, MemLink, open_link
+from jetfed.edge.mqtt import BrokerSpec, MqttLink
 
 
 def received(link: MemLink, timeout_s: float = 2.0) -> List[Tuple[str, bytes]]:

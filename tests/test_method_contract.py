@@ -11,14 +11,14 @@ from typing import Any, Dict, Optional
 import pytest
 import torch
 
-from coordinator.config import ExperimentConfig, parse_config
-from coordinator.demo import DEMO_DATA
-from coordinator.server import Coordinator
-from coordinator.strategies.base import Strategy
-from edge.agent import EdgeAgent, EdgeConfig
-from edge.data import TextDataset
-from edge.memlink import MemBroker
-from edge.methods.base import (
+from jetfed.coordinator.config import ExperimentConfig, parse_config
+from jetfed.coordinator.demo import DEMO_DATA
+from jetfed.coordinator.server import Coordinator
+from jetfed.coordinator.strategies.base import Strategy
+from jetfed.edge.agent import EdgeAgent, EdgeConfig
+from jetfed.edge.data import TextDataset
+from jetfed.edge.memlink import MemBroker
+from jetfed.edge.methods.base import (
     FederatedMethod,
     InitialState,
     LocalResult,
@@ -27,9 +27,9 @@ from edge.methods.base import (
     available_methods,
     run_local_round,
 )
-from edge.mqtt import BrokerSpec
-from edge.telemetry.phases import Profiler
-from edge.wire import ModelRef, TrainingConfig, tensor_spec
+from jetfed.edge.mqtt import BrokerSpec
+from jetfed.edge.telemetry.phases import Profiler
+from jetfed.edge.wire import ModelRef, TrainingConfig, tensor_spec
 
 
 class Forgetful(FederatedMethod):
@@ -110,7 +110,7 @@ def load_export(out_dir: Path, ref: ModelRef) -> Any:
     if (out_dir / "adapter_config.json").exists():
         from peft import PeftModel
 
-        from edge.models import load_classifier
+        from jetfed.edge.models import load_classifier
 
         return PeftModel.from_pretrained(load_classifier(ref), str(out_dir))
     from transformers import AutoModelForSequenceClassification

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from edge.wire import Ack
+from jetfed.edge.wire import Ack
 from tests.brokers import MosquittoBroker
 from tests.fleet import jetfed, log_tail, read_metrics, stop, write_config
 from tests.scripted_device import ScriptedDevice

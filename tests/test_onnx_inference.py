@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from edge.errors import UserError
+from jetfed.edge.errors import UserError
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -51,8 +51,8 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> Path
     """runs/lora-run with a LoRA adapter after "round 2", saved by LoraMethod.export."""
     import torch
 
-    from edge.methods.lora import LoraMethod
-    from edge.wire import ModelRef
+    from jetfed.edge.methods.lora import LoraMethod
+    from jetfed.edge.wire import ModelRef
 
     run_dir = tmp_path_factory.mktemp("runs") / "lora-run"
     write_config(run_dir)
@@ -123,9 +123,9 @@ def test_export_cli_merges_lora_with_parity_and_bench_reports_the_provider_used(
 @pytest.fixture(scope="module")
 def full_export(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) -> Any:
     """`full` saves a plain transformers model; exported as it is (2 layers: fast)."""
-    from coordinator.onnx_export import export_onnx
-    from edge.models import load_classifier
-    from edge.wire import ModelRef
+    from jetfed.coordinator.onnx_export import export_onnx
+    from jetfed.edge.models import load_classifier
+    from jetfed.edge.wire import ModelRef
 
     run_dir = tmp_path_factory.mktemp("runs") / "full-run"
     write_config(run_dir, num_hidden_layers=2)
@@ -142,7 +142,7 @@ def test_export_of_a_full_model_round(full_export: Any) -> None:
 
 
 def test_round_selection_errors(lora_run: Path, tmp_path: Path) -> None:
-    from coordinator.onnx_export import pick_round
+    from jetfed.coordinator.onnx_export import pick_round
 
     assert pick_round(lora_run, None)[0] == 2
     with pytest.raises(UserError, match="--round 5: not saved; available: 2"):
@@ -153,9 +153,9 @@ def test_round_selection_errors(lora_run: Path, tmp_path: Path) -> None:
 
 def test_bench_energy_per_inference_from_a_power_sensor(full_export: Any, tmp_path: Path) -> None:
     """An AGX Orin INA3221 tree at a constant 10 W: energy per inference = 10 W × time / count."""
-    from edge.inference import BenchSettings, bench_inference
-    from edge.telemetry.backends.ina3221 import Ina3221Backend
-    from edge.telemetry.sampler import Sampler
+    from jetfed.edge.inference import BenchSettings, bench_inference
+    from jetfed.edge.telemetry.backends.ina3221 import Ina3221Backend
+    from jetfed.edge.telemetry.sampler import Sampler
     from tests.telemetry_trees import build_ina3221_tree
 
     sysfs = tmp_path / "sys"
@@ -183,7 +183,7 @@ def test_bench_energy_per_inference_from_a_power_sensor(full_export: Any, tmp_pa
 
 
 def test_provider_choice() -> None:
-    from edge.inference import resolve_providers
+    from jetfed.edge.inference import resolve_providers
 
     here = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     assert resolve_providers(None, here) == here

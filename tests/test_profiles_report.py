@@ -259,7 +259,9 @@ def test_edge_refuses_an_unavailable_telemetry_backend(tmp_path: Path) -> None:
 
 
 def test_profiles_report_does_not_import_torch() -> None:
-    code = "import profiles.report, profiles.cli, sys; assert 'torch' not in sys.modules"
+    code = (
+        "import jetfed.profiles.report, jetfed.profiles.cli, sys; assert 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, env=ENV, timeout=120)
 
 
@@ -327,7 +329,7 @@ def test_ina3221_energy_end_to_end(ina3221_run: Path, tmp_path: Path) -> None:
     assert hello["telemetry_backend"] == "ina3221" and hello["context"]["backend"] == "ina3221"
     assert read_metrics(ina3221_run)[0]["extra"]["energy_j"] > 0
 
-    from profiles.report import build_report
+    from jetfed.profiles.report import build_report
 
     report = build_report([ina3221_run], tmp_path / "report", target_accuracy=0.0)
     tables = md_tables(report.markdown_path.read_text())
@@ -340,7 +342,7 @@ def test_ina3221_energy_end_to_end(ina3221_run: Path, tmp_path: Path) -> None:
 
 
 def test_same_method_twice_and_target_not_reached(ina3221_run: Path, tmp_path: Path) -> None:
-    from profiles.report import build_report
+    from jetfed.profiles.report import build_report
 
     copy = tmp_path / "again"
     shutil.copytree(ina3221_run, copy)

@@ -3,10 +3,10 @@ and the local fleet's per-device data folders."""
 
 from __future__ import annotations
 
-from coordinator.config import parse_config
-from coordinator.quality import metric_name, metric_value, reaches
-from coordinator.rundir import RoundMetrics
-from profiles.summary import RoundCost, to_target
+from jetfed.coordinator.config import parse_config
+from jetfed.coordinator.quality import metric_name, metric_value, reaches
+from jetfed.coordinator.rundir import RoundMetrics
+from jetfed.profiles.summary import RoundCost, to_target
 
 
 def _round(index: int, **extra: float) -> RoundMetrics:

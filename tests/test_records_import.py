@@ -1,4 +1,4 @@
-"""`profiles/` reads run directories through `coordinator.records` without pulling the
+"""`profiles/` reads run directories through `jetfed.coordinator.records` without pulling the
 coordinator's round loop, paho, torch or the method registry (checked in a fresh interpreter)."""
 
 from __future__ import annotations
@@ -13,8 +13,14 @@ from tests.fleet import ENV
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHECK = """
 import json, sys
-import coordinator.records, profiles.records, profiles.report
-heavy = ("paho", "torch", "coordinator.server", "coordinator.config", "edge.methods.base")
+import jetfed.coordinator.records, jetfed.profiles.records, jetfed.profiles.report
+heavy = (
+    "paho",
+    "torch",
+    "jetfed.coordinator.server",
+    "jetfed.coordinator.config",
+    "jetfed.edge.methods.base",
+)
 print(json.dumps(sorted(m for m in sys.modules if m.startswith(heavy))))
 """
 

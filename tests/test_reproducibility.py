@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from coordinator.config import ExperimentConfig, parse_config
-from coordinator.demo import DEMO_DATA, demo_config
-from coordinator.fleet import run_local_fleet
-from edge.train import device_seed
+from jetfed.coordinator.config import ExperimentConfig, parse_config
+from jetfed.coordinator.demo import DEMO_DATA, demo_config
+from jetfed.coordinator.fleet import run_local_fleet
+from jetfed.edge.train import device_seed
 from tests.brokers import MosquittoBroker
 from tests.fleet import read_metrics
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 import yaml
 
-from coordinator.config import load_config
-from coordinator.server import Coordinator
-from coordinator.strategies.base import Strategy
-from coordinator.strategies.distill import KdStrategy
-from edge.errors import UserError
-from edge.methods.base import Tensors
-from edge.mqtt import BrokerSpec
+from jetfed.coordinator.config import load_config
+from jetfed.coordinator.server import Coordinator
+from jetfed.coordinator.strategies.base import Strategy
+from jetfed.coordinator.strategies.distill import KdStrategy
+from jetfed.edge.errors import UserError
+from jetfed.edge.methods.base import Tensors
+from jetfed.edge.mqtt import BrokerSpec
 from tests.fleet import write_config
 
 UNUSED_BROKER = BrokerSpec(url="mqtt://127.0.0.1:1")

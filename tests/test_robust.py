@@ -7,9 +7,14 @@ from typing import Any, Dict, List
 import pytest
 import torch
 
-from coordinator.strategies.base import AcceptedUpdate, ServerContext, Strategy, make_strategy
-from coordinator.strategies.robust import update_norm
-from edge.errors import UserError
+from jetfed.coordinator.strategies.base import (
+    AcceptedUpdate,
+    ServerContext,
+    Strategy,
+    make_strategy,
+)
+from jetfed.coordinator.strategies.robust import update_norm
+from jetfed.edge.errors import UserError
 from tests.test_strategies import accepted
 
 

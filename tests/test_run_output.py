@@ -15,13 +15,13 @@ import pytest
 import yaml
 from rich.console import Console
 
-from coordinator.config import load_config, parse_config
-from coordinator.progress import RoundTable
-from coordinator.records import RoundMetrics
-from edge.errors import ProtocolError, UserError
-from edge.mqtt import LinkCounters
-from edge.progress import ProgressReporter
-from edge.wire import Progress, encode_message, parse_message
+from jetfed.coordinator.config import load_config, parse_config
+from jetfed.coordinator.progress import RoundTable
+from jetfed.coordinator.records import RoundMetrics
+from jetfed.edge.errors import ProtocolError, UserError
+from jetfed.edge.mqtt import LinkCounters
+from jetfed.edge.progress import ProgressReporter
+from jetfed.edge.wire import Progress, encode_message, parse_message
 from tests.brokers import free_port
 from tests.fleet import ENV
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import List
 
-from coordinator.broker_config import read_env_file
+from jetfed.coordinator.broker_config import read_env_file
 from tests.fleet import ENV, log_tail, read_metrics, stop, wait_for, write_config
 from tests.test_broker_security import deploy
 

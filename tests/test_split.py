@@ -14,11 +14,11 @@ from typing import Any, Dict, List, Mapping, Tuple
 import pytest
 import torch
 
-from coordinator.strategies.split import SplitServer
-from edge.data import load_split
-from edge.errors import ProtocolError, UserError
-from edge.exchange import Exchange
-from edge.methods.split import (
+from jetfed.coordinator.strategies.split import SplitServer
+from jetfed.edge.data import load_split
+from jetfed.edge.errors import ProtocolError, UserError
+from jetfed.edge.exchange import Exchange
+from jetfed.edge.methods.split import (
     ExchangeTransport,
     SplitBatchLoss,
     SplitHeader,
@@ -27,9 +27,9 @@ from edge.methods.split import (
     decode_split_message,
     encode_split_message,
 )
-from edge.train import tokenize_batch
-from edge.transfer import TransferTimeout
-from edge.wire import ModelRef, Topics
+from jetfed.edge.train import tokenize_batch
+from jetfed.edge.transfer import TransferTimeout
+from jetfed.edge.wire import ModelRef, Topics
 
 MAX_LENGTH = 48
 
@@ -84,7 +84,7 @@ def minilm_model(lora_model: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def batch(minilm_path: str, sst2_dir: Path) -> Dict[str, torch.Tensor]:
-    from edge.models import load_tokenizer
+    from jetfed.edge.models import load_tokenizer
 
     dataset = load_split(str(sst2_dir), "validation")
     tokenizer = load_tokenizer(ModelRef(name_or_path="minilm", num_labels=2))

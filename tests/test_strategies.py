@@ -9,7 +9,7 @@ from typing import Any, List
 import pytest
 import torch
 
-from coordinator.strategies.base import (
+from jetfed.coordinator.strategies.base import (
     AcceptedUpdate,
     ServerContext,
     Strategy,
@@ -17,9 +17,9 @@ from coordinator.strategies.base import (
     make_strategy,
     register_strategy,
 )
-from edge.errors import UserError
-from edge.methods.base import Tensors, available_methods, get_method, register_method
-from edge.wire import Update, make_manifest
+from jetfed.edge.errors import UserError
+from jetfed.edge.methods.base import Tensors, available_methods, get_method, register_method
+from jetfed.edge.wire import Update, make_manifest
 
 
 def accepted(num_samples: int, tensors: dict) -> AcceptedUpdate:

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from edge.errors import UserError
-from edge.telemetry.backends.detect import detect_backend
-from edge.telemetry.backends.ina3221 import Ina3221Backend, find_channels
-from edge.telemetry.backends.psutil_backend import PsutilBackend
-from edge.telemetry.backends.rapl import RaplBackend
-from edge.telemetry.backends.tegrastats import TegrastatsBackend
-from edge.telemetry.context import collect_context, parse_l4t, parse_nvpmodel
-from edge.telemetry.counters import CounterPower
+from jetfed.edge.errors import UserError
+from jetfed.edge.telemetry.backends.detect import detect_backend
+from jetfed.edge.telemetry.backends.ina3221 import Ina3221Backend, find_channels
+from jetfed.edge.telemetry.backends.psutil_backend import PsutilBackend
+from jetfed.edge.telemetry.backends.rapl import RaplBackend
+from jetfed.edge.telemetry.backends.tegrastats import TegrastatsBackend
+from jetfed.edge.telemetry.context import collect_context, parse_l4t, parse_nvpmodel
+from jetfed.edge.telemetry.counters import CounterPower
 from tests import tegrastats_lines
 from tests.telemetry_trees import build_ina3221_tree, build_rapl_tree, set_rail, set_rapl_energy
 
@@ -214,8 +214,8 @@ def test_parsers_for_release_and_power_mode() -> None:
 
 
 def test_nvml_backend_on_a_real_gpu() -> None:
-    from edge.telemetry.backends.base import BackendUnavailable
-    from edge.telemetry.backends.nvml import NvmlBackend
+    from jetfed.edge.telemetry.backends.base import BackendUnavailable
+    from jetfed.edge.telemetry.backends.nvml import NvmlBackend
 
     backend = NvmlBackend()
     try:

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from edge.telemetry.energy import WindowIntegral, trapezoid_j
+from jetfed.edge.telemetry.energy import WindowIntegral, trapezoid_j
 
 TOLERANCE = 1e-3
 

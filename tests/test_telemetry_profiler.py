@@ -8,9 +8,9 @@ from typing import Dict, Iterator, Tuple
 
 import pytest
 
-from edge.telemetry.backends.ina3221 import Ina3221Backend
-from edge.telemetry.phases import Profiler
-from edge.telemetry.sampler import Sampler
+from jetfed.edge.telemetry.backends.ina3221 import Ina3221Backend
+from jetfed.edge.telemetry.phases import Profiler
+from jetfed.edge.telemetry.sampler import Sampler
 from tests.telemetry_trees import build_ina3221_tree, set_rail
 
 RAILS = {

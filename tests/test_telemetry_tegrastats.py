@@ -7,8 +7,8 @@ import calendar
 
 import pytest
 
-from edge.telemetry.rails import module_power_w, module_rail_names
-from edge.telemetry.tegrastats_parse import parse_line
+from jetfed.edge.telemetry.rails import module_power_w, module_rail_names
+from jetfed.edge.telemetry.tegrastats_parse import parse_line
 from tests import tegrastats_lines as lines
 
 

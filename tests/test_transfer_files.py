@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from edge.compression import dequantize_int8, quantize_int8
-from edge.errors import ProtocolError
-from edge.tensorfile import UPDATE_DTYPES, TensorFile, write_tensor_file
-from edge.transfer import BlobServer, Download, manifest_of_file
-from edge.wire import make_manifest
+from jetfed.edge.compression import dequantize_int8, quantize_int8
+from jetfed.edge.errors import ProtocolError
+from jetfed.edge.tensorfile import UPDATE_DTYPES, TensorFile, write_tensor_file
+from jetfed.edge.transfer import BlobServer, Download, manifest_of_file
+from jetfed.edge.wire import make_manifest
 
 
 def sample_tensors() -> Dict[str, torch.Tensor]:

@@ -14,11 +14,11 @@ import pytest
 import torch
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge.errors import ProtocolError
-from edge.mqtt import BrokerSpec, MqttLink
-from edge.tensorfile import TensorFile
-from edge.transfer import BlobServer, Download, TransferTimeout
-from edge.wire import BlobManifest, ChunkRequest, Topics, encode_message, parse_message
+from jetfed.edge.errors import ProtocolError
+from jetfed.edge.mqtt import BrokerSpec, MqttLink
+from jetfed.edge.tensorfile import TensorFile
+from jetfed.edge.transfer import BlobServer, Download, TransferTimeout
+from jetfed.edge.wire import BlobManifest, ChunkRequest, Topics, encode_message, parse_message
 from tests.brokers import MosquittoBroker
 
 TOPICS = Topics("xfer")
@@ -114,8 +114,8 @@ class Receiver:
 @pytest.fixture(scope="module")
 def minilm_delta(minilm_path: str) -> Dict[str, torch.Tensor]:
     """A full-model delta with MiniLM's real names and shapes (~91 MB in fp32)."""
-    from edge.methods.base import get_method
-    from edge.wire import ModelRef
+    from jetfed.edge.methods.base import get_method
+    from jetfed.edge.wire import ModelRef
 
     method = get_method("full")({}, ModelRef(name_or_path=minilm_path, num_labels=2))
     generator = torch.Generator().manual_seed(0)

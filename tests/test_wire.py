@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from edge.errors import ProtocolError
-from edge.transfer import BlobServer, Download, TransferTimeout
-from edge.wire import (
+from jetfed.edge.errors import ProtocolError
+from jetfed.edge.transfer import BlobServer, Download, TransferTimeout
+from jetfed.edge.wire import (
     BlobManifest,
     Hello,
     PayloadTooLarge,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from coordinator.links.fleet import LinkedFleet
-from coordinator.links.netns import cleanup_stale
-from coordinator.links.spec import LinkSpec
+from jetfed.coordinator.links.fleet import LinkedFleet
+from jetfed.coordinator.links.netns import cleanup_stale
+from jetfed.coordinator.links.spec import LinkSpec
 
 __all__ = ["LinkSpec", "LinkedFleet", "cleanup_stale"]

@@ -1,7 +1,7 @@
-"""`python -m coordinator.links CONFIG_JSON` runs the link relay (started by LinkedFleet)."""
+"""`python -m jetfed.coordinator.links CONFIG_JSON` runs the link relay (started by LinkedFleet)."""
 
 from __future__ import annotations
 
-from coordinator.links.relay import main
+from jetfed.coordinator.links.relay import main
 
 main()

@@ -29,11 +29,12 @@ import threading
 from types import FrameType
 from typing import Any, Dict, List, Optional, Sequence
 
-from coordinator.links import netns
-from coordinator.links.relay import RelayConfig, TunPair
-from coordinator.links.spec import LinkSpec
-from edge.errors import UserError
-from edge.logs import log_event
+import jetfed
+from jetfed.coordinator.links import netns
+from jetfed.coordinator.links.relay import RelayConfig, TunPair
+from jetfed.coordinator.links.spec import LinkSpec
+from jetfed.edge.errors import UserError
+from jetfed.edge.logs import log_event
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class LinkedFleet:
         )
         # The relay's stderr is ours: it writes only when it fails, and then the user needs it.
         self._relay = subprocess.Popen(
-            [sys.executable, "-m", "coordinator.links", config.model_dump_json()],
+            [sys.executable, "-m", "jetfed.coordinator.links", config.model_dump_json()],
             stdout=subprocess.PIPE,
             text=True,
             cwd=_repo_root(),
@@ -174,8 +175,8 @@ def _point_to_point(ifname: str, local: str, peer: str, namespace: Optional[str]
 
 
 def _repo_root() -> str:
-    """Where `coordinator` is importable from, for the relay subprocess."""
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    """Where `jetfed` is importable from, for the relay subprocess."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(jetfed.__file__)))
 
 
 class _allocation_lock:

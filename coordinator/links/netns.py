@@ -15,8 +15,8 @@ import subprocess
 import time
 from typing import Iterable, List, Optional, Sequence
 
-from edge.errors import UserError
-from edge.logs import log_event
+from jetfed.edge.errors import UserError
+from jetfed.edge.logs import log_event
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ device's end and the hub's end through a `LinkDirection` each way.
 
 Userspace on purpose: sch_netem (tc's delay/loss qdisc) is missing from many VM kernels,
 including the ones jetfed is developed and tested on, while TUN is everywhere. Run as
-`python -m coordinator.links CONFIG_JSON`; it prints `ready` once every TUN exists, and
+`python -m jetfed.coordinator.links CONFIG_JSON`; it prints `ready` once every TUN exists, and
 when the process that started it dies it deletes the fleet's namespaces itself.
 """
 
@@ -20,10 +20,10 @@ from typing import Deque, List, Optional, Tuple
 
 from pydantic import BaseModel, ConfigDict
 
-from coordinator.links.model import LinkDirection
-from coordinator.links.netns import remove_namespaces
-from coordinator.links.spec import LinkSpec
-from coordinator.links.tun import MAX_FRAME_BYTES, open_tun, wire_size
+from jetfed.coordinator.links.model import LinkDirection
+from jetfed.coordinator.links.netns import remove_namespaces
+from jetfed.coordinator.links.spec import LinkSpec
+from jetfed.coordinator.links.tun import MAX_FRAME_BYTES, open_tun, wire_size
 
 READS_PER_WAKEUP = 64
 IDLE_WAKEUP_S = 0.2

@@ -11,7 +11,7 @@ from typing import Dict, NoReturn, Optional, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from edge.errors import UserError, validation_line
+from jetfed.edge.errors import UserError, validation_line
 
 EXPECTED_FORM = (
     "expected RATE,DELAY,LOSS such as '100mbit,20ms,0.1%' (jitter as '20ms±5ms'; "

@@ -21,12 +21,12 @@ from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from edge.data import TextDataset
-from edge.errors import ProtocolError, UserError, validation_line
-from edge.instruction_eval import GenerationBudget, evaluate_instructions
-from edge.instructions import InstructionSet
-from edge.methods.base import FederatedMethod, Tensors
-from edge.wire import ModelRef, Update, tensor_spec
+from jetfed.edge.data import TextDataset
+from jetfed.edge.errors import ProtocolError, UserError, validation_line
+from jetfed.edge.instruction_eval import GenerationBudget, evaluate_instructions
+from jetfed.edge.instructions import InstructionSet
+from jetfed.edge.methods.base import FederatedMethod, Tensors
+from jetfed.edge.wire import ModelRef, Update, tensor_spec
 
 
 class StrategySettings(BaseModel):
@@ -39,8 +39,8 @@ class StrategySettings(BaseModel):
 @dataclass
 class AcceptedUpdate:
     """A verified update: its announcement and its tensors. On the coordinator `tensors` is the
-    upload's validated safetensors file, read lazily (`edge.tensorfile.TensorFile`), which stays
-    on disk until the round ends; tests and benches may pass an in-memory mapping."""
+    upload's validated safetensors file, read lazily (`jetfed.edge.tensorfile.TensorFile`), which
+    stays on disk until the round ends; tests and benches may pass an in-memory mapping."""
 
     update: Update
     tensors: Mapping[str, torch.Tensor]
@@ -110,12 +110,12 @@ class Strategy(ABC):
         """The next global state from this round's accepted updates (sorted by device id).
 
         Each update's tensors are a file on disk: read them a tensor or a few rows at a time
-        (`edge.tensorfile.read_rows`) to keep a full-model round at 2 × model size."""
+        (`jetfed.edge.tensorfile.read_rows`) to keep a full-model round at 2 × model size."""
 
     def evaluate(self, global_state: Tensors) -> Dict[str, float]:
         """`accuracy` and `eval_loss` of the global model on the validation split (+ extras);
         for a causal LM `eval_loss`, `perplexity` and `exact_match` or `rouge_l`."""
-        from edge.train import evaluate
+        from jetfed.edge.train import evaluate
 
         ctx = self.ctx
         ctx.method.set_state(ctx.eval_model, global_state)
@@ -181,10 +181,10 @@ def register_strategy(cls: Type[Strategy]) -> Type[Strategy]:
 
 def _import_all() -> None:
     """Import every module of this package: each registers the strategies it defines."""
-    import coordinator.strategies
+    import jetfed.coordinator.strategies
 
-    for info in pkgutil.iter_modules(coordinator.strategies.__path__):
-        importlib.import_module(f"coordinator.strategies.{info.name}")
+    for info in pkgutil.iter_modules(jetfed.coordinator.strategies.__path__):
+        importlib.import_module(f"jetfed.coordinator.strategies.{info.name}")
 
 
 def available_strategies() -> List[str]:

@@ -23,16 +23,16 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from coordinator.strategies.base import (
+from jetfed.coordinator.strategies.base import (
     AcceptedUpdate,
     ServerContext,
     Strategy,
     check_saved_state,
     register_strategy,
 )
-from coordinator.strategies.fedavg import apply_mean_delta
-from edge.data import TextDataset, load_split
-from edge.distillation import (
+from jetfed.coordinator.strategies.fedavg import apply_mean_delta
+from jetfed.edge.data import TextDataset, load_split
+from jetfed.edge.distillation import (
     DistillationSettings,
     ce_plus_kl,
     consensus_kl,
@@ -40,13 +40,13 @@ from edge.distillation import (
     texts_digest,
     unlabelled,
 )
-from edge.errors import UserError
-from edge.methods.base import Tensors
-from edge.methods.fedcollm import FedCoLLMMethod
-from edge.methods.kd import PROXY_BLOB, KdMethod, ProxyRound
-from edge.models import load_tokenizer
-from edge.train import batch_indices, evaluate, tokenize_batch, train_local
-from edge.wire import TrainingConfig
+from jetfed.edge.errors import UserError
+from jetfed.edge.methods.base import Tensors
+from jetfed.edge.methods.fedcollm import FedCoLLMMethod
+from jetfed.edge.methods.kd import PROXY_BLOB, KdMethod, ProxyRound
+from jetfed.edge.models import load_tokenizer
+from jetfed.edge.train import batch_indices, evaluate, tokenize_batch, train_local
+from jetfed.edge.wire import TrainingConfig
 
 
 def sample_rows(num_rows: int, count: int, seed: int) -> List[int]:

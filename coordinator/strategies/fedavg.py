@@ -13,9 +13,9 @@ from typing import List, Mapping, Optional
 
 import torch
 
-from coordinator.strategies.base import AcceptedUpdate, Strategy, register_strategy
-from edge.methods.base import Tensors
-from edge.tensorfile import read_rows, row_ranges
+from jetfed.coordinator.strategies.base import AcceptedUpdate, Strategy, register_strategy
+from jetfed.edge.methods.base import Tensors
+from jetfed.edge.tensorfile import read_rows, row_ranges
 
 
 def apply_mean_delta(

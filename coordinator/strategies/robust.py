@@ -24,15 +24,15 @@ from typing import List, Mapping
 import torch
 from pydantic import Field
 
-from coordinator.strategies.base import (
+from jetfed.coordinator.strategies.base import (
     AcceptedUpdate,
     Strategy,
     StrategySettings,
     register_strategy,
 )
-from coordinator.strategies.fedavg import apply_mean_delta
-from edge.methods.base import Tensors
-from edge.tensorfile import TensorFile
+from jetfed.coordinator.strategies.fedavg import apply_mean_delta
+from jetfed.edge.methods.base import Tensors
+from jetfed.edge.tensorfile import TensorFile
 
 
 class ClipSettings(StrategySettings):

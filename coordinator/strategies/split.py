@@ -28,17 +28,17 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from coordinator.strategies.base import (
+from jetfed.coordinator.strategies.base import (
     AcceptedUpdate,
     ServerContext,
     check_saved_state,
     register_strategy,
 )
-from coordinator.strategies.fedavg import FedAvg
-from edge.errors import ProtocolError, UserError
-from edge.logs import log_event
-from edge.methods.base import Tensors
-from edge.methods.split import (
+from jetfed.coordinator.strategies.fedavg import FedAvg
+from jetfed.edge.errors import ProtocolError, UserError
+from jetfed.edge.logs import log_event
+from jetfed.edge.methods.base import Tensors
+from jetfed.edge.methods.split import (
     SplitHeader,
     SplitLayout,
     SplitMethod,

@@ -8,8 +8,8 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator, Optional
 
 if TYPE_CHECKING:
-    from coordinator.config import ExperimentConfig
-    from coordinator.ui.state import LiveState
+    from jetfed.coordinator.config import ExperimentConfig
+    from jetfed.coordinator.ui.state import LiveState
 
 
 @contextmanager
@@ -26,8 +26,8 @@ def live_page(
         return
     import typer
 
-    from coordinator.ui.server import UiServer, parse_address
-    from coordinator.ui.state import LiveState
+    from jetfed.coordinator.ui.server import UiServer, parse_address
+    from jetfed.coordinator.ui.state import LiveState
 
     host, port = parse_address(address)
     title = f"{config.name}: {config.method.name} on {config.model.name_or_path}"

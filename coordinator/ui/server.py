@@ -25,8 +25,8 @@ from typing import Awaitable, Callable, Dict, List, Optional, Set, Tuple
 
 from aiohttp import web
 
-from coordinator.ui.state import LiveState
-from edge.errors import UserError
+from jetfed.coordinator.ui.state import LiveState
+from jetfed.edge.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 read as JSON by the page server's thread: the fleet, the round under way, a bounded window of
 each device's live telemetry, and the run's per-round numbers.
 
-The per-round numbers are `profiles.summary.round_costs` of the run directory, reloaded (on the
-page server's thread, never the protocol thread's) after a round ended: the page and
+The per-round numbers are `jetfed.profiles.summary.round_costs` of the run directory, reloaded (on
+the page server's thread, never the protocol thread's) after a round ended: the page and
 `jetfed profiles report` share one computation.
 """
 
@@ -18,14 +18,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
-from coordinator.observer import RunObserver
-from coordinator.records import RoundMetrics
-from coordinator.registry import DeviceRecord
-from edge.errors import UserError
-from edge.logs import log_event
-from edge.wire import Hello, LiveTelemetry, Progress, Task
-from profiles.records import RunRecords, load_run
-from profiles.summary import RunSummary, default_target, round_costs, run_labels, to_target
+from jetfed.coordinator.observer import RunObserver
+from jetfed.coordinator.records import RoundMetrics
+from jetfed.coordinator.registry import DeviceRecord
+from jetfed.edge.errors import UserError
+from jetfed.edge.logs import log_event
+from jetfed.edge.wire import Hello, LiveTelemetry, Progress, Task
+from jetfed.profiles.records import RunRecords, load_run
+from jetfed.profiles.summary import RunSummary, default_target, round_costs, run_labels, to_target
 
 logger = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """What a federated method is, and the registry that finds one by name.
 
 A method is one file in `edge/methods/` defining a `FederatedMethod` subclass decorated with
-`@register_method`. `get_method(name)` imports `edge.methods.<name>` on demand, so adding a method
-never touches the agent loop or the coordinator's round loop. The coordinator pairs it with an
-aggregation strategy (`coordinator/strategies/`), FedAvg unless the method names another.
+`@register_method`. `get_method(name)` imports `jetfed.edge.methods.<name>` on demand, so adding a
+method never touches the agent loop or the coordinator's round loop. The coordinator pairs it with
+an aggregation strategy (`coordinator/strategies/`), FedAvg unless the method names another.
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Mapping, Optional, 
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from edge.errors import UserError, validation_line
-from edge.wire import ModelRef, TrainingConfig
+from jetfed.edge.errors import UserError, validation_line
+from jetfed.edge.wire import ModelRef, TrainingConfig
 
 if TYPE_CHECKING:
     import torch
 
-    from edge.data import TextDataset
-    from edge.exchange import Exchange
-    from edge.telemetry.phases import PhaseCounters, Profiler
-    from edge.train import TrainStats
+    from jetfed.edge.data import TextDataset
+    from jetfed.edge.exchange import Exchange
+    from jetfed.edge.telemetry.phases import PhaseCounters, Profiler
+    from jetfed.edge.train import TrainStats
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class InitialState:
 
 @dataclass
 class MemoryFootprint:
-    """What one device's local round holds, counted in parameters; `edge.memory_budget` turns
+    """What one device's local round holds, counted in parameters; `jetfed.edge.memory_budget` turns
     it into bytes for `jetfed doctor`."""
 
     held_params: int
@@ -68,7 +68,7 @@ class MemoryFootprint:
 
 
 def _phase_counters() -> PhaseCounters:
-    from edge.telemetry.phases import PhaseCounters
+    from jetfed.edge.telemetry.phases import PhaseCounters
 
     return PhaseCounters()
 
@@ -153,8 +153,8 @@ class FederatedMethod(ABC):
 
     def train(self, job: LocalRound, loss_fn: Optional[Any] = None) -> TrainStats:
         """The shared local loop on the job's model, data and budget (`loss_fn` replaces CE)."""
-        from edge.models import autocast_dtype
-        from edge.train import train_local
+        from jetfed.edge.models import autocast_dtype
+        from jetfed.edge.train import train_local
 
         return train_local(
             job.model,
@@ -190,7 +190,7 @@ class FederatedMethod(ABC):
     def memory_footprint(self, model: Any) -> MemoryFootprint:
         """What a device holds to train `model` (the classifier on PyTorch's meta device:
         shapes, no storage). Default: every weight held and trained, the upper bound."""
-        from edge.memory_budget import num_layers
+        from jetfed.edge.memory_budget import num_layers
 
         params = sum(param.numel() for param in model.parameters())
         return MemoryFootprint(
@@ -209,7 +209,7 @@ class FederatedMethod(ABC):
         if not os.path.exists(readme):
             with open(readme, "w", encoding="utf-8") as handle:
                 handle.write(f"---\ntags:\n- jetfed\n---\n# jetfed global model ({self.name})\n")
-        from edge.models import quiet_transformers
+        from jetfed.edge.models import quiet_transformers
 
         with quiet_transformers():
             model.save_pretrained(out_dir)
@@ -242,12 +242,12 @@ def register_method(cls: Type[FederatedMethod]) -> Type[FederatedMethod]:
 
 
 def get_method(name: str) -> Type[FederatedMethod]:
-    """The method class registered as `name`, importing `edge.methods.<name>` if needed."""
+    """The method class registered as `name`, importing `jetfed.edge.methods.<name>` if needed."""
     if name not in _REGISTRY:
         try:
-            importlib.import_module(f"edge.methods.{name}")
+            importlib.import_module(f"jetfed.edge.methods.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"edge.methods.{name}":
+            if exc.name != f"jetfed.edge.methods.{name}":
                 raise
     if name not in _REGISTRY:
         raise UserError(f"unknown method {name!r}; known: {', '.join(available_methods())}")
@@ -257,8 +257,10 @@ def get_method(name: str) -> Type[FederatedMethod]:
 def available_methods() -> List[str]:
     import pkgutil
 
-    import edge.methods
+    import jetfed.edge.methods
 
     return sorted(
-        info.name for info in pkgutil.iter_modules(edge.methods.__path__) if info.name != "base"
+        info.name
+        for info in pkgutil.iter_modules(jetfed.edge.methods.__path__)
+        if info.name != "base"
     )

@@ -14,10 +14,10 @@ from typing import Optional
 
 from pydantic import Field
 
-from edge.distillation import DistillationSettings
-from edge.methods.base import register_method
-from edge.methods.lora import LoraMethod
-from edge.wire import ModelRef
+from jetfed.edge.distillation import DistillationSettings
+from jetfed.edge.methods.base import register_method
+from jetfed.edge.methods.lora import LoraMethod
+from jetfed.edge.wire import ModelRef
 
 
 class FedCoLLMSettings(DistillationSettings):

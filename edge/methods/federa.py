@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterator, Optional, Tuple
 
-from edge.errors import UserError
-from edge.methods.base import InitialState, MemoryFootprint, Tensors, register_method
-from edge.methods.lora import LoraMethod
-from edge.models import quiet_transformers
+from jetfed.edge.errors import UserError
+from jetfed.edge.methods.base import InitialState, MemoryFootprint, Tensors, register_method
+from jetfed.edge.methods.lora import LoraMethod
+from jetfed.edge.models import quiet_transformers
 
 
 def _lora_layers(model: Any) -> Iterator[Tuple[str, Any]]:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from edge.methods.base import FederatedMethod, InitialState, Tensors, register_method
-from edge.models import load_model
+from jetfed.edge.methods.base import FederatedMethod, InitialState, Tensors, register_method
+from jetfed.edge.models import load_model
 
 
 @register_method

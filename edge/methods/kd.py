@@ -18,16 +18,16 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from pydantic import Field
 
-from edge.data import TextDataset, load_split
-from edge.distillation import (
+from jetfed.edge.data import TextDataset, load_split
+from jetfed.edge.distillation import (
     DistillationSettings,
     consensus_kl,
     predict_logits,
     texts_digest,
     unlabelled,
 )
-from edge.errors import ProtocolError, UserError
-from edge.methods.base import (
+from jetfed.edge.errors import ProtocolError, UserError
+from jetfed.edge.methods.base import (
     FederatedMethod,
     InitialState,
     LocalResult,
@@ -36,7 +36,7 @@ from edge.methods.base import (
     Tensors,
     register_method,
 )
-from edge.methods.lora import LoraMethod
+from jetfed.edge.methods.lora import LoraMethod
 
 PROXY_BLOB = "kd_proxy"
 
@@ -153,7 +153,7 @@ class KdMethod(LoraMethod):
         return self._proxy[1]
 
     def local_round(self, job: LocalRound) -> LocalResult:
-        from edge.train import batch_indices, planned_steps, tokenize_batch
+        from jetfed.edge.train import batch_indices, planned_steps, tokenize_batch
 
         if PROXY_BLOB not in job.extra_blobs:
             raise ProtocolError(f"kd task without the {PROXY_BLOB} blob")

@@ -11,7 +11,7 @@ from typing import Any, List, Optional, Union
 
 from pydantic import Field
 
-from edge.methods.base import (
+from jetfed.edge.methods.base import (
     FederatedMethod,
     InitialState,
     MemoryFootprint,
@@ -19,7 +19,7 @@ from edge.methods.base import (
     Tensors,
     register_method,
 )
-from edge.models import default_target_modules, is_causal_lm, load_model, quiet_transformers
+from jetfed.edge.models import default_target_modules, is_causal_lm, load_model, quiet_transformers
 
 
 class LoraSettings(MethodConfig):
@@ -72,13 +72,13 @@ class LoraMethod(FederatedMethod):
 
     def lora_params(self, model: Any, layers: Optional[int] = None) -> int:
         """LoRA parameters this method adds to `model` (in its first `layers` layers if given)."""
-        from edge.memory_budget import lora_params
+        from jetfed.edge.memory_budget import lora_params
 
         return lora_params(model, self.config.rank, self.config.target_modules, layers)
 
     def memory_footprint(self, model: Any) -> MemoryFootprint:
         """The frozen base, LoRA and the task head trained."""
-        from edge.memory_budget import head_params, num_layers
+        from jetfed.edge.memory_budget import head_params, num_layers
 
         return MemoryFootprint(
             held_params=sum(param.numel() for param in model.parameters()),

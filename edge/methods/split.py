@@ -38,17 +38,23 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, 
 
 from pydantic import Field
 
-from edge.errors import ProtocolError, UserError
-from edge.logs import log_event
-from edge.methods.base import LocalResult, LocalRound, MemoryFootprint, Tensors, register_method
-from edge.methods.lora import LoraMethod, LoraSettings
-from edge.transfer import TransferTimeout
-from edge.wire import PayloadTooLarge, WireModel, parse_message
+from jetfed.edge.errors import ProtocolError, UserError
+from jetfed.edge.logs import log_event
+from jetfed.edge.methods.base import (
+    LocalResult,
+    LocalRound,
+    MemoryFootprint,
+    Tensors,
+    register_method,
+)
+from jetfed.edge.methods.lora import LoraMethod, LoraSettings
+from jetfed.edge.transfer import TransferTimeout
+from jetfed.edge.wire import PayloadTooLarge, WireModel, parse_message
 
 if TYPE_CHECKING:
     import torch
 
-    from edge.exchange import Exchange
+    from jetfed.edge.exchange import Exchange
 
 logger = logging.getLogger(__name__)
 
@@ -396,7 +402,7 @@ class ExchangeTransport:
 
 @dataclass
 class SplitBatchLoss:
-    """`loss_fn` for `edge.train.train_local`: one batch through the split model.
+    """`loss_fn` for `jetfed.edge.train.train_local`: one batch through the split model.
 
     It returns a tensor whose value is the batch loss and whose backward() delivers exactly the
     split gradients to the device's parameters: the server's gradient at the cut (and, U-shaped,
@@ -459,7 +465,7 @@ class SplitMethod(LoraMethod):
 
     def memory_footprint(self, model: Any) -> MemoryFootprint:
         """The embeddings and the first `cut_layer` layers, with LoRA on those layers."""
-        from edge.memory_budget import client_params, num_layers
+        from jetfed.edge.memory_budget import client_params, num_layers
 
         layers = self.config.cut_layer
         if layers > num_layers(model):

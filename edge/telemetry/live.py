@@ -11,9 +11,9 @@ import logging
 import re
 from typing import Callable, List, Optional
 
-from edge.logs import log_event
-from edge.telemetry.samples import Sample
-from edge.wire import (
+from jetfed.edge.logs import log_event
+from jetfed.edge.telemetry.samples import Sample
+from jetfed.edge.wire import (
     LIVE_TELEMETRY_MAX_RAILS,
     LIVE_TELEMETRY_MAX_SAMPLES,
     RAIL_NAME_PATTERN,

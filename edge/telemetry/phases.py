@@ -13,12 +13,12 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import psutil
 from pydantic import ValidationError
 
-from edge.logs import log_event
-from edge.telemetry.context import DeviceContext, collect_context
-from edge.telemetry.memory import CudaPeakProbe
-from edge.telemetry.records import MAX_TRACE_POINTS, PhaseRecord
-from edge.telemetry.sampler import Sampler
-from edge.telemetry.window import WindowSummary
+from jetfed.edge.logs import log_event
+from jetfed.edge.telemetry.context import DeviceContext, collect_context
+from jetfed.edge.telemetry.memory import CudaPeakProbe
+from jetfed.edge.telemetry.records import MAX_TRACE_POINTS, PhaseRecord
+from jetfed.edge.telemetry.sampler import Sampler
+from jetfed.edge.telemetry.window import WindowSummary
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from typing import Dict, List, Optional, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge.bounds import (
+from jetfed.edge.bounds import (
     MAX_MAP_ENTRIES,
     Bytes,
     Count,

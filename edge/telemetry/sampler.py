@@ -8,11 +8,11 @@ import time
 from collections import deque
 from typing import Callable, Deque, List, Optional, Tuple
 
-from edge.logs import log_event
-from edge.telemetry.backends.base import Backend
-from edge.telemetry.backends.detect import detect_backend
-from edge.telemetry.samples import Sample
-from edge.telemetry.window import PhaseWindow, WindowSummary
+from jetfed.edge.logs import log_event
+from jetfed.edge.telemetry.backends.base import Backend
+from jetfed.edge.telemetry.backends.detect import detect_backend
+from jetfed.edge.telemetry.samples import Sample
+from jetfed.edge.telemetry.window import PhaseWindow, WindowSummary
 
 logger = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
-from edge.telemetry.energy import Point, WindowIntegral
-from edge.telemetry.samples import Sample
+from jetfed.edge.telemetry.energy import Point, WindowIntegral
+from jetfed.edge.telemetry.samples import Sample
 
 MEMORY_FIELDS = ("rss_bytes", "system_used_bytes", "gpu_memory_bytes", "shared_memory_bytes")
 

@@ -6,8 +6,8 @@ import time
 from abc import ABC, abstractmethod
 from typing import Dict, Optional
 
-from edge.telemetry.memory import MemoryProbe
-from edge.telemetry.samples import Sample
+from jetfed.edge.telemetry.memory import MemoryProbe
+from jetfed.edge.telemetry.samples import Sample
 
 
 class BackendUnavailable(Exception):

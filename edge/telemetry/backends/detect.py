@@ -6,15 +6,15 @@ import logging
 import os
 from typing import Callable, Dict, List, Optional
 
-from edge.errors import UserError
-from edge.logs import log_event
-from edge.telemetry.backends.base import Backend, BackendUnavailable
-from edge.telemetry.backends.ina3221 import Ina3221Backend
-from edge.telemetry.backends.jtop_backend import JtopBackend
-from edge.telemetry.backends.nvml import NvmlBackend
-from edge.telemetry.backends.psutil_backend import PsutilBackend
-from edge.telemetry.backends.rapl import RaplBackend
-from edge.telemetry.backends.tegrastats import TegrastatsBackend
+from jetfed.edge.errors import UserError
+from jetfed.edge.logs import log_event
+from jetfed.edge.telemetry.backends.base import Backend, BackendUnavailable
+from jetfed.edge.telemetry.backends.ina3221 import Ina3221Backend
+from jetfed.edge.telemetry.backends.jtop_backend import JtopBackend
+from jetfed.edge.telemetry.backends.nvml import NvmlBackend
+from jetfed.edge.telemetry.backends.psutil_backend import PsutilBackend
+from jetfed.edge.telemetry.backends.rapl import RaplBackend
+from jetfed.edge.telemetry.backends.tegrastats import TegrastatsBackend
 
 logger = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from edge.telemetry.backends.base import Backend, BackendUnavailable
-from edge.telemetry.memory import MemoryProbe
-from edge.telemetry.rails import module_power_w
-from edge.telemetry.samples import Sample
+from jetfed.edge.telemetry.backends.base import Backend, BackendUnavailable
+from jetfed.edge.telemetry.memory import MemoryProbe
+from jetfed.edge.telemetry.rails import module_power_w
+from jetfed.edge.telemetry.samples import Sample
 
 _LABEL = re.compile(r"^in(\d+)_label$")
 SUM_OF_SHUNTS_CHANNEL = 7

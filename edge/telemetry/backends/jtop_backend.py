@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-from edge.telemetry.backends.base import Backend, BackendUnavailable
-from edge.telemetry.memory import MemoryProbe
-from edge.telemetry.rails import module_power_w
-from edge.telemetry.samples import Sample
+from jetfed.edge.telemetry.backends.base import Backend, BackendUnavailable
+from jetfed.edge.telemetry.memory import MemoryProbe
+from jetfed.edge.telemetry.rails import module_power_w
+from jetfed.edge.telemetry.samples import Sample
 
 
 def rails_from_jtop_power(power: Dict[str, Any]) -> Dict[str, Optional[float]]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, List, Optional
 
-from edge.telemetry.backends.base import Backend, BackendUnavailable
-from edge.telemetry.counters import CounterPower
-from edge.telemetry.memory import MemoryProbe
-from edge.telemetry.samples import Sample
+from jetfed.edge.telemetry.backends.base import Backend, BackendUnavailable
+from jetfed.edge.telemetry.counters import CounterPower
+from jetfed.edge.telemetry.memory import MemoryProbe
+from jetfed.edge.telemetry.samples import Sample
 
 
 class NvmlBackend(Backend):

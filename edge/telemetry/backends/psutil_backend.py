@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from edge.telemetry.backends.base import Backend
-from edge.telemetry.samples import Sample
+from jetfed.edge.telemetry.backends.base import Backend
+from jetfed.edge.telemetry.samples import Sample
 
 
 class PsutilBackend(Backend):

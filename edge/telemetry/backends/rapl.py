@@ -9,10 +9,10 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from edge.telemetry.backends.base import Backend, BackendUnavailable
-from edge.telemetry.counters import CounterPower
-from edge.telemetry.memory import MemoryProbe
-from edge.telemetry.samples import Sample
+from jetfed.edge.telemetry.backends.base import Backend, BackendUnavailable
+from jetfed.edge.telemetry.counters import CounterPower
+from jetfed.edge.telemetry.memory import MemoryProbe
+from jetfed.edge.telemetry.samples import Sample
 
 _ZONE = re.compile(r"^intel-rapl:(\d+)(?::(\d+))?$")
 

@@ -8,11 +8,11 @@ import threading
 import time
 from typing import List, Optional
 
-from edge.telemetry.backends.base import Backend, BackendUnavailable
-from edge.telemetry.memory import MemoryProbe
-from edge.telemetry.rails import module_power_w
-from edge.telemetry.samples import Sample
-from edge.telemetry.tegrastats_parse import parse_line
+from jetfed.edge.telemetry.backends.base import Backend, BackendUnavailable
+from jetfed.edge.telemetry.memory import MemoryProbe
+from jetfed.edge.telemetry.rails import module_power_w
+from jetfed.edge.telemetry.samples import Sample
+from jetfed.edge.telemetry.tegrastats_parse import parse_line
 
 
 class TegrastatsBackend(Backend):
