@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
 from jetfed.edge.errors import UserError
+
+
+def ui_option() -> Any:
+    return typer.Option(
+        None,
+        "--ui",
+        metavar="HOST:PORT",
+        help="Serve the live fleet page there, e.g. 127.0.0.1:8080 (docs/LIVE_PAGE.md).",
+    )
+
+
+def ui_token_option() -> Any:
+    return typer.Option(
+        None,
+        "--ui-token",
+        envvar="JETFED_UI_TOKEN",
+        help="Token the page asks of browsers beyond loopback (default: generated, printed once).",
+    )
 
 
 def coordinator_run(
@@ -28,18 +46,8 @@ def coordinator_run(
         None, "--set", help="section.key=value, repeatable."
     ),
     embedded_port: int = typer.Option(1883, "--embedded-port", help="Port of the embedded broker."),
-    ui: Optional[str] = typer.Option(
-        None,
-        "--ui",
-        metavar="HOST:PORT",
-        help="Serve the live fleet page there, e.g. 127.0.0.1:8080 (docs/LIVE_PAGE.md).",
-    ),
-    ui_token: Optional[str] = typer.Option(
-        None,
-        "--ui-token",
-        envvar="JETFED_UI_TOKEN",
-        help="Token the page asks of browsers beyond loopback (default: generated, printed once).",
-    ),
+    ui: Optional[str] = ui_option(),
+    ui_token: Optional[str] = ui_token_option(),
 ) -> None:
     """Run the rounds of an experiment; devices join with `jetfed edge run`. Broker flags (or
     JETFED_* variables, e.g. broker-config's coordinator.env) override the config's `broker:`."""
@@ -138,18 +146,8 @@ def demo(
     ui_linger_s: float = typer.Option(
         0.0, "--ui-linger-s", min=0, help="Keep the live page up this long after the run."
     ),
-    ui: Optional[str] = typer.Option(
-        None,
-        "--ui",
-        metavar="HOST:PORT",
-        help="Serve the live fleet page there, e.g. 127.0.0.1:8080 (docs/LIVE_PAGE.md).",
-    ),
-    ui_token: Optional[str] = typer.Option(
-        None,
-        "--ui-token",
-        envvar="JETFED_UI_TOKEN",
-        help="Token the page asks of browsers beyond loopback (default: generated, printed once).",
-    ),
+    ui: Optional[str] = ui_option(),
+    ui_token: Optional[str] = ui_token_option(),
 ) -> None:
     """A whole federated run on this machine: embedded broker, coordinator, N devices."""
     import time
