@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from jetfed.coordinator.rundir import RoundMetrics
+from jetfed.coordinator.records import RoundMetrics
 
 LOWER_IS_BETTER = ("perplexity", "eval_loss")
 PREFERENCE = ("accuracy", "exact_match", "rouge_l", "perplexity", "eval_loss")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from jetfed.coordinator.config import parse_config
 from jetfed.coordinator.quality import metric_name, metric_value, reaches
-from jetfed.coordinator.rundir import RoundMetrics
+from jetfed.coordinator.records import RoundMetrics
 from jetfed.profiles.summary import RoundCost, to_target
 
 
@@ -14,7 +14,7 @@ def _round(index: int, **extra: float) -> RoundMetrics:
 
 
 def _cost(index: int, value: float) -> RoundCost:
-    return RoundCost(index, value, 10.0 * (index + 1), 100, 100, None, {}, None)
+    return RoundCost(index, value, 10.0, 10.0 * (index + 1), 100, 100, None, {}, None)
 
 
 def test_the_metric_is_named_or_the_best_recorded() -> None:
