@@ -177,6 +177,8 @@ def test_clock_sync_sources() -> None:
 TRAIN_AND_REPORT_RSS = textwrap.dedent(
     """
     import resource, sys
+    import torch
+    torch.set_num_threads(1)  # one allocator arena per thread: a steadier peak on 2 cores
     from jetfed.edge.data import load_split
     from jetfed.edge.methods.base import get_method
     from jetfed.edge.models import load_tokenizer
