@@ -25,7 +25,7 @@ from jetfed.edge.data import TextDataset
 from jetfed.edge.errors import ProtocolError, UserError, validation_line
 from jetfed.edge.instruction_eval import GenerationBudget, evaluate_instructions
 from jetfed.edge.instructions import InstructionSet
-from jetfed.edge.methods.base import FederatedMethod, Tensors
+from jetfed.edge.methods.base import FederatedMethod, Tensors, register_unique
 from jetfed.edge.wire import ModelRef, Update, tensor_spec
 
 
@@ -167,16 +167,8 @@ _REGISTRY: Dict[str, Type[Strategy]] = {}
 
 
 def register_strategy(cls: Type[Strategy]) -> Type[Strategy]:
-    """Class decorator: make `cls` findable as `cls.name`; a second class of that name is an
-    error (it would silently replace the first)."""
-    existing = _REGISTRY.get(cls.name)
-    if existing is not None and existing is not cls:
-        raise ValueError(
-            f"strategy {cls.name!r} is registered twice: {existing.__module__}."
-            f"{existing.__qualname__} and {cls.__module__}.{cls.__qualname__}"
-        )
-    _REGISTRY[cls.name] = cls
-    return cls
+    """Class decorator: make `cls` findable as `cls.name` (`make_strategy`)."""
+    return register_unique(_REGISTRY, cls, "strategy")
 
 
 def _import_all() -> None:

@@ -12,7 +12,7 @@ import importlib
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Mapping, Optional, Type
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Mapping, Optional, Type, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -226,19 +226,26 @@ def run_local_round(method: FederatedMethod, job: LocalRound) -> LocalResult:
 
 
 _REGISTRY: Dict[str, Type[FederatedMethod]] = {}
+R = TypeVar("R", bound=type)
+
+
+def register_unique(registry: Dict[str, R], cls: R, kind: str) -> R:
+    """Put `cls` in `registry` under `cls.name`; a second class of that name is an error (it
+    would silently replace the first). Methods and strategies register through this."""
+    name = cls.name  # type: ignore[attr-defined]
+    existing = registry.get(name)
+    if existing is not None and existing is not cls:
+        raise ValueError(
+            f"{kind} {name!r} is registered twice: {existing.__module__}."
+            f"{existing.__qualname__} and {cls.__module__}.{cls.__qualname__}"
+        )
+    registry[name] = cls
+    return cls
 
 
 def register_method(cls: Type[FederatedMethod]) -> Type[FederatedMethod]:
-    """Class decorator: make `cls` findable as `cls.name`; a second class of that name is an
-    error (it would silently replace the first)."""
-    existing = _REGISTRY.get(cls.name)
-    if existing is not None and existing is not cls:
-        raise ValueError(
-            f"method {cls.name!r} is registered twice: {existing.__module__}."
-            f"{existing.__qualname__} and {cls.__module__}.{cls.__qualname__}"
-        )
-    _REGISTRY[cls.name] = cls
-    return cls
+    """Class decorator: make `cls` findable as `cls.name` (`get_method`)."""
+    return register_unique(_REGISTRY, cls, "method")
 
 
 def get_method(name: str) -> Type[FederatedMethod]:
