@@ -143,12 +143,11 @@ def step_times(datasets: Path, steps: int, repeats: int) -> Dict[str, Any]:
 def peak_child(method_name: str, settings: Dict[str, Any], naive: bool, checkpointing: bool,
                steps: int, datasets: Path) -> Dict[str, Any]:  # fmt: skip
     """One configuration's training, run as its own process by `peak_rss`."""
-    import resource
-
     import torch
 
     from jetfed.edge.methods.base import get_method
     from jetfed.edge.models import load_tokenizer
+    from jetfed.edge.telemetry.memory import peak_rss_bytes
     from jetfed.edge.train import make_batch, train_local
     from jetfed.edge.wire import TrainingConfig
 
@@ -167,7 +166,7 @@ def peak_child(method_name: str, settings: Dict[str, Any], naive: bool, checkpoi
         training = TrainingConfig(local_steps=steps, batch_size=BATCH_SIZE, learning_rate=lr)
         train_local(model, tokenizer, data, training, RSS_MAX_LENGTH, "cpu", 0)
     return {
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "tokens_per_row": sorted({int(b["attention_mask"].sum(1).max()) for b in batches}),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
@@ -183,7 +182,7 @@ print(json.dumps(peak_child(*args[:5], Path(args[5]))))
 
 
 def peak_rss(datasets: Path, steps: int) -> Dict[str, Any]:
-    """Each configuration in its own process (ru_maxrss is per process)."""
+    """Each configuration in its own process (a peak is per process)."""
     repo = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     results = {}

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import resource
 import socket
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from jetfed.edge.errors import ProtocolError
 from jetfed.edge.mqtt import BrokerSpec, MqttLink
+from jetfed.edge.telemetry.memory import peak_rss_bytes
 from jetfed.edge.transfer import DEFAULT_WINDOW_BYTES, BlobServer, Download
 from jetfed.edge.wire import BlobManifest, ChunkRequest, Topics, encode_message, parse_message
 
@@ -295,15 +295,6 @@ def raw_tcp_copy_s(path: str) -> float:
 # --------------------------------------------------------------------------- memory
 
 
-def _max_rss_bytes() -> int:
-    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that over from the parent
-    across fork + exec, so a child of a big process would report the parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
 def receive_main(url: str, manifests_path: str, global_path: str) -> None:
     """The coordinator's receiving path in its own process: global state in memory, 5 pulls,
     each validated (TensorFile) and kept on disk, then FedAvg's row-block sum; prints RSS."""
@@ -318,7 +309,7 @@ def receive_main(url: str, manifests_path: str, global_path: str) -> None:
     global_state = dict(TensorFile(global_path))
     spec = {name: tuple(t.shape) for name, t in global_state.items()}
     baseline = process.memory_info().rss
-    marks = {"peak_rss_before_bytes": _max_rss_bytes()}
+    marks = {"peak_rss_before_bytes": (peak_rss_bytes() or 0)}
     manifests = {
         device_id: BlobManifest.model_validate(raw)
         for device_id, raw in json.loads(Path(manifests_path).read_text()).items()
@@ -353,13 +344,13 @@ def receive_main(url: str, manifests_path: str, global_path: str) -> None:
     start = time.perf_counter()
     pull_all(link, manifests, on_complete=keep)
     seconds = time.perf_counter() - start
-    marks["peak_rss_received_bytes"] = _max_rss_bytes()
+    marks["peak_rss_received_bytes"] = peak_rss_bytes() or 0
     global_state = strategy.aggregate(0, global_state, accepted)
     done.set()
     for download in spooled:
         download.close()
     link.close()
-    peak = max(sampled_peak[0], _max_rss_bytes())
+    peak = max(sampled_peak[0], (peak_rss_bytes() or 0))
     result = {"baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "seconds": seconds}
     print(json.dumps({**result, **marks}))
 

@@ -176,13 +176,14 @@ def test_clock_sync_sources() -> None:
 
 TRAIN_AND_REPORT_RSS = textwrap.dedent(
     """
-    import resource, sys
+    import sys
     import torch
     torch.set_num_threads(1)  # one allocator arena per thread: a steadier peak on 2 cores
     from jetfed.edge.data import load_split
     from jetfed.edge.methods.base import get_method
     from jetfed.edge.models import load_tokenizer
     from jetfed.edge.train import train_local
+    from jetfed.edge.telemetry.memory import peak_rss_bytes
     from jetfed.edge.wire import ModelRef, TrainingConfig
 
     method_name, data = sys.argv[1], sys.argv[2]
@@ -191,7 +192,7 @@ TRAIN_AND_REPORT_RSS = textwrap.dedent(
     model = method.build(None, seed=0)
     training = TrainingConfig(local_steps=3, batch_size=16)
     train_local(model, load_tokenizer(ref), load_split(data, "train"), training, 64, "cpu", 0)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(peak_rss_bytes())
     """
 )
 

@@ -124,3 +124,17 @@ def test_a_sensor_value_out_of_range_is_dropped_from_the_record_not_the_update(
     (record,) = profiler.drain()
     assert record.peak_power_w is None and record.peak_rss_bytes is None
     assert record.energy_j is not None, "the fields in range are kept"
+
+
+def test_peak_rss_is_the_process_own_not_its_parents() -> None:
+    """A child started by a big process (pytest, a fleet launcher) reports its own peak:
+    ru_maxrss would carry the parent's over fork + exec (CI once saw pytest's 1.6 GB)."""
+    import subprocess
+    import sys
+
+    held = bytearray(400 << 20)
+    held[:: 1 << 12] = b"\x01" * len(held[:: 1 << 12])  # touch every page: resident
+    child = "from jetfed.edge.telemetry.memory import peak_rss_bytes; print(peak_rss_bytes())"
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True)
+    assert int(done.stdout) < 200 << 20, done.stderr
+    del held

@@ -10,6 +10,20 @@ from typing import Dict, Optional
 import psutil
 
 
+def peak_rss_bytes(proc_root: str = "/proc") -> Optional[int]:
+    """This process's peak RSS (VmHWM), None where unknown. Not ru_maxrss: Linux carries that
+    over from the parent across fork + exec, so an agent started by a big process (pytest, a
+    fleet launcher) would report its parent's peak."""
+    try:
+        with open(os.path.join(proc_root, "self", "status")) as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 @dataclass
 class MemoryReading:
     rss_bytes: Optional[int] = None

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from jetfed.edge.logs import log_event
 from jetfed.edge.telemetry.context import DeviceContext, collect_context
-from jetfed.edge.telemetry.memory import CudaPeakProbe
+from jetfed.edge.telemetry.memory import CudaPeakProbe, peak_rss_bytes
 from jetfed.edge.telemetry.records import MAX_TRACE_POINTS, PhaseRecord
 from jetfed.edge.telemetry.sampler import Sampler
 from jetfed.edge.telemetry.window import WindowSummary
@@ -49,15 +49,6 @@ class PhaseCounters:
     bytes_received: int = 0
     extra: Dict[str, float] = field(default_factory=dict)
     record: Optional[PhaseRecord] = None
-
-
-def _lifetime_peak_rss_bytes() -> Optional[int]:
-    try:
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-    except (ImportError, OSError):
-        return None
 
 
 def thin_trace(
@@ -109,7 +100,7 @@ class Profiler:
         """The phase's RSS peak: the lifetime peak if it rose during the phase, else the larger
         of now and the sampled peak (filled by the caller)."""
         current = int(self._process.memory_info().rss)
-        lifetime_peak = _lifetime_peak_rss_bytes()
+        lifetime_peak = peak_rss_bytes()
         if (
             lifetime_peak is not None
             and lifetime_peak_at_start is not None
@@ -123,7 +114,7 @@ class Profiler:
         counters = PhaseCounters()
         cuda = CudaPeakProbe()
         cuda.start()
-        lifetime_peak_at_start = _lifetime_peak_rss_bytes()
+        lifetime_peak_at_start = peak_rss_bytes()
         if self.on_phase is not None:
             self.on_phase(phase, round_index)
         window = self.sampler.open_window() if self.sampler is not None else None
