@@ -32,7 +32,13 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from jetfed.edge.errors import ProtocolError
 from jetfed.edge.mqtt import BrokerSpec, MqttLink
 from jetfed.edge.telemetry.memory import peak_rss_bytes
-from jetfed.edge.transfer import DEFAULT_WINDOW_BYTES, BlobServer, Download
+from jetfed.edge.transfer import (
+    DEFAULT_WINDOW_BYTES,
+    BlobServer,
+    Download,
+    SharedWindow,
+    release_chunk_memory,
+)
 from jetfed.edge.wire import BlobManifest, ChunkRequest, Topics, encode_message, parse_message
 
 TOPICS = Topics("bench")
@@ -123,8 +129,9 @@ def pull_all(
     on_complete: Optional[Any] = None,
     limit_s: float = 600.0,
 ) -> Dict[str, Download]:
-    """Pull every device's blob at once, as the coordinator does; `on_complete(device, download)`
-    runs as each finishes (the server keeps it for aggregation)."""
+    """Pull every device's blob at once, as the coordinator does (one shared window);
+    `on_complete(device, download)` runs as each finishes (the server keeps it for aggregation)."""
+    window = SharedWindow(int(os.environ.get("JETFED_BENCH_WINDOW_BYTES", DEFAULT_WINDOW_BYTES)))
     downloads = {
         device_id: Download(
             manifest,
@@ -132,7 +139,7 @@ def pull_all(
             max_size_bytes=1 << 34,
             retry_after_s=5.0,
             timeout_s=120.0,
-            window_bytes=int(os.environ.get("JETFED_BENCH_WINDOW_BYTES", DEFAULT_WINDOW_BYTES)),
+            window_bytes=window,
         )
         for device_id, manifest in manifests.items()
     }
@@ -345,6 +352,8 @@ def receive_main(url: str, manifests_path: str, global_path: str) -> None:
     pull_all(link, manifests, on_complete=keep)
     seconds = time.perf_counter() - start
     marks["peak_rss_received_bytes"] = peak_rss_bytes() or 0
+    release_chunk_memory()  # as the coordinator's Intake.close_round does
+    marks["rss_received_bytes"] = process.memory_info().rss
     global_state = strategy.aggregate(0, global_state, accepted)
     done.set()
     for download in spooled:

@@ -24,7 +24,13 @@ from jetfed.edge.errors import ProtocolError
 from jetfed.edge.logs import log_event
 from jetfed.edge.telemetry.records import PhaseRecord
 from jetfed.edge.tensorfile import UPDATE_DTYPES, TensorFile
-from jetfed.edge.transfer import BlobServer, Download, TransferTimeout
+from jetfed.edge.transfer import (
+    BlobServer,
+    Download,
+    SharedWindow,
+    TransferTimeout,
+    release_chunk_memory,
+)
 from jetfed.edge.wire import (
     LIVE_TELEMETRY_MAX_BYTES,
     Ack,
@@ -149,6 +155,8 @@ class Intake:
         self.bytes_up = 0
         """MQTT bytes devices sent since the counter was last reset (per round)."""
         self.messages_handled = 0
+        self._window = SharedWindow()
+        """Uploads pulled at once share one in-flight budget (memory stays flat in devices)."""
         self._profile_keys = {profile_key(r) for r in run_dir.read_profiles()}
         self.round_records: Dict[int, List[PhaseRecord]] = {}
         self._accepted_blobs: Dict[Tuple[str, int], str] = {}
@@ -163,6 +171,10 @@ class Intake:
         inbound = self.round
         assert inbound is not None
         inbound.collecting = False
+        for download in inbound.transfers.values():  # unfinished: their window shares go back
+            download.close()
+        inbound.transfers.clear()
+        release_chunk_memory()  # before the strategy allocates the next global state
         return [inbound.accepted[d] for d in sorted(inbound.accepted)]
 
     def release_round(self) -> None:
@@ -233,6 +245,7 @@ class Intake:
                 download.poll()
             except TransferTimeout as exc:
                 del inbound.transfers[device_id]
+                download.close()
                 _, message = inbound.announced[device_id]
                 self._reject(device_id, inbound.round_index, "transfer_timeout", str(exc), message)
 
@@ -391,6 +404,7 @@ class Intake:
             max_size_bytes=self.config.transfer.max_update_bytes,
             retry_after_s=self.config.transfer.retry_after_s,
             timeout_s=self.config.transfer.timeout_s,
+            window_bytes=self._window,
         )
         previous = inbound.transfers.pop(device_id, None)
         if previous is not None:
