@@ -40,9 +40,10 @@ BENCHES = (
     "hostile_replay",
     "live_page",
 )
-"""What `all` runs, cheapest first. The reproduction (tens of minutes) and the compression
-accuracy study (federated full fine-tuning per update dtype) run only by name."""
-SEPARATE = ("reproduction", "compression_accuracy", "causal_lm")
+"""What `all` runs, cheapest first. The reproduction (tens of minutes), the compression
+accuracy study (federated full fine-tuning per update dtype) and the 1,000-device soak run only
+by name."""
+SEPARATE = ("reproduction", "compression_accuracy", "causal_lm", "fleet_soak")
 
 
 def known_benches() -> List[str]:

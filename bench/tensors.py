@@ -31,6 +31,17 @@ def full_spec() -> Spec:
     return {name: tuple(param.shape) for name, param in model.named_parameters()}
 
 
+def smollm2_full_spec() -> Spec:
+    """Every weight of SmolLM2-135M (538 MB fp32, tied embedding once): what full fine-tuning
+    of the packaged causal LM uploads. Read from its safetensors header, nothing loaded."""
+    from safetensors import safe_open
+
+    from jetfed.edge.packaged_llm import smollm2_folder
+
+    with safe_open(str(smollm2_folder() / "model.safetensors"), "pt") as handle:
+        return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
+
+
 def random_tensors(spec: Spec, seed: int, scale: float = 1e-3) -> Dict[str, torch.Tensor]:
     """Finite fp32 tensors of `spec`'s shapes, like a small local update."""
     import torch
