@@ -303,6 +303,8 @@ class Download:
         self.rejected_chunks = 0
         self.requests_sent = 0
         self.chunks_requested = 0
+        self.retries_without_progress = 0
+        """Re-asks since the last chunk landed: at most timeout_s / retry_after_s."""
 
     @property
     def complete(self) -> bool:
@@ -373,6 +375,7 @@ class Download:
         self._in_flight.discard(index)
         self._hash_prefix(index, payload)
         self._last_progress_s = time.monotonic()
+        self.retries_without_progress = 0
         if self._missing:
             self._fill()
         else:
@@ -399,12 +402,9 @@ class Download:
             return
         now = time.monotonic()
         if now - self._last_progress_s > self._timeout_s:
-            raise TransferTimeout(
-                f"blob {self.manifest.digest[:12]}: {len(self._missing)} of "
-                f"{self.manifest.chunk_count} chunks missing after {self._timeout_s:.0f} s "
-                "without progress"
-            )
+            raise TransferTimeout(self._stall_text())
         if now - max(self._last_progress_s, self._last_request_s) > self._retry_after_s:
+            self.retries_without_progress += 1
             log_event(
                 logger,
                 logging.INFO,
@@ -417,6 +417,20 @@ class Download:
                 self._ask(sorted(self._in_flight))
             else:
                 self._fill()
+
+    def _stall_text(self) -> str:
+        """Why a transfer stalls, in one line. A broker drops a publish above its size limit
+        without a word (MQTT 3.1.1 has no way to say so), which looks exactly like a holder
+        that went away: both are named, with the size that would have to pass."""
+        largest = max(end - start for start, end in map(self.manifest.chunk_range, self._missing))
+        return (
+            f"blob {self.manifest.digest[:12]}: {len(self._missing)} of "
+            f"{self.manifest.chunk_count} chunks missing after {self._timeout_s:.0f} s without "
+            f"progress (asked again {self.retries_without_progress} times): the holder is gone, "
+            f"or the broker drops messages of {largest} bytes (a size limit below the chunk "
+            "size: Mosquitto message_size_limit, NATS max_payload, EMQX max_packet_size; lower "
+            "transfer.chunk_size_bytes or raise the limit)"
+        )
 
     def result_path(self) -> str:
         """The file holding the whole payload, verified against the manifest digest."""
