@@ -42,6 +42,11 @@ from tests.brokers import NatsCluster
 
 GOAL_OVERHEAD_S = 1.0
 SAMPLE_S = 0.25
+MOSQUITTO_FLEET_CONFIG = "max_queued_messages 100000"
+"""Found here: with Mosquitto's default (1,000 queued QoS 1 messages per client) the broker
+dropped the coordinator's share of 1,000 retained hellos + statuses ("Outgoing messages are
+being dropped"), and the run waited for devices it never heard of; `jetfed broker-config`
+writes the same line."""
 
 
 def raise_open_file_limit() -> int:
@@ -198,7 +203,7 @@ def run(
         "open_file_limit": open_files,
         "runs": {},
     }
-    with private_mosquitto() as broker:
+    with private_mosquitto(MOSQUITTO_FLEET_CONFIG) as broker:
         assert broker.process is not None
         results["runs"]["mosquitto"] = measure(
             "mosquitto", broker.url, [broker.process.pid], devices, rounds, datasets, blobs
