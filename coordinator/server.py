@@ -439,8 +439,10 @@ class Coordinator:
         partition = self.config.data.partition
         deadline = time.monotonic() + rounds.wait_for_devices_s
         eligible: List[str] = []
+        wait_s = 0.0  # first what is already queued: between rounds the fleet is usually ready
         while True:
-            self._pump(0.2)
+            self._pump(wait_s)
+            wait_s = 0.2
             ready = self.registry.ready()
             if len(ready) >= rounds.min_clients and not self._announcements_settled:
                 self._settle_announcements()

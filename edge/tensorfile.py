@@ -13,11 +13,11 @@ safetensors metadata.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import struct
-from io import FileIO
-from typing import TYPE_CHECKING, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, BinaryIO, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from jetfed.edge.compression import dequantize_int8, quantize_int8, scale_shape
 from jetfed.edge.errors import ProtocolError
@@ -197,12 +197,21 @@ class TensorFile(Mapping[str, "torch.Tensor"]):
             for start, end in row_ranges(self._shapes[name], max_bytes):
                 yield start, self._read(handle, name, start, end)
 
+    def whole(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        """(name, fp32 tensor) of every tensor, from one read of the file: for small payloads
+        read many times over (a thousand LoRA uploads), where a read per tensor costs more than
+        the data."""
+        with open(self.path, "rb", buffering=0) as handle:
+            data = io.BytesIO(handle.read())
+        for name, shape in self._shapes.items():
+            yield name, self._read(data, name, 0, shape[0] if len(shape) >= 2 else 0)
+
     def rows(self, name: str, start: int, end: int) -> torch.Tensor:
         """Rows [start, end) of `name` as fp32 (the whole tensor when it has no rows)."""
         with open(self.path, "rb", buffering=0) as handle:
             return self._read(handle, name, start, end)
 
-    def _read(self, handle: FileIO, name: str, start: int, end: int) -> torch.Tensor:
+    def _read(self, handle: BinaryIO, name: str, start: int, end: int) -> torch.Tensor:
         """Rows [start, end) of `name` as fp32 (the whole tensor when it has no rows)."""
         import torch
 
@@ -221,7 +230,7 @@ class TensorFile(Mapping[str, "torch.Tensor"]):
         return values.to(torch.float32)
 
     def _raw(
-        self, handle: FileIO, stored: str, first: int, count: int, shape: Tuple[int, ...]
+        self, handle: BinaryIO, stored: str, first: int, count: int, shape: Tuple[int, ...]
     ) -> torch.Tensor:
         """`count` elements of stored tensor `stored` from element `first`, as stored."""
         import torch
@@ -275,6 +284,17 @@ def read_rows(tensors: Mapping[str, torch.Tensor], name: str, start: int, end: i
         return tensors.rows(name, start, end)
     tensor = tensors[name].to(torch.float32)
     return tensor[start:end] if tensor.dim() >= 2 else tensor
+
+
+def whole_tensors(tensors: Mapping[str, torch.Tensor]) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, fp32 tensor) of every tensor: one read of a TensorFile's file, or the mapping's."""
+    import torch
+
+    if isinstance(tensors, TensorFile):
+        yield from tensors.whole()
+    else:
+        for name, tensor in tensors.items():
+            yield name, tensor.to(torch.float32)
 
 
 def row_blocks(
