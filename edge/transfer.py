@@ -5,17 +5,17 @@ asks for what it is missing, re-asks when progress stalls, verifies every chunk 
 manifest and the whole payload against its digest. Asking again after a reconnect is the resume:
 only missing chunks travel again, and duplicates are ignored.
 
-Memory stays at a few chunks per transfer whatever the payload size (KB adapters to GB models):
+Memory stays at one window per receiver whatever the payload size (KB adapters to GB models):
 big blobs are served from files (`offer_file`, `offer_tensors`) read one chunk at a time, a
 download writes each verified chunk straight to a file on disk, and a receiver keeps only a window
 of asked-for-but-not-received data in flight (in the broker, both MQTT clients and the receiver's
 inbox), asking for more as chunks land.
 
 Speed is the depth of that window: each ask costs a round trip through the broker and the
-holder's process, so a shallow window leaves the link idle between batches (measured on loopback
-Mosquitto: 8 MiB moved a 91 MB update at 120-160 MB/s, 32 MiB at ...). A receiver pulling
-several blobs at once (the coordinator, five uploads) shares one `SharedWindow` among them: a lone
-transfer gets the whole depth, five together hold no more in flight than one.
+holder's process, so a shallow window leaves the link idle between batches (measured on a loaded
+loopback Mosquitto: with 8 MiB an ask took ~47 ms to come back as chunks; docs/RESULTS.md). A
+receiver pulling several blobs at once (the coordinator, five uploads) shares one `SharedWindow`
+among them: a lone transfer gets the whole depth, five together hold no more in flight than one.
 """
 
 from __future__ import annotations
