@@ -388,7 +388,7 @@ class MqttLink:
     def _subscribe(self, topic: str) -> None:
         with self._subscribe_lock:  # its SUBACK may come back before subscribe() returns
             result, mid = self._client.subscribe(topic, qos=1)
-            if result == paho.MQTT_ERR_SUCCESS:
+            if result == paho.MQTT_ERR_SUCCESS and mid is not None:
                 self._subscribing[mid] = topic
 
     def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # type: ignore[no-untyped-def]

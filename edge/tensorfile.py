@@ -17,7 +17,7 @@ import io
 import json
 import math
 import struct
-from typing import TYPE_CHECKING, BinaryIO, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from jetfed.edge.compression import dequantize_int8, quantize_int8, scale_shape
 from jetfed.edge.errors import ProtocolError
@@ -31,6 +31,8 @@ FLOAT_DTYPES = ("fp32", "fp16", "bf16")
 UPDATE_DTYPES = (*FLOAT_DTYPES, "int8")
 SCALE_SUFFIX = ":scale"
 COMPRESSION_KEY = "jetfed.compression"
+Readable = Union[io.FileIO, io.BytesIO]
+"""A file, or a whole file read into memory (`TensorFile.whole`)."""
 ROW_BLOCK_BYTES = 2 << 20
 _ST_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "int8": "I8"}
 _ITEM_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1}
@@ -211,7 +213,7 @@ class TensorFile(Mapping[str, "torch.Tensor"]):
         with open(self.path, "rb", buffering=0) as handle:
             return self._read(handle, name, start, end)
 
-    def _read(self, handle: BinaryIO, name: str, start: int, end: int) -> torch.Tensor:
+    def _read(self, handle: Readable, name: str, start: int, end: int) -> torch.Tensor:
         """Rows [start, end) of `name` as fp32 (the whole tensor when it has no rows)."""
         import torch
 
@@ -230,7 +232,7 @@ class TensorFile(Mapping[str, "torch.Tensor"]):
         return values.to(torch.float32)
 
     def _raw(
-        self, handle: BinaryIO, stored: str, first: int, count: int, shape: Tuple[int, ...]
+        self, handle: Readable, stored: str, first: int, count: int, shape: Tuple[int, ...]
     ) -> torch.Tensor:
         """`count` elements of stored tensor `stored` from element `first`, as stored."""
         import torch
