@@ -229,16 +229,3 @@ def averaged_factor_errors(
     rank = rank_of(start, layers[0])
     per_layer = layer_factors(start, updates, scaling, frozen=strategy.ctx.init)
     return factor_errors(per_layer, result, scaling(rank), frozen=strategy.ctx.init)
-
-
-def summarise(errors: Mapping[str, float]) -> Dict[str, object]:
-    """mean, worst layer and its value, and every layer's error (what metrics.jsonl records)."""
-    if not errors:
-        return {}
-    worst = max(sorted(errors), key=lambda name: errors[name])
-    return {
-        "mean": sum(errors.values()) / len(errors),
-        "worst_layer": worst,
-        "worst": errors[worst],
-        "layers": dict(sorted(errors.items())),
-    }

@@ -10,6 +10,8 @@ residual bitwise identical on every device.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 from jetfed.edge.errors import UserError
@@ -65,16 +67,20 @@ class FederaMethod(LoraMethod):
         if init is None:
             raise UserError("federa needs the coordinator's SVD factors (the task's init_state)")
         model = super().build(None, seed)
-        scaling = self.config.scaling
+        rank = self.config.rank
         with torch.no_grad():
             for prefix, layer in _lora_layers(model):
                 name_a, name_b = factor_names(prefix)
                 a0, b0 = init[name_a], init[name_b]
+                # the residual uses the init's rank R: a device assigned r < R (flexlora) keeps
+                # the run's base and starts from the top-r part, s_r·B_rA_r = s_R·B₀[:, :r]A₀[:r]
+                scaling = self.config.model_copy(update={"rank": int(a0.shape[0])}).scaling
                 weight = layer.base_layer.weight
                 residual = weight.double() - scaling * (b0.double() @ a0.double())
                 weight.copy_(residual.to(weight.dtype))
-                layer.lora_A["default"].weight.copy_(a0)
-                layer.lora_B["default"].weight.copy_(b0)
+                share = math.sqrt(scaling / self.config.scaling)
+                layer.lora_A["default"].weight.copy_(a0[:rank] * share)
+                layer.lora_B["default"].weight.copy_(b0[:, :rank] * share)
         model.federa_init = init
         return model
 
