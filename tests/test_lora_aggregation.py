@@ -24,7 +24,9 @@ HEAD = "classifier.weight"
 
 
 def lora(rank: int = RANK, **extra: object) -> LoraMethod:
-    return LoraMethod({"rank": rank, "alpha": ALPHA, **extra}, ModelRef(name_or_path="x", num_labels=2))
+    return LoraMethod(
+        {"rank": rank, "alpha": ALPHA, **extra}, ModelRef(name_or_path="x", num_labels=2)
+    )
 
 
 def names(prefix: str) -> Tuple[str, str]:
@@ -72,17 +74,22 @@ def weights(updates: List[AcceptedUpdate]) -> List[float]:
 
 
 def hand_mean_product(
-    start_of, updates: List[AcceptedUpdate], prefix: str, frozen_a: Optional[Tensors] = None
+    start: Tensors,
+    updates: List[AcceptedUpdate],
+    prefix: str,
+    frozen_a: Optional[Tensors] = None,
+    starts: Optional[Dict[str, Tensors]] = None,
 ) -> torch.Tensor:
-    """Σ pₖ sₖ BₖAₖ, one device at a time (no stacking)."""
+    """Σ pₖ sₖ BₖAₖ, one device at a time (no stacking), each from `start` or from its own
+    starting state in `starts` (device id →)."""
     scaling = method_scaling(lora())
     name_a, name_b = names(prefix)
     total = torch.zeros(LAYERS[prefix], dtype=torch.float64)
     for item, p in zip(updates, weights(updates)):
-        start = start_of(item)
-        b = start[name_b].double() + item.tensors[name_b].double()
+        origin = (starts or {}).get(item.update.device_id, start)
+        b = origin[name_b].double() + item.tensors[name_b].double()
         if frozen_a is None:
-            a = start[name_a].double() + item.tensors[name_a].double()
+            a = origin[name_a].double() + item.tensors[name_a].double()
         else:
             a = frozen_a[name_a].double()
         total += p * scaling(b.shape[1]) * (b @ a)
@@ -133,7 +140,7 @@ def test_fedavg_averages_factors_and_reports_their_error(count: int) -> None:
         a, b = hand_factor_mean(state, updates, name_a), hand_factor_mean(state, updates, name_b)
         assert torch.allclose(new[name_a].double(), a, atol=1e-6)
         assert torch.allclose(new[name_b].double(), b, atol=1e-6)
-        exact = hand_mean_product(lambda _: state, updates, prefix)
+        exact = hand_mean_product(state, updates, prefix)
         expected = relative(exact, ALPHA / RANK * (b @ a))
         assert strategy.layer_errors[prefix] == pytest.approx(expected, rel=1e-5)
         assert expected > 1e-3  # mean(B)·mean(A) ≠ mean(B·A)
@@ -153,7 +160,7 @@ def test_ffa_averages_b_only_and_is_exact() -> None:
         assert name_a not in new
         b = hand_factor_mean(state, updates, name_b)
         assert torch.allclose(new[name_b].double(), b, atol=1e-6)
-        exact = hand_mean_product(lambda _: state, updates, prefix, frozen_a=frozen)
+        exact = hand_mean_product(state, updates, prefix, frozen_a=frozen)
         assert torch.allclose(exact, ALPHA / RANK * (b @ frozen[name_a].double()), atol=1e-9)
         assert strategy.layer_errors[prefix] < 1e-6
     with pytest.raises(UserError, match="freeze_a"):
@@ -170,12 +177,11 @@ def test_exact_fold_makes_the_effective_weight_the_mean_product(count: int) -> N
     for round_index in range(2):  # the fold accumulates over rounds
         updates = fleet(gen, count)
         for prefix in LAYERS:  # the effective weight moves by the exact mean change
-            mean = hand_mean_product(lambda _: state, updates, prefix)
+            mean = hand_mean_product(state, updates, prefix)
             target[prefix] += mean - product(state, prefix)
         state = strategy.aggregate(round_index, state, updates)
         assert max(strategy.layer_errors.values()) < 1e-6
         for prefix in LAYERS:
-            name_a, name_b = names(prefix)
             fold = strategy.fold[prefix + ".base_layer.weight"].double()
             effective = base[prefix].double() + fold + product(state, prefix)
             assert torch.allclose(effective, target[prefix], atol=1e-5)
@@ -189,7 +195,7 @@ def test_exact_svd_is_the_truncated_mean_product() -> None:
     new = aggregate_in_every_order("exact", state, updates, settings=settings, method=lora())
     for prefix in LAYERS:
         name_a, name_b = names(prefix)
-        mean = hand_mean_product(lambda _: state, updates, prefix)
+        mean = hand_mean_product(state, updates, prefix)
         u, s, vh = torch.linalg.svd(mean)
         best = u[:, :RANK] @ torch.diag(s[:RANK]) @ vh[:RANK]
         got = ALPHA / RANK * (new[name_b].double() @ new[name_a].double())
@@ -214,8 +220,8 @@ def test_flexlora_federates_ranks_1_2_3(mode: str) -> None:
     )
     for prefix in LAYERS:
         name_a, name_b = names(prefix)
-        rank_of = {item.update.device_id: r for item, r in zip(updates, ranks)}
-        mean = hand_mean_product(lambda item: starts[rank_of[item.update.device_id]], updates, prefix)
+        by_device = {u.update.device_id: starts[r] for u, r in zip(updates, ranks)}
+        mean = hand_mean_product(state, updates, prefix, starts=by_device)
         got = scaling(RANK) * (new[name_b].double() @ new[name_a].double())
         if mode == "svd":
             u, s, vh = torch.linalg.svd(mean)
@@ -234,7 +240,51 @@ def test_flexlora_federates_ranks_1_2_3(mode: str) -> None:
 
 def test_flexlora_refuses_a_rank_above_the_global_one() -> None:
     strategy = make_strategy("flexlora", ServerContext.aggregation_only(method=lora()))
-    with pytest.raises(UserError, match="above method.rank"):
+    with pytest.raises(UserError, match=r"above method\.rank"):
         strategy.device_state(random_state(torch.Generator().manual_seed(0)), RANK + 1)
     with pytest.raises(UserError, match="flexlora"):
         make_strategy("fedavg", ServerContext.aggregation_only()).device_state({}, 2)
+
+
+def test_exact_effective_weight_of_a_real_model(minilm_path: str) -> None:
+    """On MiniLM (query/value adapters, s = 16/8): after `exact`, the device model's effective
+    weight (base with the fold + s·B̄Ā) is W + s·Σ pₖBₖAₖ to 1e-5."""
+    from jetfed.edge.methods.lora import fold_into_base
+
+    torch.set_num_threads(1)
+    ref = ModelRef(name_or_path="minilm", num_labels=2, max_length=32, num_hidden_layers=1)
+    method = LoraMethod({"rank": 8, "alpha": 16}, ref)
+    model = method.build(None, seed=0)
+    state = method.get_state(model)
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(5)
+    updates = [
+        upload(
+            f"dev-{k}",
+            n,
+            {name: 0.05 * torch.randn(t.shape, generator=gen) for name, t in state.items()},
+        )
+        for k, n in enumerate((3, 40, 11))
+    ]
+    strategy = make_strategy("exact", ServerContext.aggregation_only(method=method))
+    new = strategy.aggregate(0, state, updates)
+    before = {name: params[name].detach().double().clone() for name in strategy.fold}
+    method.set_state(model, new)
+    fold_into_base(model, strategy.fold)
+    assert len(strategy.fold) == 2  # query and value of the one layer
+    for base_name in strategy.fold:
+        prefix = base_name[: -len(".base_layer.weight")]
+        name_a, name_b = names(prefix)
+        effective = params[base_name].double() + 2.0 * (
+            params[name_b].double() @ params[name_a].double()
+        )
+        mean = sum(
+            p
+            * 2.0
+            * (
+                (state[name_b] + u.tensors[name_b]).double()
+                @ (state[name_a] + u.tensors[name_a]).double()
+            )
+            for u, p in zip(updates, weights(updates))
+        )
+        assert torch.allclose(effective, before[base_name] + mean, atol=1e-5, rtol=0)

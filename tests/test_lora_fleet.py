@@ -8,7 +8,6 @@ import threading
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
-import pytest
 import torch
 
 from jetfed.coordinator.config import parse_config
@@ -165,7 +164,9 @@ def test_exact_fold_reaches_the_devices(tmp_path: Path, minilm_path: str) -> Non
         coordinator = Coordinator(config, BrokerSpec(url=broker.url))
         results, agents = run_fleet(coordinator, broker.url, config.name, 2)
     assert [m.status for m in results] == ["aggregated", "aggregated"]
-    assert all(m.aggregation_error is not None and m.aggregation_error.worst < 1e-5 for m in results)
+    assert all(
+        m.aggregation_error is not None and m.aggregation_error.worst < 1e-5 for m in results
+    )
     assert results[1].extra["fold_bytes"] > 0
     fold = coordinator.strategy.state()
     assert fold

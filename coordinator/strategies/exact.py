@@ -87,7 +87,7 @@ class ExactLora(Strategy):
             name_a, name_b = factor_names(prefix)
             mean = factors.mean_product()
             if self.settings.mode == "svd":
-                b, a = split(svd_of_product(*factors.stacked()), rank, scaling)
+                b, a = split(svd_of_product(*factors.stacked(), mean), rank, scaling)
                 new_state[name_a], new_state[name_b] = a.float(), b.float()
             a = new_state[name_a] if name_a in new_state else frozen[name_a]
             effective = scaling * (new_state[name_b].double() @ a.double())
@@ -133,4 +133,3 @@ class ExactLora(Strategy):
             check_saved_state(self.fold, tensors, "exact fold")
         self.fold = dict(tensors)
         self._fold_blob = None
-

@@ -87,13 +87,14 @@ class FlexLora(Strategy):
         scaling = self.scaling(full)
         errors: Dict[str, float] = {}
         for prefix, factors in per_layer.items():
+            mean = factors.mean_product()
             if self.settings.heterogeneous == "svd":
-                b, a = split(svd_of_product(*factors.stacked()), full, scaling)
+                b, a = split(svd_of_product(*factors.stacked(), mean), full, scaling)
             else:
                 b, a = self._zero_padded_mean(factors, full, scaling)
             name_a, name_b = factor_names(prefix)
             new_state[name_a], new_state[name_b] = a.float(), b.float()
-            errors[prefix] = relative_error(factors.mean_product(), scaling * (b @ a))
+            errors[prefix] = relative_error(mean, scaling * (b @ a))
         self.layer_errors = errors
         return new_state
 

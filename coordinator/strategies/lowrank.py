@@ -146,7 +146,7 @@ def relative_error(target: torch.Tensor, approximation: torch.Tensor) -> float:
 
 
 def svd_of_product(
-    b: torch.Tensor, a: torch.Tensor
+    b: torch.Tensor, a: torch.Tensor, product: Optional[torch.Tensor] = None
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD of B·A (out × m times m × in). When m < min(out, in) the product has rank ≤ m:
     QR of both factors leaves an m × m core to decompose (exact, O((out + in)·m²)), which
@@ -156,7 +156,7 @@ def svd_of_product(
         q_a, r_a = torch.linalg.qr(a.T)
         u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
         return q_b @ u, s, vh @ q_a.T
-    u, s, vh = torch.linalg.svd(b @ a, full_matrices=False)
+    u, s, vh = torch.linalg.svd(b @ a if product is None else product, full_matrices=False)
     return u, s, vh
 
 

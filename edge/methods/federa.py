@@ -11,7 +11,6 @@ residual bitwise identical on every device.
 from __future__ import annotations
 
 import math
-
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 from jetfed.edge.errors import UserError
