@@ -288,3 +288,14 @@ def test_exact_effective_weight_of_a_real_model(minilm_path: str) -> None:
             for u, p in zip(updates, weights(updates))
         )
         assert torch.allclose(effective, before[base_name] + mean, atol=1e-5, rtol=0)
+
+
+def test_factors_that_do_not_fit_the_layer_are_a_strategy_error() -> None:
+    gen = torch.Generator().manual_seed(6)
+    state, updates = random_state(gen), fleet(gen, 2)
+    name_a, _ = names("m.l1.mlp")
+    updates[1].tensors[name_a] = torch.zeros(RANK, 1)  # would broadcast over 9 columns
+    with pytest.raises(ValueError, match=r"m\.l1\.mlp\.lora_A.*\(3, 1\) on \(3, 9\)"):
+        make_strategy("exact", ServerContext.aggregation_only(method=lora())).aggregate(
+            0, state, updates
+        )

@@ -78,6 +78,8 @@ def at_rank(state: Tensors, rank: int, scaling: Scaling) -> Tensors:
     and columns of B, each times √(s_R/s_r) so that s_r·B_rA_r = s_R·B[:, :r]A[:r]."""
     moved: Tensors = {}
     for name, value in state.items():
+        if name.endswith(B_SUFFIX) and value.shape[1] < rank:
+            raise ValueError(f"{name} has rank {value.shape[1]} < {rank}")
         if name.endswith(A_SUFFIX):
             full = int(value.shape[0])
             factor = math.sqrt(scaling(full) / scaling(rank))
@@ -98,6 +100,18 @@ def sample_weights(updates: List[AcceptedUpdate]) -> Tuple[List[AcceptedUpdate],
     return ordered, [item.update.num_samples / total for item in ordered]
 
 
+def _moved(
+    start: Mapping[str, torch.Tensor], upload: Mapping[str, torch.Tensor], name: str
+) -> torch.Tensor:
+    """start + delta in float64; shapes asserted (a (1, in) delta would broadcast silently)."""
+    delta = upload[name]
+    if delta.shape != start[name].shape:
+        raise ValueError(  # the intake checked every upload: a strategy's or caller's bug
+            f"{name}: delta {tuple(delta.shape)} on {tuple(start[name].shape)}"
+        )
+    return start[name].double() + delta.double()
+
+
 def device_factors(
     start: Mapping[str, torch.Tensor],
     upload: Mapping[str, torch.Tensor],
@@ -107,9 +121,9 @@ def device_factors(
     """(Bₖ, Aₖ) in float64: the device's starting factors plus its deltas; a frozen A (ffa)
     comes from `frozen` and has no delta."""
     name_a, name_b = factor_names(prefix)
-    b = start[name_b].double() + upload[name_b].double()
+    b = _moved(start, upload, name_b)
     if name_a in upload:
-        a = start[name_a].double() + upload[name_a].double()
+        a = _moved(start, upload, name_a)
     else:
         a = (frozen if frozen is not None and name_a in frozen else start)[name_a].double()
     return b, a
