@@ -29,7 +29,6 @@ global adapter's rank, the largest allowed.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -77,10 +76,9 @@ class Refused(Exception):
 
 
 def memory_estimator(method: str, settings: Mapping[str, Any], model: ModelRef) -> MemoryEstimate:
-    """`jetfed doctor`'s estimate at any rank and batch (cached: a meta model per call)."""
+    """`jetfed doctor`'s estimate at any rank and batch (a meta model per call)."""
     from jetfed.edge.memory_budget import estimate_training_memory
 
-    @functools.lru_cache(maxsize=None)
     def estimate(rank: int, batch_size: int, cuda: bool) -> int:
         return estimate_training_memory(
             model.name_or_path,
@@ -108,9 +106,16 @@ class AssignmentPolicy:
         round_budget_s: float,
     ) -> None:
         self.settings = settings
-        self.estimate = estimate
         self.ranks = sorted(set(settings.ranks), reverse=True)
         self.batch_sizes = sorted(set(settings.batch_sizes or [batch_size]), reverse=True)
+        self.needed_bytes = {
+            (rank, batch, cuda): estimate(rank, batch, cuda)
+            for rank in self.ranks
+            for batch in self.batch_sizes
+            for cuda in (False, True)
+        }
+        """Every estimate, made once at start: never mid-round (a meta model per call) and
+        never while another thread of the process builds a model."""
         self.local_steps = local_steps
         self.round_budget_s = settings.round_budget_s or round_budget_s
         self.sample_step_s: Dict[str, float] = {}
@@ -130,7 +135,7 @@ class AssignmentPolicy:
         usable = self.settings.memory_fraction * hello.memory_total_bytes
         for rank in self.ranks:
             for batch in self.batch_sizes:
-                needed = self.estimate(rank, batch, cuda)
+                needed = self.needed_bytes[(rank, batch, cuda)]
                 if needed <= usable:
                     steps, timing = self._steps(hello.device_id, batch)
                     reason = (
@@ -141,7 +146,7 @@ class AssignmentPolicy:
                     return DeviceAssignment(
                         rank=rank, batch_size=batch, local_steps=steps, reason=reason
                     )
-        smallest = self.estimate(self.ranks[-1], self.batch_sizes[-1], cuda)
+        smallest = self.needed_bytes[(self.ranks[-1], self.batch_sizes[-1], cuda)]
         raise Refused(
             f"rank {self.ranks[-1]} batch {self.batch_sizes[-1]} needs {smallest / GIB:.2f} GiB; "
             f"{usable / GIB:.2f} GiB usable ({self.settings.memory_fraction:g} of "

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
+import pytest
 import torch
 
 from jetfed.coordinator.config import parse_config
@@ -134,19 +135,21 @@ def test_ranks_4_8_16_federate_over_mosquitto(
     assert '"aggregation_error"' in saved.read_text()
 
 
-def test_ffa_uploads_b_only(tmp_path: Path, minilm_path: str) -> None:
+@pytest.mark.parametrize("method", ["lora", "federa"])
+def test_ffa_uploads_b_only(method: str, tmp_path: Path, minilm_path: str) -> None:
     torch.set_num_threads(1)
     config = fleet_config(
         "ffa",
         tmp_path,
         devices=2,
         count=1,
-        method={"freeze_a": True},
+        method={"name": method, "freeze_a": True},
         aggregation={"strategy": "ffa"},
     )
     with MemBroker("ffa") as broker:
         coordinator = Coordinator(config, BrokerSpec(url=broker.url))
-        frozen = {n: t.clone() for n, t in (coordinator.init or {}).items()}
+        init = coordinator.init or {}
+        frozen = {n: t.clone() for n, t in init.items() if n.endswith(A_SUFFIX)}
         assert frozen and not any(n.endswith(A_SUFFIX) for n in coordinator.expected)
         (metrics,), agents = run_fleet(coordinator, broker.url, config.name, 2)
     assert metrics.status == "aggregated" and metrics.num_aggregated == 2
@@ -177,3 +180,62 @@ def test_exact_fold_reaches_the_devices(tmp_path: Path, minilm_path: str) -> Non
         assert set(original) == set(fold)
         for name in fold:
             assert not torch.equal(params[name], original[name])
+
+
+def test_federa_devices_of_ranks_4_and_8_federate(tmp_path: Path, minilm_path: str) -> None:
+    """FeDeRA's residual base stays the run's (rank 8) on a rank-4 device; its start is the
+    top-4 part of the global product."""
+    torch.set_num_threads(1)
+    config = fleet_config(
+        "federa-hetero",
+        tmp_path,
+        devices=2,
+        count=1,
+        method={"name": "federa", "rank": 8},
+        aggregation={"strategy": "flexlora"},
+        assignment={"ranks": [8], "devices": {"dev-0": {"rank": 4}}},
+    )
+    with MemBroker("federa-hetero") as broker:
+        coordinator = Coordinator(config, BrokerSpec(url=broker.url))
+        initial = dict(coordinator.global_state)
+        (metrics,), agents = run_fleet(coordinator, broker.url, config.name, 2)
+    assert metrics.status == "aggregated" and metrics.num_aggregated == 2
+    assert {d: a.rank for d, a in metrics.assignments.items()} == {"dev-0": 4, "dev-1": 8}
+    assert all(4 in shape for shape in factor_shapes(agents[0]).values())
+    assert metrics.aggregation_error is not None
+    changed = coordinator.global_state
+    assert any(not changed[n].equal(initial[n]) for n in initial)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("strategy", "assignment"),
+    [("exact", None), ("flexlora", {"ranks": [8], "devices": {"dev-0": {"rank": 4}}})],
+)
+def test_causal_lm_strategies(
+    strategy: str, assignment: Any, tmp_path: Path, minilm_path: str
+) -> None:
+    """SmolLM2 (2 layers): the fold and mixed ranks on q_proj/v_proj (576→576, 576→192)."""
+    from tests.llm import TINY_LAYERS, require_smollm2
+
+    require_smollm2()
+    torch.set_num_threads(1)
+    sections: Dict[str, Any] = {"aggregation": {"strategy": strategy}}
+    if assignment:
+        sections["assignment"] = assignment
+    config = fleet_config(
+        f"causal-{strategy}",
+        tmp_path,
+        devices=2,
+        count=2,
+        model={"name_or_path": "smollm2", "max_length": 48, "num_hidden_layers": TINY_LAYERS},
+        training={"local_steps": 1, "batch_size": 2, "learning_rate": 1e-3},
+        evaluation={"generate_rows": 1, "max_new_tokens": 2},
+        **sections,
+    )
+    with MemBroker(f"causal-{strategy}") as broker:
+        coordinator = Coordinator(config, BrokerSpec(url=broker.url))
+        results, _ = run_fleet(coordinator, broker.url, config.name, 2)
+    assert [m.status for m in results] == ["aggregated", "aggregated"]
+    errors = [m.aggregation_error for m in results]
+    assert all(e is not None and "v_proj" in " ".join(e.layers) for e in errors)
