@@ -34,6 +34,7 @@ from jetfed.coordinator.strategies.base import (
 from jetfed.coordinator.strategies.fedavg import apply_mean_delta
 from jetfed.coordinator.strategies.lowrank import (
     BASE_SUFFIX,
+    COMPUTE,
     adapted_layers,
     factor_names,
     heads_of,
@@ -90,7 +91,7 @@ class ExactLora(Strategy):
                 b, a = split(svd_of_product(*factors.stacked(), mean), rank, scaling)
                 new_state[name_a], new_state[name_b] = a.float(), b.float()
             a = new_state[name_a] if name_a in new_state else frozen[name_a]
-            effective = scaling * (new_state[name_b].double() @ a.double())
+            effective = scaling * (new_state[name_b].to(COMPUTE) @ a.to(COMPUTE))
             if self.settings.mode == "fold":
                 effective += self._fold_residual(prefix + BASE_SUFFIX, mean - effective)
             errors[prefix] = relative_error(mean, effective)
@@ -103,7 +104,8 @@ class ExactLora(Strategy):
         after = residual if before is None else before.double() + residual
         self.fold[name] = after.float()
         self._fold_blob = None
-        return self.fold[name].double() - (0.0 if before is None else before.double())
+        increment = self.fold[name].double() - (0.0 if before is None else before.double())
+        return increment.to(COMPUTE)
 
     def fold_blob(self) -> bytes:
         if self._fold_blob is None:

@@ -104,8 +104,8 @@ class FlexLora(Strategy):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Σ pₖ·pad(Bₖ/cₖ), Σ pₖ·pad(Aₖ/cₖ) with cₖ = √(s_R/sₖ) (rank-R units)."""
         b_first, a_first = factors.factors[0]
-        b_mean = torch.zeros(b_first.shape[0], full, dtype=torch.float64)
-        a_mean = torch.zeros(full, a_first.shape[1], dtype=torch.float64)
+        b_mean = torch.zeros(b_first.shape[0], full, dtype=b_first.dtype)
+        a_mean = torch.zeros(full, a_first.shape[1], dtype=a_first.dtype)
         for (b, a), weight, device_scaling in zip(
             factors.factors, factors.weights, factors.scalings
         ):

@@ -10,9 +10,10 @@ and a strategy's global factors (B̄, Ā) at rank R, scaling s, lose
 
     error = ‖P̄ − s·B̄Ā‖_F / ‖P̄‖_F
 
-(FedAvg's mean(B)·mean(A) ≠ mean(B·A); 0 for ffa and exact by construction). Every product is
-formed in float64 with the devices in id order, so results are bit-identical whatever order
-updates arrived in. `split` turns a product back into factors the way FeDeRA does (PiSSA's
+(FedAvg's mean(B)·mean(A) ≠ mean(B·A); 0 for ffa and exact by construction). Products are
+formed in float32 (`COMPUTE`: fp32 BLAS takes half fp64's time, and its ~1e-7 relative rounding
+is far below any error worth reporting) with the devices in id order, so results are
+bit-identical whatever order updates arrived in. `split` turns a product back into factors the way FeDeRA does (PiSSA's
 B = U√(S/s), A = √(S/s)Vᵀ), so that the first r columns/rows of a global factor pair are the
 best rank-r part of its product and a device of rank r < R starts from `at_rank`'s slice.
 """
@@ -29,6 +30,8 @@ from jetfed.coordinator.strategies.base import AcceptedUpdate, Strategy
 from jetfed.edge.methods.base import FederatedMethod, Tensors
 from jetfed.edge.methods.lora import A_SUFFIX, B_SUFFIX, factor_names
 
+COMPUTE = torch.float32
+"""The dtype of factor sums, products and SVDs (module doc)."""
 BASE_SUFFIX = ".base_layer.weight"
 """A PEFT LoRA layer's frozen weight, where `exact` folds its residual."""
 
@@ -103,13 +106,13 @@ def sample_weights(updates: List[AcceptedUpdate]) -> Tuple[List[AcceptedUpdate],
 def _moved(
     start: Mapping[str, torch.Tensor], upload: Mapping[str, torch.Tensor], name: str
 ) -> torch.Tensor:
-    """start + delta in float64; shapes asserted (a (1, in) delta would broadcast silently)."""
+    """start + delta; shapes asserted (a (1, in) delta would broadcast silently)."""
     delta = upload[name]
     if delta.shape != start[name].shape:
         raise ValueError(  # the intake checked every upload: a strategy's or caller's bug
             f"{name}: delta {tuple(delta.shape)} on {tuple(start[name].shape)}"
         )
-    return start[name].double() + delta.double()
+    return start[name].to(COMPUTE) + delta.to(COMPUTE)
 
 
 def device_factors(
@@ -118,20 +121,20 @@ def device_factors(
     prefix: str,
     frozen: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(Bₖ, Aₖ) in float64: the device's starting factors plus its deltas; a frozen A (ffa)
+    """(Bₖ, Aₖ): the device's starting factors plus its deltas; a frozen A (ffa)
     comes from `frozen` and has no delta."""
     name_a, name_b = factor_names(prefix)
     b = _moved(start, upload, name_b)
     if name_a in upload:
         a = _moved(start, upload, name_a)
     else:
-        a = (frozen if frozen is not None and name_a in frozen else start)[name_a].double()
+        a = (frozen if frozen is not None and name_a in frozen else start)[name_a].to(COMPUTE)
     return b, a
 
 
 @dataclass
 class LayerFactors:
-    """One adapted layer's device factors (Bₖ, Aₖ) in float64, device-id order, with their
+    """One adapted layer's device factors (Bₖ, Aₖ), device-id order, with their
     sample weights pₖ and scalings sₖ."""
 
     factors: List[Tuple[torch.Tensor, torch.Tensor]]
@@ -187,8 +190,8 @@ def split(
     u, s, vh = svd
     kept = min(rank, int(s.shape[0]))
     root = torch.sqrt(s[:kept] / scaling)
-    b = torch.zeros(u.shape[0], rank, dtype=torch.float64)
-    a = torch.zeros(rank, vh.shape[1], dtype=torch.float64)
+    b = torch.zeros(u.shape[0], rank, dtype=u.dtype)
+    a = torch.zeros(rank, vh.shape[1], dtype=u.dtype)
     b[:, :kept] = u[:, :kept] * root[None, :]
     a[:kept] = root[:, None] * vh[:kept]
     return b, a
@@ -227,7 +230,7 @@ def factor_errors(
     for prefix, layer in layers.items():
         name_a, name_b = factor_names(prefix)
         a = result[name_a] if name_a in result else (frozen or {})[name_a]
-        approximation = scaling * (result[name_b].double() @ a.double())
+        approximation = scaling * (result[name_b].to(COMPUTE) @ a.to(COMPUTE))
         errors[prefix] = relative_error(layer.mean_product(), approximation)
     return errors
 
