@@ -13,9 +13,10 @@ and a strategy's global factors (B̄, Ā) at rank R, scaling s, lose
 (FedAvg's mean(B)·mean(A) ≠ mean(B·A); 0 for ffa and exact by construction). Products are
 formed in float32 (`COMPUTE`: fp32 BLAS takes half fp64's time, and its ~1e-7 relative rounding
 is far below any error worth reporting) with the devices in id order, so results are
-bit-identical whatever order updates arrived in. `split` turns a product back into factors the way FeDeRA does (PiSSA's
-B = U√(S/s), A = √(S/s)Vᵀ), so that the first r columns/rows of a global factor pair are the
-best rank-r part of its product and a device of rank r < R starts from `at_rank`'s slice.
+bit-identical whatever order updates arrived in. `split` turns a product back into factors
+the way FeDeRA does (PiSSA's B = U√(S/s), A = √(S/s)Vᵀ), so that the first r columns/rows of
+a global factor pair are the best rank-r part of its product and a device of rank r < R
+starts from `at_rank`'s slice.
 """
 
 from __future__ import annotations
