@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Tuple
 
 from bench.runner import table
 from bench.stats import median
+from bench.tensors import accepted_update
 
 MODELS = {"minilm": "MiniLM q,v", "smollm2": "SmolLM2 q,v"}
 STRATEGIES: Tuple[Tuple[str, str, Dict[str, Any]], ...] = (
@@ -61,26 +62,8 @@ def lora_state(
 
 
 def updates_of(shapes: Dict[str, Tuple[int, int]], ranks: List[int], with_a: bool) -> List[Any]:
-    from jetfed.coordinator.strategies.base import AcceptedUpdate
-    from jetfed.edge.wire import BlobManifest, Update
-
-    manifest = BlobManifest(
-        digest="0" * 64, size_bytes=1, chunk_size_bytes=1, chunk_digests=["0" * 64]
-    )
     return [
-        AcceptedUpdate(
-            Update(
-                experiment="bench",
-                device_id=f"d{index:03d}",
-                round_index=0,
-                base_digest="0" * 64,
-                num_samples=100 + index,
-                local_steps=1,
-                train_loss=0.5,
-                blob=manifest,
-            ),
-            lora_state(shapes, rank, seed=index, with_a=with_a),
-        )
+        accepted_update(index, lora_state(shapes, rank, seed=index, with_a=with_a))
         for index, rank in enumerate(ranks)
     ]
 

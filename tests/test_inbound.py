@@ -45,10 +45,13 @@ class Wire:
         return [json.loads(p) for t, p in self.sent if t.endswith("/" + leaf)]
 
 
-@pytest.fixture
-def intake(tmp_path: Path) -> Tuple[Intake, Wire, Task, Topics]:
-    config = parse_config({"name": "ib", "data": {"path": str(tmp_path)}})
-    topics = Topics("ib")
+def joined_intake(
+    tmp_path: Path, experiment: str, spec: Dict[str, Tuple[int, ...]]
+) -> Tuple[Intake, Wire, Topics, BlobServer]:
+    """An Intake of `experiment` checking updates against `spec`, with dev-0 and dev-1 joined;
+    its wire, topics and the coordinator's blob server."""
+    config = parse_config({"name": experiment, "data": {"path": str(tmp_path)}})
+    topics = Topics(experiment)
     wire = Wire()
     run_dir = RunDir(tmp_path / "run")
     run_dir.create({})
@@ -59,7 +62,7 @@ def intake(tmp_path: Path) -> Tuple[Intake, Wire, Task, Topics]:
         DeviceRegistry(),
         run_dir,
         server_blobs,
-        SPEC,
+        spec,
         publish=wire.publish,
         publish_raw=wire.publish,
         on_exchange=lambda *_: None,
@@ -76,6 +79,12 @@ def intake(tmp_path: Path) -> Tuple[Intake, Wire, Task, Topics]:
             memory_total_bytes=1 << 30,
         )
         intake.dispatch(topics.device(device_id, "hello"), encode_message(hello))
+    return intake, wire, topics, server_blobs
+
+
+@pytest.fixture
+def intake(tmp_path: Path) -> Tuple[Intake, Wire, Task, Topics]:
+    intake, wire, topics, server_blobs = joined_intake(tmp_path, "ib", SPEC)
     now = time.time()
     task = Task(
         experiment="ib",

@@ -15,7 +15,8 @@ from jetfed.coordinator.strategies.lowrank import at_rank, method_scaling
 from jetfed.edge.errors import UserError
 from jetfed.edge.methods.base import Tensors
 from jetfed.edge.methods.lora import LoraMethod
-from jetfed.edge.wire import ModelRef, Update, make_manifest
+from jetfed.edge.wire import ModelRef
+from tests.test_strategies import accepted
 
 LAYERS = {"m.l0.q": (6, 4), "m.l1.mlp": (5, 9)}
 """prefix → (out, in): both non-square, one wider than tall."""
@@ -43,28 +44,14 @@ def random_state(gen: torch.Generator, rank: int = RANK, with_a: bool = True) ->
     return state
 
 
-def upload(device_id: str, samples: int, tensors: Tensors) -> AcceptedUpdate:
-    update = Update(
-        experiment="e",
-        device_id=device_id,
-        round_index=0,
-        base_digest="0" * 64,
-        num_samples=samples,
-        local_steps=1,
-        train_loss=0.1,
-        blob=make_manifest(b"x", 1024),
-    )
-    return AcceptedUpdate(update, tensors)
-
-
 def fleet(
     gen: torch.Generator, count: int, ranks: Optional[List[int]] = None, with_a: bool = True
 ) -> List[AcceptedUpdate]:
     samples = [7, 120, 33, 2, 58][:count]
     ranks = ranks or [RANK] * count
     return [
-        upload(f"dev-{k}", n, {name: 0.3 * t for name, t in random_state(gen, r, with_a).items()})
-        for k, (n, r) in enumerate(zip(samples, ranks))
+        accepted(n, {name: 0.3 * t for name, t in random_state(gen, r, with_a).items()})
+        for n, r in zip(samples, ranks)
     ]
 
 
@@ -259,12 +246,11 @@ def test_exact_effective_weight_of_a_real_model(minilm_path: str) -> None:
     params = dict(model.named_parameters())
     gen = torch.Generator().manual_seed(5)
     updates = [
-        upload(
-            f"dev-{k}",
+        accepted(
             n,
             {name: 0.05 * torch.randn(t.shape, generator=gen) for name, t in state.items()},
         )
-        for k, n in enumerate((3, 40, 11))
+        for n in (3, 40, 11)
     ]
     strategy = make_strategy("exact", ServerContext.aggregation_only(method=method))
     new = strategy.aggregate(0, state, updates)

@@ -11,24 +11,18 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 import torch
 
-from jetfed.coordinator.config import parse_config
-from jetfed.coordinator.inbound import Intake
-from jetfed.coordinator.registry import DeviceRegistry
-from jetfed.coordinator.rundir import RunDir
 from jetfed.coordinator.strategies.lowrank import spec_at_rank
 from jetfed.edge.transfer import BlobServer
 from jetfed.edge.wire import (
     DeviceAssignment,
-    Hello,
     ModelRef,
     Task,
-    Topics,
     TrainingConfig,
     Update,
     encode_message,
     tensor_spec,
 )
-from tests.test_inbound import Wire, deliver
+from tests.test_inbound import Wire, deliver, joined_intake
 
 A, B = "l.lora_A.default.weight", "l.lora_B.default.weight"
 RUN_STATE = {A: torch.zeros(8, 6), B: torch.zeros(5, 8)}
@@ -44,35 +38,7 @@ class Round:
     """An Intake collecting one round from dev-0 (assigned rank 4) and dev-1 (the run's rank)."""
 
     def __init__(self, tmp_path: Path, spec: Dict[str, Tuple[int, ...]]) -> None:
-        config = parse_config({"name": "lb", "data": {"path": str(tmp_path)}})
-        self.topics = Topics("lb")
-        self.wire = Wire()
-        run_dir = RunDir(tmp_path / "run")
-        run_dir.create({})
-        blobs = BlobServer(self.wire.publish, 1024)
-        self.intake = Intake(
-            config,
-            self.topics,
-            DeviceRegistry(),
-            run_dir,
-            blobs,
-            spec,
-            publish=self.wire.publish,
-            publish_raw=self.wire.publish,
-            on_exchange=lambda *_: None,
-            tell_progress=lambda _: None,
-            start_round=0,
-        )
-        for device_id in ("dev-0", "dev-1"):
-            hello = Hello(
-                device_id=device_id,
-                jetfed_version="0",
-                hostname="h",
-                machine="x86_64",
-                accelerator="cpu",
-                memory_total_bytes=1 << 30,
-            )
-            self.intake.dispatch(self.topics.device(device_id, "hello"), encode_message(hello))
+        self.intake, self.wire, self.topics, blobs = joined_intake(tmp_path, "lb", spec)
         run_state = {name: t for name, t in RUN_STATE.items() if name in spec}
         small = {name: t[:4] if name == A else t[:, :4] for name, t in run_state.items()}
         now = time.time()
