@@ -285,3 +285,14 @@ def test_factors_that_do_not_fit_the_layer_are_a_strategy_error() -> None:
         make_strategy("exact", ServerContext.aggregation_only(method=lora())).aggregate(
             0, state, updates
         )
+
+
+@pytest.mark.parametrize("name", ["clipped_fedavg", "median", "trimmed_mean"])
+def test_robust_strategies_report_the_error_too(name: str) -> None:
+    gen = torch.Generator().manual_seed(7)
+    state, updates = random_state(gen), fleet(gen, 5)
+    settings = {"clip_norm": 1e6} if name == "clipped_fedavg" else {}
+    strategy = make_strategy(name, ServerContext.aggregation_only(settings, method=lora()))
+    strategy.aggregate(0, state, updates)
+    assert set(strategy.layer_errors) == set(LAYERS)
+    assert all(0 < error < 10 for error in strategy.layer_errors.values())
