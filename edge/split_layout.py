@@ -339,11 +339,16 @@ class DecoderLayout(SplitLayout):
         return _ids([self.decoder.norm, self.head]) - _ids(self.embedding_modules())
 
     def release_server_layers(self) -> None:
+        """Also the final norm and an untied lm_head when labels are shared: the server owns
+        them (a tied lm_head is the embedding and stays)."""
         import torch
 
         decoder = self.decoder
         if len(decoder.layers) > self.cut_layer:
             decoder.layers = torch.nn.ModuleList(self.layers[: self.cut_layer])
+        if not self.u_shaped:
+            decoder.norm = torch.nn.Identity()
+            self.model.set_output_embeddings(torch.nn.Identity())
 
     @contextlib.contextmanager
     def _segment(self, start: int, norm: bool) -> Iterator[Any]:

@@ -104,27 +104,32 @@ def batch(minilm_path: str, sst2_dir: Path) -> Dict[str, torch.Tensor]:
 def _split_gradients(
     model: Any, settings: Any, batch: Dict[str, torch.Tensor], dtype: str = "fp32"
 ) -> Tuple[float, Dict[str, torch.Tensor]]:
-    """One batch through device copy + server copy; every parameter's gradient, by name."""
+    """One batch through device copy (what is above the cut freed, as on a device) + server
+    copy; every parameter's gradient, by name."""
     device_model, server_model = copy.deepcopy(model), copy.deepcopy(model)
     server = SplitServer(server_model, settings, MAX_LENGTH, "cpu")
     server.begin_round(0)
     layout = SplitLayout.of(device_model, settings.cut_layer, settings.u_shaped)
+    layout.release_server_layers()
     loss_fn = SplitBatchLoss(layout, LocalTransport(server), 0, dtype)
     loss = loss_fn(device_model, batch)
     loss.backward()
     device_ids = layout.device_ids()
     server_ids = server.layout.server_ids()
+    on_device_model = dict(device_model.named_parameters())
     grads: Dict[str, torch.Tensor] = {}
-    for (name, d_param), (_, s_param) in zip(
-        device_model.named_parameters(), server_model.named_parameters()
-    ):
-        on_device, on_server = id(d_param) in device_ids, id(s_param) in server_ids
+    for name, s_param in server_model.named_parameters():
+        d_param = on_device_model.get(name)
+        on_device, on_server = (
+            d_param is not None and id(d_param) in device_ids,
+            id(s_param) in server_ids,
+        )
         assert on_device != on_server, f"{name} belongs to exactly one side"
-        grad = d_param.grad if on_device else s_param.grad
+        grad = d_param.grad if d_param is not None and on_device else s_param.grad
         if grad is not None:
             grads[name] = grad
     assert loss_fn.traffic.batches == 1
-    return float(loss), grads
+    return float(loss.detach()), grads
 
 
 def _reference_gradients(
@@ -277,7 +282,7 @@ def test_smollm2_split_gradients_equal_unsplit(
         assert worst <= 1e-5, (cut_layer, worst)
 
 
-def _tiny_gemma3() -> Any:
+def _tiny_gemma3(tied: bool) -> Any:
     """A randomly initialised 4-layer Gemma 3 with sliding and full attention layers."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -292,16 +297,19 @@ def _tiny_gemma3() -> Any:
         intermediate_size=37,
         sliding_window=3,
         layer_types=["sliding_attention", "full_attention"] * 2,
+        tie_word_embeddings=tied,
     )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config)
 
 
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("u_shaped", [False, True], ids=["labels-shared", "u-shaped"])
-def test_gemma3_cuts_exactly_with_its_layer_kinds(u_shaped: bool) -> None:
-    model = _tiny_gemma3()
+def test_gemma3_cuts_exactly_with_its_layer_kinds(u_shaped: bool, tied: bool) -> None:
+    """Untied and labels shared, the device frees the lm_head; the server trains it."""
+    model = _tiny_gemma3(tied)
     for name, param in model.named_parameters():
-        param.requires_grad_(u_shaped or "embed" not in name)
+        param.requires_grad_(u_shaped or not tied or "embed" not in name)
     torch.manual_seed(2)
     ids = torch.randint(3, 99, (2, 9))
     mask = torch.ones_like(ids)
@@ -312,6 +320,11 @@ def test_gemma3_cuts_exactly_with_its_layer_kinds(u_shaped: bool) -> None:
     ref_loss, expected = _reference_gradients(model, batch)
     split_loss, actual = _split_gradients(model, _method(1, u_shaped).config, batch)
     assert split_loss == pytest.approx(ref_loss, abs=1e-6)
+    device = copy.deepcopy(model)
+    SplitLayout.of(device, 1, u_shaped).release_server_layers()
+    held = [name for name, _ in device.named_parameters()]
+    assert not any(".layers.1." in name for name in held)
+    assert any("lm_head" in name for name in held) == (u_shaped and not tied)
     assert set(actual) == set(expected)
     worst = max(float((actual[n] - expected[n]).abs().max()) for n in expected)
     assert worst <= 1e-5, worst
@@ -378,6 +391,26 @@ def test_server_refuses_malformed_messages(lora_model: Any) -> None:
         server.handle("dev-0", "fwd", b"\x08" + b"\x00" * 7 + b"{garbage")
     with pytest.raises(ProtocolError, match="kind"):
         server.handle("dev-0", "bwd", _fwd(server, 0))
+
+
+def test_server_refuses_malformed_token_labels(smollm2_lora: Any) -> None:
+    server = SplitServer(smollm2_lora, _method(1, False, LLM).config, MAX_LENGTH, "cpu")
+    server.begin_round(0)
+    header = SplitHeader(kind="fwd", session="0123456789abcdef", round_index=0, step=0)
+    good = {
+        "hidden": torch.randn(2, 5, 576),
+        "attention_mask": torch.ones(2, 5, dtype=torch.int64),
+        "labels": torch.tensor([[-100, -100, 7, 8, 9]] * 2),
+    }
+    for labels, reason in [
+        (torch.tensor([[-100, -100, 7, 8, 49152]] * 2), "labels outside"),
+        (torch.tensor([[-100, -100, 7, 8, -5]] * 2), "labels outside"),
+        (torch.tensor([[5, -100, -100, -100, -100]] * 2), "no response token"),
+        (torch.tensor([0, 1]), "split tensor labels"),
+    ]:
+        with pytest.raises(ProtocolError, match=reason):
+            server.handle("dev-0", "fwd", encode_split_message(header, dict(good, labels=labels)))
+    assert server.stats.batches == 0
 
 
 def test_per_device_copies_are_averaged_by_samples(lora_model: Any) -> None:
