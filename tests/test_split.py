@@ -171,20 +171,26 @@ def test_split_gradients_equal_unsplit(
     assert worst <= 1e-5, worst
 
 
+def _assert_close_in_half_precision(
+    reference: Tuple[float, Dict[str, Any]], split: Tuple[float, Dict[str, Any]], lora_a: str
+) -> None:
+    (ref_loss, expected), (split_loss, actual) = reference, split
+    assert split_loss == pytest.approx(ref_loss, rel=0.02)
+    name = next(n for n in expected if lora_a in n)
+    cosine = torch.nn.functional.cosine_similarity(
+        actual[name].flatten(), expected[name].flatten(), dim=0
+    )
+    assert float(cosine) > 0.99
+
+
 def test_half_precision_activations_stay_close(
     minilm_model: Any,
     minilm_reference: Tuple[float, Dict[str, Any]],
     batch: Dict[str, torch.Tensor],
 ) -> None:
     settings = _method(3, False, activation_dtype="bf16").config
-    ref_loss, expected = minilm_reference
-    split_loss, actual = _split_gradients(minilm_model, settings, batch, dtype="bf16")
-    assert split_loss == pytest.approx(ref_loss, rel=0.02)
-    name = next(n for n in expected if "layer.0.attention.self.query.lora_A" in n)
-    cosine = torch.nn.functional.cosine_similarity(
-        actual[name].flatten(), expected[name].flatten(), dim=0
-    )
-    assert float(cosine) > 0.99
+    split = _split_gradients(minilm_model, settings, batch, dtype="bf16")
+    _assert_close_in_half_precision(minilm_reference, split, "layer.0.attention.self.query.lora_A")
 
 
 def _tiny(model_type: str) -> Any:
@@ -280,6 +286,16 @@ def test_smollm2_split_gradients_equal_unsplit(
         assert set(actual) == set(expected)
         worst = max(float((actual[n] - expected[n]).abs().max()) for n in expected)
         assert worst <= 1e-5, (cut_layer, worst)
+
+
+def test_smollm2_fp16_activations_stay_close(
+    smollm2_lora: Any, llm_batch: Dict[str, torch.Tensor]
+) -> None:
+    model = _decoder_trainable(smollm2_lora, tied=False)
+    settings = _method(1, False, LLM, activation_dtype="fp16").config
+    split = _split_gradients(model, settings, llm_batch, dtype="fp16")
+    reference = _reference_gradients(model, llm_batch)
+    _assert_close_in_half_precision(reference, split, "layers.0.self_attn.q_proj.lora_A")
 
 
 def _tiny_gemma3(tied: bool) -> Any:
