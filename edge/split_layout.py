@@ -65,15 +65,17 @@ class SplitLayout(ABC):
     u_shaped: bool
 
     @staticmethod
-    def of(model: Any, cut_layer: int, u_shaped: bool) -> SplitLayout:
-        """The layout for this model's kind (decoder LLM or encoder classifier)."""
+    def of(model: Any, cut_layer: int, u_shaped: bool, training: bool = True) -> SplitLayout:
+        """The layout for this model's kind (decoder LLM or encoder classifier); `training`:
+        also refuse trainable tensors that cannot be split (False for the memory budget's meta
+        model, whose every tensor is trainable)."""
         from jetfed.edge.models import is_causal_lm
 
         hf = model.get_base_model() if hasattr(model, "peft_config") else model
         _check_cut(hf.config, cut_layer)
         layout_type = DecoderLayout if is_causal_lm(hf) else EncoderLayout
         layout = layout_type(hf, cut_layer, u_shaped)
-        layout.check()
+        layout.check(training)
         return layout
 
     @property
@@ -89,8 +91,8 @@ class SplitLayout(ABC):
         """The parameters above the last layer that the loss needs (not the embeddings)."""
 
     @abstractmethod
-    def check(self) -> None:
-        """UserError when this model cannot be cut."""
+    def check(self, training: bool) -> None:
+        """UserError when this model cannot be cut (or, `training`, trained as it is set)."""
 
     def device_ids(self) -> Set[int]:
         ids = _ids([*self.embedding_modules(), *self.layers[: self.cut_layer]])
@@ -171,7 +173,7 @@ class EncoderLayout(SplitLayout):
 
     passthrough: Any = field(default_factory=_passthrough_embeddings)
 
-    def check(self) -> None:
+    def check(self, training: bool) -> None:
         import torch
 
         backbone = self.backbone
@@ -190,7 +192,7 @@ class EncoderLayout(SplitLayout):
         shared = [
             name
             for name, param in encoder.named_parameters()
-            if param.requires_grad and id(param) not in in_layers
+            if training and param.requires_grad and id(param) not in in_layers
         ]
         if shared:
             raise UserError(f"method split: encoder-level tensor {shared[0]} cannot be trained")
@@ -295,7 +297,7 @@ class EncoderLayout(SplitLayout):
 class DecoderLayout(SplitLayout):
     """A causal LM: `get_decoder()` = embed_tokens + layers + norm, then the lm_head."""
 
-    def check(self) -> None:
+    def check(self, training: bool) -> None:
         import torch
 
         decoder = self.decoder
@@ -313,7 +315,7 @@ class DecoderLayout(SplitLayout):
             raise UserError(f"method split: decoder-level tensor {other[0]} cannot be split")
         tied = _ids([self.head]) & _ids(self.embedding_modules())
         trained = [n for n, p in self.model.named_parameters() if p.requires_grad and id(p) in tied]
-        if trained and not self.u_shaped:
+        if training and trained and not self.u_shaped:
             raise UserError(
                 f"method split: {trained[0]} is tied to the device's embeddings and trained: "
                 "use u_shaped: true or keep it frozen"

@@ -278,16 +278,14 @@ class SplitMethod(LoraMethod):
     default_learning_rate = 5e-4
 
     def memory_footprint(self, model: Any) -> MemoryFootprint:
-        """The embeddings and the first `cut_layer` layers, with LoRA on those layers."""
-        from jetfed.edge.memory_budget import client_params, num_layers
-
-        layers = self.config.cut_layer
-        if layers > num_layers(model):
-            raise UserError(f"method.cut_layer must be in 1..{num_layers(model)}, got {layers}")
+        """What the device side of the layout holds (embeddings, the first `cut_layer` layers;
+        U-shaped also the head), with LoRA on those layers; a decoder's logits only U-shaped."""
+        layout = SplitLayout.of(model, self.config.cut_layer, self.config.u_shaped, training=False)
+        held = layout.device_ids()
         return MemoryFootprint(
-            held_params=client_params(model, layers),
-            trainable_params=self.lora_params(model, layers),
-            layers=layers,
+            held_params=sum(p.numel() for p in model.parameters() if id(p) in held),
+            trainable_params=self.lora_params(model, self.config.cut_layer),
+            layers=self.config.cut_layer,
             logits_on_device=self.config.u_shaped,
         )
 
