@@ -1,4 +1,7 @@
-"""The coordinator's half of split learning: the layers above the cut and the head.
+"""The coordinator's half of split learning: the layers above the cut and the head (a
+classifier's pooler/classifier; a decoder's final norm and lm_head, the loss on response tokens;
+`jetfed.edge.split_layout`). Each round the whole model it shares modules with is evaluated like
+any method's (accuracy, or a causal LM's eval_loss, perplexity and exact_match/rouge_l).
 
 `SplitServer` answers each device's per-batch messages (see `edge/methods/split.py`) as they
 arrive on the coordinator's protocol thread; it never waits for a device, so one that drops only
