@@ -35,7 +35,6 @@ TASKS = ("sst2", "ag_news", "rte", "gsm8k")
 """Device i's task; each folder is looked up in --datasets, then in the bundled demo_data."""
 DEMO_DATA = Path(__file__).resolve().parent.parent / "coordinator" / "demo_data"
 SYSTEM = "You are a helpful assistant. Answer briefly."
-EVAL_ROWS_PER_TASK = 16
 TRAIN_ROWS_PER_TASK = 400
 MAX_LENGTH = 256
 SHORT_RESPONSE_CHARS = 400
@@ -71,7 +70,9 @@ def _write(folder: Path, split: str, rows: Sequence[Dict[str, str]]) -> None:
     (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def build_federation(datasets: Path, work: Path, clients: int) -> Dict[str, Path]:
+def build_federation(
+    datasets: Path, work: Path, clients: int, eval_rows_per_task: int
+) -> Dict[str, Path]:
     """Per device its task's training rows, and `eval`: the held-out mixture of all tasks.
 
     Held-out rows are the validation (or test) split where a task has one; a task with a single
@@ -84,12 +85,12 @@ def build_federation(datasets: Path, work: Path, clients: int) -> Dict[str, Path
         train = _rows(source, ("train", "test"))
         held_out = _rows(source, ("validation", "test"))
         if held_out == train:
-            train, held_out = train[:-EVAL_ROWS_PER_TASK], train[-EVAL_ROWS_PER_TASK:]
+            train, held_out = train[:-eval_rows_per_task], train[-eval_rows_per_task:]
         device_id = f"demo-{index + 1:02d}"
         folders[device_id] = work / device_id
         _write(folders[device_id], "train", train[:TRAIN_ROWS_PER_TASK])
         if index < len(TASKS):
-            mixture += held_out[:EVAL_ROWS_PER_TASK]
+            mixture += held_out[:eval_rows_per_task]
     folders["eval"] = work / "eval"
     _write(folders["eval"], "validation", mixture)
     _write(folders["eval"], "train", mixture[:1])
@@ -97,14 +98,12 @@ def build_federation(datasets: Path, work: Path, clients: int) -> Dict[str, Path
 
 
 def experiment(
-    method: str, folders: Dict[str, Path], rounds: int, local_steps: int, layers: Optional[int]
+    method: str, folders: Dict[str, Path], rounds: int, local_steps: int
 ) -> Dict[str, Any]:
     from jetfed.edge.methods.base import get_method
 
     devices = [d for d in folders if d != "eval"]
     model: Dict[str, Any] = {"name_or_path": "smollm2", "max_length": MAX_LENGTH}
-    if layers is not None:
-        model["num_hidden_layers"] = layers
     return {
         "name": f"compare-{method}",
         "seed": 0,
@@ -173,8 +172,8 @@ def run(
     rounds: Optional[int] = None,
     local_steps: Optional[int] = None,
 ) -> Dict[str, Any]:
-    """Quick: a 4-layer SmolLM2, 4 devices, 2 rounds of 2 steps; full: all 30 layers, 4 rounds
-    of 8 steps (`--rounds`, `--local-steps` override)."""
+    """Quick: 2 rounds of 2 local steps, 8 held-out rows per task; full: 4 rounds of 8 steps,
+    16 rows per task (`--rounds`, `--local-steps` override)."""
     import torch
 
     from jetfed.coordinator.config import parse_config
@@ -184,24 +183,24 @@ def run(
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     chosen = methods or list(METHODS)
-    default_rounds, default_steps, layers = (2, 2, 4) if quick else (4, 8, None)
+    default_rounds, default_steps, eval_rows = (2, 2, 8) if quick else (4, 8, 16)
     rounds, local_steps = rounds or default_rounds, local_steps or default_steps
     work = out / "method_comparison"
     shutil.rmtree(work, ignore_errors=True)
-    folders = build_federation(datasets, work / "data", clients=len(TASKS))
+    folders = build_federation(datasets, work / "data", len(TASKS), eval_rows)
     run_dirs = []
     for method in chosen:
-        raw = experiment(method, folders, rounds, local_steps, layers)
+        raw = experiment(method, folders, rounds, local_steps)
         config = parse_config(dict(raw, output_dir=str(work / "runs")), f"compare-{method}")
         run_local_fleet(config, len(TASKS), own_broker="mosquitto")
         run_dirs.append(config.run_dir)
     report = build_report(run_dirs, work / "report")
-    target = report.target
+    target = report.target_accuracy
     if target is None:
         raise RuntimeError("no method recorded an eval loss")
     rows = [method_row(path, target) for path in run_dirs]
     return {
-        "model": f"SmolLM2-135M-Instruct ({layers or 30} layers)",
+        "model": "SmolLM2-135M-Instruct",
         "devices": len(TASKS),
         "tasks": list(TASKS),
         "rounds": rounds,
