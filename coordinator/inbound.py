@@ -34,6 +34,7 @@ from jetfed.edge.wire import (
     Nack,
     ProfileBatch,
     Progress,
+    RoundFailure,
     Task,
     Topics,
     Update,
@@ -105,6 +106,8 @@ class RoundIntake:
     announced: Dict[str, Tuple[Update, str]] = field(default_factory=dict)
     """Per device: the update being pulled and its message digest (what a nack names)."""
     accepted: Dict[str, AcceptedUpdate] = field(default_factory=dict)
+    failed: Dict[str, str] = field(default_factory=dict)
+    """Per device that reported it could not do the round: its reason (nothing to wait for)."""
     last_accept_s: Optional[float] = None
     collecting: bool = True
     """False once the round stopped collecting: a late update is refused, never acked."""
@@ -217,6 +220,8 @@ class Intake:
                 self._on_profile(device_id, payload)
             elif leaf == "progress":
                 self._on_progress(device_id, payload)
+            elif leaf == "failed":
+                self._on_failed(device_id, payload)
             elif leaf == "telemetry":
                 self._on_telemetry(device_id, payload)
             elif leaf == "exchange" and len(rest) >= 2 and rest[0] == "up":
@@ -313,6 +318,38 @@ class Intake:
             self._tell_progress(progress)
         if inbound is not None and progress.round_index == inbound.round_index:
             self._notify(lambda observer: observer.on_progress(progress))
+
+    def _on_failed(self, device_id: str, payload: bytes) -> None:
+        """A selected device that could not do the round in progress is no longer waited for;
+        its reason is the user's one line (a max_length too small, a missing dataset...)."""
+        failure = parse_message(RoundFailure, payload)
+        check_sender(device_id, failure.device_id)
+        inbound = self.round
+        if (
+            inbound is None
+            or not inbound.collecting
+            or failure.round_index != inbound.round_index
+            or device_id not in inbound.task.selected_devices
+            or device_id in inbound.accepted
+        ):
+            log_event(
+                logger,
+                logging.INFO,
+                "device.round_failed.ignored",
+                device_id=device_id,
+                round_index=failure.round_index,
+                reason="not a selected device's round in progress",
+            )
+            return
+        inbound.failed[device_id] = failure.reason
+        log_event(
+            logger,
+            logging.WARNING,
+            "device.round_failed",
+            device_id=device_id,
+            round_index=failure.round_index,
+            reason=failure.reason,
+        )
 
     def _on_telemetry(self, device_id: str, payload: bytes) -> None:
         """Display only, and only while someone watches."""

@@ -69,6 +69,7 @@ DEVICE_TO_COORDINATOR = (
     "update",
     "profile",
     "progress",
+    "failed",
     "telemetry",
     "want",
     "up/#",
@@ -589,12 +590,31 @@ class Coordinator:
         deadline_s = time.monotonic() + (task.deadline_unix_s - time.time())
         selected = set(task.selected_devices)
         while (
-            set(inbound.accepted) != selected and time.monotonic() < deadline_s and not self._stop
+            set(inbound.accepted) | set(inbound.failed) != selected
+            and time.monotonic() < deadline_s
+            and not self._stop
         ):
             self._pump(0.1)
-            if self._only_offline_devices_missing(selected - set(inbound.accepted)):
+            missing = selected - set(inbound.accepted) - set(inbound.failed)
+            if self._only_offline_devices_missing(missing) or self._quorum_unreachable(selected):
                 break
             self.intake.poll_transfers()
+
+    def _quorum_unreachable(self, selected: Set[str]) -> bool:
+        """So many selected devices reported failing that min_clients updates cannot arrive."""
+        inbound = self.intake.round
+        assert inbound is not None
+        if len(selected) - len(inbound.failed) >= self.config.rounds.min_clients:
+            return False
+        log_event(
+            logger,
+            logging.WARNING,
+            "round.closed_early",
+            round_index=inbound.round_index,
+            failed=",".join(sorted(inbound.failed)),
+            reason=f"fewer than rounds.min_clients={self.config.rounds.min_clients} can answer",
+        )
+        return True
 
     def _only_offline_devices_missing(self, missing: Set[str]) -> bool:
         """Quorum is in and every missing device has been offline for the grace period: waiting

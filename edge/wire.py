@@ -352,6 +352,18 @@ class ProfileBatch(WireModel):
     records: List[PhaseRecord] = Field(max_length=10000)
 
 
+ROUND_FAILURE_REASON_CHARS = 500
+
+
+class RoundFailure(WireModel):
+    """A device could not do its round (its data, its model, a transfer): the coordinator stops
+    waiting for it and logs why, instead of holding the round open until its deadline."""
+
+    device_id: str = Field(pattern=ID_PATTERN)
+    round_index: RoundIndex
+    reason: str = Field(max_length=ROUND_FAILURE_REASON_CHARS)
+
+
 PROGRESS_PHASES = ("download", "setup", "train", "upload")
 
 

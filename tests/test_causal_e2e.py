@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
+from typing import Any, Dict, List, Optional
 
 import pytest
 import yaml
@@ -22,7 +22,13 @@ from tests.llm import TINY_LAYERS, require_smollm2
 DEVICE_DATA = ("sst2", "rte")
 
 
-def _run(tmp_path: Path, broker: MosquittoBroker, method: str, lr: float) -> Path:
+def _run(
+    tmp_path: Path,
+    broker: MosquittoBroker,
+    method: str,
+    lr: float,
+    settings: Optional[Dict[str, Any]] = None,
+) -> Path:
     require_smollm2()
     if not all((DATASETS / name / "train.jsonl").exists() for name in DEVICE_DATA):
         pytest.skip(f"real datasets not found at {DATASETS}")
@@ -38,6 +44,7 @@ def _run(tmp_path: Path, broker: MosquittoBroker, method: str, lr: float) -> Pat
     )
     raw = yaml.safe_load(config.read_text())
     raw["data"].update(partition={"kind": "none"}, max_eval_samples=4)
+    raw["method"].update(settings or {})
     config.write_text(yaml.safe_dump(raw))
     log = tmp_path / "coord.log"
     coordinator = jetfed("-v", "coordinator", "run", str(config), "--broker", broker.url, log=log)
@@ -105,3 +112,26 @@ def test_federa_and_full_two_devices_two_rounds(
 ) -> None:
     run_dir = _run(tmp_path, mosquitto, method, lr)
     _generate(run_dir)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"cut_layer": 1, "activation_dtype": "fp16"},
+        pytest.param({"cut_layer": 1, "u_shaped": True}, marks=pytest.mark.slow),
+    ],
+    ids=["labels-shared", "u-shaped"],
+)
+def test_split_two_devices_two_rounds(
+    tmp_path: Path, mosquitto: MosquittoBroker, settings: Dict[str, Any]
+) -> None:
+    """Device: embeddings + layer 0; coordinator: layer 1, norm, lm_head (or, U-shaped, layer 1
+    only); every batch's activations through Mosquitto, the causal metrics every round."""
+    run_dir = _run(tmp_path, mosquitto, "split", 1e-3, settings)
+    for metrics in read_metrics(run_dir):
+        assert metrics["extra"]["split_server_batches"] == 2  # 2 devices × 1 local step
+        assert metrics["extra"]["split_bytes_per_batch"] > 0
+    records = [json.loads(line) for line in (run_dir / "profiles.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["phase"] == "train"]
+    assert len(train) == 4 and all(r["extra"]["split_batches"] == 1 for r in train)
+    assert (run_dir / "global" / "round-0001" / "adapter_model.safetensors").exists()

@@ -191,3 +191,26 @@ def test_check_sender() -> None:
     check_sender("dev-0", "dev-0")
     with pytest.raises(ProtocolError, match="does not match"):
         check_sender("dev-0", "dev-1")
+
+
+def test_a_selected_device_reporting_failure_is_no_longer_waited_for(
+    intake: Tuple[Intake, Wire, Task, Topics],
+) -> None:
+    """Its reason is recorded for the round loop; a forged, unselected or stale report is not."""
+    from jetfed.edge.wire import RoundFailure
+
+    box, wire, _task, topics = intake
+    inbound = box.round
+    assert inbound is not None
+
+    def report(sender: str, device_id: str, round_index: int = 0) -> None:
+        failure = RoundFailure(device_id=device_id, round_index=round_index, reason="max_length")
+        box.dispatch(topics.device(sender, "failed"), encode_message(failure))
+
+    report("dev-1", "dev-0")  # forged: dev-1 on its own topic in dev-0's name
+    report("dev-1", "dev-1")  # not selected
+    report("dev-0", "dev-0", round_index=3)  # not the round in progress
+    assert inbound.failed == {}
+    assert [n["code"] for n in wire.leaf("nack")] == ["sender_mismatch"]
+    report("dev-0", "dev-0")
+    assert inbound.failed == {"dev-0": "max_length"}
