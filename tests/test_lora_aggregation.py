@@ -296,3 +296,21 @@ def test_robust_strategies_report_the_error_too(name: str) -> None:
     strategy.aggregate(0, state, updates)
     assert set(strategy.layer_errors) == set(LAYERS)
     assert all(0 < error < 10 for error in strategy.layer_errors.values())
+
+
+def test_exact_fold_survives_a_resume_and_travels_as_one_blob() -> None:
+    from jetfed.edge.methods.lora import FOLD_BLOB
+    from jetfed.edge.wire import decode_tensors
+
+    gen = torch.Generator().manual_seed(8)
+    state = random_state(gen)
+    strategy = make_strategy("exact", ServerContext.aggregation_only(method=lora()))
+    assert strategy.configure_round(0, state) == {}  # nothing folded yet, nothing to fetch
+    state = strategy.aggregate(0, state, fleet(gen, 3))
+    blob = strategy.configure_round(1, state)[FOLD_BLOB]
+    resumed = make_strategy("exact", ServerContext.aggregation_only(method=lora()))
+    resumed.load_state(strategy.state())
+    assert resumed.configure_round(1, state) == {FOLD_BLOB: blob}
+    travelled = decode_tensors(blob)
+    assert set(travelled) == {prefix + ".base_layer.weight" for prefix in LAYERS}
+    assert all(tuple(travelled[p + ".base_layer.weight"].shape) == LAYERS[p] for p in LAYERS)

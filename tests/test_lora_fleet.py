@@ -239,3 +239,11 @@ def test_causal_lm_strategies(
     assert [m.status for m in results] == ["aggregated", "aggregated"]
     errors = [m.aggregation_error for m in results]
     assert all(e is not None and "v_proj" in " ".join(e.layers) for e in errors)
+
+
+def test_ranks_other_than_the_runs_need_flexlora(tmp_path: Path, minilm_path: str) -> None:
+    from jetfed.edge.errors import UserError
+
+    config = fleet_config("fixed-rank", tmp_path, devices=2, count=1, assignment={"ranks": [8, 4]})
+    with pytest.raises(UserError, match=r"needs aggregation\.strategy: flexlora"):
+        Coordinator(config, BrokerSpec(url="memory://fixed-rank"))
