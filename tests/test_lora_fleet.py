@@ -160,9 +160,18 @@ def test_ffa_uploads_b_only(method: str, tmp_path: Path, minilm_path: str) -> No
         assert all(torch.equal(params[n], t) for n, t in frozen.items())
 
 
-def test_exact_fold_reaches_the_devices(tmp_path: Path, minilm_path: str) -> None:
+@pytest.mark.parametrize("method", ["lora", "federa"])
+def test_exact_fold_reaches_the_devices(method: str, tmp_path: Path, minilm_path: str) -> None:
+    """FeDeRA's base is its residual W − s·B₀A₀: the fold adds to it the same way."""
     torch.set_num_threads(1)
-    config = fleet_config("exact", tmp_path, devices=2, count=2, aggregation={"strategy": "exact"})
+    config = fleet_config(
+        "exact",
+        tmp_path,
+        devices=2,
+        count=2,
+        method={"name": method},
+        aggregation={"strategy": "exact"},
+    )
     with MemBroker("exact") as broker:
         coordinator = Coordinator(config, BrokerSpec(url=broker.url))
         results, agents = run_fleet(coordinator, broker.url, config.name, 2)
