@@ -26,6 +26,7 @@ from jetfed.edge.errors import ProtocolError, UserError, validation_line
 from jetfed.edge.instruction_eval import GenerationBudget, evaluate_instructions
 from jetfed.edge.instructions import InstructionSet
 from jetfed.edge.methods.base import FederatedMethod, Tensors, register_unique
+from jetfed.edge.tensorfile import TensorFile, refuse_index_tensors
 from jetfed.edge.wire import ModelRef, Update, tensor_spec
 
 
@@ -98,6 +99,12 @@ class Strategy(ABC):
     def update_spec(self) -> Dict[str, Tuple[int, ...]]:
         """Names and shapes an update must have; anything else is refused with a nack."""
         return tensor_spec(self.ctx.method.get_state(self.ctx.eval_model))
+
+    def check_update(self, tensors: TensorFile) -> None:
+        """Refuse (ProtocolError with a code: a nack) an upload whose names, shapes and finite
+        values passed but whose content is wrong for this strategy; by default, integer
+        tensors (kd's top-k indices are the one kind of upload that has them)."""
+        refuse_index_tensors(tensors)
 
     def configure_round(self, round_index: int, global_state: Tensors) -> Dict[str, bytes]:
         """Extra blobs (name → bytes) that devices fetch with the task; none by default."""
