@@ -1,5 +1,5 @@
 """`--resume`: it restores what a strategy keeps beyond the global state (split's server half,
-kd's consensus, fedcollm's LLM adapter), refuses a changed config naming the change, and accepts
+kd's consensus, fedcollm's LLM adapter, also a causal LM's), refuses a changed config naming the change, and accepts
 a run saved before jetfed grew a setting. Real coordinators on real MiniLM; no round runs, so no
 broker is contacted."""
 
@@ -21,6 +21,7 @@ from jetfed.edge.errors import UserError
 from jetfed.edge.methods.base import Tensors
 from jetfed.edge.mqtt import BrokerSpec
 from tests.fleet import write_config
+from tests.llm import require_smollm2
 
 UNUSED_BROKER = BrokerSpec(url="mqtt://127.0.0.1:1")
 
@@ -41,11 +42,21 @@ def random_state(strategy: Strategy) -> Tensors:
         ("split", []),
         ("kd", ["method.proxy_size=16"]),
         ("fedcollm", ["model.num_hidden_layers=3", "method.aux_size=16"]),
+        (
+            "fedcollm",
+            [
+                *("model.name_or_path=smollm2", "model.num_hidden_layers=1"),
+                *("method.llm=smollm2", "method.llm_num_hidden_layers=2", "method.aux_size=4"),
+            ],
+        ),
     ],
+    ids=["split", "kd", "fedcollm", "fedcollm-causal"],
 )
 def test_resume_restores_the_strategy_state(
     method: str, overrides: List[str], tmp_path: Path, minilm_path: str, sst2_dir: Path
 ) -> None:
+    if "model.name_or_path=smollm2" in overrides:
+        require_smollm2()
     path = write_config(tmp_path, f"it-state-{method}", method, sst2_dir)
     config = load_config(str(path), overrides)
     first = Coordinator(config, UNUSED_BROKER)

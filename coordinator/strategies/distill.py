@@ -187,18 +187,18 @@ class KdStrategy(PayloadAccounting):
             self.consensus = None
         elif self.causal:
             try:
-                consensus = read_csr(tensors, self.vocab, SPARSE_PREFIX)
+                sparse = read_csr(tensors, self.vocab, SPARSE_PREFIX)
             except ProtocolError:
                 raise mismatch from None
-            if consensus.num_tokens != int(self.offsets[-1]) or len(tensors) != 4:
+            if sparse.num_tokens != int(self.offsets[-1]) or len(tensors) != 4:
                 raise mismatch
-            self.consensus = consensus
+            self.consensus = sparse
         else:
             expected = (len(self.indices), self.ctx.model_ref.num_labels)
-            consensus = tensors.get("consensus")
-            if set(tensors) != {"consensus"} or consensus is None or consensus.shape != expected:
+            dense = tensors.get("consensus")
+            if set(tensors) != {"consensus"} or dense is None or dense.shape != expected:
                 raise mismatch
-            self.consensus = consensus
+            self.consensus = dense
 
     def export(self, global_state: Tensors, out_dir: str) -> None:
         """The student adapter (PEFT) and, once there is one, `consensus.safetensors`."""
