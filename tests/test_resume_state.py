@@ -1,7 +1,7 @@
 """`--resume`: it restores what a strategy keeps beyond the global state (split's server half,
-kd's consensus, fedcollm's LLM adapter, also a causal LM's), refuses a changed config naming the change, and accepts
-a run saved before jetfed grew a setting. Real coordinators on real MiniLM; no round runs, so no
-broker is contacted."""
+kd's consensus, fedcollm's LLM adapter, also a causal LM's), refuses a changed config naming the
+change, and accepts a run saved before jetfed grew a setting. Real coordinators on real MiniLM
+(and SmolLM2); no round runs, so no broker is contacted."""
 
 from __future__ import annotations
 
