@@ -11,7 +11,7 @@ student (a public FedCoLLM implementation detaches the wrong side and does exact
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 from pydantic import Field
 
@@ -133,6 +133,21 @@ def consensus_kl(
     return soft_kl(logits, teacher, temperature)
 
 
+def map_row_batches(
+    model: Any, num_rows: int, device: str, batch_size: int, fn: Callable[[List[int]], Any]
+) -> List[Any]:
+    """`fn(rows)` for consecutive batches of rows, the model on `device` in eval mode, no grad."""
+    import torch
+
+    model.to(device)
+    model.eval()
+    with torch.no_grad():
+        return [
+            fn(list(range(start, min(num_rows, start + batch_size))))
+            for start in range(0, num_rows, batch_size)
+        ]
+
+
 def predict_logits(
     model: Any,
     tokenizer: Any,
@@ -146,16 +161,12 @@ def predict_logits(
 
     from jetfed.edge.train import tokenize_batch
 
-    model.to(device)
-    model.eval()
-    parts = []
-    with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
-            indices = list(range(start, min(len(dataset), start + batch_size)))
-            batch = tokenize_batch(tokenizer, dataset, indices, max_length, device)
-            batch.pop("labels")
-            parts.append(model(**batch).logits.float().cpu())
-    return torch.cat(parts)
+    def logits(rows: List[int]) -> torch.Tensor:
+        batch = tokenize_batch(tokenizer, dataset, rows, max_length, device)
+        batch.pop("labels")
+        return model(**batch).logits.float().cpu()
+
+    return torch.cat(map_row_batches(model, len(dataset), device, batch_size, logits))
 
 
 def response_offsets(tokenizer: Any, data: InstructionSet, max_length: int) -> torch.Tensor:
@@ -194,14 +205,11 @@ def proxy_top_k(
     from jetfed.edge.causal_lm import response_logits
     from jetfed.edge.topk import SparseLogProbs, top_k
 
-    model.to(device)
-    model.eval()
-    parts = []
-    with torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            indices = list(range(start, min(len(data), start + batch_size)))
-            batch = instruction_batch(tokenizer, data, indices, max_length, device)
-            parts.append(top_k(response_logits(model, batch)[0].cpu(), k, temperature))
+    def support(rows: List[int]) -> SparseLogProbs:
+        batch = instruction_batch(tokenizer, data, rows, max_length, device)
+        return top_k(response_logits(model, batch)[0].cpu(), k, temperature)
+
+    parts = map_row_batches(model, len(data), device, batch_size, support)
     width = int(parts[0].offsets[1])
     tail = torch.cat([part.tail for part in parts])
     return SparseLogProbs(

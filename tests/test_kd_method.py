@@ -135,3 +135,6 @@ def test_a_sparse_consensus_survives_the_wire_and_a_bad_one_is_refused() -> None
     assert refused.value.code == "index_out_of_range"
     with pytest.raises(ProtocolError, match="sparse consensus for a classifier"):
         ProxyRound.decode(blob, num_classes=2)
+    dense = ProxyRound([1, 3], b"\x01" * 32, torch.zeros(2, 2)).encode()
+    with pytest.raises(ProtocolError, match="classifier's consensus for a causal LM"):
+        ProxyRound.decode(dense, num_classes=1, vocab=vocab)

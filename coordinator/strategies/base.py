@@ -122,13 +122,17 @@ class Strategy(ABC):
     def evaluate(self, global_state: Tensors) -> Dict[str, float]:
         """`accuracy` and `eval_loss` of the global model on the validation split (+ extras);
         for a causal LM `eval_loss`, `perplexity` and `exact_match` or `rouge_l`."""
+        self.ctx.method.set_state(self.ctx.eval_model, global_state)
+        return self.evaluate_model(self.ctx.eval_model)
+
+    def evaluate_model(self, model: Any) -> Dict[str, float]:
+        """`evaluate`'s metrics of any model of the run's kind and tokenizer (fedcollm's LLM)."""
         from jetfed.edge.train import evaluate
 
         ctx = self.ctx
-        ctx.method.set_state(ctx.eval_model, global_state)
         if isinstance(ctx.validation, InstructionSet):
             return evaluate_instructions(
-                ctx.eval_model,
+                model,
                 ctx.tokenizer,
                 ctx.validation,
                 max_length=ctx.model_ref.max_length,
@@ -136,7 +140,7 @@ class Strategy(ABC):
                 budget=ctx.generation,
             )
         stats = evaluate(
-            ctx.eval_model,
+            model,
             ctx.tokenizer,
             ctx.validation,
             max_length=ctx.model_ref.max_length,

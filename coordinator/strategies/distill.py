@@ -45,7 +45,6 @@ from jetfed.edge.distillation import (
     texts_digest,
 )
 from jetfed.edge.errors import ProtocolError, UserError
-from jetfed.edge.instruction_eval import evaluate_instructions
 from jetfed.edge.instructions import InstructionSet
 from jetfed.edge.methods.base import Tensors
 from jetfed.edge.methods.fedcollm import FedCoLLMMethod
@@ -53,7 +52,7 @@ from jetfed.edge.methods.kd import PROXY_BLOB, SPARSE_PREFIX, KdMethod, ProxyRou
 from jetfed.edge.models import load_tokenizer
 from jetfed.edge.tensorfile import TensorFile
 from jetfed.edge.topk import SparseLogProbs, read_csr, read_top_k, sparse_mixture
-from jetfed.edge.train import batch_indices, evaluate, make_batch, train_local
+from jetfed.edge.train import batch_indices, make_batch, train_local
 from jetfed.edge.wire import TrainingConfig
 
 
@@ -327,29 +326,11 @@ class FedCoLLMStrategy(PayloadAccounting):
         return self.method.get_state(ctx.eval_model)
 
     def evaluate(self, global_state: Tensors) -> Dict[str, float]:
-        """The SLM's metrics as for any run; the LLM's own under `llm_` (a causal LM's
-        `llm_eval_loss`, `llm_perplexity`, `llm_exact_match` or `llm_rouge_l`)."""
+        """The SLM's metrics as for any run, the LLM's own under `llm_` (`llm_accuracy`,
+        `llm_eval_loss`; a causal LM's `llm_perplexity`, `llm_exact_match` or `llm_rouge_l`)."""
         results = super().evaluate(global_state)
-        ctx = self.ctx
-        if isinstance(ctx.validation, InstructionSet):
-            llm_results = evaluate_instructions(
-                self.llm,
-                ctx.tokenizer,
-                ctx.validation,
-                max_length=ctx.model_ref.max_length,
-                device=ctx.torch_device,
-                budget=ctx.generation,
-            )
-            results.update({f"llm_{name}": value for name, value in llm_results.items()})
-            return results
-        llm = evaluate(
-            self.llm,
-            ctx.tokenizer,
-            ctx.validation,
-            max_length=ctx.model_ref.max_length,
-            device=ctx.torch_device,
-        )
-        results.update(llm_accuracy=llm.accuracy, llm_eval_loss=llm.loss)
+        llm = self.evaluate_model(self.llm)
+        results.update({f"llm_{name}": value for name, value in llm.items()})
         return results
 
     def state(self) -> Tensors:

@@ -117,6 +117,8 @@ class ProxyRound:
             except ProtocolError as exc:
                 raise ProtocolError(f"{PROXY_BLOB}: consensus: {exc}", exc.code) from None
         elif consensus is not None:
+            if vocab is not None:
+                raise ProtocolError(f"{PROXY_BLOB}: a classifier's consensus for a causal LM")
             consensus = consensus.float()
             if tuple(consensus.shape) != (len(indices), num_classes):
                 raise ProtocolError(
