@@ -107,7 +107,7 @@ def run(quick: bool, datasets: Path = DEFAULT_DATASETS, threads: int = 1) -> Dic
 def markdown(results: Dict[str, Any]) -> str:
     tokens = results["proxy_rows"] * results["response_tokens_per_row"]
     rows = [
-        [label, value, value / tokens]
+        [label, f"{value:,}", value / tokens]
         for label, value in (
             ("upload per device per round (top-k + tail)", results["upload_bytes"]),
             ("the whole vocabulary in fp16, for comparison", results["dense_fp16_bytes"]),
