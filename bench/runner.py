@@ -39,6 +39,7 @@ BENCHES = (
     "link_rates",
     "hostile_replay",
     "live_page",
+    "lora_aggregation",
     "kd_payload",
 )
 """What `all` runs, cheapest first. The reproduction (tens of minutes) and the compression

@@ -118,6 +118,8 @@ class RoundIntake:
     """False once the round stopped collecting: a late update is refused, never acked."""
     spooled: List[Download] = field(default_factory=list)
     """Accepted uploads, read by the strategy's `aggregate`: deleted when the round ends."""
+    specs: Dict[str, Dict[str, Tuple[int, ...]]] = field(default_factory=dict)
+    """Per device assigned another LoRA rank: the names and shapes its update must have."""
 
 
 class Intake:
@@ -166,8 +168,12 @@ class Intake:
         """(device, round) → blob digest of every update accepted by this process: an identical
         re-send is re-acked even after its round closed (its ack may have been lost)."""
 
-    def open_round(self, task: Task) -> None:
-        self.round = RoundIntake(task.round_index, task)
+    def open_round(
+        self, task: Task, specs: Optional[Dict[str, Dict[str, Tuple[int, ...]]]] = None
+    ) -> None:
+        """Collect `task`'s updates; `specs` (device → spec) replaces the run's update spec for
+        devices that train at another rank."""
+        self.round = RoundIntake(task.round_index, task, specs=dict(specs or {}))
 
     def close_round(self) -> List[AcceptedUpdate]:
         """Stop collecting; the accepted updates, sorted by device id."""
@@ -417,7 +423,7 @@ class Intake:
                 f"device {device_id} was not selected for round {inbound.round_index}",
                 "not_selected",
             )
-        if update.base_digest != inbound.task.global_state.digest:
+        if update.base_digest != inbound.task.for_device(device_id).global_state.digest:
             raise ProtocolError("update was computed against another global state", "wrong_base")
         self._store_profiles(device_id, update.profile)
         if device_id in inbound.transfers and inbound.announced[device_id][0].blob == update.blob:
@@ -481,7 +487,7 @@ class Intake:
         del inbound.transfers[device_id]
         update, _ = inbound.announced[device_id]
         try:
-            candidate = self._decode_update(update, download)
+            candidate = self._decode_update(update, download, inbound.specs.get(device_id))
         except BaseException:
             download.close()
             raise
@@ -499,12 +505,18 @@ class Intake:
             round_index=update.round_index,
         )
 
-    def _decode_update(self, update: Update, download: Download) -> AcceptedUpdate:
-        """Validate a complete upload from its spool file, which the strategy then reads
-        lazily (it is kept until the round ends)."""
+    def _decode_update(
+        self,
+        update: Update,
+        download: Download,
+        spec: Optional[Dict[str, Tuple[int, ...]]] = None,
+    ) -> AcceptedUpdate:
+        """Validate a complete upload from its spool file (against `spec`, the device's own
+        when it trains at another rank), which the strategy then reads lazily (it is kept
+        until the round ends)."""
         try:
             tensors = TensorFile(
-                download.result_path(), self.expected, (*UPDATE_DTYPES, *INDEX_DTYPES)
+                download.result_path(), spec or self.expected, (*UPDATE_DTYPES, *INDEX_DTYPES)
             )
             self._check_update(tensors)
         except ProtocolError as exc:

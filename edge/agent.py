@@ -331,6 +331,7 @@ class EdgeAgent:
         if self.device_id not in task.selected_devices:
             log_event(logger, logging.INFO, "round.not_selected", round_index=task.round_index)
             return
+        task = task.for_device(self.device_id)  # its rank, budget and starting state
         if time.time() > task.deadline_unix_s:
             log_event(logger, logging.WARNING, "round.past_deadline", round_index=task.round_index)
             self._finished_rounds[task.round_index] = "late"

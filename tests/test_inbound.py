@@ -46,16 +46,17 @@ class Wire:
         return [json.loads(p) for t, p in self.sent if t.endswith("/" + leaf)]
 
 
-@pytest.fixture
-def intake(tmp_path: Path) -> Tuple[Intake, Wire, Task, Topics]:
-    return make_intake(tmp_path)
-
-
-def make_intake(
-    tmp_path: Path, check_update: Callable[[TensorFile], None] = refuse_index_tensors
-) -> Tuple[Intake, Wire, Task, Topics]:
-    config = parse_config({"name": "ib", "data": {"path": str(tmp_path)}})
-    topics = Topics("ib")
+def joined_intake(
+    tmp_path: Path,
+    experiment: str,
+    spec: Dict[str, Tuple[int, ...]],
+    check_update: Callable[[TensorFile], None] = refuse_index_tensors,
+) -> Tuple[Intake, Wire, Topics, BlobServer]:
+    """An Intake of `experiment` checking updates against `spec` (and with the strategy's
+    `check_update`), with dev-0 and dev-1 joined; its wire, topics and the coordinator's blob
+    server."""
+    config = parse_config({"name": experiment, "data": {"path": str(tmp_path)}})
+    topics = Topics(experiment)
     wire = Wire()
     run_dir = RunDir(tmp_path / "run")
     run_dir.create({})
@@ -66,7 +67,7 @@ def make_intake(
         DeviceRegistry(),
         run_dir,
         server_blobs,
-        SPEC,
+        spec,
         publish=wire.publish,
         publish_raw=wire.publish,
         on_exchange=lambda *_: None,
@@ -84,6 +85,19 @@ def make_intake(
             memory_total_bytes=1 << 30,
         )
         intake.dispatch(topics.device(device_id, "hello"), encode_message(hello))
+    return intake, wire, topics, server_blobs
+
+
+@pytest.fixture
+def intake(tmp_path: Path) -> Tuple[Intake, Wire, Task, Topics]:
+    return opened_intake(tmp_path)
+
+
+def opened_intake(
+    tmp_path: Path, check_update: Callable[[TensorFile], None] = refuse_index_tensors
+) -> Tuple[Intake, Wire, Task, Topics]:
+    """`joined_intake` with round 0 open, dev-0 selected."""
+    intake, wire, topics, server_blobs = joined_intake(tmp_path, "ib", SPEC, check_update)
     now = time.time()
     task = Task(
         experiment="ib",
@@ -170,7 +184,7 @@ def test_the_strategy_checks_what_arrived_and_its_code_is_the_nack(
 ) -> None:
     """Integer tensors are refused unless the strategy reads indices (kd's top-k), and the
     strategy's own check (kd: log-probs, tails, index range) names the nack's code."""
-    inbox, wire, task, topics = make_intake(tmp_path, check)
+    inbox, wire, task, topics = opened_intake(tmp_path, check)
     device = Wire()
     blobs = BlobServer(device.publish, 1024)
     inbox.dispatch(

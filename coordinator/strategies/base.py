@@ -67,15 +67,21 @@ class ServerContext:
     """Causal LMs: how much generation an evaluation may spend."""
 
     @classmethod
-    def aggregation_only(cls, settings: Optional[Dict[str, Any]] = None) -> ServerContext:
-        """For a strategy's aggregation alone (benches, tests): no model, data or network."""
+    def aggregation_only(
+        cls,
+        settings: Optional[Dict[str, Any]] = None,
+        method: Optional[FederatedMethod] = None,
+        init: Optional[Tensors] = None,
+    ) -> ServerContext:
+        """For a strategy's aggregation alone (benches, tests): no model, data or network;
+        `method` (unbuilt) gives LoRA strategies their alpha/r, `init` a frozen A."""
         return cls(
-            method=None,  # type: ignore[arg-type]
+            method=method,  # type: ignore[arg-type]
             model_ref=None,  # type: ignore[arg-type]
             eval_model=None,
             tokenizer=None,
             validation=None,  # type: ignore[arg-type]
-            init=None,
+            init=init,
             torch_device="cpu",
             settings=settings or {},
             send=lambda device_id, subtopic, payload: None,
@@ -90,6 +96,9 @@ class Strategy(ABC):
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
+        self.layer_errors: Dict[str, float] = {}
+        """Set by `aggregate` for LoRA states: per adapted layer ‖Σ pₖsₖBₖAₖ − s·B̄Ā‖/‖Σ pₖsₖBₖAₖ‖
+        (`lowrank.py`); the round records its summary."""
         try:
             self.settings = self.settings_model(**ctx.settings)
         except ValidationError as exc:
@@ -99,6 +108,14 @@ class Strategy(ABC):
     def update_spec(self) -> Dict[str, Tuple[int, ...]]:
         """Names and shapes an update must have; anything else is refused with a nack."""
         return tensor_spec(self.ctx.method.get_state(self.ctx.eval_model))
+
+    def device_state(self, global_state: Tensors, rank: int) -> Tensors:
+        """The global state as a device assigned LoRA rank `rank` starts from; only strategies
+        that federate mixed ranks (flexlora) have one."""
+        raise UserError(
+            f"aggregation.strategy {self.name} trains one LoRA rank on every device; an "
+            "assignment of other ranks needs aggregation.strategy: flexlora"
+        )
 
     def check_update(self, tensors: TensorFile) -> None:
         """Refuse (ProtocolError with a code: a nack) an upload whose names, shapes and finite
