@@ -40,6 +40,7 @@ BENCHES = (
     "hostile_replay",
     "live_page",
     "lora_aggregation",
+    "kd_payload",
 )
 """What `all` runs, cheapest first. The reproduction (tens of minutes) and the compression
 accuracy study (federated full fine-tuning per update dtype) run only by name."""

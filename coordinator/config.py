@@ -174,7 +174,7 @@ def parse_config(
 
 
 CLASSIFIER_ONLY_MODEL_FIELDS = ("num_labels",)
-CAUSAL_LM_METHODS = ("lora", "federa", "full", "split")
+CAUSAL_LM_METHODS = ("lora", "federa", "full", "split", "kd", "fedcollm")
 
 
 def model_ref_of(config: ExperimentConfig, num_labels: int) -> ModelRef:

@@ -23,7 +23,12 @@ from jetfed.coordinator.strategies.base import AcceptedUpdate
 from jetfed.edge.errors import ProtocolError
 from jetfed.edge.logs import log_event
 from jetfed.edge.telemetry.records import PhaseRecord
-from jetfed.edge.tensorfile import UPDATE_DTYPES, TensorFile
+from jetfed.edge.tensorfile import (
+    INDEX_DTYPES,
+    UPDATE_DTYPES,
+    TensorFile,
+    refuse_index_tensors,
+)
 from jetfed.edge.transfer import BlobServer, Download, TransferTimeout
 from jetfed.edge.wire import (
     LIVE_TELEMETRY_MAX_BYTES,
@@ -134,10 +139,12 @@ class Intake:
         tell_progress: Callable[[Progress], None],
         start_round: int,
         observers: Sequence[RunObserver] = (),
+        check_update: Callable[[TensorFile], None] = refuse_index_tensors,
     ) -> None:
         """`publish` sends answers (acks, nacks); `publish_raw` sends chunk requests (counted
         as round traffic); `tell_progress` hears validated progress of selected devices;
-        the run's `observers` (display only) hear what was accepted."""
+        the run's `observers` (display only) hear what was accepted; `check_update` (the
+        strategy's) refuses an upload whose values its names and shapes cannot rule out."""
         self.config = config
         self.topics = topics
         self.registry = registry
@@ -149,6 +156,7 @@ class Intake:
         self._on_exchange = on_exchange
         self._tell_progress = tell_progress
         self._observers = observers
+        self._check_update = check_update
         self.start_round = start_round
         self.round: Optional[RoundIntake] = None
         self.bytes_up = 0
@@ -507,7 +515,10 @@ class Intake:
         when it trains at another rank), which the strategy then reads lazily (it is kept
         until the round ends)."""
         try:
-            tensors = TensorFile(download.result_path(), spec or self.expected, UPDATE_DTYPES)
+            tensors = TensorFile(
+                download.result_path(), spec or self.expected, (*UPDATE_DTYPES, *INDEX_DTYPES)
+            )
+            self._check_update(tensors)
         except ProtocolError as exc:
             raise ProtocolError(str(exc), exc.code or "invalid_tensors") from None
         bound = self.config.aggregation.max_update_norm

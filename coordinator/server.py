@@ -174,6 +174,7 @@ class Coordinator:
             publish=self.link.publish,
             publish_raw=self._publish_raw,
             on_exchange=self.strategy.on_exchange,
+            check_update=self.strategy.check_update,
             tell_progress=self._tell_progress,
             observers=self.observers,
             start_round=self.start_round,

@@ -23,6 +23,11 @@ def _parts(model: Any) -> Tuple[Any, Any]:
     return base.get_decoder(), base.get_output_embeddings()
 
 
+def vocab_size(model: Any) -> int:
+    """Rows of the lm_head (config.vocab_size; may exceed the tokenizer's length)."""
+    return int(_parts(model)[1].weight.shape[0])
+
+
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> Any:
     import torch
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -17,6 +17,7 @@ from jetfed.coordinator.inbound import Intake, check_sender
 from jetfed.coordinator.registry import DeviceRegistry
 from jetfed.coordinator.rundir import RunDir
 from jetfed.edge.errors import ProtocolError
+from jetfed.edge.tensorfile import TensorFile, refuse_index_tensors
 from jetfed.edge.transfer import BlobServer
 from jetfed.edge.wire import (
     Hello,
@@ -46,10 +47,14 @@ class Wire:
 
 
 def joined_intake(
-    tmp_path: Path, experiment: str, spec: Dict[str, Tuple[int, ...]]
+    tmp_path: Path,
+    experiment: str,
+    spec: Dict[str, Tuple[int, ...]],
+    check_update: Callable[[TensorFile], None] = refuse_index_tensors,
 ) -> Tuple[Intake, Wire, Topics, BlobServer]:
-    """An Intake of `experiment` checking updates against `spec`, with dev-0 and dev-1 joined;
-    its wire, topics and the coordinator's blob server."""
+    """An Intake of `experiment` checking updates against `spec` (and with the strategy's
+    `check_update`), with dev-0 and dev-1 joined; its wire, topics and the coordinator's blob
+    server."""
     config = parse_config({"name": experiment, "data": {"path": str(tmp_path)}})
     topics = Topics(experiment)
     wire = Wire()
@@ -68,6 +73,7 @@ def joined_intake(
         on_exchange=lambda *_: None,
         tell_progress=lambda _: None,
         start_round=0,
+        check_update=check_update,
     )
     for device_id in ("dev-0", "dev-1"):
         hello = Hello(
@@ -84,7 +90,14 @@ def joined_intake(
 
 @pytest.fixture
 def intake(tmp_path: Path) -> Tuple[Intake, Wire, Task, Topics]:
-    intake, wire, topics, server_blobs = joined_intake(tmp_path, "ib", SPEC)
+    return opened_intake(tmp_path)
+
+
+def opened_intake(
+    tmp_path: Path, check_update: Callable[[TensorFile], None] = refuse_index_tensors
+) -> Tuple[Intake, Wire, Task, Topics]:
+    """`joined_intake` with round 0 open, dev-0 selected."""
+    intake, wire, topics, server_blobs = joined_intake(tmp_path, "ib", SPEC, check_update)
     now = time.time()
     task = Task(
         experiment="ib",
@@ -101,7 +114,13 @@ def intake(tmp_path: Path) -> Tuple[Intake, Wire, Task, Topics]:
     return intake, wire, task, topics
 
 
-def announce(device_id: str, task: Task, blobs: BlobServer, round_index: int = 0) -> Update:
+def announce(
+    device_id: str,
+    task: Task,
+    blobs: BlobServer,
+    round_index: int = 0,
+    tensors: Optional[Dict[str, torch.Tensor]] = None,
+) -> Update:
     return Update(
         experiment="ib",
         device_id=device_id,
@@ -110,7 +129,7 @@ def announce(device_id: str, task: Task, blobs: BlobServer, round_index: int = 0
         num_samples=4,
         local_steps=1,
         train_loss=0.5,
-        blob=blobs.offer_tensors({"w": torch.ones(2, 3)}),
+        blob=blobs.offer_tensors({"w": torch.ones(2, 3)} if tensors is None else tensors),
     )
 
 
@@ -142,6 +161,41 @@ def test_an_update_is_pulled_validated_acked_and_a_resend_reacked(
     assert [a.update.device_id for a in accepted] == ["dev-0"]
     assert accepted[0].tensors["w"].equal(torch.ones(2, 3))
     assert wire.leaf("nack") == []
+    inbox.release_round()
+
+
+def _refuse_tails(tensors: TensorFile) -> None:
+    if not tensors.is_index("w"):
+        raise ProtocolError("a tail mass is outside [0, 1]", "tail_out_of_range")
+
+
+@pytest.mark.parametrize(
+    ("check", "tensors", "code"),
+    [
+        (refuse_index_tensors, {"w": torch.ones(2, 3, dtype=torch.int32)}, "invalid_tensors"),
+        (_refuse_tails, {"w": torch.ones(2, 3)}, "tail_out_of_range"),
+    ],
+)
+def test_the_strategy_checks_what_arrived_and_its_code_is_the_nack(
+    tmp_path: Path,
+    check: Callable[[TensorFile], None],
+    tensors: Dict[str, torch.Tensor],
+    code: str,
+) -> None:
+    """Integer tensors are refused unless the strategy reads indices (kd's top-k), and the
+    strategy's own check (kd: log-probs, tails, index range) names the nack's code."""
+    inbox, wire, task, topics = opened_intake(tmp_path, check)
+    device = Wire()
+    blobs = BlobServer(device.publish, 1024)
+    inbox.dispatch(
+        topics.device("dev-0", "update"),
+        encode_message(announce("dev-0", task, blobs, tensors=tensors)),
+    )
+    deliver(inbox, wire, topics, "dev-0", blobs)
+    for topic, payload in device.sent:
+        inbox.dispatch(topic, payload)
+    (nack,) = wire.leaf("nack")
+    assert nack["code"] == code and wire.leaf("ack") == [] and inbox.close_round() == []
     inbox.release_round()
 
 

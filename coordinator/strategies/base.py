@@ -26,6 +26,7 @@ from jetfed.edge.errors import ProtocolError, UserError, validation_line
 from jetfed.edge.instruction_eval import GenerationBudget, evaluate_instructions
 from jetfed.edge.instructions import InstructionSet
 from jetfed.edge.methods.base import FederatedMethod, Tensors, register_unique
+from jetfed.edge.tensorfile import TensorFile, refuse_index_tensors
 from jetfed.edge.wire import ModelRef, Update, tensor_spec
 
 
@@ -116,6 +117,12 @@ class Strategy(ABC):
             "assignment of other ranks needs aggregation.strategy: flexlora"
         )
 
+    def check_update(self, tensors: TensorFile) -> None:
+        """Refuse (ProtocolError with a code: a nack) an upload whose names, shapes and finite
+        values passed but whose content is wrong for this strategy; by default, integer
+        tensors (kd's top-k indices are the one kind of upload that has them)."""
+        refuse_index_tensors(tensors)
+
     def configure_round(self, round_index: int, global_state: Tensors) -> Dict[str, bytes]:
         """Extra blobs (name → bytes) that devices fetch with the task; none by default."""
         return {}
@@ -132,13 +139,17 @@ class Strategy(ABC):
     def evaluate(self, global_state: Tensors) -> Dict[str, float]:
         """`accuracy` and `eval_loss` of the global model on the validation split (+ extras);
         for a causal LM `eval_loss`, `perplexity` and `exact_match` or `rouge_l`."""
+        self.ctx.method.set_state(self.ctx.eval_model, global_state)
+        return self.evaluate_model(self.ctx.eval_model)
+
+    def evaluate_model(self, model: Any) -> Dict[str, float]:
+        """`evaluate`'s metrics of any model of the run's kind and tokenizer (fedcollm's LLM)."""
         from jetfed.edge.train import evaluate
 
         ctx = self.ctx
-        ctx.method.set_state(ctx.eval_model, global_state)
         if isinstance(ctx.validation, InstructionSet):
             return evaluate_instructions(
-                ctx.eval_model,
+                model,
                 ctx.tokenizer,
                 ctx.validation,
                 max_length=ctx.model_ref.max_length,
@@ -146,7 +157,7 @@ class Strategy(ABC):
                 budget=ctx.generation,
             )
         stats = evaluate(
-            ctx.eval_model,
+            model,
             ctx.tokenizer,
             ctx.validation,
             max_length=ctx.model_ref.max_length,
