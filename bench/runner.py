@@ -39,11 +39,13 @@ BENCHES = (
     "link_rates",
     "hostile_replay",
     "live_page",
+    "lora_aggregation",
+    "kd_payload",
 )
 """What `all` runs, cheapest first. The reproduction (tens of minutes), the compression
 accuracy study (federated full fine-tuning per update dtype) and the 1,000-device soak run only
 by name."""
-SEPARATE = ("reproduction", "compression_accuracy", "causal_lm", "fleet_soak")
+SEPARATE = ("reproduction", "compression_accuracy", "causal_lm", "method_comparison", "fleet_soak")
 
 
 def known_benches() -> List[str]:

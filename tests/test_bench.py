@@ -47,6 +47,27 @@ def test_aggregation_bench_writes_json_and_markdown(tmp_path: Path, minilm_path:
     assert report["results"]["decode_validate"]["lora"]["median_s"] > 0
 
 
+def test_lora_aggregation_bench_writes_every_strategy(tmp_path: Path, minilm_path: str) -> None:
+    run_bench(
+        "lora_aggregation",
+        quick=True,
+        out_dir=tmp_path,
+        options={"models": ("minilm",), "counts": (3,)},
+    )
+    rows = _check_report(tmp_path, "lora_aggregation")["results"]["models"]["minilm"]
+    by_strategy = {row["strategy"]: row for row in rows}
+    assert set(by_strategy) == {
+        "fedavg",
+        "ffa",
+        "exact-fold",
+        "exact-svd",
+        "flexlora-svd",
+        "flexlora-zero_pad",
+    }
+    assert by_strategy["ffa"]["upload_bytes"] * 2 <= by_strategy["fedavg"]["upload_bytes"] + 1024
+    assert by_strategy["exact-fold"]["fold_bytes"] > 0 and by_strategy["ffa"]["error_worst"] < 1e-6
+
+
 def test_cli_lists_benches_and_refuses_unknown_names() -> None:
     listed = subprocess.run(
         [sys.executable, "-m", "bench", "list"],

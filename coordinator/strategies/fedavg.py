@@ -5,9 +5,13 @@ upload's file on disk and summing nₖ·Δₖ in fp64 in device-id order. Memory
 (the global state and the result) for any number of devices, which is what lets full-model
 rounds scale. A small state (LoRA: 298 KB) is summed in fp64 whole instead, each upload read in
 one go: with a thousand devices a read per tensor and device (26,000 reads) cost more than the
-sums (measured: 0.8 s → 0.2 s). Each element sees the same fp64 additions in the same order
+sums (measured: 0.8 s → 0.3 s). Each element sees the same fp64 additions in the same order
 either way. Bit-identical whatever order updates arrived in (n·Δ is exact in fp64 and the
 order is fixed), so a rerun or a resumed run ends where an uninterrupted one does.
+
+For LoRA, averaging A and B separately is inexact: mean(B)·mean(A) ≠ mean(B·A). The error it
+makes is measured every round (`lowrank.averaged_factor_errors`, recorded in metrics.jsonl);
+`ffa`, `exact` and `flexlora` avoid it (docs/AGGREGATION.md).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import List, Mapping, Optional
 import torch
 
 from jetfed.coordinator.strategies.base import AcceptedUpdate, Strategy, register_strategy
+from jetfed.coordinator.strategies.lowrank import averaged_factor_errors
 from jetfed.edge.methods.base import Tensors
 from jetfed.edge.tensorfile import read_rows, row_ranges, whole_tensors
 
@@ -78,4 +83,6 @@ class FedAvg(Strategy):
     def aggregate(
         self, round_index: int, global_state: Tensors, updates: List[AcceptedUpdate]
     ) -> Tensors:
-        return apply_mean_delta(global_state, updates)
+        new_state = apply_mean_delta(global_state, updates)
+        self.layer_errors = averaged_factor_errors(self, global_state, updates, new_state)
+        return new_state
