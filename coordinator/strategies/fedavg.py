@@ -67,7 +67,8 @@ def _mean_delta_whole(
     sums = {name: torch.zeros_like(v, dtype=torch.float64) for name, v in global_state.items()}
     for item, weight in zip(ordered, weights):
         for name, delta in whole_tensors(item.tensors):
-            sums[name].add_(delta, alpha=weight)
+            if name in sums:  # an update may carry more than the averaged state (ffa's A)
+                sums[name].add_(delta, alpha=weight)
     return {
         name: sums[name].div_(total).add_(value).to(torch.float32)
         for name, value in global_state.items()
