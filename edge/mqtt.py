@@ -330,7 +330,9 @@ class MqttLink:
                     return
         finally:
             self._client.unsubscribe(topic)
-            self._handlers.remove(entry)
+            # a copy of an earlier try may still be on its way: swallowed here, it never
+            # reaches the inbox (where it read as a rejected message at every start)
+            self._handlers[self._handlers.index(entry)] = (topic.__eq__, lambda *_: None)
         raise UserError(
             f"the broker at {self.broker_url} never delivered a {len(probe)}-byte message "
             f"({PROBE_ATTEMPTS} tries in {time.monotonic() - started_s:.0f} s): its message "
