@@ -53,15 +53,17 @@ def _save(figure: Any, path: Path) -> Path:
 def plot_accuracy(
     summaries: Sequence[RunSummary], out_dir: Path, with_energy: bool = True
 ) -> List[Path]:
-    """Accuracy vs cumulative wall-clock, and vs energy when any run measured it."""
+    """The run's metric (accuracy, exact match, eval loss...) vs cumulative wall-clock, and vs
+    energy when any run measured it."""
     plt = _pyplot()
     paths = []
+    label = f"validation {summaries[0].metric.replace('_', ' ')}" if summaries else "validation"
     figure, axes = plt.subplots(figsize=(7, 4))
     for s in summaries:
         times = [c.wall_clock_s for c in s.costs]
         axes.plot(times, [c.accuracy for c in s.costs], "o-", label=s.label)
     axes.set_xlabel("wall-clock since the run began (s)")
-    axes.set_ylabel("validation accuracy")
+    axes.set_ylabel(label)
     axes.legend()
     paths.append(_save(figure, out_dir / "accuracy_vs_time.png"))
     if not with_energy:
@@ -73,7 +75,7 @@ def plot_accuracy(
         axes.plot(x, [c.accuracy for c in s.costs], "o-", label=s.label)
     if measured:
         axes.set_xlabel("device energy, all devices (J)")
-        axes.set_ylabel("validation accuracy")
+        axes.set_ylabel(label)
         axes.legend()
     else:
         _note(axes, "energy n/a: no run had a power sensor")
