@@ -6,7 +6,8 @@ partition, transfers, validation, aggregation, evaluation and run folder. What d
 what nothing in the protocol sees:
 
 - the agents share one `LocalTrainer` (one model, one copy of the data, rounds one at a time),
-  so 100 virtual devices hold one model, not 100;
+  or a pool of worker processes with one model each (edge/pool_trainer.py), so 100 virtual
+  devices hold one model per worker, not 100;
 - no telemetry sampler (records carry time, bytes and RSS; no energy);
 - one torch thread, as `jetfed edge run --threads 1` in a local fleet, so a simulated run ends on
   the bit-identical global state of the deployed one with the same seed
@@ -21,16 +22,20 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+from contextlib import ExitStack
 from typing import Callable, List, Optional, Sequence
 
 from jetfed.coordinator.config import ExperimentConfig
 from jetfed.coordinator.fleet import local_device_id
 from jetfed.coordinator.observer import RunObserver
 from jetfed.coordinator.records import RoundMetrics
+from jetfed.coordinator.strategies.base import Strategy
 from jetfed.edge.agent import NO_TELEMETRY, EdgeAgent, EdgeConfig
-from jetfed.edge.local_trainer import LocalTrainer
+from jetfed.edge.errors import UserError
+from jetfed.edge.local_trainer import LocalTrainer, Trainer
 from jetfed.edge.memlink import MemBroker
 from jetfed.edge.mqtt import BrokerSpec
+from jetfed.edge.pool_trainer import PoolTrainer
 
 AGENT_STOP_S = 10.0
 _broker_names = itertools.count()
@@ -44,17 +49,33 @@ def default_clients(config: ExperimentConfig) -> int:
     return max(config.rounds.min_clients, config.rounds.clients_per_round or 0)
 
 
+def trainer_for(strategy: Strategy, workers: int, stack: ExitStack) -> Trainer:
+    """One in-process trainer, or a pool of `workers` processes (closed with `stack`)."""
+    if workers <= 0:
+        return LocalTrainer()
+    if type(strategy).on_exchange is not Strategy.on_exchange:
+        raise UserError(
+            f"strategy {strategy.name} exchanges messages during local rounds: simulate it "
+            "with --workers 0 (virtual devices train in this process)"
+        )
+    pool = PoolTrainer(workers)
+    stack.callback(pool.close)
+    return pool
+
+
 def simulate(
     config: ExperimentConfig,
     clients: Optional[int] = None,
     resume: bool = False,
     on_round: Optional[Callable[[RoundMetrics], None]] = None,
     observers: Sequence[RunObserver] = (),
-    trainer: Optional[LocalTrainer] = None,
+    workers: int = 0,
+    trainer: Optional[Trainer] = None,
 ) -> List[RoundMetrics]:
     """Run `config` with `clients` virtual devices (default: `default_clients`); returns the
-    per-round metrics, also in `config.run_dir` as for a deployed run. `trainer`: what the
-    virtual devices train with (default: one `LocalTrainer` for all of them)."""
+    per-round metrics, also in `config.run_dir` as for a deployed run. The virtual devices
+    train in this process, one at a time (`workers=0`), or in `workers` processes with one
+    model each; `trainer` replaces both (the benches' no-training trainer)."""
     import torch
 
     from jetfed.coordinator.server import Coordinator
@@ -63,12 +84,12 @@ def simulate(
     threads_before = torch.get_num_threads()
     torch.set_num_threads(1)
     count = clients or default_clients(config)
-    shared = trainer or LocalTrainer()
     name = f"simulate-{os.getpid()}-{next(_broker_names)}"
-    with MemBroker(name) as broker:
+    with MemBroker(name) as broker, ExitStack() as stack:
         spec = BrokerSpec(url=broker.url)
         coordinator = Coordinator(config, spec, resume=resume, on_round=on_round)
         coordinator.observers.extend(observers)
+        shared = trainer or trainer_for(coordinator.strategy, workers, stack)
         agents = [
             EdgeAgent(
                 EdgeConfig(

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import jetfed
 from jetfed.edge.errors import ProtocolError, UserError
 from jetfed.edge.exchange import Exchange
-from jetfed.edge.local_trainer import LocalTrainer
+from jetfed.edge.local_trainer import LocalTrainer, Trainer
 from jetfed.edge.logs import log_event
 from jetfed.edge.methods.base import available_methods, get_method
 from jetfed.edge.mqtt import BrokerSpec
@@ -92,7 +92,7 @@ serves a run that already ended."""
 
 class EdgeAgent:
     def __init__(
-        self, config: EdgeConfig, follow: bool = False, trainer: Optional[LocalTrainer] = None
+        self, config: EdgeConfig, follow: bool = False, trainer: Optional[Trainer] = None
     ) -> None:
         """`follow`: joined through jetfed.edge.lobby, so serve only while the experiment's
         coordinator announces its run (finishing the round in hand when the announcement goes).
@@ -113,7 +113,7 @@ class EdgeAgent:
         """(round, blob digest) of every ack: only one naming our own upload completes it."""
         self._nacks: Dict[Tuple[int, str], Nack] = {}
         """(round, message digest) → nack: only one naming the update we sent abandons it."""
-        self.trainer = trainer or LocalTrainer(config.torch_device)
+        self.trainer: Trainer = trainer or LocalTrainer(config.torch_device)
         self._init_fetched = ""
         """The digest of the fixed init this device downloaded (once per run, as each device
         does, even when a simulation's shared trainer already holds the model built from it)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Protocol, Tuple
 
 from jetfed.edge.data import load_task_split, partition
 from jetfed.edge.errors import UserError
@@ -46,6 +46,26 @@ class PreparedRound:
 def model_key(task: Task) -> Tuple[str, str, str, str]:
     init_digest = task.init_state.digest if task.init_state is not None else ""
     return (task.method, repr(sorted(task.method_config.items())), repr(task.model), init_digest)
+
+
+class Trainer(Protocol):
+    """What an agent trains with: a `LocalTrainer`, or a simulation's pool of them
+    (`jetfed.edge.pool_trainer.PoolTrainer`)."""
+
+    def needs_init(self, task: Task) -> bool: ...
+
+    def prepare(
+        self,
+        task: Task,
+        blobs: Dict[str, str],
+        device_id: str,
+        data: Optional[str],
+        train_split: str,
+        profiler: Profiler,
+        exchange: Optional[Exchange],
+    ) -> Any: ...
+
+    def run(self, prepared: Any) -> LocalResult: ...
 
 
 class LocalTrainer:
