@@ -36,6 +36,7 @@ from jetfed.coordinator.strategies.base import (
     Strategy,
     make_strategy,
 )
+from jetfed.coordinator.update_norm import update_norms
 from jetfed.edge.data import load_task_split
 from jetfed.edge.errors import UserError
 from jetfed.edge.logs import log_event
@@ -382,10 +383,16 @@ class Coordinator:
             )
             return
         t0 = time.monotonic()
+        previous = self.global_state
         self.global_state = self.strategy.aggregate(
             metrics.round_index, self.global_state, accepted
         )
         metrics.aggregate_s = time.monotonic() - t0
+        facts = self.method.run_facts()
+        metrics.extra.update(facts)
+        metrics.extra.update(
+            update_norms(previous, self.global_state, facts.get("lora_scaling", 1.0))
+        )
         metrics.status = "aggregated"
         total = sum(a.update.num_samples for a in accepted)
         metrics.train_loss = (

@@ -163,11 +163,42 @@ def partition(labels: Sequence[int], spec: PartitionSpec) -> List[List[int]]:
         order = rng.permutation(n)
         return [sorted(part.tolist()) for part in np.array_split(order, spec.num_clients)]
     if spec.kind == "dirichlet":
-        return _dirichlet(np.asarray(labels), spec.num_clients, spec.alpha, rng)
+        return _dirichlet(
+            np.asarray(labels), spec.num_clients, spec.alpha, rng, spec.min_shard_size
+        )
     return _shards(np.asarray(labels), spec.num_clients, spec.shards_per_client, rng)
 
 
+MAX_DIRICHLET_DRAWS = 1000
+
+
 def _dirichlet(
+    labels: np.ndarray,
+    num_clients: int,
+    alpha: float,
+    rng: np.random.Generator,
+    min_shard_size: int = 0,
+) -> List[List[int]]:
+    """Dirichlet(alpha) proportions per class, redrawn (from the same generator, so still a
+    function of the seed) until every client holds `min_shard_size` samples: at small alpha
+    a single draw leaves some clients a handful of samples, too few for a local batch."""
+    if min_shard_size * num_clients > len(labels):
+        raise UserError(
+            f"data.partition.min_shard_size={min_shard_size} × {num_clients} clients exceeds "
+            f"the {len(labels)} samples"
+        )
+    for _ in range(MAX_DIRICHLET_DRAWS):
+        clients = _dirichlet_draw(labels, num_clients, alpha, rng)
+        if min(len(indices) for indices in clients) >= min_shard_size:
+            return clients
+    raise UserError(
+        f"data.partition.min_shard_size={min_shard_size}: {MAX_DIRICHLET_DRAWS} Dirichlet(α="
+        f"{alpha}) draws over {num_clients} clients all left a smaller shard; lower it or raise "
+        "alpha"
+    )
+
+
+def _dirichlet_draw(
     labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator
 ) -> List[List[int]]:
     """Per class, split its samples across clients with Dirichlet(alpha) proportions."""

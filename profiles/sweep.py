@@ -59,6 +59,18 @@ def mean_ci(values: Sequence[float]) -> Dict[str, Any]:
     return {"n": n, "mean": mean, "ci95": half, "values": list(values)}
 
 
+def per_round(runs: Sequence[Sequence[Optional[float]]]) -> List[Dict[str, Any]]:
+    """`mean_ci` over the runs of each round (1-based `round`), as long as the longest run."""
+    length = max((len(run) for run in runs), default=0)
+    return [
+        dict(
+            mean_ci([v for run in runs if len(run) > i and (v := run[i]) is not None]),
+            round=i + 1,
+        )
+        for i in range(length)
+    ]
+
+
 def rounds_to(values: Sequence[Optional[float]], target: float, metric: str) -> Optional[int]:
     """The first round (1-based) whose metric reaches `target`; None if none did."""
     return next((i + 1 for i, value in enumerate(values) if reaches(value, target, metric)), None)
@@ -111,11 +123,7 @@ def _cell(
     last_rounds: int,
 ) -> Dict[str, Any]:
     finished = [e for e in members if series[id(e)]]
-    length = max((len(series[id(e)]) for e in finished), default=0)
-    per_round = []
-    for index in range(length):
-        values = [series[id(e)][index] for e in finished if len(series[id(e)]) > index]
-        per_round.append(dict(mean_ci([v for v in values if v is not None]), round=index + 1))
+    rounds = per_round([series[id(e)] for e in finished])
     last = [_last_mean(series[id(e)], last_rounds) for e in finished]
     final = [series[id(e)][-1] for e in finished]
     to_target = {}
@@ -133,8 +141,8 @@ def _cell(
         "settings": members[0].settings,
         "seeds": [e.seed for e in finished],
         "runs": len(members),
-        "rounds": length,
-        "per_round": per_round,
+        "rounds": len(rounds),
+        "per_round": rounds,
         "last": mean_ci([v for v in last if v is not None]),
         "final": mean_ci([v for v in final if v is not None]),
         "to_target": to_target,
@@ -277,11 +285,7 @@ def _plots(
         for method, members in sorted(methods.items()):
             label = method or "runs"
             finished = [series[id(e)] for e in members if series[id(e)]]
-            length = max((len(s) for s in finished), default=0)
-            stats = [
-                mean_ci([s[i] for s in finished if len(s) > i and s[i] is not None])
-                for i in range(length)
-            ]
+            stats = per_round(finished)
             xs = [i + 1 for i, st in enumerate(stats) if st["mean"] is not None]
             means = [st["mean"] for st in stats if st["mean"] is not None]
             halves = [st["ci95"] or 0.0 for st in stats if st["mean"] is not None]

@@ -7,9 +7,9 @@ default (query/value for BERT, q_proj/v_proj for Llama-style decoders).
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from jetfed.edge.methods.base import (
     FederatedMethod,
@@ -27,6 +27,19 @@ class LoraSettings(MethodConfig):
     alpha: float = Field(default=16.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: Optional[Union[List[str], str]] = None
+    alpha_equals_rank: bool = False
+    """The α = r convention (scaling α/r = 1, as in the FeDeRA paper's setups) instead of a
+    fixed α; the scaling each run trained with is in every round's metrics (`lora_scaling`)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _alpha_from_rank(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("alpha_equals_rank"):
+            rank = data.get("rank", cls.model_fields["rank"].default)
+            if data.get("alpha", rank) != rank:
+                raise ValueError("alpha_equals_rank sets alpha to the rank: drop alpha")
+            data = {**data, "alpha": rank}
+        return data
 
     def targets(self, model: Any) -> Union[List[str], str]:
         """The configured targets (`all-linear` passes through), else the model's default."""
@@ -66,6 +79,14 @@ class LoraMethod(FederatedMethod):
 
     def build(self, init: Optional[Tensors], seed: int) -> Any:
         return self.peft_model(self.config.rank, self.config.alpha, seed)
+
+    def run_facts(self) -> Dict[str, float]:
+        config = self.config
+        return {
+            "lora_rank": config.rank,
+            "lora_alpha": config.alpha,
+            "lora_scaling": config.scaling,
+        }
 
     def initial_state(self, seed: int) -> InitialState:
         return InitialState(global_state=self.get_state(self.build(None, seed)))
