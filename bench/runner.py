@@ -39,6 +39,7 @@ BENCHES = (
     "link_rates",
     "hostile_replay",
     "live_page",
+    "simulation",
 )
 """What `all` runs, cheapest first. The reproduction (tens of minutes) and the compression
 accuracy study (federated full fine-tuning per update dtype) run only by name."""
