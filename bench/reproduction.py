@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from bench.runner import DEFAULT_DATASETS, DEFAULT_OUT, table
+from jetfed.coordinator.sweep import completed_rounds
 
 CLIENTS = 10
 ALPHA = 0.5
@@ -219,12 +220,6 @@ def standalone_step_s(method: str, data_dir: Path, steps: int = 5) -> float:
         return (timed(steps + 1) - timed(1)) / steps
     finally:
         torch.set_num_threads(threads)
-
-
-def completed_rounds(run_dir: Path) -> int:
-    """Rounds a run directory's checkpoint says are done (0 without one)."""
-    state = run_dir / "checkpoint" / "state.json"
-    return int(json.loads(state.read_text())["completed_round"]) + 1 if state.exists() else 0
 
 
 def run_one(

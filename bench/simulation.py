@@ -19,14 +19,14 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import yaml
 
 from bench.runner import table
 from jetfed.coordinator.demo import DEMO_DATA
+from jetfed.edge.local_trainer import TrainingDevice
 from jetfed.edge.methods.base import LocalResult
-from jetfed.edge.telemetry.phases import Profiler
 from jetfed.edge.tensorfile import TensorFile
 from jetfed.edge.wire import Task
 
@@ -37,17 +37,8 @@ class NoTraining:
     def needs_init(self, task: Task) -> bool:
         return False
 
-    def prepare(
-        self,
-        task: Task,
-        blobs: Dict[str, str],
-        device_id: str,
-        data: Optional[str],
-        train_split: str,
-        profiler: Profiler,
-        exchange: Any,
-    ) -> Any:
-        return task, dict(TensorFile(blobs["global"])), profiler
+    def prepare(self, task: Task, blobs: Dict[str, str], device: TrainingDevice) -> Any:
+        return task, dict(TensorFile(blobs["global"])), device.profiler
 
     def run(self, prepared: Any) -> LocalResult:
         import torch

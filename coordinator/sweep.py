@@ -232,7 +232,8 @@ def run_sweep(
     targets: Sequence[float] = (),
     last_rounds: int = 5,
 ) -> Dict[str, Any]:
-    """Plan, run what is not finished, summarize; returns the summary (also in OUT)."""
+    """Plan, run what is not finished, summarize the finished runs (a run stopped half-way
+    would bias the last rounds); returns the summary (also in OUT)."""
     from jetfed.profiles.sweep import SweepEntry, summarize_sweep
 
     runs = plan_sweep(config_path, sets, seeds, out_dir)
@@ -252,9 +253,13 @@ def run_sweep(
         results = run_local_pool(config_path, pending, clients, jobs or default_jobs())
     else:
         results = []
-    entries = [SweepEntry(dict(run.cell), run.seed, Path(run.run_dir), run.label) for run in runs]
+    finished = [run for run in runs if completed_rounds(Path(run.run_dir)) >= run.rounds]
+    entries = [
+        SweepEntry(dict(run.cell), run.seed, Path(run.run_dir), run.label) for run in finished
+    ]
     metric = load_config(config_path, list(runs[0].overrides)).evaluation.metric
-    summary = summarize_sweep(entries, out_dir, metric, targets, last_rounds)
+    unfinished = [run.name for run in runs if run not in finished]
+    summary = summarize_sweep(entries, out_dir, metric, targets, last_rounds, unfinished)
     summary["execution"] = {
         "backend": "ray" if use_ray else "local pool",
         "jobs": None if use_ray else (jobs or default_jobs()),

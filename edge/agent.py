@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import jetfed
 from jetfed.edge.errors import ProtocolError, UserError
 from jetfed.edge.exchange import Exchange
-from jetfed.edge.local_trainer import LocalTrainer, Trainer
+from jetfed.edge.local_trainer import LocalTrainer, Trainer, TrainingDevice
 from jetfed.edge.logs import log_event
 from jetfed.edge.methods.base import available_methods, get_method
 from jetfed.edge.mqtt import BrokerSpec
@@ -147,6 +147,9 @@ class EdgeAgent:
         telemetry_topic = dev(self.device_id, "telemetry")
         self.live = LivePublisher(
             self.device_id, lambda payload: self.link.publish(telemetry_topic, payload)
+        )
+        self.training_device = TrainingDevice(
+            self.device_id, config.data, config.train_split, self.profiler, self.exchange
         )
         prefix = self.exchange.down_prefix
         self.link.on_topic(lambda topic: topic.startswith(prefix), self.exchange.deliver)
@@ -333,15 +336,7 @@ class EdgeAgent:
                 blobs = self._download_all(task, counters)
             with self.profiler.phase("setup", task.round_index):
                 try:
-                    job = self.trainer.prepare(
-                        task,
-                        blobs,
-                        self.device_id,
-                        self.config.data,
-                        self.config.train_split,
-                        self.profiler,
-                        self.exchange,
-                    )
+                    job = self.trainer.prepare(task, blobs, self.training_device)
                 finally:
                     self._release_downloads()
             result = self.trainer.run(job)

@@ -37,6 +37,17 @@ class _ModelCache:
     tokenizer: Any
 
 
+@dataclass(frozen=True)
+class TrainingDevice:
+    """Who a round is trained for: the device's id, its data, its profiler and exchange."""
+
+    device_id: str
+    data: Optional[str]
+    train_split: str
+    profiler: Profiler
+    exchange: Optional[Exchange] = None
+
+
 @dataclass
 class PreparedRound:
     method: FederatedMethod
@@ -54,16 +65,7 @@ class Trainer(Protocol):
 
     def needs_init(self, task: Task) -> bool: ...
 
-    def prepare(
-        self,
-        task: Task,
-        blobs: Dict[str, str],
-        device_id: str,
-        data: Optional[str],
-        train_split: str,
-        profiler: Profiler,
-        exchange: Optional[Exchange],
-    ) -> Any: ...
+    def prepare(self, task: Task, blobs: Dict[str, str], device: TrainingDevice) -> Any: ...
 
     def run(self, prepared: Any) -> LocalResult: ...
 
@@ -85,16 +87,7 @@ class LocalTrainer:
             self._model is None or self._model.key[3] != task.init_state.digest
         )
 
-    def prepare(
-        self,
-        task: Task,
-        blobs: Dict[str, str],
-        device_id: str,
-        data: Optional[str],
-        train_split: str,
-        profiler: Profiler,
-        exchange: Optional[Exchange],
-    ) -> PreparedRound:
+    def prepare(self, task: Task, blobs: Dict[str, str], device: TrainingDevice) -> PreparedRound:
         """Decode the state, (re)build the model if needed, derive this device's data shard."""
         from jetfed.edge.models import is_causal_lm, load_tokenizer, pick_device
 
@@ -108,8 +101,9 @@ class LocalTrainer:
             cache = self._model
             expected = {n: tuple(t.shape) for n, t in cache.method.get_state(cache.model).items()}
             global_state = dict(TensorFile(blobs["global"], expected))
-            client_index = task.client_indices.get(device_id, 0)
-            dataset = self._shard(data, train_split, task, client_index, is_causal_lm(cache.model))
+            client_index = task.client_indices.get(device.device_id, 0)
+            causal = is_causal_lm(cache.model)
+            dataset = self._shard(device.data, device.train_split, task, client_index, causal)
         extra = {name: Path(blobs[name]).read_bytes() for name in task.extra_blobs}
         local = LocalRound(
             model=cache.model,
@@ -121,10 +115,10 @@ class LocalTrainer:
             seed=device_seed(task.training.seed, task.round_index, client_index),
             device=pick_device(self.torch_device),
             global_state=global_state,
-            profiler=profiler,
+            profiler=device.profiler,
             extra_blobs=extra,
-            exchange=exchange,
-            data_path=data,
+            exchange=device.exchange,
+            data_path=device.data,
         )
         return PreparedRound(cache.method, local)
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 import multiprocessing
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from jetfed.edge.exchange import Exchange
-from jetfed.edge.local_trainer import LocalTrainer
+from jetfed.edge.local_trainer import LocalTrainer, TrainingDevice
 from jetfed.edge.methods.base import LocalResult
 from jetfed.edge.telemetry.phases import Profiler
 from jetfed.edge.wire import Task, decode_tensors, encode_message, encode_tensors, parse_message
@@ -48,7 +47,8 @@ def _train_in_worker(
             paths[name] = str(Path(folder) / name)
             Path(paths[name]).write_bytes(content)
         profiler = Profiler(task.experiment, device_id, task.method)
-        prepared = _worker_trainer.prepare(task, paths, device_id, data, split, profiler, None)
+        device = TrainingDevice(device_id, data, split, profiler)
+        prepared = _worker_trainer.prepare(task, paths, device)
     result = _worker_trainer.run(prepared)
     return (
         encode_tensors(result.tensors),
@@ -64,11 +64,7 @@ def _train_in_worker(
 class PoolJob:
     task: Task
     blobs: Dict[str, bytes]
-    device_id: str
-    data: Optional[str]
-    split: str
-    profiler: Profiler
-    counters: Dict[str, float] = field(default_factory=dict)
+    device: TrainingDevice
 
 
 class PoolTrainer:
@@ -87,16 +83,7 @@ class PoolTrainer:
     def needs_init(self, task: Task) -> bool:
         return task.init_state is not None and task.init_state.digest not in self._init
 
-    def prepare(
-        self,
-        task: Task,
-        blobs: Dict[str, str],
-        device_id: str,
-        data: Optional[str],
-        train_split: str,
-        profiler: Profiler,
-        exchange: Optional[Exchange],
-    ) -> PoolJob:
+    def prepare(self, task: Task, blobs: Dict[str, str], device: TrainingDevice) -> PoolJob:
         """Read the blobs (the agent releases its spool files after this); the fixed init is
         kept here and sent with every job, since any worker may build the model."""
         content = {name: Path(path).read_bytes() for name, path in blobs.items()}
@@ -104,19 +91,20 @@ class PoolTrainer:
             self._init[task.init_state.digest] = content["init"]
         if task.init_state is not None:
             content["init"] = self._init[task.init_state.digest]
-        return PoolJob(task, content, device_id, data, train_split, profiler)
+        return PoolJob(task, content, device)
 
     def run(self, job: PoolJob) -> LocalResult:
         """The job in a free worker, inside this device's "train" phase (which so includes the
         wait for a worker)."""
-        with job.profiler.phase("train", job.task.round_index) as counters:
+        device = job.device
+        with device.profiler.phase("train", job.task.round_index) as counters:
             tensors, samples, loss, steps, metrics, wire_dtype = self._pool.submit(
                 _train_in_worker,
                 encode_message(job.task),
                 job.blobs,
-                job.device_id,
-                job.data,
-                job.split,
+                device.device_id,
+                device.data,
+                device.train_split,
             ).result()
             counters.extra["steps"] = float(steps)
         return LocalResult(

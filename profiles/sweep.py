@@ -87,8 +87,10 @@ def summarize_sweep(
     metric: Optional[str] = None,
     targets: Sequence[float] = (),
     last_rounds: int = 5,
+    unfinished: Sequence[str] = (),
 ) -> Dict[str, Any]:
-    """Write summary.md, summary.json and one PNG per group of cells to `out_dir`."""
+    """Write summary.md, summary.json and one PNG per group of cells to `out_dir`; `entries`
+    are finished runs, `unfinished` names the others (left out)."""
     rounds = {id(entry): read_rounds(entry.run_dir) for entry in entries}
     name = metric_name(metric, [m for ms in rounds.values() for m in ms])
     series = {id(entry): [metric_value(m, name) for m in rounds[id(entry)]] for entry in entries}
@@ -106,6 +108,7 @@ def summarize_sweep(
         "targets": list(targets),
         "cells": cell_rows,
         "paired": _paired(cells, series, last_rounds),
+        "unfinished": list(unfinished),
     }
     summary["plots"] = _plots(cells, series, name, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -229,6 +232,9 @@ def markdown(summary: Dict[str, Any]) -> str:
             f"last {last} rounds."
         ),
     ]
+    if summary["unfinished"]:
+        names = ", ".join(summary["unfinished"])
+        blocks.append(Paragraph(f"Not finished, left out: {names}."))
     header = ["cell", "seeds", f"last-{last} mean", "final round"]
     header += [f"rounds to {t:g}: reached, median" for t in summary["targets"]]
     rows = []
