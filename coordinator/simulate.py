@@ -8,7 +8,7 @@ what nothing in the protocol sees:
 - the agents share one `LocalTrainer` (one model, one copy of the data, rounds one at a time),
   or a pool of worker processes with one model each (edge/pool_trainer.py), so 100 virtual
   devices hold one model per worker, not 100;
-- no telemetry sampler (records carry time, bytes and RSS; no energy);
+- no telemetry sampler and no memory readings (records carry time and bytes; no energy);
 - one torch thread, as `jetfed edge run --threads 1` in a local fleet, so a simulated run ends on
   the bit-identical global state of the deployed one with the same seed
   (tests/test_reproducibility.py).

@@ -83,8 +83,8 @@ class RoundAbandoned(Exception):
 
 
 NO_TELEMETRY = "none"
-"""`telemetry: none`: no sampler thread, records with time, bytes and RSS only (a simulation's
-virtual devices, which share one process)."""
+"""`telemetry: none`: no sampler thread, no memory readings, records with time and bytes only
+(a simulation's virtual devices, which share one process)."""
 ANNOUNCEMENT_WAIT_S = 10.0
 """A following agent whose experiment's announcement is not there this long after connecting
 serves a run that already ended."""
@@ -103,7 +103,9 @@ class EdgeAgent:
         self.config = config
         self.topics = Topics(config.experiment)
         self.device_id = config.device_id
-        self.profiler = Profiler(config.experiment, config.device_id)
+        self.profiler = Profiler(
+            config.experiment, config.device_id, memory=config.telemetry != NO_TELEMETRY
+        )
         self._context: Optional[DeviceContext] = None
         self._stop = threading.Event()
         self._pending_task: Optional[Task] = None
