@@ -2,8 +2,8 @@
 
 1. *Per virtual device, no training*: every virtual device selected, trained by
    `NoTraining` (the global state decoded as the real trainer does, a zero delta uploaded, the
-   train phase opened): what is left of a round (evaluation excluded) is the protocol over the
-   in-memory link (task, chunked download and verification, upload, validation, ack),
+   train phase opened): the whole round but its evaluation is the protocol over the in-memory
+   link (task, chunked download and verification, upload, validation, ack),
    aggregation, export and checkpoint. Reported per device at 10 and 100 devices and as the
    marginal cost between them.
 2. *A 100-virtual-device LoRA round*: real training, one local step each; framework overhead =
@@ -86,7 +86,9 @@ def simulated_rounds(
     config = parse_config(experiment(name, out, devices, rounds, layers), "bench")
     metrics = simulate(config, trainer=trainer)[1:]
     train = train_phase_s(config.run_dir)
-    framework = [m.round_s - m.eval_s - train.get(m.round_index, 0.0) for m in metrics]
+    # without training, what happens in the train phase (decode, a zero delta) is framework too
+    trained = {} if trainer is not None else train
+    framework = [m.round_s - m.eval_s - trained.get(m.round_index, 0.0) for m in metrics]
     return {
         "devices": devices,
         "rounds_measured": len(metrics),
