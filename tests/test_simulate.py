@@ -132,3 +132,14 @@ def test_ray_sweep(tmp_path: Path, minilm_path: str) -> None:
     assert summary["execution"]["backend"] == "ray" and summary["execution"]["ran"] == 2
     assert all(run["status"] == "completed" for run in summary["execution"]["runs"])
     assert summary["cells"][0]["last"]["n"] == 2
+
+
+def test_cli_set_mistake_is_one_line(tmp_path: Path) -> None:
+    from tests.test_cli import run_cli
+
+    path = sweep_config(tmp_path)
+    result = run_cli(["simulate", str(path), "--seeds", "0-1", "--set", "training.lr=1e-4,5e-4"])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "jetfed: error: --set training.lr=1e-4: training.lr: unknown field (check the spelling)"
+    ]
