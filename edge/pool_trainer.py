@@ -78,7 +78,7 @@ class PoolTrainer:
         self._init: Dict[str, bytes] = {}
 
     def close(self) -> None:
-        self._pool.shutdown(cancel_futures=True)
+        self._pool.shutdown()
 
     def needs_init(self, task: Task) -> bool:
         return task.init_state is not None and task.init_state.digest not in self._init
