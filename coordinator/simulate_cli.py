@@ -37,7 +37,7 @@ def simulate_command(
         "--ray",
         metavar="auto|ADDRESS",
         help="A sweep: run on this Ray cluster instead of a local pool (pip install "
-        "'jetfed[ray]'; paths must be the same on every node).",
+        "'jetfed\\[ray]'; paths must be the same on every node).",
     ),
     out: Optional[Path] = typer.Option(
         None, "--out", help="A sweep's folder (default: OUTPUT_DIR/NAME-sweep)."
