@@ -43,7 +43,7 @@ BENCHES = (
 )
 """What `all` runs, cheapest first. The reproduction (tens of minutes) and the compression
 accuracy study (federated full fine-tuning per update dtype) run only by name."""
-SEPARATE = ("reproduction", "compression_accuracy", "causal_lm")
+SEPARATE = ("reproduction", "compression_accuracy", "causal_lm", "spectra")
 
 
 def known_benches() -> List[str]:
