@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import threading
 from contextlib import ExitStack
 from typing import Callable, List, Optional, Sequence
@@ -87,9 +88,15 @@ def simulate(
     name = f"simulate-{os.getpid()}-{next(_broker_names)}"
     with MemBroker(name) as broker, ExitStack() as stack:
         spec = BrokerSpec(url=broker.url)
+        fresh = not config.run_dir.exists()
         coordinator = Coordinator(config, spec, resume=resume, on_round=on_round)
         coordinator.observers.extend(observers)
-        shared = trainer or trainer_for(coordinator.strategy, workers, stack)
+        try:
+            shared = trainer or trainer_for(coordinator.strategy, workers, stack)
+        except UserError:
+            if fresh:  # a mistake leaves no run directory that would ask for --resume
+                shutil.rmtree(config.run_dir, ignore_errors=True)
+            raise
         agents = [
             EdgeAgent(
                 EdgeConfig(
