@@ -49,6 +49,9 @@ def simulate_command(
         5, "--last-rounds", min=1, help="A sweep's headline: the mean of the last K rounds."
     ),
     resume: bool = typer.Option(False, "--resume", help="One run: continue from its checkpoint."),
+    summarize_only: bool = typer.Option(
+        False, "--summarize-only", help="A sweep: summarize the finished runs, run nothing."
+    ),
 ) -> None:
     """Run the experiment with virtual devices: the same methods, strategies, partitions and
     seeds as a deployed run, no broker; with --seeds or several --set values, a sweep."""
@@ -70,6 +73,7 @@ def simulate_command(
             use_ray=ray is not None,
             targets=target or (),
             last_rounds=last_rounds,
+            summarize_only=summarize_only,
         )
         execution = summary["execution"]
         failed = [r for r in execution["runs"] if r["status"].startswith("failed")]

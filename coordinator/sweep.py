@@ -231,8 +231,9 @@ def run_sweep(
     use_ray: bool = False,
     targets: Sequence[float] = (),
     last_rounds: int = 5,
+    summarize_only: bool = False,
 ) -> Dict[str, Any]:
-    """Plan, run what is not finished, summarize the finished runs (a run stopped half-way
+    """Plan, run what is not finished (nothing with `summarize_only`), summarize the finished runs (a run stopped half-way
     would bias the last rounds); returns the summary (also in OUT)."""
     from jetfed.profiles.sweep import SweepEntry, summarize_sweep
 
@@ -247,6 +248,8 @@ def run_sweep(
     }
     (out_dir / "sweep.json").write_text(json.dumps(manifest, indent=2) + "\n")
     started = time.monotonic()
+    if summarize_only:
+        pending = []
     if pending and use_ray:
         results = run_on_ray(config_path, pending, clients, ray_address)
     elif pending:
