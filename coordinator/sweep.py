@@ -233,8 +233,9 @@ def run_sweep(
     last_rounds: int = 5,
     summarize_only: bool = False,
 ) -> Dict[str, Any]:
-    """Plan, run what is not finished (nothing with `summarize_only`), summarize the finished runs (a run stopped half-way
-    would bias the last rounds); returns the summary (also in OUT)."""
+    """Plan, run what is not finished (nothing with `summarize_only`), summarize the finished
+    runs (a run stopped half-way would bias the last rounds); returns the summary (also in
+    OUT)."""
     from jetfed.profiles.sweep import SweepEntry, summarize_sweep
 
     runs = plan_sweep(config_path, sets, seeds, out_dir)
