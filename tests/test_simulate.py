@@ -116,6 +116,11 @@ def test_local_pool_sweep_resumes_and_summarizes(tmp_path: Path, minilm_path: st
     again = run_sweep(*args, jobs=2, targets=[0.5])
     assert again["execution"]["ran"] == 0 and again["execution"]["skipped_finished"] == 4
     assert json.loads((out / "summary.json").read_text())["cells"] == again["cells"]
+    more = run_sweep(
+        str(path), ["method.name=lora,federa"], [0, 1, 2], out, targets=[0.5], summarize_only=True
+    )
+    assert more["execution"]["ran"] == 0 and len(more["unfinished"]) == 2
+    assert more["cells"] == again["cells"]
 
 
 @pytest.mark.slow
