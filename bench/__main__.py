@@ -30,19 +30,26 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--datasets", type=Path, default=DEFAULT_DATASETS, help="folder with sst2/, rte/, ..."
     )
     parser.add_argument("--link", default=None, help="emulated link spec (reproduction only)")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds (reproduction only)")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="rounds (reproduction, comparison)"
+    )
     parser.add_argument(
         "--clients", type=int, default=None, help="edge processes (reproduction only)"
     )
     parser.add_argument("--clients-per-round", type=int, default=None, help="(reproduction only)")
     parser.add_argument(
-        "--local-steps", type=int, default=None, help="per device and round (reproduction only)"
+        "--local-steps",
+        type=int,
+        default=None,
+        help="per device and round (reproduction, comparison)",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="partition + training seed (reproduction only)"
     )
     parser.add_argument(
-        "--methods", default=None, help="comma-separated, e.g. federa,lora (reproduction only)"
+        "--methods",
+        default=None,
+        help="comma-separated, e.g. federa,lora (reproduction, comparison)",
     )
     parser.add_argument(
         "--only", default=None, help="comma-separated datasets, e.g. sst2 (reproduction only)"

@@ -14,33 +14,19 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from bench.runner import table
 from bench.stats import median
-from bench.tensors import Spec, full_spec, lora_spec, random_tensors, raw_bytes
+from bench.tensors import (
+    Spec,
+    accepted_update,
+    full_spec,
+    lora_spec,
+    random_tensors,
+    raw_bytes,
+)
 
 
 def _updates(spec: Spec, count: int) -> List[Any]:
-    from jetfed.coordinator.strategies.base import AcceptedUpdate
-    from jetfed.edge.wire import BlobManifest, Update
-
-    manifest = BlobManifest(
-        digest="0" * 64, size_bytes=1, chunk_size_bytes=1, chunk_digests=["0" * 64]
-    )
     distinct = [random_tensors(spec, seed) for seed in range(min(count, 4))]
-    return [
-        AcceptedUpdate(
-            Update(
-                experiment="bench",
-                device_id=f"d{index}",
-                round_index=0,
-                base_digest="0" * 64,
-                num_samples=100 + index,
-                local_steps=1,
-                train_loss=0.5,
-                blob=manifest,
-            ),
-            distinct[index % len(distinct)],
-        )
-        for index in range(count)
-    ]
+    return [accepted_update(index, distinct[index % len(distinct)]) for index in range(count)]
 
 
 def _time_aggregate(spec: Spec, count: int, repeats: int, path: str) -> Dict[str, Any]:

@@ -12,11 +12,12 @@ from tests.brokers import MosquittoBroker, free_port
 
 
 @contextmanager
-def private_mosquitto() -> Iterator[MosquittoBroker]:
-    """On an error inside the block, the broker's log tail goes to stderr (it is then deleted)."""
+def private_mosquitto(extra_config: str = "") -> Iterator[MosquittoBroker]:
+    """On an error inside the block, the broker's log tail goes to stderr (it is then deleted).
+    `extra_config`: mosquitto.conf lines after the listener."""
     with tempfile.TemporaryDirectory(prefix="jetfed-bench-") as tmp:
         broker = MosquittoBroker(Path(tmp), free_port())
-        broker.start()
+        broker.start(extra_config)
         try:
             yield broker
         except BaseException:

@@ -103,15 +103,19 @@ def run_coordinator(
     workdir: Path,
     timeout_s: float,
     failed: Optional[Callable[[], Optional[str]]] = None,
+    on_started: Optional[Callable[[int], None]] = None,
 ) -> Tuple[List[Event], List[Dict[str, Any]]]:
     """Run the coordinator to completion; (timed events, metrics.jsonl rows). `failed()` may
-    return a reason to give up early (e.g. devices got nacks)."""
+    return a reason to give up early (e.g. devices got nacks); `on_started(pid)` hears the
+    coordinator's process id (to watch its CPU and memory)."""
     events_path = workdir / "events.json"
     context = multiprocessing.get_context("spawn")
     child = context.Process(
         target=_coordinator_main, args=(config_raw, broker_url, str(events_path)), daemon=True
     )
     child.start()
+    if on_started is not None and child.pid is not None:
+        on_started(child.pid)
     deadline = time.monotonic() + timeout_s
     reason = None
     while child.is_alive() and time.monotonic() < deadline:

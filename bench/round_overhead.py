@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from bench.broker import private_mosquitto
 from bench.coordinator_run import (
+    Event,
     experiment_config,
     run_coordinator,
     task_published_times,
@@ -44,40 +46,68 @@ def _device_gap_s(rounds: Dict[str, Dict[int, RoundLog]], round_index: int) -> O
     return min(tasks) - max(a for a in acks if a is not None)
 
 
-def measure(devices: int, rounds: int, datasets: Path, update_blobs: List[bytes]) -> Dict[str, Any]:
-    """One coordinator run with `devices` simulated devices; per-round overheads."""
-    with private_mosquitto() as broker, tempfile.TemporaryDirectory() as tmp:
-        name = f"bench-overhead-{devices}"
-        raw = experiment_config(name, devices, rounds, datasets / "sst2", Path(tmp) / "runs")
-        fleet = SimFleetProcesses(
-            broker.url,
-            name,
-            [f"sim-{index:03d}" for index in range(devices)],
-            [update_blobs[index % len(update_blobs)] for index in range(devices)],
-            [100 + index for index in range(devices)],
+@dataclass
+class FleetRun:
+    """What one coordinator run against a simulated fleet left: its timed events, its metrics
+    rows, each device's round log and how long the fleet took to connect."""
+
+    events: List[Event]
+    metrics: List[Dict[str, Any]]
+    rounds: Dict[str, Dict[int, RoundLog]]
+    connect_s: float
+
+
+def run_fleet(
+    broker_url: str,
+    devices: int,
+    rounds: int,
+    datasets: Path,
+    update_blobs: List[bytes],
+    workdir: Path,
+    device_urls: Optional[List[str]] = None,
+    on_coordinator: Optional[Callable[[int], None]] = None,
+) -> FleetRun:
+    """A coordinator (its own process; `on_coordinator(pid)` once started) runs `rounds`
+    rounds against `devices` simulated devices (`device_urls`: each its own broker URL list)."""
+    name = f"bench-overhead-{devices}"
+    raw = experiment_config(name, devices, rounds, datasets / "sst2", workdir / "runs")
+    fleet = SimFleetProcesses(
+        broker_url,
+        name,
+        [f"sim-{index:04d}" for index in range(devices)],
+        [update_blobs[index % len(update_blobs)] for index in range(devices)],
+        [100 + index for index in range(devices)],
+        device_urls=device_urls,
+    )
+    started = time.monotonic()
+    fleet.start(timeout_s=120 + devices * 0.5)
+    connect_s = time.monotonic() - started
+    try:
+        events, metrics = run_coordinator(
+            raw,
+            broker_url,
+            workdir,
+            timeout_s=120 + rounds * (30 + devices * 0.5),
+            failed=fleet.failed,
+            on_started=on_coordinator,
         )
-        started = time.monotonic()
-        fleet.start()
-        connect_s = time.monotonic() - started
-        try:
-            events, metrics = run_coordinator(
-                raw,
-                broker.url,
-                Path(tmp),
-                timeout_s=120 + rounds * (30 + devices * 0.5),
-                failed=fleet.failed,
-            )
-        finally:
-            fleet.close()
-    published = task_published_times(events)
+    finally:
+        fleet.close()
+    return FleetRun(events, metrics, fleet.rounds, connect_s)
+
+
+def per_round_overheads(run: FleetRun) -> List[Dict[str, Any]]:
+    """Rounds 1.. (round 0 has no previous update): the coordinator's overhead window, minus
+    the evaluation inside it, with its breakdown and the devices' view."""
+    published = task_published_times(run.events)
     per_round: List[Dict[str, Any]] = []
-    for metric in metrics[1:]:
+    for metric in run.metrics[1:]:
         round_index = metric["round_index"]
         end = published[round_index]
         start = end - metric["overhead_s"]
-        breakdown = window_breakdown(events, start, end)
+        breakdown = window_breakdown(run.events, start, end)
         evaluation = breakdown.get("evaluate", 0.0)
-        gap = _device_gap_s(fleet.rounds, round_index)
+        gap = _device_gap_s(run.rounds, round_index)
         per_round.append(
             {
                 "round": round_index,
@@ -90,6 +120,15 @@ def measure(devices: int, rounds: int, datasets: Path, update_blobs: List[bytes]
                 "bytes_down": metric["bytes_down"],
             }
         )
+    return per_round
+
+
+def measure(devices: int, rounds: int, datasets: Path, update_blobs: List[bytes]) -> Dict[str, Any]:
+    """One coordinator run with `devices` simulated devices; per-round overheads."""
+    with private_mosquitto() as broker, tempfile.TemporaryDirectory() as tmp:
+        run = run_fleet(broker.url, devices, rounds, datasets, update_blobs, Path(tmp))
+    metrics, connect_s = run.metrics, run.connect_s
+    per_round = per_round_overheads(run)
     values = [r["overhead_excl_eval_s"] for r in per_round]
     gaps = [
         r["device_gap_excl_eval_s"] for r in per_round if r["device_gap_excl_eval_s"] is not None

@@ -39,11 +39,21 @@ BENCHES = (
     "link_rates",
     "hostile_replay",
     "live_page",
+    "lora_aggregation",
+    "kd_payload",
     "simulation",
 )
-"""What `all` runs, cheapest first. The reproduction (tens of minutes) and the compression
-accuracy study (federated full fine-tuning per update dtype) run only by name."""
-SEPARATE = ("reproduction", "compression_accuracy", "causal_lm", "spectra")
+"""What `all` runs, cheapest first. The reproduction (tens of minutes), the compression
+accuracy study (federated full fine-tuning per update dtype), the 1,000-device soak and the
+weight spectra run only by name."""
+SEPARATE = (
+    "reproduction",
+    "compression_accuracy",
+    "causal_lm",
+    "method_comparison",
+    "fleet_soak",
+    "spectra",
+)
 
 
 def known_benches() -> List[str]:

@@ -307,7 +307,7 @@ DEVICES_PER_PROCESS = 120
 
 
 def _fleet_worker(
-    broker_url: str,
+    broker_urls: List[str],
     experiment: str,
     device_ids: List[str],
     blobs: List[bytes],
@@ -318,8 +318,8 @@ def _fleet_worker(
     logging.basicConfig(level=logging.WARNING)
     fleet = SimFleet(
         [
-            SimDevice(broker_url, experiment, device_id, blob, samples)
-            for device_id, blob, samples in zip(device_ids, blobs, num_samples)
+            SimDevice(url, experiment, device_id, blob, samples)
+            for url, device_id, blob, samples in zip(broker_urls, device_ids, blobs, num_samples)
         ]
     )
     fleet.start()
@@ -347,7 +347,11 @@ class SimFleetProcesses:
         device_ids: List[str],
         blobs: List[bytes],
         num_samples: List[int],
+        device_urls: Optional[List[str]] = None,
     ) -> None:
+        """`device_urls`: each device's own broker URL (a failover list through a cluster's
+        nodes); default `broker_url` for all."""
+        urls = device_urls or [broker_url] * len(device_ids)
         context = multiprocessing.get_context("spawn")
         self._workers: List[Tuple[Any, Any]] = []
         for start in range(0, len(device_ids), DEVICES_PER_PROCESS):
@@ -356,7 +360,7 @@ class SimFleetProcesses:
             process = context.Process(
                 target=_fleet_worker,
                 args=(
-                    broker_url,
+                    urls[start:end],
                     experiment,
                     device_ids[start:end],
                     blobs[start:end],

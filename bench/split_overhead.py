@@ -1,6 +1,8 @@
 """Split learning costs: per-batch overhead beyond moving the tensors, and bytes per round.
 
-1. Overhead, over a Mosquitto on loopback: MiniLM cut after layer 2, real SST-2 batches. A device
+1. Overhead, over a Mosquitto on loopback: MiniLM cut after layer 2, real SST-2 batches (and the
+   causal case: SmolLM2 with 4 of its layers cut after layer 2, SST-2 as generation, batch 8,
+   labels per token, 1 torch thread). A device
    (MqttLink + Exchange + SplitBatchLoss, as the agent runs it) and a SplitServer on its own
    protocol thread fed by paho's thread through a queue (as the coordinator runs it). Per batch:
    the device's wait minus the server's compute minus the two MQTT legs (device publish → server
@@ -25,14 +27,16 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
 from jetfed.coordinator.strategies.split import SplitServer
 from jetfed.edge.data import TextDataset, load_split
 from jetfed.edge.exchange import Exchange
+from jetfed.edge.instructions import InstructionSet, load_instructions
 from jetfed.edge.methods.lora import LoraMethod
 from jetfed.edge.methods.split import (
     ExchangeTransport,
@@ -44,7 +48,7 @@ from jetfed.edge.methods.split import (
 )
 from jetfed.edge.models import load_tokenizer
 from jetfed.edge.mqtt import BrokerSpec, MqttLink
-from jetfed.edge.train import batch_indices, tokenize_batch
+from jetfed.edge.train import batch_indices, make_batch, tokenize_batch
 from jetfed.edge.wire import ModelRef, Topics, encode_tensors
 from tests.brokers import MosquittoBroker, free_port
 
@@ -57,15 +61,44 @@ SESSION = "0123456789abcdef"
 Reply = Optional[Tuple[str, bytes]]
 
 
-def _dataset() -> TextDataset:
+def _sst2() -> str:
     shared = Path(os.environ.get("JETFED_DATASETS", "/work/shared/datasets")) / "sst2"
     if (shared / "train.jsonl").exists():
-        return load_split(str(shared), "train")
-    return load_split(str(Path(__file__).parent.parent / "coordinator/demo_data/sst2"), "train")
+        return str(shared)
+    return str(Path(__file__).parent.parent / "coordinator/demo_data/sst2")
+
+
+def _dataset() -> TextDataset:
+    return load_split(_sst2(), "train")
 
 
 def _model_ref() -> ModelRef:
     return ModelRef(name_or_path="minilm", num_labels=2, max_length=MAX_LENGTH)
+
+
+@dataclass(frozen=True)
+class Case:
+    """What the overhead is measured on: a model, its cut, real batches of its kind of data."""
+
+    ref: ModelRef
+    batch_size: int
+    causal: bool = False
+
+    def data(self) -> Union[TextDataset, InstructionSet]:
+        return load_instructions(_sst2(), "train") if self.causal else _dataset()
+
+    def batches(self, count: int) -> Iterator[Dict[str, Any]]:
+        dataset, tokenizer = self.data(), load_tokenizer(self.ref)
+        for indices in batch_indices(len(dataset), self.batch_size, count, seed=0):
+            yield make_batch(tokenizer, dataset, indices, self.ref.max_length, "cpu")
+
+
+CLASSIFIER = Case(_model_ref(), BATCH_SIZE)
+CAUSAL = Case(
+    ModelRef(name_or_path="smollm2", num_labels=1, max_length=128, num_hidden_layers=4),
+    batch_size=8,
+    causal=True,
+)
 
 
 class _Clock:
@@ -157,12 +190,12 @@ def _links(
 
 
 def _split_batches(
-    loop: _ServerLoop, exchange: Exchange, request_sizes: List[int], batches: int
+    loop: _ServerLoop, exchange: Exchange, request_sizes: List[int], batches: int, case: Case
 ) -> Dict[str, Any]:
     """Real split training steps; per batch: wait, server compute, request and reply sizes."""
-    method = SplitMethod({"cut_layer": CUT_LAYER}, _model_ref())
+    method = SplitMethod({"cut_layer": CUT_LAYER}, case.ref)
     device_model = method.build(None, seed=0)
-    server = SplitServer(copy.deepcopy(device_model), method.config, MAX_LENGTH, "cpu")
+    server = SplitServer(copy.deepcopy(device_model), method.config, case.ref.max_length, "cpu")
     server.begin_round(0)
     reply_sizes: List[int] = []
 
@@ -179,11 +212,11 @@ def _split_batches(
     loss_fn = SplitBatchLoss(layout, transport, 0, "fp32")
     params = [p for p in device_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
-    dataset, tokenizer = _dataset(), load_tokenizer(_model_ref())
     device_model.train()
     waits, servers = [], []
-    for indices in batch_indices(len(dataset), BATCH_SIZE, batches, seed=0):
-        batch = tokenize_batch(tokenizer, dataset, indices, MAX_LENGTH, "cpu")
+    shapes = set()
+    for batch in case.batches(batches):
+        shapes.add(tuple(batch["input_ids"].shape))
         wait_before, server_before = loss_fn.traffic.wait_s, loss_fn.traffic.server_s
         optimizer.zero_grad(set_to_none=True)
         loss_fn(device_model, batch).backward()
@@ -195,6 +228,7 @@ def _split_batches(
         "server_s": servers,
         "request_bytes": list(request_sizes),
         "reply_bytes": reply_sizes,
+        "hidden_shape": (*max(shapes), int(device_model.config.hidden_size)),
     }
 
 
@@ -222,7 +256,7 @@ def _echo_round_trips(
     return round_trips
 
 
-def _codec_ms(hidden_shape: Tuple[int, int, int]) -> float:
+def _codec_ms(hidden_shape: Tuple[int, int, int], causal: bool) -> float:
     """Encode + decode of one request and its reply, in-process (part of the overhead)."""
     from jetfed.edge.methods.split import decode_split_message
 
@@ -231,7 +265,7 @@ def _codec_ms(hidden_shape: Tuple[int, int, int]) -> float:
     tensors = {
         "hidden": torch.randn(batch, length, width),
         "attention_mask": torch.ones(batch, length, dtype=torch.int64),
-        "labels": torch.zeros(batch, dtype=torch.int64),
+        "labels": torch.zeros((batch, length) if causal else (batch,), dtype=torch.int64),
     }
     repeats = 50
     started = time.perf_counter()
@@ -241,7 +275,7 @@ def _codec_ms(hidden_shape: Tuple[int, int, int]) -> float:
     return (time.perf_counter() - started) / repeats * 1e3
 
 
-def overhead(quick: bool) -> Dict[str, Any]:
+def overhead(quick: bool, case: Case) -> Dict[str, Any]:
     batches = 12 if quick else 40
     warmup = 2
     topics = Topics("bench-split")
@@ -252,7 +286,7 @@ def overhead(quick: bool) -> Dict[str, Any]:
         server_link, device_link, exchange, request_sizes = _links(broker.url, topics, clock)
         loop = _ServerLoop(server_link, topics, clock)
         try:
-            split = _split_batches(loop, exchange, request_sizes, batches)
+            split = _split_batches(loop, exchange, request_sizes, batches, case)
             legs = clock.legs_s()
             clock.clear()
             echo = _echo_round_trips(loop, exchange, split["request_bytes"], split["reply_bytes"])
@@ -271,6 +305,9 @@ def overhead(quick: bool) -> Dict[str, Any]:
         return {"median": 1e3 * statistics.median(values), "mean": 1e3 * statistics.mean(values)}
 
     return {
+        "model": case.ref.name_or_path,
+        "layers": case.ref.num_hidden_layers,
+        "hidden_shape_max": list(split["hidden_shape"]),
         "batches_measured": len(beyond),
         "mean_request_bytes": statistics.mean(split["request_bytes"]),
         "mean_reply_bytes": statistics.mean(split["reply_bytes"]),
@@ -281,7 +318,7 @@ def overhead(quick: bool) -> Dict[str, Any]:
         "echo_round_trip_ms": ms(echo[warmup:]),
         "echo_round_trip_beyond_legs_ms": ms(echo_beyond),
         "wait_minus_server_compute_minus_echo_ms": ms(versus_echo),
-        "codec_encode_decode_ms": _codec_ms((BATCH_SIZE, 32, 384)),
+        "codec_encode_decode_ms": _codec_ms(split["hidden_shape"], case.causal),
         "goal_ms": 10.0,
         "cpu_load_1min": os.getloadavg()[0],
         "cpu_count": os.cpu_count(),
@@ -360,11 +397,22 @@ def bytes_per_round(quick: bool) -> Dict[str, Any]:
     }
 
 
+def causal_overhead(quick: bool) -> Dict[str, Any]:
+    """The decoder case on one torch thread (2 threads stall on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return overhead(quick, CAUSAL)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run(quick: bool) -> Dict[str, Any]:
     torch.manual_seed(0)
     return {
         "quick": quick,
-        "overhead": overhead(quick),
+        "overhead": overhead(quick, CLASSIFIER),
+        "overhead_causal": causal_overhead(quick),
         "bytes": bytes_per_round(quick),
     }
 

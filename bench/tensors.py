@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Tuple
 
 from jetfed.edge.wire import ModelRef
 
@@ -31,6 +31,17 @@ def full_spec() -> Spec:
     return {name: tuple(param.shape) for name, param in model.named_parameters()}
 
 
+def smollm2_full_spec() -> Spec:
+    """Every weight of SmolLM2-135M (538 MB fp32, tied embedding once): what full fine-tuning
+    of the packaged causal LM uploads. Read from its safetensors header, nothing loaded."""
+    from safetensors import safe_open
+
+    from jetfed.edge.packaged_llm import smollm2_folder
+
+    with safe_open(str(smollm2_folder() / "model.safetensors"), "pt") as handle:
+        return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
+
+
 def random_tensors(spec: Spec, seed: int, scale: float = 1e-3) -> Dict[str, torch.Tensor]:
     """Finite fp32 tensors of `spec`'s shapes, like a small local update."""
     import torch
@@ -48,3 +59,25 @@ def raw_bytes(spec: Spec, bytes_per_element: int = 4) -> int:
             count *= dim
         total += count * bytes_per_element
     return total
+
+
+def accepted_update(index: int, tensors: Dict[str, torch.Tensor]) -> Any:
+    """An in-memory `AcceptedUpdate` of device `d{index:03d}` with 100 + index samples, as the
+    intake would hand it to a strategy (no blob behind it)."""
+    from jetfed.coordinator.strategies.base import AcceptedUpdate
+    from jetfed.edge.wire import BlobManifest, Update
+
+    manifest = BlobManifest(
+        digest="0" * 64, size_bytes=1, chunk_size_bytes=1, chunk_digests=["0" * 64]
+    )
+    update = Update(
+        experiment="bench",
+        device_id=f"d{index:03d}",
+        round_index=0,
+        base_digest="0" * 64,
+        num_samples=100 + index,
+        local_steps=1,
+        train_loss=0.5,
+        blob=manifest,
+    )
+    return AcceptedUpdate(update, tensors)

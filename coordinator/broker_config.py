@@ -293,6 +293,10 @@ def render_mosquitto_conf(layout: BrokerLayout, options: BrokerConfigOptions) ->
         "allow_anonymous false",
         f"password_file {layout.passwd}",
         f"acl_file {layout.acl}",
+        "# The coordinator hears every device's retained hello and status at once when it",
+        "# subscribes (2 per device) and updates in bursts: the default queue (1000 per client)",
+        "# silently drops the rest beyond a few hundred devices (bench/fleet_soak.py).",
+        "max_queued_messages 100000",
     ]
     if options.plain_localhost:
         lines += [

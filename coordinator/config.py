@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from jetfed.coordinator.assignment import AssignmentSection
 from jetfed.edge.errors import UserError, validation_line
 from jetfed.edge.instruction_eval import GenerationBudget
 from jetfed.edge.mqtt import BrokerSpec
@@ -121,6 +122,8 @@ class ExperimentConfig(Section):
     aggregation: AggregationSection = AggregationSection()
     transfer: TransferSection = TransferSection()
     evaluation: EvaluationSection = EvaluationSection()
+    assignment: Optional[AssignmentSection] = None
+    """Per-device LoRA rank, batch size and local steps (coordinator/assignment.py)."""
     output_dir: str = "runs"
     seed: int = Field(default=0, ge=0, le=(1 << 32) - 1)
     """Seeds the initial state, the selection and (unless `training.seed` is set) every device's
@@ -171,7 +174,7 @@ def parse_config(
 
 
 CLASSIFIER_ONLY_MODEL_FIELDS = ("num_labels",)
-CAUSAL_LM_METHODS = ("lora", "federa", "full")
+CAUSAL_LM_METHODS = ("lora", "federa", "full", "split", "kd", "fedcollm")
 
 
 def model_ref_of(config: ExperimentConfig, num_labels: int) -> ModelRef:

@@ -6,7 +6,7 @@ only the fleet is local. Defaults finish in a few minutes on 2 CPU cores, offlin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -32,13 +32,30 @@ class DemoDefaults:
     batch_size: int
     max_length: int
     max_eval_samples: Optional[int]
+    slm_layers: int = 3
+    """fedcollm: the devices' SLM is the model's first `slm_layers` layers, the coordinator's
+    LLM the whole model (the offline same-tokenizer pair)."""
+    method_settings: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    """Per method, `method:` keys (kd, fedcollm: the coordinator's work per round)."""
 
 
 DEFAULTS = {
     "minilm": DemoDefaults(3, 50, 16, 64, None),
     # SmolLM2-135M-Instruct on SST-2 as generation: 8 steps of 8 rows lift exact match from
     # ≈ 0.45 to ≈ 0.8; evaluation decodes 16 of 32 validation rows (generation dominates it).
-    "smollm2": DemoDefaults(2, 8, 8, 128, 32),
+    # kd/fedcollm: 16 proxy/aux rows and 4 coordinator steps keep a round within a minute.
+    "smollm2": DemoDefaults(
+        2,
+        8,
+        8,
+        128,
+        32,
+        slm_layers=4,
+        method_settings={
+            "kd": {"proxy_size": 16, "server_steps": 4, "server_batch_size": 8},
+            "fedcollm": {"aux_size": 16, "server_steps": 4, "server_batch_size": 8},
+        },
+    ),
 }
 
 
@@ -61,12 +78,14 @@ def demo_config(
     the partition, the initial state, the selection and every device's training."""
     defaults = DEFAULTS.get(model_name, DEFAULTS["smollm2"])
     model: Dict[str, Any] = {"name_or_path": model_name, "max_length": defaults.max_length}
+    method_section = {"name": method, **defaults.method_settings.get(method, {})}
     if method == "fedcollm":
-        model["num_hidden_layers"] = 3  # the offline pair: 3-layer SLM, 6-layer LLM (method.llm)
+        model["num_hidden_layers"] = defaults.slm_layers
+        method_section["llm"] = model_name
     raw: Dict[str, Any] = {
         "name": name,
         "model": model,
-        "method": {"name": method},
+        "method": method_section,
         "training": {
             "local_steps": local_steps or defaults.local_steps,
             "batch_size": defaults.batch_size,

@@ -23,8 +23,19 @@ from jetfed.coordinator.strategies.base import AcceptedUpdate
 from jetfed.edge.errors import ProtocolError
 from jetfed.edge.logs import log_event
 from jetfed.edge.telemetry.records import PhaseRecord
-from jetfed.edge.tensorfile import UPDATE_DTYPES, TensorFile
-from jetfed.edge.transfer import BlobServer, Download, TransferTimeout
+from jetfed.edge.tensorfile import (
+    INDEX_DTYPES,
+    UPDATE_DTYPES,
+    TensorFile,
+    refuse_index_tensors,
+)
+from jetfed.edge.transfer import (
+    BlobServer,
+    Download,
+    SharedWindow,
+    TransferTimeout,
+    release_chunk_memory,
+)
 from jetfed.edge.wire import (
     LIVE_TELEMETRY_MAX_BYTES,
     Ack,
@@ -34,6 +45,7 @@ from jetfed.edge.wire import (
     Nack,
     ProfileBatch,
     Progress,
+    RoundFailure,
     Task,
     Topics,
     Update,
@@ -105,11 +117,15 @@ class RoundIntake:
     announced: Dict[str, Tuple[Update, str]] = field(default_factory=dict)
     """Per device: the update being pulled and its message digest (what a nack names)."""
     accepted: Dict[str, AcceptedUpdate] = field(default_factory=dict)
+    failed: Dict[str, str] = field(default_factory=dict)
+    """Per device that reported it could not do the round: its reason (nothing to wait for)."""
     last_accept_s: Optional[float] = None
     collecting: bool = True
     """False once the round stopped collecting: a late update is refused, never acked."""
     spooled: List[Download] = field(default_factory=list)
     """Accepted uploads, read by the strategy's `aggregate`: deleted when the round ends."""
+    specs: Dict[str, Dict[str, Tuple[int, ...]]] = field(default_factory=dict)
+    """Per device assigned another LoRA rank: the names and shapes its update must have."""
 
 
 class Intake:
@@ -129,10 +145,12 @@ class Intake:
         tell_progress: Callable[[Progress], None],
         start_round: int,
         observers: Sequence[RunObserver] = (),
+        check_update: Callable[[TensorFile], None] = refuse_index_tensors,
     ) -> None:
         """`publish` sends answers (acks, nacks); `publish_raw` sends chunk requests (counted
         as round traffic); `tell_progress` hears validated progress of selected devices;
-        the run's `observers` (display only) hear what was accepted."""
+        the run's `observers` (display only) hear what was accepted; `check_update` (the
+        strategy's) refuses an upload whose values its names and shapes cannot rule out."""
         self.config = config
         self.topics = topics
         self.registry = registry
@@ -144,25 +162,36 @@ class Intake:
         self._on_exchange = on_exchange
         self._tell_progress = tell_progress
         self._observers = observers
+        self._check_update = check_update
         self.start_round = start_round
         self.round: Optional[RoundIntake] = None
         self.bytes_up = 0
         """MQTT bytes devices sent since the counter was last reset (per round)."""
         self.messages_handled = 0
+        self._window = SharedWindow()
+        """Uploads pulled at once share one in-flight budget (memory stays flat in devices)."""
         self._profile_keys = {profile_key(r) for r in run_dir.read_profiles()}
         self.round_records: Dict[int, List[PhaseRecord]] = {}
         self._accepted_blobs: Dict[Tuple[str, int], str] = {}
         """(device, round) → blob digest of every update accepted by this process: an identical
         re-send is re-acked even after its round closed (its ack may have been lost)."""
 
-    def open_round(self, task: Task) -> None:
-        self.round = RoundIntake(task.round_index, task)
+    def open_round(
+        self, task: Task, specs: Optional[Dict[str, Dict[str, Tuple[int, ...]]]] = None
+    ) -> None:
+        """Collect `task`'s updates; `specs` (device → spec) replaces the run's update spec for
+        devices that train at another rank."""
+        self.round = RoundIntake(task.round_index, task, specs=dict(specs or {}))
 
     def close_round(self) -> List[AcceptedUpdate]:
         """Stop collecting; the accepted updates, sorted by device id."""
         inbound = self.round
         assert inbound is not None
         inbound.collecting = False
+        for download in inbound.transfers.values():  # unfinished: their window shares go back
+            download.close()
+        inbound.transfers.clear()
+        release_chunk_memory()  # before the strategy allocates the next global state
         return [inbound.accepted[d] for d in sorted(inbound.accepted)]
 
     def release_round(self) -> None:
@@ -211,6 +240,8 @@ class Intake:
                 self._on_profile(device_id, payload)
             elif leaf == "progress":
                 self._on_progress(device_id, payload)
+            elif leaf == "failed":
+                self._on_failed(device_id, payload)
             elif leaf == "telemetry":
                 self._on_telemetry(device_id, payload)
             elif leaf == "exchange" and len(rest) >= 2 and rest[0] == "up":
@@ -233,6 +264,7 @@ class Intake:
                 download.poll()
             except TransferTimeout as exc:
                 del inbound.transfers[device_id]
+                download.close()
                 _, message = inbound.announced[device_id]
                 self._reject(device_id, inbound.round_index, "transfer_timeout", str(exc), message)
 
@@ -308,6 +340,38 @@ class Intake:
         if inbound is not None and progress.round_index == inbound.round_index:
             self._notify(lambda observer: observer.on_progress(progress))
 
+    def _on_failed(self, device_id: str, payload: bytes) -> None:
+        """A selected device that could not do the round in progress is no longer waited for;
+        its reason is the user's one line (a max_length too small, a missing dataset...)."""
+        failure = parse_message(RoundFailure, payload)
+        check_sender(device_id, failure.device_id)
+        inbound = self.round
+        if (
+            inbound is None
+            or not inbound.collecting
+            or failure.round_index != inbound.round_index
+            or device_id not in inbound.task.selected_devices
+            or device_id in inbound.accepted
+        ):
+            log_event(
+                logger,
+                logging.INFO,
+                "device.round_failed.ignored",
+                device_id=device_id,
+                round_index=failure.round_index,
+                reason="not a selected device's round in progress",
+            )
+            return
+        inbound.failed[device_id] = failure.reason
+        log_event(
+            logger,
+            logging.WARNING,
+            "device.round_failed",
+            device_id=device_id,
+            round_index=failure.round_index,
+            reason=failure.reason,
+        )
+
     def _on_telemetry(self, device_id: str, payload: bytes) -> None:
         """Display only, and only while someone watches."""
         if not any(observer.wants_telemetry for observer in self._observers):
@@ -372,7 +436,7 @@ class Intake:
                 f"device {device_id} was not selected for round {inbound.round_index}",
                 "not_selected",
             )
-        if update.base_digest != inbound.task.global_state.digest:
+        if update.base_digest != inbound.task.for_device(device_id).global_state.digest:
             raise ProtocolError("update was computed against another global state", "wrong_base")
         self._store_profiles(device_id, update.profile)
         if device_id in inbound.transfers and inbound.announced[device_id][0].blob == update.blob:
@@ -391,6 +455,7 @@ class Intake:
             max_size_bytes=self.config.transfer.max_update_bytes,
             retry_after_s=self.config.transfer.retry_after_s,
             timeout_s=self.config.transfer.timeout_s,
+            window_bytes=self._window,
         )
         previous = inbound.transfers.pop(device_id, None)
         if previous is not None:
@@ -436,7 +501,7 @@ class Intake:
         del inbound.transfers[device_id]
         update, _ = inbound.announced[device_id]
         try:
-            candidate = self._decode_update(update, download)
+            candidate = self._decode_update(update, download, inbound.specs.get(device_id))
         except BaseException:
             download.close()
             raise
@@ -454,11 +519,20 @@ class Intake:
             round_index=update.round_index,
         )
 
-    def _decode_update(self, update: Update, download: Download) -> AcceptedUpdate:
-        """Validate a complete upload from its spool file, which the strategy then reads
-        lazily (it is kept until the round ends)."""
+    def _decode_update(
+        self,
+        update: Update,
+        download: Download,
+        spec: Optional[Dict[str, Tuple[int, ...]]] = None,
+    ) -> AcceptedUpdate:
+        """Validate a complete upload from its spool file (against `spec`, the device's own
+        when it trains at another rank), which the strategy then reads lazily (it is kept
+        until the round ends)."""
         try:
-            tensors = TensorFile(download.result_path(), self.expected, UPDATE_DTYPES)
+            tensors = TensorFile(
+                download.result_path(), spec or self.expected, (*UPDATE_DTYPES, *INDEX_DTYPES)
+            )
+            self._check_update(tensors)
         except ProtocolError as exc:
             raise ProtocolError(str(exc), exc.code or "invalid_tensors") from None
         bound = self.config.aggregation.max_update_norm

@@ -47,15 +47,31 @@ def progress_text(progress: Progress) -> str:
     )
 
 
+def lora_text(m: RoundMetrics) -> str:
+    """`err 2.1e-02, ranks 4/8/16, 1 refused`: the LoRA aggregation error (worst layer) and what
+    `assignment:` gave; empty when neither applies."""
+    parts = []
+    if m.aggregation_error is not None:
+        parts.append(f"err {m.aggregation_error.worst:.1e}")
+    ranks = sorted({a.rank for a in m.assignments.values() if a.rank is not None})
+    if ranks:
+        parts.append("ranks " + "/".join(str(rank) for rank in ranks))
+    if m.refused:
+        parts.append(f"{len(m.refused)} refused")
+    return ", ".join(parts)
+
+
 def round_line(m: RoundMetrics) -> str:
     """One finished round, for output that is not a terminal (as Flower logs every round)."""
     energy = m.extra.get("energy_j")
     devices = f"{m.num_aggregated}/{plural(m.num_selected, 'device')}"
+    lora = lora_text(m)
     return (
         f"round {m.round_index}: {m.status}, {devices}, "
         f"loss {_opt(m.train_loss, '.3f')}, acc {_opt(m.accuracy, '.3f')}, "
         f"up {_bytes(m.bytes_up)}, down {_bytes(m.bytes_down)}, {m.round_s:.1f} s"
         + ("" if energy is None else f", {energy:.1f} J")
+        + (f", {lora}" if lora else "")
     )
 
 
@@ -89,7 +105,8 @@ class RoundTable:
         table = Table(title=self.title, min_width=len(self.title), caption_justify="left")
         metric = metric_name(self.config.evaluation.metric, self.rows)
         columns = ("round", "devices", "loss", SHORT_NAMES.get(metric, metric), "up", "down")
-        for column in (*columns, "s", "J", "mem"):
+        lora = any(lora_text(m) for m in self.rows)
+        for column in (*columns, "s", "J", "mem", *(("lora",) if lora else ())):
             table.add_column(column, justify="right", no_wrap=True)
         for m in self.rows:
             peak = m.extra.get("peak_rss_bytes")
@@ -103,6 +120,7 @@ class RoundTable:
                 f"{m.round_s:.1f}",
                 _opt(m.extra.get("energy_j"), ".1f"),
                 "n/a" if peak is None else f"{peak / 1e6:.0f} MB",
+                *((lora_text(m),) if lora else ()),
             )
         if len(self.rows) < cfg.rounds.count:
             if self.devices:

@@ -12,6 +12,42 @@ from typing import Dict, List, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class AggregationError(BaseModel):
+    """‖Σ pₖsₖBₖAₖ − s·B̄Ā‖_F / ‖Σ pₖsₖBₖAₖ‖_F per adapted LoRA layer: what the strategy's
+    global adapter misses of the exact mean update (docs/AGGREGATION.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mean: float
+    worst_layer: str
+    worst: float
+    layers: Dict[str, float] = Field(default_factory=dict)
+
+    @classmethod
+    def of(cls, layers: Dict[str, float]) -> Optional[AggregationError]:
+        """The summary of per-layer errors (None without LoRA layers)."""
+        if not layers:
+            return None
+        worst = max(sorted(layers), key=lambda name: layers[name])
+        return cls(
+            mean=sum(layers.values()) / len(layers),
+            worst_layer=worst,
+            worst=layers[worst],
+            layers=dict(sorted(layers.items())),
+        )
+
+
+class DeviceAssignment(BaseModel):
+    """What `assignment:` gave one device this round, and why."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: Optional[int] = None
+    batch_size: int
+    local_steps: Optional[int] = None
+    reason: str
+
+
 class RoundMetrics(BaseModel):
     """What one round achieved and cost, from the coordinator's point of view."""
 
@@ -35,6 +71,11 @@ class RoundMetrics(BaseModel):
     aggregate_s: float = 0.0
     overhead_s: Optional[float] = None
     wall_clock_s: float = 0.0
+    aggregation_error: Optional[AggregationError] = None
+    """LoRA methods: the aggregation error of this round's strategy (None when not aggregated)."""
+    assignments: Dict[str, DeviceAssignment] = Field(default_factory=dict)
+    refused: Dict[str, str] = Field(default_factory=dict)
+    """Devices `assignment:` refused this round (too little memory for any rank): why."""
     extra: Dict[str, float] = Field(default_factory=dict)
 
 

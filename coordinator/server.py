@@ -18,6 +18,7 @@ import time
 from operator import methodcaller
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
+from jetfed.coordinator.assignment import AssignmentPolicy, Refused, memory_estimator
 from jetfed.coordinator.config import (
     ExperimentConfig,
     causal_lm_config,
@@ -27,7 +28,12 @@ from jetfed.coordinator.config import (
 )
 from jetfed.coordinator.inbound import Intake
 from jetfed.coordinator.observer import RunObserver, notify
-from jetfed.coordinator.records import CheckpointState, RoundMetrics
+from jetfed.coordinator.records import (
+    AggregationError,
+    CheckpointState,
+    DeviceAssignment,
+    RoundMetrics,
+)
 from jetfed.coordinator.registry import DeviceRegistry
 from jetfed.coordinator.rundir import RunDir
 from jetfed.coordinator.strategies.base import (
@@ -36,6 +42,7 @@ from jetfed.coordinator.strategies.base import (
     Strategy,
     make_strategy,
 )
+from jetfed.coordinator.strategies.lowrank import TensorSpec, spec_at_rank
 from jetfed.coordinator.update_norm import update_norms
 from jetfed.edge.data import load_task_split
 from jetfed.edge.errors import UserError
@@ -53,6 +60,7 @@ from jetfed.edge.wire import (
     Topics,
     encode_message,
 )
+from jetfed.edge.wire import DeviceAssignment as WireAssignment
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +70,7 @@ DEVICE_TO_COORDINATOR = (
     "update",
     "profile",
     "progress",
+    "failed",
     "telemetry",
     "want",
     "up/#",
@@ -142,6 +151,9 @@ class Coordinator:
         if self._saved_strategy_state:
             self.strategy.load_state(self._saved_strategy_state)
         self.expected = self.strategy.update_spec()
+        self.assignment = self._assignment_policy()
+        self._decisions: Dict[str, Any] = {}
+        """This round's `assignment:` decision per eligible device (DeviceAssignment/Refused)."""
         self.blobs = BlobServer(
             self._publish_raw, config.transfer.chunk_size_bytes, background=True
         )
@@ -163,6 +175,7 @@ class Coordinator:
             publish=self.link.publish,
             publish_raw=self._publish_raw,
             on_exchange=self.strategy.on_exchange,
+            check_update=self.strategy.check_update,
             tell_progress=self._tell_progress,
             observers=self.observers,
             start_round=self.start_round,
@@ -210,6 +223,29 @@ class Coordinator:
         self.global_state = initial.global_state
         self.init = initial.init
         self.run_dir.create(self.config.model_dump(mode="json", exclude={"broker"}))
+
+    def _assignment_policy(self) -> Optional[AssignmentPolicy]:
+        """The `assignment:` policy, after checking that the strategy federates its ranks."""
+        section = self.config.assignment
+        if section is None:
+            return None
+        run_rank = getattr(self.method.config, "rank", None)
+        if run_rank is None:
+            raise UserError(
+                f"assignment: method {self.method.name} has no LoRA rank to assign (lora and "
+                "federa have)"
+            )
+        ranks = {*section.ranks, *(pinned.rank for pinned in section.devices.values())}
+        for rank in sorted(ranks - {run_rank}):
+            self.strategy.device_state(self.global_state, rank)  # refuses what it cannot federate
+        training = self.config.training
+        return AssignmentPolicy(
+            section,
+            memory_estimator(self.method.name, self.config.method.settings(), self.model_ref),
+            batch_size=training.batch_size,
+            local_steps=training.local_steps,
+            round_budget_s=self.config.rounds.deadline_s / 2,
+        )
 
     # ------------------------------------------------------------------ paho thread
 
@@ -320,7 +356,14 @@ class Coordinator:
             num_selected=len(selected),
             num_aggregated=len(accepted),
             overhead_s=overhead_s,
+            assignments={d: self._decisions[d] for d in selected if d in self._decisions},
+            refused={d: str(v) for d, v in self._decisions.items() if isinstance(v, Refused)},
         )
+        if self.assignment is not None:
+            records = self.intake.round_records.get(round_index, [])
+            self.assignment.observe(
+                records, {d: a.batch_size for d, a in metrics.assignments.items()}
+            )
         self._aggregate(metrics, accepted)
         for digest in offered:
             self.blobs.withdraw(digest)
@@ -337,6 +380,7 @@ class Coordinator:
         extra = self.strategy.configure_round(round_index, self.global_state)
         global_manifest = self.blobs.offer_tensors(self.global_state)
         extra_manifests = {name: self.blobs.offer(data) for name, data in extra.items()}
+        assignments, specs, rank_states = self._device_assignments(round_index, selected)
         now = time.time()
         task = Task(
             experiment=self.config.name,
@@ -357,8 +401,9 @@ class Coordinator:
             deadline_unix_s=now + self.config.rounds.deadline_s,
             min_clients=self.config.rounds.min_clients,
             live_telemetry=any(observer.wants_telemetry for observer in self.observers),
+            assignments=assignments,
         )
-        self.intake.open_round(task)
+        self.intake.open_round(task, specs)
         self.link.publish(self.topics.task, encode_message(task), retain=True)
         self._notify(lambda observer: observer.on_task(task))
         log_event(
@@ -368,7 +413,46 @@ class Coordinator:
             round_index=round_index,
             devices=len(selected),
         )
-        return task, [global_manifest.digest, *(m.digest for m in extra_manifests.values())]
+        offered = [global_manifest, *extra_manifests.values(), *rank_states]
+        return task, [manifest.digest for manifest in offered]
+
+    def _device_assignments(
+        self, round_index: int, selected: List[str]
+    ) -> Tuple[Dict[str, WireAssignment], Dict[str, TensorSpec], List[BlobManifest]]:
+        """Each selected device's assignment for the task, the update spec of devices at
+        another rank than the run's, and the global state offered at each such rank."""
+        if self.assignment is None:
+            return {}, {}, []
+        run_rank = self.method.config.rank  # type: ignore[attr-defined]
+        states: Dict[int, BlobManifest] = {}
+        assignments: Dict[str, WireAssignment] = {}
+        specs: Dict[str, TensorSpec] = {}
+        for device_id in selected:
+            decision: DeviceAssignment = self._decisions[device_id]
+            rank = decision.rank or run_rank
+            if rank != run_rank and rank not in states:
+                state = self.strategy.device_state(self.global_state, rank)
+                states[rank] = self.blobs.offer_tensors(state)
+            if rank != run_rank:
+                specs[device_id] = spec_at_rank(self.expected, rank)
+            assignments[device_id] = WireAssignment(
+                method_config={"rank": rank},
+                batch_size=decision.batch_size,
+                local_steps=decision.local_steps,
+                global_state=states.get(rank),
+            )
+            log_event(
+                logger,
+                logging.INFO,
+                "assignment.device",
+                round_index=round_index,
+                device_id=device_id,
+                rank=rank,
+                batch_size=decision.batch_size,
+                local_steps=decision.local_steps,
+                reason=decision.reason,
+            )
+        return assignments, specs, list(states.values())
 
     def _aggregate(self, metrics: RoundMetrics, accepted: List[AcceptedUpdate]) -> None:
         """The strategy's next global state, if at least `min_clients` updates arrived."""
@@ -383,6 +467,7 @@ class Coordinator:
             )
             return
         t0 = time.monotonic()
+        self.strategy.layer_errors = {}
         previous = self.global_state
         self.global_state = self.strategy.aggregate(
             metrics.round_index, self.global_state, accepted
@@ -393,6 +478,17 @@ class Coordinator:
         metrics.extra.update(
             update_norms(previous, self.global_state, facts.get("lora_scaling", 1.0))
         )
+        metrics.aggregation_error = AggregationError.of(self.strategy.layer_errors)
+        if metrics.aggregation_error is not None:
+            log_event(
+                logger,
+                logging.INFO,
+                "round.aggregation_error",
+                round_index=metrics.round_index,
+                mean=f"{metrics.aggregation_error.mean:.3g}",
+                worst_layer=metrics.aggregation_error.worst_layer,
+                worst=f"{metrics.aggregation_error.worst:.3g}",
+            )
         metrics.status = "aggregated"
         total = sum(a.update.num_samples for a in accepted)
         metrics.train_loss = (
@@ -446,11 +542,7 @@ class Coordinator:
         partition = self.config.data.partition
         deadline = time.monotonic() + rounds.wait_for_devices_s
         eligible: List[str] = []
-        # with a quorum already ready, the first pass only takes what is queued: waiting 0.2 s
-        # for a message that may not come was most of a 10-device simulated round
-        wait_s = 0.2
-        if self._announcements_settled and len(self.registry.ready()) >= rounds.min_clients:
-            wait_s = 0.0
+        wait_s = 0.0  # first what is already queued: between rounds the fleet is usually ready
         while True:
             self._pump(wait_s)
             wait_s = 0.2
@@ -466,7 +558,7 @@ class Coordinator:
                     self.registry.assign_indices(ready, partition.num_clients)
                 else:
                     self.registry.assign_indices(ready, len(self.registry.devices) + 1)
-            eligible = [d for d in ready if d in self.registry.client_indices]
+            eligible = self._assignable([d for d in ready if d in self.registry.client_indices])
             if len(eligible) >= rounds.min_clients or self._stop:
                 break
             if time.monotonic() > deadline:
@@ -478,6 +570,15 @@ class Coordinator:
         count = rounds.clients_per_round or len(eligible)
         rng = random.Random(self.config.seed * 7919 + round_index)
         return sorted(rng.sample(eligible, min(count, len(eligible))))
+
+    def _assignable(self, devices: List[str]) -> List[str]:
+        """`devices` less those `assignment:` refuses (each refusal logged once)."""
+        if self.assignment is None:
+            return devices
+        records = [self.registry.devices[d] for d in devices]
+        hellos = {r.device_id: r.hello for r in records if r.hello is not None}
+        self._decisions = self.assignment.assign(sorted(hellos), hellos)
+        return [d for d in devices if isinstance(self._decisions.get(d), DeviceAssignment)]
 
     def _settle_announcements(self, quiet_s: float = 0.3, cap_s: float = 3.0) -> None:
         """Once per process, at the first quorum: devices already waiting announce themselves as
@@ -499,12 +600,31 @@ class Coordinator:
         deadline_s = time.monotonic() + (task.deadline_unix_s - time.time())
         selected = set(task.selected_devices)
         while (
-            set(inbound.accepted) != selected and time.monotonic() < deadline_s and not self._stop
+            set(inbound.accepted) | set(inbound.failed) != selected
+            and time.monotonic() < deadline_s
+            and not self._stop
         ):
             self._pump(0.1)
-            if self._only_offline_devices_missing(selected - set(inbound.accepted)):
+            missing = selected - set(inbound.accepted) - set(inbound.failed)
+            if self._only_offline_devices_missing(missing) or self._quorum_unreachable(selected):
                 break
             self.intake.poll_transfers()
+
+    def _quorum_unreachable(self, selected: Set[str]) -> bool:
+        """So many selected devices reported failing that min_clients updates cannot arrive."""
+        inbound = self.intake.round
+        assert inbound is not None
+        if len(selected) - len(inbound.failed) >= self.config.rounds.min_clients:
+            return False
+        log_event(
+            logger,
+            logging.WARNING,
+            "round.closed_early",
+            round_index=inbound.round_index,
+            failed=",".join(sorted(inbound.failed)),
+            reason=f"fewer than rounds.min_clients={self.config.rounds.min_clients} can answer",
+        )
+        return True
 
     def _only_offline_devices_missing(self, missing: Set[str]) -> bool:
         """Quorum is in and every missing device has been offline for the grace period: waiting

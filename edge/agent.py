@@ -34,12 +34,14 @@ from jetfed.edge.telemetry.sampler import DEFAULT_RATE_HZ, Sampler
 from jetfed.edge.transfer import Download, TransferTimeout
 from jetfed.edge.wire import (
     ID_PATTERN,
+    ROUND_FAILURE_REASON_CHARS,
     Ack,
     Announcement,
     BlobManifest,
     Hello,
     Nack,
     ProfileBatch,
+    RoundFailure,
     Task,
     Topics,
     Update,
@@ -326,6 +328,7 @@ class EdgeAgent:
         if self.device_id not in task.selected_devices:
             log_event(logger, logging.INFO, "round.not_selected", round_index=task.round_index)
             return
+        task = task.for_device(self.device_id)  # its rank, budget and starting state
         if time.time() > task.deadline_unix_s:
             log_event(logger, logging.WARNING, "round.past_deadline", round_index=task.round_index)
             self._finished_rounds[task.round_index] = "late"
@@ -355,9 +358,22 @@ class EdgeAgent:
             log_event(
                 logger, logging.WARNING, "round.failed", round_index=task.round_index, reason=exc
             )
-            self._finished_rounds[task.round_index] = "failed"
+            self._report_failure(task, str(exc))
+        except Exception as exc:  # a bug or an OOM in one round must not take the device away
+            logger.exception("round.crashed round_index=%s", task.round_index)
+            self._report_failure(task, f"{type(exc).__name__}: {exc}")
         finally:
             self._publish_profile(task.round_index)
+
+    def _report_failure(self, task: Task, reason: str) -> None:
+        """Tell the coordinator this round will bring no update, and why (its log's one line)."""
+        self._finished_rounds[task.round_index] = "failed"
+        failure = RoundFailure(
+            device_id=self.device_id,
+            round_index=task.round_index,
+            reason=reason[:ROUND_FAILURE_REASON_CHARS],
+        )
+        self.link.publish(self.topics.device(self.device_id, "failed"), encode_message(failure))
 
     def _needed_blobs(self, task: Task) -> Dict[str, BlobManifest]:
         needed = {"global": task.global_state, **task.extra_blobs}

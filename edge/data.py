@@ -101,6 +101,19 @@ def split_file(folder: Path, split: str) -> Path:
     raise UserError(f"{folder}: no {split}.jsonl, {split}.csv or {split}.parquet")
 
 
+def check_labels(labels: Sequence[int], num_labels: Optional[int], source: str) -> None:
+    """A device's labels must be classes of the experiment's model: a label beyond its head
+    would fail deep inside the loss, as an index error, on the device only."""
+    if num_labels is None or not labels:
+        return
+    low, high = min(labels), max(labels)
+    if low < 0 or high >= num_labels:
+        raise UserError(
+            f"--data {source}: labels {low}..{high} do not fit the experiment's model "
+            f"(num_labels={num_labels}); give this device data of the experiment's task"
+        )
+
+
 def load_task_split(source: str, split: str, causal: bool) -> Any:
     """A split as the model's kind needs it: instruction data (`jetfed.edge.instructions`) for
     causal LMs, a TextDataset for classifiers."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Protocol, Tuple
 
-from jetfed.edge.data import load_task_split, partition
+from jetfed.edge.data import check_labels, load_task_split, partition
 from jetfed.edge.errors import UserError
 from jetfed.edge.exchange import Exchange
 from jetfed.edge.methods.base import FederatedMethod, LocalResult, LocalRound, get_method
@@ -81,6 +81,11 @@ class LocalTrainer:
         self._shards: Dict[Tuple[str, str, bool, str, int], Any] = {}
         self._lock = threading.Lock()
 
+    @property
+    def built_model(self) -> Any:
+        """The model built last (None before the first round)."""
+        return self._model.model if self._model is not None else None
+
     def needs_init(self, task: Task) -> bool:
         """Whether the task's fixed init must be downloaded (the model is not built from it)."""
         return task.init_state is not None and (
@@ -137,7 +142,10 @@ class LocalTrainer:
             raise UserError("this device has no data: pass --data DIR (or JETFED_DATA)")
         source = (data, split, causal)
         if source not in self._full:
-            self._full[source] = load_task_split(data, split, causal)
+            loaded = load_task_split(data, split, causal)
+            if not causal:
+                check_labels(loaded.labels, task.model.num_labels, data)
+            self._full[source] = loaded
         full = self._full[source]
         spec = task.partition
         if spec.kind != "none" and not 0 <= client_index < spec.num_clients:

@@ -21,7 +21,7 @@ and the LoRA target layers are exact for any architecture transformers knows. On
 
 What the DEVICE holds is the method's own fact: `FederatedMethod.memory_footprint(model)` counts
 held and trainable parameters, the layers whose activations are kept and the forward graphs per
-step, with the counting helpers below (`lora_params`, `client_params`, `head_params`). So any
+step, with the counting helpers below (`lora_params`, `head_params`). So any
 registered method is budgeted, and a new one that trains every weight is by default.
 """
 
@@ -118,16 +118,6 @@ def _layer_index(name: str) -> Optional[int]:
         if before in ("layer", "layers", "h", "block") and part.isdigit():
             return int(part)
     return None
-
-
-def client_params(model: Any, layers: int) -> int:
-    """Split learning: the device holds the embeddings and the first `layers` layers."""
-    held = 0
-    for name, param in model.named_parameters():
-        index = _layer_index(name)
-        if "embed" in name or (index is not None and index < layers):
-            held += param.numel()
-    return held
 
 
 def head_params(model: Any) -> int:

@@ -13,6 +13,7 @@ import contextlib
 import io
 import logging
 import os
+import threading
 import warnings
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
@@ -78,9 +79,25 @@ def require_installed(name_or_path: str, revision: Optional[str] = None) -> None
         )
 
 
+LOADING = threading.RLock()
+"""Held by `quiet_transformers`, i.e. while transformers or PEFT builds, loads or saves a model:
+they swap process-wide state (the default device of the meta-device init, patched
+`torch.nn.init`, the global seed a new head is drawn from, the library's verbosity, its lazy
+imports), so two threads of one process (agents in a simulation or a test) loading at once
+failed intermittently ("Cannot copy out of meta tensor", "cannot import name
+AutoModelForCausalLM")."""
+
+
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """transformers 5 prints load reports and progress bars; keep library output quiet."""
+    """transformers 5 prints load reports and progress bars; keep library output quiet. One
+    thread at a time (LOADING)."""
+    with LOADING, _library_output_quiet():
+        yield
+
+
+@contextlib.contextmanager
+def _library_output_quiet() -> Iterator[None]:
     from transformers.utils import logging as hf_logging
 
     previous = hf_logging.get_verbosity()
@@ -144,12 +161,13 @@ def load_causal_lm(ref: ModelRef) -> PreTrainedModel:
     """A causal LM with fp32 weights (training autocasts on CUDA, see `autocast_dtype`), named
     after `ref.name_or_path` so exported adapters name the model, not a cache folder."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     kwargs: Dict[str, Any] = {}
     if ref.num_hidden_layers is not None:
         kwargs["num_hidden_layers"] = ref.num_hidden_layers
     with quiet_transformers():
+        from transformers import AutoModelForCausalLM
+
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 resolve_model_path(ref.name_or_path),
@@ -196,14 +214,15 @@ def autocast_dtype(ref: ModelRef, device: str) -> Optional[Any]:
 def load_classifier(ref: ModelRef, seed: int = 0) -> PreTrainedModel:
     """A sequence classifier with `ref.num_labels` outputs; the new head is seeded."""
     import torch
-    from transformers import AutoModelForSequenceClassification
 
     path = resolve_model_path(ref.name_or_path, ref.revision)
     kwargs: Dict[str, Any] = {"num_labels": ref.num_labels}
     if ref.num_hidden_layers is not None:
         kwargs["num_hidden_layers"] = ref.num_hidden_layers
-    torch.manual_seed(seed)
     with quiet_transformers():
+        from transformers import AutoModelForSequenceClassification
+
+        torch.manual_seed(seed)
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
                 path, revision=ref.revision, dtype=torch.float32, **kwargs

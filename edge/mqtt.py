@@ -20,7 +20,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 from urllib.parse import urlparse
 
 import paho.mqtt.client as paho
@@ -40,6 +40,11 @@ CONNECT_RETRY_S = 1.0
 RETRYABLE_REFUSALS = (136, 137)
 PROBE_ATTEMPTS = 3
 PROBE_WAIT_S = 5.0
+SUBSCRIBE_ATTEMPTS = 5
+SUBSCRIBE_RETRY_S = 1.0
+"""A subscription the broker refuses (SUBACK failure) is asked for again, 1 s, 2 s, 4 s ...
+apart, up to SUBSCRIBE_ATTEMPTS in all, then one error line: nothing on that topic would ever
+arrive."""
 PROBE_TOPIC_HEADROOM_BYTES = 256
 """Probe payloads are this much larger than a chunk: the longest chunk topic minus the probe's."""
 NOT_AUTHORISED = (134, 135)  # bad user name or password, not authorised
@@ -173,6 +178,12 @@ class MqttLink:
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
         self._client.on_connect_fail = self._handle_connect_fail
+        self._client.on_subscribe = self._handle_subscribe
+        self._subscribing: Dict[int, str] = {}  # message id → topic, until its SUBACK
+        self._subscribe_lock = threading.Lock()
+        self._refusals: Dict[str, int] = {}
+        self.refused_subscriptions: Dict[str, str] = {}
+        """Topic → the broker's reason, for subscriptions it kept refusing (given up)."""
         self._endpoints = [(h, p) for h, p, _ in spec.endpoints()]
         self._current = 0
         self._host, self._port = host, port
@@ -319,7 +330,9 @@ class MqttLink:
                     return
         finally:
             self._client.unsubscribe(topic)
-            self._handlers.remove(entry)
+            # a copy of an earlier try may still be on its way: swallowed here, it never
+            # reaches the inbox (where it read as a rejected message at every start)
+            self._handlers[self._handlers.index(entry)] = (topic.__eq__, lambda *_: None)
         raise UserError(
             f"the broker at {self.broker_url} never delivered a {len(probe)}-byte message "
             f"({PROBE_ATTEMPTS} tries in {time.monotonic() - started_s:.0f} s): its message "
@@ -362,8 +375,9 @@ class MqttLink:
                     return
             log_event(logger, logging.WARNING, "mqtt.refused", reason=str(reason_code))
             return
+        self._refusals.clear()
         for topic in self._subscriptions:
-            client.subscribe(topic, qos=1)
+            self._subscribe(topic)
         self.connect_count += 1
         log_event(
             logger, logging.INFO, "mqtt.connected", client_id=self.client_id, broker=self.broker_url
@@ -372,6 +386,45 @@ class MqttLink:
         self._answered.set()
         if self._on_connected is not None:
             self._on_connected()
+
+    def _subscribe(self, topic: str) -> None:
+        with self._subscribe_lock:  # its SUBACK may come back before subscribe() returns
+            result, mid = self._client.subscribe(topic, qos=1)
+            if result == paho.MQTT_ERR_SUCCESS and mid is not None:
+                self._subscribing[mid] = topic
+
+    def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # type: ignore[no-untyped-def]
+        """A refused subscription is asked for again, then given up with one error line. A
+        NATS cluster refuses one when it cannot create the session's consumer in time (load, a
+        node that just died); without asking again, that topic would stay silent for good."""
+        with self._subscribe_lock:
+            topic = self._subscribing.pop(mid, None)
+        failed = [code for code in reason_codes if code.is_failure]
+        if topic is None or not failed:
+            return
+        attempt = self._refusals.get(topic, 0) + 1
+        self._refusals[topic] = attempt
+        if attempt < SUBSCRIBE_ATTEMPTS:
+            log_event(
+                logger, logging.WARNING, "mqtt.subscribe_refused", topic=topic,
+                reason=str(failed[0]), attempt=attempt,
+            )  # fmt: skip
+            retry = threading.Timer(
+                SUBSCRIBE_RETRY_S * 2 ** (attempt - 1), self._resubscribe, (topic,)
+            )
+            retry.daemon = True
+            retry.start()
+            return
+        self.refused_subscriptions[topic] = str(failed[0])
+        log_event(
+            logger, logging.ERROR, "mqtt.subscription_refused", topic=topic,
+            broker=self.broker_url, reason=str(failed[0]), attempts=attempt,
+            hint="the broker's ACL or limits refuse it: nothing on this topic will arrive",
+        )  # fmt: skip
+
+    def _resubscribe(self, topic: str) -> None:
+        if self._connected.is_set() and not self._closing:
+            self._subscribe(topic)
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         if self._connected.is_set() and not self._closing:

@@ -8,16 +8,19 @@ received file (names, shapes, dtypes, finite values; refused with ProtocolError 
 
 Wire dtypes: fp32, fp16, bf16, and int8 (per-row scales, `jetfed.edge.compression`), which stores
 each tensor as int8 under its name plus its scales under `name + SCALE_SUFFIX`, and says so in the
-safetensors metadata.
+safetensors metadata. The wire dtype applies to floating tensors; integer tensors (token indices
+of kd's top-k payloads, `jetfed.edge.topk`) travel as they are, uint16 or int32, and a receiver
+accepts them only when it allows those dtypes (`INDEX_DTYPES`); they are read as exact fp32 values
+(every integer below 2^24) and take no part in the finiteness check or the L2 norm.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import struct
-from io import FileIO
-from typing import TYPE_CHECKING, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from jetfed.edge.compression import dequantize_int8, quantize_int8, scale_shape
 from jetfed.edge.errors import ProtocolError
@@ -29,11 +32,22 @@ if TYPE_CHECKING:
 
 FLOAT_DTYPES = ("fp32", "fp16", "bf16")
 UPDATE_DTYPES = (*FLOAT_DTYPES, "int8")
+INDEX_DTYPES = ("uint16", "int32")
 SCALE_SUFFIX = ":scale"
 COMPRESSION_KEY = "jetfed.compression"
+Readable = Union[io.FileIO, io.BytesIO]
+"""A file, or a whole file read into memory (`TensorFile.whole`)."""
 ROW_BLOCK_BYTES = 2 << 20
-_ST_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "int8": "I8"}
-_ITEM_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1}
+_ST_DTYPES = {
+    "fp32": "F32",
+    "fp16": "F16",
+    "bf16": "BF16",
+    "int8": "I8",
+    "uint16": "U16",
+    "int32": "I32",
+}
+_ITEM_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U16": 2, "I32": 4}
+_INDEX_ST_DTYPES = {_ST_DTYPES[name] for name in INDEX_DTYPES}
 _WIRE_DTYPE_OF = {stored: wire for wire, stored in _ST_DTYPES.items()}
 
 
@@ -45,7 +59,19 @@ def _torch_dtype(name: str) -> torch.dtype:
         "fp16": torch.float16,
         "bf16": torch.bfloat16,
         "int8": torch.int8,
+        "uint16": torch.uint16,
+        "int32": torch.int32,
     }[name]
+
+
+def _index_dtype(tensor: torch.Tensor) -> Optional[str]:
+    """The wire name of an integer tensor's dtype (None for floating tensors)."""
+    if tensor.is_floating_point():
+        return None
+    for name in INDEX_DTYPES:
+        if tensor.dtype == _torch_dtype(name):
+            return name
+    raise ValueError(f"integer tensors travel as {INDEX_DTYPES}, not {tensor.dtype}")
 
 
 def _entries(
@@ -55,8 +81,9 @@ def _entries(
     entries: List[Tuple[str, str, Tuple[int, ...]]] = []
     for name, tensor in tensors.items():
         shape = tuple(tensor.shape)
-        entries.append((name, dtype, shape))
-        if dtype == "int8":
+        index_dtype = _index_dtype(tensor)
+        entries.append((name, index_dtype or dtype, shape))
+        if dtype == "int8" and index_dtype is None:
             entries.append((name + SCALE_SUFFIX, "fp32", scale_shape(shape)))
     return entries
 
@@ -92,11 +119,12 @@ def write_tensor_file(path: str, tensors: Mapping[str, torch.Tensor], dtype: str
     with open(path, "wb") as handle:
         handle.write(_header(_entries(tensors, dtype), dtype))
         for tensor in tensors.values():
-            parts = (
-                quantize_int8(tensor)
-                if dtype == "int8"
-                else (tensor.detach().to("cpu", _torch_dtype(dtype)),)
-            )
+            if _index_dtype(tensor) is not None:
+                parts: Tuple[torch.Tensor, ...] = (tensor.detach().to("cpu"),)
+            elif dtype == "int8":
+                parts = quantize_int8(tensor)
+            else:
+                parts = (tensor.detach().to("cpu", _torch_dtype(dtype)),)
             for part in parts:
                 flat = part.contiguous().reshape(-1).view(torch.uint8)
                 handle.write(flat.numpy().data)
@@ -121,6 +149,8 @@ class TensorFile(Mapping[str, "torch.Tensor"]):
         self.compression = self._read_header(expected, allow_dtypes)
         squares = 0.0
         for name in self._shapes:
+            if self.is_index(name):
+                continue
             for _, block in self.row_blocks(name):
                 self._check_finite(name, block)
                 # fp64 accumulation without an fp64 copy of the block (3x cheaper than .double())
@@ -157,10 +187,15 @@ class TensorFile(Mapping[str, "torch.Tensor"]):
                 raise ProtocolError(
                     f"tensor names differ: missing {missing[:3]}, unexpected {unknown[:3]}"
                 )
-        allowed = {_ST_DTYPES[d] for d in allow_dtypes if d in FLOAT_DTYPES}
+        allowed = {_ST_DTYPES[d] for d in allow_dtypes if d in (*FLOAT_DTYPES, *INDEX_DTYPES)}
         for name, shape in shapes.items():
             st_dtype = stored[name][0]
-            if quantized:
+            if st_dtype in _INDEX_ST_DTYPES:
+                if st_dtype not in allowed:
+                    raise ProtocolError(
+                        f"tensor {name} has dtype {st_dtype}, allowed {allow_dtypes}"
+                    )
+            elif quantized:
                 scales = stored.get(name + SCALE_SUFFIX)
                 if st_dtype != "I8" or scales != ("F32", scale_shape(shape)):
                     raise ProtocolError(f"tensor {name} is not int8 with fp32 per-row scales")
@@ -178,6 +213,10 @@ class TensorFile(Mapping[str, "torch.Tensor"]):
         self._data_start = 8 + length
         self._offsets = {name: int(header[name]["data_offsets"][0]) for name in stored}
         return "int8" if quantized else ""
+
+    def is_index(self, name: str) -> bool:
+        """Whether tensor `name` is stored as integers (uint16 or int32)."""
+        return self._stored[name][0] in _INDEX_ST_DTYPES
 
     @staticmethod
     def _check_finite(name: str, block: torch.Tensor) -> None:
@@ -197,12 +236,21 @@ class TensorFile(Mapping[str, "torch.Tensor"]):
             for start, end in row_ranges(self._shapes[name], max_bytes):
                 yield start, self._read(handle, name, start, end)
 
+    def whole(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        """(name, fp32 tensor) of every tensor, from one read of the file: for small payloads
+        read many times over (a thousand LoRA uploads), where a read per tensor costs more than
+        the data."""
+        with open(self.path, "rb", buffering=0) as handle:
+            data = io.BytesIO(handle.read())
+        for name, shape in self._shapes.items():
+            yield name, self._read(data, name, 0, shape[0] if len(shape) >= 2 else 0)
+
     def rows(self, name: str, start: int, end: int) -> torch.Tensor:
         """Rows [start, end) of `name` as fp32 (the whole tensor when it has no rows)."""
         with open(self.path, "rb", buffering=0) as handle:
             return self._read(handle, name, start, end)
 
-    def _read(self, handle: FileIO, name: str, start: int, end: int) -> torch.Tensor:
+    def _read(self, handle: Readable, name: str, start: int, end: int) -> torch.Tensor:
         """Rows [start, end) of `name` as fp32 (the whole tensor when it has no rows)."""
         import torch
 
@@ -216,12 +264,12 @@ class TensorFile(Mapping[str, "torch.Tensor"]):
                 handle, name, start * row, (end - start) * row, (end - start, *shape[1:])
             )
             scale_span = (start, end - start, (end - start,))
-        if self.compression == "int8":
+        if self.compression == "int8" and not self.is_index(name):
             return dequantize_int8(values, self._raw(handle, name + SCALE_SUFFIX, *scale_span))
         return values.to(torch.float32)
 
     def _raw(
-        self, handle: FileIO, stored: str, first: int, count: int, shape: Tuple[int, ...]
+        self, handle: Readable, stored: str, first: int, count: int, shape: Tuple[int, ...]
     ) -> torch.Tensor:
         """`count` elements of stored tensor `stored` from element `first`, as stored."""
         import torch
@@ -255,6 +303,13 @@ class TensorFile(Mapping[str, "torch.Tensor"]):
         return dict(self._shapes)
 
 
+def refuse_index_tensors(tensors: TensorFile) -> None:
+    """An update of weights has no integer tensors: refuse one (what most strategies check)."""
+    for name in tensors:
+        if tensors.is_index(name):
+            raise ProtocolError(f"tensor {name} holds integers, not weights", "invalid_tensors")
+
+
 def row_ranges(shape: Sequence[int], max_bytes: int = ROW_BLOCK_BYTES) -> Iterator[Tuple[int, int]]:
     """[start, end) row ranges of ~`max_bytes` of fp32 each; one range (0, 1) for tensors
     without rows (fewer than 2 dimensions), which are always read whole."""
@@ -275,6 +330,17 @@ def read_rows(tensors: Mapping[str, torch.Tensor], name: str, start: int, end: i
         return tensors.rows(name, start, end)
     tensor = tensors[name].to(torch.float32)
     return tensor[start:end] if tensor.dim() >= 2 else tensor
+
+
+def whole_tensors(tensors: Mapping[str, torch.Tensor]) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, fp32 tensor) of every tensor: one read of a TensorFile's file, or the mapping's."""
+    import torch
+
+    if isinstance(tensors, TensorFile):
+        yield from tensors.whole()
+    else:
+        for name, tensor in tensors.items():
+            yield name, tensor.to(torch.float32)
 
 
 def row_blocks(

@@ -5,16 +5,23 @@ asks for what it is missing, re-asks when progress stalls, verifies every chunk 
 manifest and the whole payload against its digest. Asking again after a reconnect is the resume:
 only missing chunks travel again, and duplicates are ignored.
 
-Memory stays at a few chunks per transfer whatever the payload size (KB adapters to GB models):
+Memory stays at one window per receiver whatever the payload size (KB adapters to GB models):
 big blobs are served from files (`offer_file`, `offer_tensors`) read one chunk at a time, a
-download writes each verified chunk straight to a file on disk, and a receiver with a
-`window_bytes` keeps only that much asked-for-but-not-received data in flight (in the broker,
-both MQTT clients and the receiver's inbox), asking for more as chunks land.
+download writes each verified chunk straight to a file on disk, and a receiver keeps only a window
+of asked-for-but-not-received data in flight (in the broker, both MQTT clients and the receiver's
+inbox), asking for more as chunks land.
+
+Speed is the depth of that window: each ask costs a round trip through the broker and the
+holder's process, so a shallow window leaves the link idle between batches (measured on a loaded
+loopback Mosquitto: with 8 MiB an ask took ~47 ms to come back as chunks; docs/RESULTS.md). A
+receiver pulling several blobs at once (the coordinator, five uploads) shares one `SharedWindow`
+among them: a lone transfer gets the whole depth, five together hold no more in flight than one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import logging
 import os
@@ -24,7 +31,18 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Mapping, Optional, Set, Tuple
+from typing import (
+    TYPE_CHECKING,
+    Callable,
+    Deque,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Set,
+    Tuple,
+    Union,
+)
 
 from jetfed.edge.errors import ProtocolError
 from jetfed.edge.logs import log_event
@@ -39,8 +57,21 @@ logger = logging.getLogger(__name__)
 Publish = Callable[[str, bytes], None]
 ChunkTopic = Callable[[str, int], str]
 
-DEFAULT_WINDOW_BYTES = 8 << 20
-"""Asked-for, not yet received data per download: enough to keep a loopback link busy."""
+DEFAULT_WINDOW_BYTES = 32 << 20
+"""Asked-for, not yet received data per download (or per receiver, shared): deep enough to
+hide the ask → chunk round trip on a loaded loopback link."""
+MIN_WINDOW_CHUNKS = 2
+
+
+def release_chunk_memory() -> None:
+    """Hand freed chunk buffers back to the OS (glibc only; elsewhere nothing happens).
+
+    Chunks are allocated on paho's network thread, in its malloc arena, and freed on the
+    protocol thread; glibc keeps such freed memory mapped (measured: ~50 MB after five 538 MB
+    uploads), so the aggregation that follows would stack the next global state on top of it.
+    A receiver calls this once a burst of transfers is over."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class TransferTimeout(Exception):
@@ -209,12 +240,32 @@ class BlobServer:
                 log_event(logger, logging.WARNING, "blob.serve_failed", reason=exc)
 
 
+class SharedWindow:
+    """One receiver's in-flight budget, split evenly among its open downloads (each keeps at
+    least `MIN_WINDOW_CHUNKS`). A download that finishes or closes hands its share back to the
+    others as their next chunks land; owned by one thread, like the downloads."""
+
+    def __init__(self, budget_bytes: int = DEFAULT_WINDOW_BYTES) -> None:
+        self.budget_bytes = budget_bytes
+        self._open: Set[int] = set()
+
+    def join(self, download: Download) -> None:
+        self._open.add(id(download))
+
+    def leave(self, download: Download) -> None:
+        self._open.discard(id(download))
+
+    def share_bytes(self) -> int:
+        return self.budget_bytes // max(1, len(self._open))
+
+
 class Download:
     """Receives one blob into a file: verifies chunks, tracks what is missing, re-asks on stalls.
 
     With `window_bytes`, at most that much is asked for and not yet received at any time (more is
-    asked for as chunks land); without it, everything missing is asked for at once. A chunk
-    failing its checks is asked for again at once. Call `close()` when done (deletes the file).
+    asked for as chunks land); with a `SharedWindow`, this download's share of it; with None,
+    everything missing is asked for at once. A chunk failing its checks is asked for again at
+    once. Call `close()` when done (deletes the file).
     """
 
     def __init__(
@@ -224,7 +275,7 @@ class Download:
         max_size_bytes: int,
         retry_after_s: float = 5.0,
         timeout_s: float = 120.0,
-        window_bytes: Optional[int] = DEFAULT_WINDOW_BYTES,
+        window_bytes: Union[int, SharedWindow, None] = DEFAULT_WINDOW_BYTES,
         spool_dir: Optional[str] = None,
     ) -> None:
         if manifest.size_bytes > max_size_bytes:
@@ -237,15 +288,12 @@ class Download:
         self._retry_after_s = retry_after_s
         self._timeout_s = timeout_s
         count = manifest.chunk_count
-        self._window_chunks = (
-            count if window_bytes is None else max(2, window_bytes // manifest.chunk_size_bytes)
-        )
+        self._window = window_bytes
         self._missing: Set[int] = set(range(count))
         self._in_flight: Set[int] = set()
         self._not_asked: Deque[int] = deque(range(count))
-        handle, self.path = tempfile.mkstemp(prefix="jetfed-download-", dir=spool_dir)
-        self._file = os.fdopen(handle, "r+b")
-        self._file.truncate(manifest.size_bytes)
+        self._fd, self.path = tempfile.mkstemp(prefix="jetfed-download-", dir=spool_dir)
+        os.ftruncate(self._fd, manifest.size_bytes)
         self._whole = hashlib.sha256()
         self._hashed_chunks = 0
         self._last_progress_s = time.monotonic()
@@ -255,6 +303,8 @@ class Download:
         self.rejected_chunks = 0
         self.requests_sent = 0
         self.chunks_requested = 0
+        self.retries_without_progress = 0
+        """Re-asks since the last chunk landed: at most timeout_s / retry_after_s."""
 
     @property
     def complete(self) -> bool:
@@ -264,7 +314,21 @@ class Download:
         return sorted(self._missing)
 
     def start(self) -> None:
+        if isinstance(self._window, SharedWindow):
+            self._window.join(self)
         self._fill()
+
+    def _window_chunks(self) -> int:
+        if self._window is None:
+            return self.manifest.chunk_count
+        window_bytes = (
+            self._window.share_bytes() if isinstance(self._window, SharedWindow) else self._window
+        )
+        return max(MIN_WINDOW_CHUNKS, window_bytes // self.manifest.chunk_size_bytes)
+
+    def _leave_window(self) -> None:
+        if isinstance(self._window, SharedWindow):
+            self._window.leave(self)
 
     def _ask(self, indices: List[int]) -> None:
         self._last_request_s = time.monotonic()
@@ -274,10 +338,11 @@ class Download:
 
     def _fill(self) -> None:
         """Ask for more chunks once at most half the window is still in flight."""
-        if len(self._in_flight) > self._window_chunks // 2:
+        window_chunks = self._window_chunks()
+        if len(self._in_flight) > window_chunks // 2:
             return
         fresh: List[int] = []
-        while self._not_asked and len(self._in_flight) + len(fresh) < self._window_chunks:
+        while self._not_asked and len(self._in_flight) + len(fresh) < window_chunks:
             index = self._not_asked.popleft()
             if index in self._missing:
                 fresh.append(index)
@@ -305,13 +370,16 @@ class Download:
             self._in_flight.add(index)
             self._ask([index])
             raise ProtocolError(problem, "bad_chunk")
-        self._file.seek(start)
-        self._file.write(payload)
+        os.pwrite(self._fd, payload, start)
         self._missing.discard(index)
         self._in_flight.discard(index)
         self._hash_prefix(index, payload)
         self._last_progress_s = time.monotonic()
-        self._fill()
+        self.retries_without_progress = 0
+        if self._missing:
+            self._fill()
+        else:
+            self._leave_window()
         return True
 
     def _hash_prefix(self, index: int, payload: bytes) -> None:
@@ -325,8 +393,7 @@ class Download:
             self._hashed_chunks not in self._missing
         ):
             start, end = self.manifest.chunk_range(self._hashed_chunks)
-            self._file.seek(start)
-            self._whole.update(self._file.read(end - start))
+            self._whole.update(os.pread(self._fd, end - start, start))
             self._hashed_chunks += 1
 
     def poll(self) -> None:
@@ -335,12 +402,9 @@ class Download:
             return
         now = time.monotonic()
         if now - self._last_progress_s > self._timeout_s:
-            raise TransferTimeout(
-                f"blob {self.manifest.digest[:12]}: {len(self._missing)} of "
-                f"{self.manifest.chunk_count} chunks missing after {self._timeout_s:.0f} s "
-                "without progress"
-            )
+            raise TransferTimeout(self._stall_text())
         if now - max(self._last_progress_s, self._last_request_s) > self._retry_after_s:
+            self.retries_without_progress += 1
             log_event(
                 logger,
                 logging.INFO,
@@ -354,13 +418,26 @@ class Download:
             else:
                 self._fill()
 
+    def _stall_text(self) -> str:
+        """Why a transfer stalls, in one line. A broker drops a publish above its size limit
+        without a word (MQTT 3.1.1 has no way to say so), which looks exactly like a holder
+        that went away: both are named, with the size that would have to pass."""
+        largest = max(end - start for start, end in map(self.manifest.chunk_range, self._missing))
+        return (
+            f"blob {self.manifest.digest[:12]}: {len(self._missing)} of "
+            f"{self.manifest.chunk_count} chunks missing after {self._timeout_s:.0f} s without "
+            f"progress (asked again {self.retries_without_progress} times): the holder is gone, "
+            f"or the broker drops messages of {largest} bytes (a size limit below the chunk "
+            "size: Mosquitto message_size_limit, NATS max_payload, EMQX max_packet_size; lower "
+            "transfer.chunk_size_bytes or raise the limit)"
+        )
+
     def result_path(self) -> str:
         """The file holding the whole payload, verified against the manifest digest."""
         if not self.complete:
             raise ProtocolError("transfer incomplete")
         if self._whole.hexdigest() != self.manifest.digest:
             raise ProtocolError("payload digest mismatch", "digest_mismatch")
-        self._file.flush()
         return self.path
 
     def result(self) -> bytes:
@@ -369,9 +446,11 @@ class Download:
             return handle.read()
 
     def close(self) -> None:
-        """Delete the spool file (idempotent)."""
-        if not self._file.closed:
-            self._file.close()
+        """Delete the spool file and hand back the window share (idempotent)."""
+        self._leave_window()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         _unlink_quietly(self.path)
 
     def __del__(self) -> None:

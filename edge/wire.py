@@ -202,6 +202,17 @@ class PartitionSpec(WireModel):
     (0: one draw, as before)."""
 
 
+class DeviceAssignment(WireModel):
+    """What a round asks of one device beyond the shared task (the coordinator's
+    `assignment:`): its own method settings (a LoRA rank), budget, and, at another rank than
+    the run's, its own starting state."""
+
+    method_config: Dict[str, Any] = Field(default_factory=dict, max_length=MAX_MAP_ENTRIES)
+    batch_size: Optional[int] = Field(default=None, ge=1, le=4096)
+    local_steps: Optional[int] = Field(default=None, ge=1, le=1 << 30)
+    global_state: Optional[BlobManifest] = None
+
+
 class Task(WireModel):
     """The coordinator's instruction for one round (retained, so late devices still get it)."""
 
@@ -226,6 +237,26 @@ class Task(WireModel):
     """The round's quorum (shown on the live page)."""
     live_telemetry: bool = False
     """Someone watches the live page: devices publish `LiveTelemetry` while this says so."""
+    assignments: Dict[str, DeviceAssignment] = Field(
+        default_factory=dict, max_length=MAX_MAP_ENTRIES
+    )
+    """Per device id: what differs for it (`for_device`); absent devices take the task as is."""
+
+    def for_device(self, device_id: str) -> Task:
+        """The task as device `device_id` runs it: its assignment merged in."""
+        assigned = self.assignments.get(device_id)
+        if assigned is None:
+            return self
+        budget = {"batch_size": assigned.batch_size, "local_steps": assigned.local_steps}
+        return self.model_copy(
+            update={
+                "method_config": {**self.method_config, **assigned.method_config},
+                "training": self.training.model_copy(
+                    update={key: value for key, value in budget.items() if value is not None}
+                ),
+                "global_state": assigned.global_state or self.global_state,
+            }
+        )
 
 
 class Announcement(WireModel):
@@ -325,6 +356,18 @@ class ProfileBatch(WireModel):
     device_id: str = Field(pattern=ID_PATTERN)
     round_index: RoundIndex
     records: List[PhaseRecord] = Field(max_length=10000)
+
+
+ROUND_FAILURE_REASON_CHARS = 500
+
+
+class RoundFailure(WireModel):
+    """A device could not do its round (its data, its model, a transfer): the coordinator stops
+    waiting for it and logs why, instead of holding the round open until its deadline."""
+
+    device_id: str = Field(pattern=ID_PATTERN)
+    round_index: RoundIndex
+    reason: str = Field(max_length=ROUND_FAILURE_REASON_CHARS)
 
 
 PROGRESS_PHASES = ("download", "setup", "train", "upload")

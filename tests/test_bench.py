@@ -17,7 +17,7 @@ import pytest
 
 from bench.runner import REPO_ROOT, run_bench
 from bench.tcp_counter import CountingProxy
-from tests.brokers import MosquittoBroker
+from tests.brokers import MosquittoBroker, binary
 
 MACHINE_KEYS = {"cpu_model", "logical_cores", "ram_bytes", "python", "torch", "mosquitto"}
 
@@ -46,6 +46,27 @@ def test_aggregation_bench_writes_json_and_markdown(tmp_path: Path, minilm_path:
     assert set(lora) == {"fedavg-2", "median-2"}
     assert all(item["mb_per_s"] > 0 and item["update_bytes"] > 290_000 for item in lora.values())
     assert report["results"]["decode_validate"]["lora"]["median_s"] > 0
+
+
+def test_lora_aggregation_bench_writes_every_strategy(tmp_path: Path, minilm_path: str) -> None:
+    run_bench(
+        "lora_aggregation",
+        quick=True,
+        out_dir=tmp_path,
+        options={"models": ("minilm",), "counts": (3,)},
+    )
+    rows = _check_report(tmp_path, "lora_aggregation")["results"]["models"]["minilm"]
+    by_strategy = {row["strategy"]: row for row in rows}
+    assert set(by_strategy) == {
+        "fedavg",
+        "ffa",
+        "exact-fold",
+        "exact-svd",
+        "flexlora-svd",
+        "flexlora-zero_pad",
+    }
+    assert by_strategy["ffa"]["upload_bytes"] * 2 <= by_strategy["fedavg"]["upload_bytes"] + 1024
+    assert by_strategy["exact-fold"]["fold_bytes"] > 0 and by_strategy["ffa"]["error_worst"] < 1e-6
 
 
 def test_cli_lists_benches_and_refuses_unknown_names() -> None:
@@ -109,6 +130,27 @@ def test_round_overhead_runs_with_a_few_devices(
     run = _check_report(tmp_path, "round_overhead")["results"]["runs"]["3"]
     assert run["rounds"] == 2 and len(run["per_round"]) == 1
     assert run["overhead_excl_eval_median_s"] > 0
+
+
+@pytest.mark.slow
+def test_fleet_soak_runs_with_a_few_devices_on_mosquitto_and_the_cluster(
+    tmp_path: Path, minilm_path: str, sst2_dir: Path
+) -> None:
+    if binary("nats-server") is None:
+        pytest.skip("nats-server is not installed: apt-get install nats-server")
+    run_bench(
+        "fleet_soak",
+        quick=True,
+        out_dir=tmp_path,
+        options={"datasets": sst2_dir.parent, "devices": 3, "cluster_devices": 3, "rounds": 2},
+    )
+    runs = _check_report(tmp_path, "fleet_soak")["results"]["runs"]
+    for run in runs.values():
+        assert run["devices"] == 3 and run["rounds"] == 2, run
+        assert run["overhead_excl_eval_median_s"] > 0
+        assert run["all_have_task_median_s"] is not None
+        assert run["coordinator_peak_rss_bytes"] > 100e6
+        assert run["broker_cpu_s_per_round"] is not None
 
 
 EPOCH_S = 1.7e9

@@ -1,16 +1,19 @@
-"""Failover lists and the start-up message-size probe of jetfed.edge.mqtt.MqttLink, on real
-Mosquittos."""
+"""Failover lists, the start-up message-size probe and refused subscriptions of
+jetfed.edge.mqtt.MqttLink, on real Mosquittos (and a NATS, which refuses a subscription in its
+SUBACK)."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Callable, List, Tuple
 
 import pytest
 
+from jetfed.edge import mqtt
 from jetfed.edge.errors import UserError
 from jetfed.edge.mqtt import BrokerSpec, MqttLink
-from tests.brokers import MosquittoBroker, free_port
+from tests.brokers import MosquittoBroker, NatsBroker, binary, free_port
 from tests.fleet import wait_for
 
 
@@ -77,3 +80,37 @@ def test_message_over_the_broker_limit_is_one_line_at_start(
     assert "\n" not in line
     assert "size limit is below transfer.chunk_size_bytes=1048576" in line
     assert broker.url in line
+
+
+NATS_DENYING = """
+accounts { A { jetstream: enabled, users: [
+  { user: u, password: p, permissions: { subscribe: { deny: ["jetfed.denied.>"] } } } ] } }
+no_auth_user: u
+"""
+
+
+def test_a_refused_subscription_is_asked_again_then_one_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    if binary("nats-server") is None:
+        pytest.skip("nats-server is not installed: apt-get install nats-server")
+    monkeypatch.setattr(mqtt, "SUBSCRIBE_RETRY_S", 0.05)
+    broker = NatsBroker(tmp_path / "nats", free_port(), extra_config=NATS_DENYING)
+    broker.start()
+    link = MqttLink(
+        BrokerSpec(url=broker.url),
+        client_id="refused-test",
+        subscriptions=["jetfed/allowed/x", "jetfed/denied/x"],
+    )
+    try:
+        with caplog.at_level(logging.INFO, logger="jetfed.edge.mqtt"):
+            link.connect(timeout_s=20)
+            wait_for(lambda: link.refused_subscriptions, 20, "the refusal given up")
+    finally:
+        link.close()
+        broker.stop()
+    assert list(link.refused_subscriptions) == ["jetfed/denied/x"]
+    retries = [r for r in caplog.records if "mqtt.subscribe_refused" in r.getMessage()]
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(retries) == mqtt.SUBSCRIBE_ATTEMPTS - 1
+    assert len(errors) == 1 and "topic=jetfed/denied/x" in errors[0].getMessage()

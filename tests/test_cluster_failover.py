@@ -1,6 +1,11 @@
 """A node of a 3-node NATS cluster dies mid-round: its device fails over to another node and the
 round completes with every update counted once; retained state stays right on the survivors.
 
+What stalled this test (an xfail until then): after the failover NATS refused some of the
+device's re-subscriptions in its SUBACK (`down/#` among them) while the session take-over was
+still running, and nothing asked again, so no chunk could reach the device; MqttLink now does
+(docs/BROKERS.md).
+
 NATS rather than RabbitMQ: NATS keeps MQTT retained messages and sessions in JetStream streams
 replicated on all three nodes, so any two still hold the task and the announcement; RabbitMQ
 3.10 keeps retained messages in a node-local store, so a device that fails over to another node
@@ -36,10 +41,19 @@ def _retained(node: NatsBroker, topics: List[str]) -> Dict[str, bytes]:
         elif message.payload:
             got[message.topic] = bytes(message.payload)
 
+    def subscribe(client: paho.Client) -> None:
+        client.subscribe([(t, 1) for t in [*topics, marker]])
+
+    def on_subscribe(client: paho.Client, _u: object, _m: int, codes: list, _p: object) -> None:
+        if any(code.is_failure for code in codes):  # a loaded cluster refuses at times: again
+            threading.Timer(1.0, subscribe, (client,)).start()
+        else:
+            client.publish(marker, b"x", qos=1)
+
     client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
     client.on_message = on_message
-    client.on_connect = lambda c, u, f, r, p: c.subscribe([(t, 1) for t in [*topics, marker]])
-    client.on_subscribe = lambda c, u, m, r, p: c.publish(marker, b"x", qos=1)
+    client.on_connect = lambda c, u, f, r, p: subscribe(c)
+    client.on_subscribe = on_subscribe
     client.connect(node.host, node.port)
     client.loop_start()
     try:
@@ -58,16 +72,12 @@ def _edge(url: str, device_id: str, name: str, data: Path, logs: Path) -> subpro
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    run=False,
-    reason="found here: the device fails over (mqtt.switch, reconnected to a live node), but one "
-    "QoS 1 chunk to it is then never delivered by the cluster and the round stalls; not yet fixed",
-)
 def test_node_killed_mid_round_devices_fail_over(
     nats_cluster: NatsCluster, tmp_path: Path, minilm_path: str, sst2_dir: Path
 ) -> None:
     name = "cluster-failover"
-    config = write_config(tmp_path, name, "lora", sst2_dir, rounds=2)
+    # 3 rounds: the retained state is read while the run is still live (2 left a race)
+    config = write_config(tmp_path, name, "lora", sst2_dir, rounds=3)
     logs = tmp_path / "logs"
     logs.mkdir()
     coordinator = jetfed(
@@ -97,6 +107,7 @@ def test_node_killed_mid_round_devices_fail_over(
     assert [(m["round_index"], m["status"], m["num_aggregated"]) for m in metrics] == [
         (0, "aggregated", 2),
         (1, "aggregated", 2),
+        (2, "aggregated", 2),
     ]
     device_log = (logs / "dev-0.log").read_text()
     assert f"from_url={nats_cluster.nodes[0].url} to_url={nats_cluster.nodes[1].url}" in device_log

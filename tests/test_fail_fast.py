@@ -88,3 +88,66 @@ def test_nothing_listening_names_the_address_and_the_time_waited() -> None:
     assert f"nothing is listening at 127.0.0.1:{port}" in message
     stated_s = float(re.search(r"after (\d+) s", message).group(1))  # type: ignore[union-attr]
     assert 2 <= stated_s <= waited_s + 0.5, (message, waited_s)
+
+
+def test_a_device_that_cannot_do_its_round_says_why_and_is_not_waited_for(
+    tmp_path: Path, sst2_dir: Path, minilm_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A device whose data cannot fill the task (here: labels beyond the model's num_labels)
+    reports it; with min_clients out of reach the coordinator closes the round at once with the
+    device's reason in its log, instead of waiting for rounds.deadline_s."""
+    import threading
+
+    import torch
+
+    from jetfed.coordinator.config import parse_config
+    from jetfed.coordinator.server import Coordinator
+    from jetfed.edge.agent import EdgeAgent, EdgeConfig
+    from jetfed.edge.memlink import MemBroker
+
+    torch.set_num_threads(1)
+    wrong = tmp_path / "four-classes"
+    wrong.mkdir()
+    rows = [f'{{"text": "row {i}", "label": {i % 4}}}' for i in range(16)]
+    (wrong / "train.jsonl").write_text("\n".join(rows) + "\n")
+    config = parse_config(
+        {
+            "name": "cannot",
+            "model": {"name_or_path": "minilm", "max_length": 32, "num_hidden_layers": 1},
+            "training": {"local_steps": 1, "batch_size": 4},
+            "data": {"path": str(sst2_dir), "max_eval_samples": 8},
+            "rounds": {"count": 1, "min_clients": 2, "deadline_s": 600, "wait_for_devices_s": 60},
+            "output_dir": str(tmp_path / "runs"),
+        },
+        "test",
+    )
+    with MemBroker("cannot") as broker, caplog.at_level("INFO"):
+        coordinator = Coordinator(config, BrokerSpec(url=broker.url))
+        agents = [
+            EdgeAgent(
+                EdgeConfig(
+                    broker=BrokerSpec(url=broker.url),
+                    device_id=device_id,
+                    experiment=config.name,
+                    data=str(data),
+                    num_threads=1,
+                    telemetry="psutil",
+                    idle_baseline_s=0,
+                )
+            )
+            for device_id, data in (("dev-0", sst2_dir), ("dev-1", wrong))
+        ]
+        threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
+        for thread in threads:
+            thread.start()
+        try:
+            (metrics,) = coordinator.run()
+        finally:
+            for agent in agents:
+                agent.stop()
+            for thread in threads:
+                thread.join(timeout=30)
+    assert metrics.status == "skipped"
+    failed = [r.getMessage() for r in caplog.records if "device.round_failed" in r.getMessage()]
+    assert failed and "dev-1" in failed[0], failed
+    assert any("round.closed_early" in r.getMessage() for r in caplog.records)

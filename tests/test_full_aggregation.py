@@ -1,6 +1,6 @@
 """FedAvg (what `full` uses) over uploads read lazily from their files gives the in-memory
 weighted mean for every wire dtype, and its sum walks row blocks: an upload's file is read a
-few MB at a time, never whole."""
+few MB at a time, never whole (a small state, LoRA's, is summed whole: the same bits)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Dict, List
 import pytest
 import torch
 
+from jetfed.coordinator.strategies import fedavg as fedavg_module
 from jetfed.coordinator.strategies.base import AcceptedUpdate, ServerContext
 from jetfed.coordinator.strategies.fedavg import FedAvg
 from jetfed.edge.tensorfile import UPDATE_DTYPES, TensorFile, write_tensor_file
@@ -57,7 +58,11 @@ class CountingFile(TensorFile):
 
 
 @pytest.mark.parametrize("dtype", UPDATE_DTYPES)
-def test_fedavg_over_files_equals_the_in_memory_mean(tmp_path: Path, dtype: str) -> None:
+def test_fedavg_over_files_equals_the_in_memory_mean(
+    tmp_path: Path, dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both sums (row blocks for big states, whole for small ones) give the in-memory mean and
+    agree with each other bit for bit; the row-block one never reads a big tensor whole."""
     updates, samples = deltas(3), [10, 30, 60]
     spec = {name: tuple(t.shape) for name, t in updates[0].items()}
     global_state = {name: torch.ones(shape) for name, shape in spec.items()}
@@ -70,10 +75,16 @@ def test_fedavg_over_files_equals_the_in_memory_mean(tmp_path: Path, dtype: str)
         tensors.largest = {}
         on_disk.append(AcceptedUpdate(announced(n), tensors))
         in_memory.append(AcceptedUpdate(announced(n), dict(TensorFile(path, spec, UPDATE_DTYPES))))
-    folded = fedavg().aggregate(0, global_state, on_disk)
-    expected = fedavg().aggregate(0, global_state, in_memory)
+    results = {}
+    for path_kind, limit in (("whole", 1 << 40), ("rows", 0)):
+        monkeypatch.setattr(fedavg_module, "WHOLE_SUM_MAX_BYTES", limit)
+        folded = fedavg().aggregate(0, global_state, on_disk)
+        expected = fedavg().aggregate(0, global_state, in_memory)
+        for name in spec:
+            assert torch.equal(folded[name], expected[name]), (path_kind, name)
+        results[path_kind] = folded
     for name in spec:
-        assert torch.equal(folded[name], expected[name]), name
+        assert torch.equal(results["whole"][name], results["rows"][name]), name
     for item in on_disk:
         assert isinstance(item.tensors, CountingFile)
         assert item.tensors.largest["emb"] < 12000  # 2.3 MB of fp32: read in row blocks

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -17,6 +17,7 @@ from jetfed.coordinator.inbound import Intake, check_sender
 from jetfed.coordinator.registry import DeviceRegistry
 from jetfed.coordinator.rundir import RunDir
 from jetfed.edge.errors import ProtocolError
+from jetfed.edge.tensorfile import TensorFile, refuse_index_tensors
 from jetfed.edge.transfer import BlobServer
 from jetfed.edge.wire import (
     Hello,
@@ -45,10 +46,17 @@ class Wire:
         return [json.loads(p) for t, p in self.sent if t.endswith("/" + leaf)]
 
 
-@pytest.fixture
-def intake(tmp_path: Path) -> Tuple[Intake, Wire, Task, Topics]:
-    config = parse_config({"name": "ib", "data": {"path": str(tmp_path)}})
-    topics = Topics("ib")
+def joined_intake(
+    tmp_path: Path,
+    experiment: str,
+    spec: Dict[str, Tuple[int, ...]],
+    check_update: Callable[[TensorFile], None] = refuse_index_tensors,
+) -> Tuple[Intake, Wire, Topics, BlobServer]:
+    """An Intake of `experiment` checking updates against `spec` (and with the strategy's
+    `check_update`), with dev-0 and dev-1 joined; its wire, topics and the coordinator's blob
+    server."""
+    config = parse_config({"name": experiment, "data": {"path": str(tmp_path)}})
+    topics = Topics(experiment)
     wire = Wire()
     run_dir = RunDir(tmp_path / "run")
     run_dir.create({})
@@ -59,12 +67,13 @@ def intake(tmp_path: Path) -> Tuple[Intake, Wire, Task, Topics]:
         DeviceRegistry(),
         run_dir,
         server_blobs,
-        SPEC,
+        spec,
         publish=wire.publish,
         publish_raw=wire.publish,
         on_exchange=lambda *_: None,
         tell_progress=lambda _: None,
         start_round=0,
+        check_update=check_update,
     )
     for device_id in ("dev-0", "dev-1"):
         hello = Hello(
@@ -76,6 +85,19 @@ def intake(tmp_path: Path) -> Tuple[Intake, Wire, Task, Topics]:
             memory_total_bytes=1 << 30,
         )
         intake.dispatch(topics.device(device_id, "hello"), encode_message(hello))
+    return intake, wire, topics, server_blobs
+
+
+@pytest.fixture
+def intake(tmp_path: Path) -> Tuple[Intake, Wire, Task, Topics]:
+    return opened_intake(tmp_path)
+
+
+def opened_intake(
+    tmp_path: Path, check_update: Callable[[TensorFile], None] = refuse_index_tensors
+) -> Tuple[Intake, Wire, Task, Topics]:
+    """`joined_intake` with round 0 open, dev-0 selected."""
+    intake, wire, topics, server_blobs = joined_intake(tmp_path, "ib", SPEC, check_update)
     now = time.time()
     task = Task(
         experiment="ib",
@@ -92,7 +114,13 @@ def intake(tmp_path: Path) -> Tuple[Intake, Wire, Task, Topics]:
     return intake, wire, task, topics
 
 
-def announce(device_id: str, task: Task, blobs: BlobServer, round_index: int = 0) -> Update:
+def announce(
+    device_id: str,
+    task: Task,
+    blobs: BlobServer,
+    round_index: int = 0,
+    tensors: Optional[Dict[str, torch.Tensor]] = None,
+) -> Update:
     return Update(
         experiment="ib",
         device_id=device_id,
@@ -101,7 +129,7 @@ def announce(device_id: str, task: Task, blobs: BlobServer, round_index: int = 0
         num_samples=4,
         local_steps=1,
         train_loss=0.5,
-        blob=blobs.offer_tensors({"w": torch.ones(2, 3)}),
+        blob=blobs.offer_tensors({"w": torch.ones(2, 3)} if tensors is None else tensors),
     )
 
 
@@ -133,6 +161,41 @@ def test_an_update_is_pulled_validated_acked_and_a_resend_reacked(
     assert [a.update.device_id for a in accepted] == ["dev-0"]
     assert accepted[0].tensors["w"].equal(torch.ones(2, 3))
     assert wire.leaf("nack") == []
+    inbox.release_round()
+
+
+def _refuse_tails(tensors: TensorFile) -> None:
+    if not tensors.is_index("w"):
+        raise ProtocolError("a tail mass is outside [0, 1]", "tail_out_of_range")
+
+
+@pytest.mark.parametrize(
+    ("check", "tensors", "code"),
+    [
+        (refuse_index_tensors, {"w": torch.ones(2, 3, dtype=torch.int32)}, "invalid_tensors"),
+        (_refuse_tails, {"w": torch.ones(2, 3)}, "tail_out_of_range"),
+    ],
+)
+def test_the_strategy_checks_what_arrived_and_its_code_is_the_nack(
+    tmp_path: Path,
+    check: Callable[[TensorFile], None],
+    tensors: Dict[str, torch.Tensor],
+    code: str,
+) -> None:
+    """Integer tensors are refused unless the strategy reads indices (kd's top-k), and the
+    strategy's own check (kd: log-probs, tails, index range) names the nack's code."""
+    inbox, wire, task, topics = opened_intake(tmp_path, check)
+    device = Wire()
+    blobs = BlobServer(device.publish, 1024)
+    inbox.dispatch(
+        topics.device("dev-0", "update"),
+        encode_message(announce("dev-0", task, blobs, tensors=tensors)),
+    )
+    deliver(inbox, wire, topics, "dev-0", blobs)
+    for topic, payload in device.sent:
+        inbox.dispatch(topic, payload)
+    (nack,) = wire.leaf("nack")
+    assert nack["code"] == code and wire.leaf("ack") == [] and inbox.close_round() == []
     inbox.release_round()
 
 
@@ -182,3 +245,26 @@ def test_check_sender() -> None:
     check_sender("dev-0", "dev-0")
     with pytest.raises(ProtocolError, match="does not match"):
         check_sender("dev-0", "dev-1")
+
+
+def test_a_selected_device_reporting_failure_is_no_longer_waited_for(
+    intake: Tuple[Intake, Wire, Task, Topics],
+) -> None:
+    """Its reason is recorded for the round loop; a forged, unselected or stale report is not."""
+    from jetfed.edge.wire import RoundFailure
+
+    box, wire, _task, topics = intake
+    inbound = box.round
+    assert inbound is not None
+
+    def report(sender: str, device_id: str, round_index: int = 0) -> None:
+        failure = RoundFailure(device_id=device_id, round_index=round_index, reason="max_length")
+        box.dispatch(topics.device(sender, "failed"), encode_message(failure))
+
+    report("dev-1", "dev-0")  # forged: dev-1 on its own topic in dev-0's name
+    report("dev-1", "dev-1")  # not selected
+    report("dev-0", "dev-0", round_index=3)  # not the round in progress
+    assert inbound.failed == {}
+    assert [n["code"] for n in wire.leaf("nack")] == ["sender_mismatch"]
+    report("dev-0", "dev-0")
+    assert inbound.failed == {"dev-0": "max_length"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import pytest
 import torch
@@ -60,19 +61,22 @@ def test_gradient_reaches_the_student_not_the_teacher() -> None:
     assert torch.allclose(student.grad, expected, atol=1e-6)
 
 
-def test_mutual_losses_give_each_model_only_its_own_gradient() -> None:
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_mutual_losses_give_each_model_only_its_own_gradient(top_k: Optional[int]) -> None:
     """FedCoLLM sums both directions and backpropagates once: each side must receive exactly
-    the gradient of its own loss (its teacher term detached), never the other's."""
-    small = torch.tensor([[0.3, -0.2], [1.0, 0.5]], requires_grad=True)
-    large = torch.tensor([[-0.4, 0.9], [0.2, 0.1]], requires_grad=True)
-    labels = torch.tensor([0, 1])
-    small_loss = ce_plus_kl(small, labels, large, 2.0, 0.7)
-    large_loss = ce_plus_kl(large, labels, small, 2.0, 0.7)
+    the gradient of its own loss (its teacher term detached), never the other's; also with the
+    KL on the teacher's top-k support (causal LMs: rows are response tokens over a vocabulary)."""
+    generator = torch.Generator().manual_seed(0)
+    small = torch.randn(3, 5, generator=generator).requires_grad_(True)
+    large = torch.randn(3, 5, generator=generator).requires_grad_(True)
+    labels = torch.tensor([0, 1, 4])
+    small_loss = ce_plus_kl(small, labels, large, 2.0, 0.7, top_k)
+    large_loss = ce_plus_kl(large, labels, small, 2.0, 0.7, top_k)
     (small_loss + large_loss).backward()
     small_alone = small.detach().clone().requires_grad_(True)
-    ce_plus_kl(small_alone, labels, large.detach(), 2.0, 0.7).backward()
+    ce_plus_kl(small_alone, labels, large.detach(), 2.0, 0.7, top_k).backward()
     large_alone = large.detach().clone().requires_grad_(True)
-    ce_plus_kl(large_alone, labels, small.detach(), 2.0, 0.7).backward()
+    ce_plus_kl(large_alone, labels, small.detach(), 2.0, 0.7, top_k).backward()
     assert small.grad is not None and large.grad is not None
     assert torch.allclose(small.grad, small_alone.grad)  # type: ignore[arg-type]
     assert torch.allclose(large.grad, large_alone.grad)  # type: ignore[arg-type]

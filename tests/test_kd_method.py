@@ -1,4 +1,5 @@
-"""The `kd` method's pieces: the kd_proxy blob, the empty global state, the device's proxy rows."""
+"""The `kd` method's pieces: the kd_proxy blob (dense or sparse consensus), the empty global state,
+the device's proxy rows (classifier texts or instruction rows)."""
 
 from __future__ import annotations
 
@@ -9,19 +10,26 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from jetfed.edge.data import load_split
-from jetfed.edge.distillation import texts_digest, unlabelled
+from jetfed.edge.distillation import texts_digest
 from jetfed.edge.errors import ProtocolError, UserError
+from jetfed.edge.instructions import InstructionSet
 from jetfed.edge.methods.base import get_method
-from jetfed.edge.methods.kd import KdMethod, ProxyRound
+from jetfed.edge.methods.kd import KdMethod, ProxyRound, proxy_rows
+from jetfed.edge.topk import SparseLogProbs, sparse_mixture, top_k
 from jetfed.edge.wire import ModelRef, decode_tensors, encode_tensors
 
 REF = ModelRef(name_or_path="minilm", num_labels=2)
 
 
-def write_split(folder: Path, texts: list[str]) -> Path:
+def write_split(folder: Path, texts: list[str], causal: bool = False) -> Path:
+    """A train split of classifier rows, or of instruction rows (prompt + response)."""
     folder.mkdir(parents=True, exist_ok=True)
-    rows = [json.dumps({"text": text, "label": i % 2}) for i, text in enumerate(texts)]
+    rows = [
+        json.dumps(
+            {"prompt": text, "response": "yes"} if causal else {"text": text, "label": i % 2}
+        )
+        for i, text in enumerate(texts)
+    ]
     (folder / "train.jsonl").write_text("\n".join(rows) + "\n")
     return folder
 
@@ -86,18 +94,47 @@ def test_settings_are_validated_with_the_field_name() -> None:
         KdMethod({"proxy_sise": 64}, REF)
 
 
-def test_device_reads_the_named_rows_and_refuses_other_data(tmp_path: Path) -> None:
+@pytest.mark.parametrize("causal", [False, True])
+def test_device_reads_the_named_rows_and_refuses_other_data(tmp_path: Path, causal: bool) -> None:
+    """The proxy rows by index, checked by digest: a device whose texts differ (a classifier's
+    texts, or an instruction row's prompt) is refused with one line."""
     texts = [f"sentence number {i}" for i in range(10)]
-    mine = write_split(tmp_path / "same", texts)
-    coordinator_rows = unlabelled(load_split(str(mine), "train").subset([2, 5, 7]))
+    mine = write_split(tmp_path / "same", texts, causal)
+    coordinator_rows = proxy_rows(str(mine), "train", [2, 5, 7], causal)
     proxy = ProxyRound([2, 5, 7], texts_digest(coordinator_rows))
     method = KdMethod({}, REF)
-    rows = method.proxy_set(str(mine), proxy)
-    assert rows.texts_a == [texts[2], texts[5], texts[7]] and rows.labels == [0, 1, 2]
-    other = write_split(tmp_path / "other", [t.upper() for t in texts])
-    with pytest.raises(UserError, match="differ from the coordinator's"):
-        KdMethod({}, REF).proxy_set(str(other), proxy)
+    rows = method.proxy_set(str(mine), proxy, causal)
+    if isinstance(rows, InstructionSet):
+        assert rows.prompts == [texts[2], texts[5], texts[7]]
+    else:
+        assert rows.texts_a == [texts[2], texts[5], texts[7]] and rows.labels == [0, 1, 2]
+    other = write_split(tmp_path / "other", [t.upper() for t in texts], causal)
+    with pytest.raises(UserError, match="differ from the coordinator's") as refused:
+        KdMethod({}, REF).proxy_set(str(other), proxy, causal)
+    assert "\n" not in str(refused.value)
     with pytest.raises(UserError, match="has 10 rows"):
-        KdMethod({}, REF).proxy_set(str(mine), ProxyRound([3, 12], proxy.texts_sha256))
+        KdMethod({}, REF).proxy_set(str(mine), ProxyRound([3, 12], proxy.texts_sha256), causal)
     with pytest.raises(UserError, match="--data"):
-        KdMethod({}, REF).proxy_set(None, proxy)
+        KdMethod({}, REF).proxy_set(None, proxy, causal)
+
+
+def test_a_sparse_consensus_survives_the_wire_and_a_bad_one_is_refused() -> None:
+    """A causal LM's consensus (CSR: union support + tail) in the kd_proxy blob, fp16 values and
+    uint16 indices, checked against the device's vocabulary."""
+    vocab, generator = 50, torch.Generator().manual_seed(0)
+    parts = [top_k(torch.randn(4, vocab, generator=generator), 3, 2.0) for _ in range(2)]
+    consensus = sparse_mixture(parts, [1.0, 2.0])
+    blob = ProxyRound([1, 3], b"\x01" * 32, consensus).encode()
+    decoded = ProxyRound.decode(blob, num_classes=1, vocab=vocab).consensus
+    assert isinstance(decoded, SparseLogProbs)
+    assert torch.equal(decoded.indices, consensus.indices)
+    assert torch.equal(decoded.offsets, consensus.offsets)
+    assert torch.allclose(decoded.logprobs, consensus.logprobs, atol=1e-2, rtol=1e-3)
+    with pytest.raises(ProtocolError, match="outside") as refused:
+        ProxyRound.decode(blob, num_classes=1, vocab=int(consensus.indices.max()))
+    assert refused.value.code == "index_out_of_range"
+    with pytest.raises(ProtocolError, match="sparse consensus for a classifier"):
+        ProxyRound.decode(blob, num_classes=2)
+    dense = ProxyRound([1, 3], b"\x01" * 32, torch.zeros(2, 2)).encode()
+    with pytest.raises(ProtocolError, match="classifier's consensus for a causal LM"):
+        ProxyRound.decode(dense, num_classes=1, vocab=vocab)

@@ -1,7 +1,7 @@
 """`--resume`: it restores what a strategy keeps beyond the global state (split's server half,
-kd's consensus, fedcollm's LLM adapter), refuses a changed config naming the change, and accepts
-a run saved before jetfed grew a setting. Real coordinators on real MiniLM; no round runs, so no
-broker is contacted."""
+kd's consensus, fedcollm's LLM adapter, also a causal LM's), refuses a changed config naming the
+change, and accepts a run saved before jetfed grew a setting. Real coordinators on real MiniLM
+(and SmolLM2); no round runs, so no broker is contacted."""
 
 from __future__ import annotations
 
@@ -19,19 +19,25 @@ from jetfed.coordinator.strategies.base import Strategy
 from jetfed.coordinator.strategies.distill import KdStrategy
 from jetfed.edge.errors import UserError
 from jetfed.edge.methods.base import Tensors
+from jetfed.edge.methods.kd import SPARSE_PREFIX
 from jetfed.edge.mqtt import BrokerSpec
+from jetfed.edge.topk import top_k
 from tests.fleet import write_config
+from tests.llm import require_smollm2
 
 UNUSED_BROKER = BrokerSpec(url="mqtt://127.0.0.1:1")
 
 
 def random_state(strategy: Strategy) -> Tensors:
     """Tensors of the names and shapes `strategy` keeps, unlike anything it starts with."""
+    generator = torch.Generator().manual_seed(0)
+    if isinstance(strategy, KdStrategy) and strategy.causal:
+        logits = torch.randn(int(strategy.offsets[-1]), strategy.vocab, generator=generator)
+        return top_k(logits, 4, 2.0).csr_tensors(SPARSE_PREFIX)
     if isinstance(strategy, KdStrategy):
         shapes = {"consensus": torch.Size((len(strategy.indices), 2))}
     else:
         shapes = {name: tensor.shape for name, tensor in strategy.state().items()}
-    generator = torch.Generator().manual_seed(0)
     return {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
 
 
@@ -41,11 +47,22 @@ def random_state(strategy: Strategy) -> Tensors:
         ("split", []),
         ("kd", ["method.proxy_size=16"]),
         ("fedcollm", ["model.num_hidden_layers=3", "method.aux_size=16"]),
+        (
+            "fedcollm",
+            [
+                *("model.name_or_path=smollm2", "model.num_hidden_layers=1"),
+                *("method.llm=smollm2", "method.llm_num_hidden_layers=2", "method.aux_size=4"),
+            ],
+        ),
+        ("kd", ["model.name_or_path=smollm2", "model.num_hidden_layers=1", "method.proxy_size=4"]),
     ],
+    ids=["split", "kd", "fedcollm", "fedcollm-causal", "kd-causal"],
 )
 def test_resume_restores_the_strategy_state(
     method: str, overrides: List[str], tmp_path: Path, minilm_path: str, sst2_dir: Path
 ) -> None:
+    if "model.name_or_path=smollm2" in overrides:  # the sparse consensus, the LLM adapter
+        require_smollm2()
     path = write_config(tmp_path, f"it-state-{method}", method, sst2_dir)
     config = load_config(str(path), overrides)
     first = Coordinator(config, UNUSED_BROKER)

@@ -188,3 +188,24 @@ def test_a_port_clash_suggests_embedded_port(tmp_path: Path, listens: bool) -> N
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--embedded-port" in lines[0] and str(port) in lines[0], lines
+
+
+def test_rounds_show_the_lora_error_and_assigned_ranks() -> None:
+    from jetfed.coordinator.records import AggregationError, DeviceAssignment
+
+    lora = metrics(0).model_copy(
+        update={
+            "aggregation_error": AggregationError.of({"q": 0.012, "v": 0.034}),
+            "assignments": {
+                d: DeviceAssignment(rank=r, batch_size=8, reason="fits")
+                for d, r in (("dev-0", 16), ("dev-1", 4))
+            },
+            "refused": {"dev-2": "too little memory"},
+        }
+    )
+    console = Console(force_terminal=False, width=160, record=True)
+    with RoundTable(config(rounds=2), 2, console=console) as table:  # type: ignore[arg-type]
+        table.add(lora)
+        shown_now = shown(table, width=160)
+    assert "err 3.4e-02, ranks 4/16, 1 refused" in console.export_text()
+    assert "err 3.4e-02" in shown_now

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from jetfed.edge.compression import dequantize_int8, quantize_int8
 from jetfed.edge.errors import ProtocolError
 from jetfed.edge.tensorfile import UPDATE_DTYPES, TensorFile, write_tensor_file
-from jetfed.edge.transfer import BlobServer, Download, manifest_of_file
+from jetfed.edge.transfer import BlobServer, Download, SharedWindow, manifest_of_file
 from jetfed.edge.wire import make_manifest
 
 
@@ -124,3 +124,25 @@ def test_out_of_order_chunks_still_verify_the_whole(tmp_path: Path) -> None:
         download.add_chunk(index, data[index * 1000 : (index + 1) * 1000])
     assert download.result() == data
     download.close()
+
+
+def test_downloads_share_one_window_and_a_lone_one_gets_all_of_it() -> None:
+    """The coordinator's uploads share one in-flight budget: alone a transfer asks for the whole
+    window (a deep pipeline), two at once split it, and a finished one hands its share back."""
+    data = os.urandom(40 * 1000)
+    manifest = make_manifest(data, 1000)
+    window = SharedWindow(budget_bytes=16 * 1000)
+    asked: Dict[str, List[List[int]]] = {"a": [], "b": []}
+    first = Download(manifest, asked["a"].append, 1 << 20, window_bytes=window)
+    first.start()
+    assert asked["a"] == [list(range(16))]  # alone: the whole budget
+    second = Download(manifest, asked["b"].append, 1 << 20, window_bytes=window)
+    second.start()
+    assert asked["b"] == [list(range(8))]  # two open: half each
+    for index in range(16):  # the first refills only up to its half (at half of that in flight)
+        first.add_chunk(index, data[index * 1000 : (index + 1) * 1000])
+    assert [len(batch) for batch in asked["a"]] == [16, 4, 4]
+    second.close()  # gone: the first's next chunk may refill to the whole budget
+    first.add_chunk(16, data[16 * 1000 : 17 * 1000])
+    assert len(asked["a"][-1]) == 16 - 7
+    first.close()

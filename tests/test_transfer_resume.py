@@ -1,6 +1,7 @@
 """Chunked transfers through a real Mosquitto: a 91 MB MiniLM full-model delta survives a dropped
 client and a broker restart (only the missing chunks travel again), a corrupted chunk is fetched
-again, a manifest that lies about its size is refused, and several devices' uploads interleave."""
+again, a manifest that lies about its size is refused, chunks a broker drops for their size end
+in one line naming the limit, and several devices' uploads interleave."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from jetfed.edge.mqtt import BrokerSpec, MqttLink
 from jetfed.edge.tensorfile import TensorFile
 from jetfed.edge.transfer import BlobServer, Download, TransferTimeout
 from jetfed.edge.wire import BlobManifest, ChunkRequest, Topics, encode_message, parse_message
-from tests.brokers import MosquittoBroker
+from tests.brokers import MosquittoBroker, free_port
 
 TOPICS = Topics("xfer")
 RECEIVER_ID = "jetfed-test-receiver"
@@ -219,6 +220,34 @@ def test_manifest_that_lies_about_its_size_is_refused(pair: tuple) -> None:
     # and a claim larger than the receiver accepts is refused before anything is asked for
     with pytest.raises(ProtocolError, match="exceeds the limit"):
         Download(manifest, lambda indices: None, max_size_bytes=manifest.size_bytes - 1)
+
+
+def test_broker_dropping_over_limit_chunks_is_one_error_naming_the_limit(
+    mosquitto_factory: Callable[..., MosquittoBroker],
+) -> None:
+    """Mosquitto's message_size_limit drops a bigger QoS 1 publish silently (PUBACK, no
+    delivery): the chunks are asked for again a bounded number of times, then one line says so."""
+    port = free_port()
+    broker = mosquitto_factory(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\nmessage_size_limit 100000", port=port
+    )
+    sender, receiver = Sender(broker.url, "dev-0"), Receiver(broker.url)
+    try:
+        manifest = sender.blobs.offer(bytes(3 * CHUNK_BYTES))
+        download = receiver.download("dev-0", manifest, retry_after_s=0.3, timeout_s=1.5)
+        with pytest.raises(TransferTimeout) as stalled:
+            receiver.run({"dev-0": download}, limit_s=30)
+    finally:
+        sender.link.close()
+        receiver.link.close()
+    assert sender.blobs.chunks_served >= 3  # served, and dropped by the broker
+    line = str(stalled.value)
+    assert "\n" not in line
+    assert f"drops messages of {CHUNK_BYTES} bytes" in line
+    assert "message_size_limit" in line and "transfer.chunk_size_bytes" in line
+    assert 2 <= download.retries_without_progress <= 1.5 / 0.3 + 1
+    assert download.requests_sent == 1 + download.retries_without_progress
+    download.close()
 
 
 def test_many_devices_interleave(mosquitto: MosquittoBroker) -> None:

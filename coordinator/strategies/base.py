@@ -26,6 +26,7 @@ from jetfed.edge.errors import ProtocolError, UserError, validation_line
 from jetfed.edge.instruction_eval import GenerationBudget, evaluate_instructions
 from jetfed.edge.instructions import InstructionSet
 from jetfed.edge.methods.base import FederatedMethod, Tensors, register_unique
+from jetfed.edge.tensorfile import TensorFile, refuse_index_tensors
 from jetfed.edge.wire import ModelRef, Update, tensor_spec
 
 
@@ -66,15 +67,21 @@ class ServerContext:
     """Causal LMs: how much generation an evaluation may spend."""
 
     @classmethod
-    def aggregation_only(cls, settings: Optional[Dict[str, Any]] = None) -> ServerContext:
-        """For a strategy's aggregation alone (benches, tests): no model, data or network."""
+    def aggregation_only(
+        cls,
+        settings: Optional[Dict[str, Any]] = None,
+        method: Optional[FederatedMethod] = None,
+        init: Optional[Tensors] = None,
+    ) -> ServerContext:
+        """For a strategy's aggregation alone (benches, tests): no model, data or network;
+        `method` (unbuilt) gives LoRA strategies their alpha/r, `init` a frozen A."""
         return cls(
-            method=None,  # type: ignore[arg-type]
+            method=method,  # type: ignore[arg-type]
             model_ref=None,  # type: ignore[arg-type]
             eval_model=None,
             tokenizer=None,
             validation=None,  # type: ignore[arg-type]
-            init=None,
+            init=init,
             torch_device="cpu",
             settings=settings or {},
             send=lambda device_id, subtopic, payload: None,
@@ -89,6 +96,9 @@ class Strategy(ABC):
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
+        self.layer_errors: Dict[str, float] = {}
+        """Set by `aggregate` for LoRA states: per adapted layer ‖Σ pₖsₖBₖAₖ − s·B̄Ā‖/‖Σ pₖsₖBₖAₖ‖
+        (`lowrank.py`); the round records its summary."""
         try:
             self.settings = self.settings_model(**ctx.settings)
         except ValidationError as exc:
@@ -98,6 +108,20 @@ class Strategy(ABC):
     def update_spec(self) -> Dict[str, Tuple[int, ...]]:
         """Names and shapes an update must have; anything else is refused with a nack."""
         return tensor_spec(self.ctx.method.get_state(self.ctx.eval_model))
+
+    def device_state(self, global_state: Tensors, rank: int) -> Tensors:
+        """The global state as a device assigned LoRA rank `rank` starts from; only strategies
+        that federate mixed ranks (flexlora) have one."""
+        raise UserError(
+            f"aggregation.strategy {self.name} trains one LoRA rank on every device; an "
+            "assignment of other ranks needs aggregation.strategy: flexlora"
+        )
+
+    def check_update(self, tensors: TensorFile) -> None:
+        """Refuse (ProtocolError with a code: a nack) an upload whose names, shapes and finite
+        values passed but whose content is wrong for this strategy; by default, integer
+        tensors (kd's top-k indices are the one kind of upload that has them)."""
+        refuse_index_tensors(tensors)
 
     def configure_round(self, round_index: int, global_state: Tensors) -> Dict[str, bytes]:
         """Extra blobs (name → bytes) that devices fetch with the task; none by default."""
@@ -115,13 +139,17 @@ class Strategy(ABC):
     def evaluate(self, global_state: Tensors) -> Dict[str, float]:
         """`accuracy` and `eval_loss` of the global model on the validation split (+ extras);
         for a causal LM `eval_loss`, `perplexity` and `exact_match` or `rouge_l`."""
+        self.ctx.method.set_state(self.ctx.eval_model, global_state)
+        return self.evaluate_model(self.ctx.eval_model)
+
+    def evaluate_model(self, model: Any) -> Dict[str, float]:
+        """`evaluate`'s metrics of any model of the run's kind and tokenizer (fedcollm's LLM)."""
         from jetfed.edge.train import evaluate
 
         ctx = self.ctx
-        ctx.method.set_state(ctx.eval_model, global_state)
         if isinstance(ctx.validation, InstructionSet):
             return evaluate_instructions(
-                ctx.eval_model,
+                model,
                 ctx.tokenizer,
                 ctx.validation,
                 max_length=ctx.model_ref.max_length,
@@ -129,7 +157,7 @@ class Strategy(ABC):
                 budget=ctx.generation,
             )
         stats = evaluate(
-            ctx.eval_model,
+            model,
             ctx.tokenizer,
             ctx.validation,
             max_length=ctx.model_ref.max_length,

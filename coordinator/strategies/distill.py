@@ -18,7 +18,7 @@ coordinator-only state (exported under `llm/`), checkpointed and restored by `--
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -31,21 +31,28 @@ from jetfed.coordinator.strategies.base import (
     register_strategy,
 )
 from jetfed.coordinator.strategies.fedavg import apply_mean_delta
-from jetfed.edge.data import TextDataset, load_split
+from jetfed.edge.causal_lm import response_logits, vocab_size
+from jetfed.edge.data import TextDataset, load_task_split
 from jetfed.edge.distillation import (
     DistillationSettings,
+    batch_rows,
     ce_plus_kl,
     consensus_kl,
     mixture_logits,
+    response_kl,
+    response_offsets,
+    row_token_numbers,
     texts_digest,
-    unlabelled,
 )
-from jetfed.edge.errors import UserError
+from jetfed.edge.errors import ProtocolError, UserError
+from jetfed.edge.instructions import InstructionSet
 from jetfed.edge.methods.base import Tensors
 from jetfed.edge.methods.fedcollm import FedCoLLMMethod
-from jetfed.edge.methods.kd import PROXY_BLOB, KdMethod, ProxyRound
+from jetfed.edge.methods.kd import PROXY_BLOB, SPARSE_PREFIX, KdMethod, ProxyRound, proxy_rows
 from jetfed.edge.models import load_tokenizer
-from jetfed.edge.train import batch_indices, evaluate, tokenize_batch, train_local
+from jetfed.edge.tensorfile import TensorFile
+from jetfed.edge.topk import SparseLogProbs, read_csr, read_top_k, sparse_mixture
+from jetfed.edge.train import batch_indices, make_batch, train_local
 from jetfed.edge.wire import TrainingConfig
 
 
@@ -91,15 +98,31 @@ class KdStrategy(PayloadAccounting):
             raise UserError(f"aggregation.strategy kd needs method kd, not {ctx.method.name}")
         self.method: KdMethod = ctx.method
         settings = self.method.config
-        split = load_split(ctx.data_path, settings.proxy_split)
+        self.causal = isinstance(ctx.validation, InstructionSet)
+        split = load_task_split(ctx.data_path, settings.proxy_split, self.causal)
         self.indices = sample_rows(len(split), settings.proxy_size, settings.proxy_seed)
-        self.proxy = unlabelled(split.subset(self.indices))
+        self.proxy = proxy_rows(ctx.data_path, settings.proxy_split, self.indices, self.causal)
         self.texts_sha256 = texts_digest(self.proxy)
-        self.consensus: Optional[torch.Tensor] = None
+        self.consensus: Optional[Any] = None
+        """[proxy, classes] logits (classifier) or SparseLogProbs (causal LM)."""
         self.student_init = self.method.adapter_state(ctx.eval_model)
+        if isinstance(self.proxy, InstructionSet):
+            self.offsets = response_offsets(ctx.tokenizer, self.proxy, ctx.model_ref.max_length)
+            self.vocab = vocab_size(ctx.eval_model)
 
     def update_spec(self) -> Dict[str, Tuple[int, ...]]:
-        return {"logits": (len(self.indices), self.ctx.model_ref.num_labels)}
+        if not self.causal:
+            return {"logits": (len(self.indices), self.ctx.model_ref.num_labels)}
+        tokens, k = int(self.offsets[-1]), min(self.method.config.top_k, self.vocab)
+        return {"logprobs": (tokens, k), "indices": (tokens, k), "tail": (tokens,)}
+
+    def check_update(self, tensors: TensorFile) -> None:
+        """A causal LM's top-k payload: indices integers below the vocabulary and distinct per
+        token, log-probs ≤ 0, tails in [0, 1], each token's mass summing to one."""
+        if self.causal:
+            read_top_k(tensors, self.vocab, tensors.is_index("indices"))
+        else:
+            super().check_update(tensors)
 
     def configure_round(self, round_index: int, global_state: Tensors) -> Dict[str, bytes]:
         proxy = ProxyRound(self.indices, self.texts_sha256, self.consensus)
@@ -108,45 +131,73 @@ class KdStrategy(PayloadAccounting):
     def aggregate(
         self, round_index: int, global_state: Tensors, updates: List[AcceptedUpdate]
     ) -> Tensors:
-        """Consensus of the uploaded logits, then a fresh student distilled toward it."""
+        """Consensus of the uploads, then a fresh student distilled toward it."""
         settings = self.method.config
         self.note_updates(updates)
-        self.consensus = mixture_logits(
-            [item.tensors["logits"] for item in updates],
-            [float(item.update.num_samples) for item in updates],
-            settings.temperature,
-        )
+        weights = [float(item.update.num_samples) for item in updates]
+        if self.causal:
+            parts = [read_top_k(item.tensors, self.vocab, True) for item in updates]
+            self.consensus = sparse_mixture(parts, weights)
+        else:
+            logits = [item.tensors["logits"] for item in updates]
+            self.consensus = mixture_logits(logits, weights, settings.temperature)
         self.distil_student(self.consensus, round_index)
         return global_state
 
-    def distil_student(self, consensus: torch.Tensor, round_index: int) -> None:
+    def distil_student(self, consensus: Any, round_index: int) -> None:
         """The global model: a fresh adapter trained on the proxy set toward the consensus."""
         ctx, settings = self.ctx, self.method.config
+        training = server_training(settings, seed=round_index)
         self.method.set_state(ctx.eval_model, self.student_init)
+        if self.causal:
+            rows = batch_rows(len(self.proxy), training, seed=round_index)
+            offsets = self.offsets
+
+            def loss_fn(model: Any, batch: Dict[str, Any]) -> Any:
+                teacher = consensus.select(row_token_numbers(offsets, next(rows)))
+                return response_kl(model, batch, teacher, settings.temperature)
+
+        else:
+
+            def loss_fn(model: Any, batch: Dict[str, Any]) -> Any:
+                return consensus_kl(model, batch, consensus, settings.temperature)
+
         train_local(
             ctx.eval_model,
             ctx.tokenizer,
             self.proxy,
-            server_training(settings, seed=round_index),
+            training,
             max_length=ctx.model_ref.max_length,
             device=ctx.torch_device,
             seed=round_index,
-            loss_fn=lambda model, batch: consensus_kl(
-                model, batch, consensus, settings.temperature
-            ),
+            loss_fn=loss_fn,
         )
 
     def state(self) -> Tensors:
         """The consensus devices distil toward next round (none before the first aggregation);
         the student needs no saving: every aggregation distils a fresh one from `student_init`."""
+        if isinstance(self.consensus, SparseLogProbs):
+            return self.consensus.csr_tensors(SPARSE_PREFIX)
         return {} if self.consensus is None else {"consensus": self.consensus}
 
     def load_state(self, tensors: Tensors) -> None:
-        consensus = tensors.get("consensus")
-        expected = (len(self.indices), self.ctx.model_ref.num_labels)
-        if set(tensors) - {"consensus"} or (consensus is not None and consensus.shape != expected):
-            raise UserError("checkpoint's kd consensus does not match this experiment's proxy set")
-        self.consensus = consensus
+        mismatch = UserError("checkpoint's kd consensus does not match this experiment's proxy set")
+        if not tensors:
+            self.consensus = None
+        elif self.causal:
+            try:
+                sparse = read_csr(tensors, self.vocab, SPARSE_PREFIX)
+            except ProtocolError:
+                raise mismatch from None
+            if sparse.num_tokens != int(self.offsets[-1]) or len(tensors) != 4:
+                raise mismatch
+            self.consensus = sparse
+        else:
+            expected = (len(self.indices), self.ctx.model_ref.num_labels)
+            dense = tensors.get("consensus")
+            if set(tensors) != {"consensus"} or dense is None or dense.shape != expected:
+                raise mismatch
+            self.consensus = dense
 
     def export(self, global_state: Tensors, out_dir: str) -> None:
         """The student adapter (PEFT) and, once there is one, `consensus.safetensors`."""
@@ -154,18 +205,16 @@ class KdStrategy(PayloadAccounting):
 
         self.method.export(self.ctx.eval_model, out_dir)
         if self.consensus is not None:
-            indices = torch.tensor(self.indices, dtype=torch.int64)
-            save_file(
-                {"consensus": self.consensus, "indices": indices},
-                str(Path(out_dir) / "consensus.safetensors"),
-            )
+            tensors = self.state()
+            tensors["indices"] = torch.tensor(self.indices, dtype=torch.int64)
+            save_file(tensors, str(Path(out_dir) / "consensus.safetensors"))
 
 
 def mutual_distillation(
     slm: Any,
     llm: Any,
     tokenizer: Any,
-    data: TextDataset,
+    data: Union[TextDataset, InstructionSet],
     settings: DistillationSettings,
     max_length: int,
     device: str,
@@ -174,7 +223,9 @@ def mutual_distillation(
     """`server_steps` steps, each: SLM ← CE + λ·KL(LLM ‖ SLM), LLM ← CE + λ·KL(SLM ‖ LLM).
 
     Both losses come from the same forward passes; each detaches its teacher, so one backward of
-    the sum gives each model exactly the gradient of its own loss. Returns mean (SLM, LLM) loss.
+    the sum gives each model exactly the gradient of its own loss. Causal LMs: CE and KL at the
+    response tokens, the KL on the teacher's top-k support + tail (`settings.top_k`). Returns
+    the mean (SLM, LLM) loss.
     """
     torch.manual_seed(seed)
     models = (slm, llm)
@@ -186,14 +237,14 @@ def mutual_distillation(
         optimizers.append(torch.optim.AdamW(params, lr=settings.server_learning_rate))
     totals = [0.0, 0.0]
     steps = settings.server_steps
+    causal = isinstance(data, InstructionSet)
+    top_k = settings.top_k if causal else None
     for indices in batch_indices(len(data), settings.server_batch_size, steps, seed):
-        batch = tokenize_batch(tokenizer, data, indices, max_length, device)
-        labels = batch.pop("labels")
-        slm_logits = slm(**batch).logits
-        llm_logits = llm(**batch).logits
+        batch = make_batch(tokenizer, data, indices, max_length, device)
+        (slm_logits, labels), (llm_logits, _) = (task_logits(m, batch, causal) for m in models)
         t, weight = settings.temperature, settings.kl_weight
-        slm_loss = ce_plus_kl(slm_logits, labels, llm_logits, t, weight)
-        llm_loss = ce_plus_kl(llm_logits, labels, slm_logits, t, weight)
+        slm_loss = ce_plus_kl(slm_logits, labels, llm_logits, t, weight, top_k)
+        llm_loss = ce_plus_kl(llm_logits, labels, slm_logits, t, weight, top_k)
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         (slm_loss + llm_loss).backward()
@@ -205,6 +256,17 @@ def mutual_distillation(
     for model in models:
         model.eval()
     return totals[0] / steps, totals[1] / steps
+
+
+def task_logits(
+    model: Any, batch: Dict[str, Any], causal: bool
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets) where the task's loss is: a classifier's rows, or a causal LM's
+    response tokens (the lm_head applied there only)."""
+    if causal:
+        return response_logits(model, batch)
+    inputs = {name: value for name, value in batch.items() if name != "labels"}
+    return model(**inputs).logits, batch["labels"]
 
 
 def check_same_tokenizer(slm_tokenizer: Any, llm_tokenizer: Any, slm: str, llm: str) -> None:
@@ -236,8 +298,14 @@ class FedCoLLMStrategy(PayloadAccounting):
             settings.llm,
         )
         self.llm = self.llm_method.build(None, seed=0)
-        split = load_split(ctx.data_path, settings.aux_split)
+        causal = isinstance(ctx.validation, InstructionSet)
+        split = load_task_split(ctx.data_path, settings.aux_split, causal)
         self.aux = split.subset(sample_rows(len(split), settings.aux_size, settings.aux_seed))
+        if causal and vocab_size(self.llm) != vocab_size(ctx.eval_model):
+            raise UserError(
+                f"method.llm {settings.llm!r} has {vocab_size(self.llm)} output words, "
+                f"the SLM {vocab_size(ctx.eval_model)}: FedCoLLM compares them word by word"
+            )
 
     def aggregate(
         self, round_index: int, global_state: Tensors, updates: List[AcceptedUpdate]
@@ -258,18 +326,11 @@ class FedCoLLMStrategy(PayloadAccounting):
         return self.method.get_state(ctx.eval_model)
 
     def evaluate(self, global_state: Tensors) -> Dict[str, float]:
+        """The SLM's metrics as for any run, the LLM's own under `llm_` (`llm_accuracy`,
+        `llm_eval_loss`; a causal LM's `llm_perplexity`, `llm_exact_match` or `llm_rouge_l`)."""
         results = super().evaluate(global_state)
-        ctx = self.ctx
-        if not isinstance(ctx.validation, TextDataset):
-            raise UserError("fedcollm trains classifiers only (causal LMs: lora, federa, full)")
-        llm = evaluate(
-            self.llm,
-            ctx.tokenizer,
-            ctx.validation,
-            max_length=ctx.model_ref.max_length,
-            device=ctx.torch_device,
-        )
-        results.update(llm_accuracy=llm.accuracy, llm_eval_loss=llm.loss)
+        llm = self.evaluate_model(self.llm)
+        results.update({f"llm_{name}": value for name, value in llm.items()})
         return results
 
     def state(self) -> Tensors:

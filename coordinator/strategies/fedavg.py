@@ -3,8 +3,15 @@
 The sum walks the tensors a few MB of rows at a time, reading each device's rows from its
 upload's file on disk and summing nₖ·Δₖ in fp64 in device-id order. Memory: 2 × model size
 (the global state and the result) for any number of devices, which is what lets full-model
-rounds scale. Bit-identical whatever order updates arrived in (n·Δ is exact in fp64 and the
+rounds scale. A small state (LoRA: 298 KB) is summed in fp64 whole instead, each upload read in
+one go: with a thousand devices a read per tensor and device (26,000 reads) cost more than the
+sums (measured: 0.8 s → 0.3 s). Each element sees the same fp64 additions in the same order
+either way. Bit-identical whatever order updates arrived in (n·Δ is exact in fp64 and the
 order is fixed), so a rerun or a resumed run ends where an uninterrupted one does.
+
+For LoRA, averaging A and B separately is inexact: mean(B)·mean(A) ≠ mean(B·A). The error it
+makes is measured every round (`lowrank.averaged_factor_errors`, recorded in metrics.jsonl);
+`ffa`, `exact` and `flexlora` avoid it (docs/AGGREGATION.md).
 """
 
 from __future__ import annotations
@@ -14,8 +21,12 @@ from typing import List, Mapping, Optional
 import torch
 
 from jetfed.coordinator.strategies.base import AcceptedUpdate, Strategy, register_strategy
+from jetfed.coordinator.strategies.lowrank import averaged_factor_errors
 from jetfed.edge.methods.base import Tensors
-from jetfed.edge.tensorfile import read_rows, row_ranges
+from jetfed.edge.tensorfile import read_rows, row_ranges, whole_tensors
+
+WHOLE_SUM_MAX_BYTES = 16 << 20
+"""fp64 sums of a state up to this size are held whole (see the module docstring)."""
 
 
 def apply_mean_delta(
@@ -34,6 +45,8 @@ def apply_mean_delta(
         float(item.update.num_samples) * (scales or {}).get(item.update.device_id, 1.0)
         for item in ordered
     ]
+    if sum(value.numel() for value in global_state.values()) * 8 <= WHOLE_SUM_MAX_BYTES:
+        return _mean_delta_whole(global_state, ordered, weights, total)
     # results allocated before any block is read, so short-lived blocks do not fragment the
     # heap between long-lived results (that kept ~70 MB of holes resident)
     new_state = {name: torch.empty_like(v, dtype=torch.float32) for name, v in global_state.items()}
@@ -48,6 +61,20 @@ def apply_mean_delta(
     return new_state
 
 
+def _mean_delta_whole(
+    global_state: Tensors, ordered: List[AcceptedUpdate], weights: List[float], total: float
+) -> Tensors:
+    sums = {name: torch.zeros_like(v, dtype=torch.float64) for name, v in global_state.items()}
+    for item, weight in zip(ordered, weights):
+        for name, delta in whole_tensors(item.tensors):
+            if name in sums:  # an update may carry more than the averaged state (ffa's A)
+                sums[name].add_(delta, alpha=weight)
+    return {
+        name: sums[name].div_(total).add_(value).to(torch.float32)
+        for name, value in global_state.items()
+    }
+
+
 @register_strategy
 class FedAvg(Strategy):
     """The sample-weighted mean of the deltas, added to the global state (module doc)."""
@@ -57,4 +84,6 @@ class FedAvg(Strategy):
     def aggregate(
         self, round_index: int, global_state: Tensors, updates: List[AcceptedUpdate]
     ) -> Tensors:
-        return apply_mean_delta(global_state, updates)
+        new_state = apply_mean_delta(global_state, updates)
+        self.layer_errors = averaged_factor_errors(self, global_state, updates, new_state)
+        return new_state

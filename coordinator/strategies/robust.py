@@ -13,7 +13,8 @@ Settings come from the experiment's `aggregation:` section, e.g.
 Updates carry deltas (the method's `local_round` uploads new − global); median and trimmed mean
 ignore sample counts on purpose (a device could lie about them). Each setting belongs to one
 strategy: any other key is a one-line error. Median and trimmed mean read one tensor of every
-update at a time; clipped FedAvg sums row blocks like FedAvg.
+update at a time; clipped FedAvg sums row blocks like FedAvg. For LoRA each reports, like
+FedAvg, the error of its factor-wise result against the mean of the products.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from jetfed.coordinator.strategies.base import (
     register_strategy,
 )
 from jetfed.coordinator.strategies.fedavg import apply_mean_delta
+from jetfed.coordinator.strategies.lowrank import averaged_factor_errors
 from jetfed.edge.methods.base import Tensors
 from jetfed.edge.tensorfile import TensorFile
 
@@ -85,7 +87,9 @@ class ClippedFedAvg(Strategy):
             norm = update_norm(item.tensors)
             if norm > bound:  # never scaled up
                 scales[item.update.device_id] = bound / norm
-        return apply_mean_delta(global_state, updates, scales)
+        new_state = apply_mean_delta(global_state, updates, scales)
+        self.layer_errors = averaged_factor_errors(self, global_state, updates, new_state)
+        return new_state
 
 
 @register_strategy
@@ -97,7 +101,9 @@ class CoordinateMedian(Strategy):
     def aggregate(
         self, round_index: int, global_state: Tensors, updates: List[AcceptedUpdate]
     ) -> Tensors:
-        return coordinate_statistic(global_state, updates, (len(updates) - 1) // 2)
+        new_state = coordinate_statistic(global_state, updates, (len(updates) - 1) // 2)
+        self.layer_errors = averaged_factor_errors(self, global_state, updates, new_state)
+        return new_state
 
 
 @register_strategy
@@ -112,4 +118,6 @@ class TrimmedMean(Strategy):
         self, round_index: int, global_state: Tensors, updates: List[AcceptedUpdate]
     ) -> Tensors:
         trim = math.floor(self.settings.trim_fraction * len(updates))
-        return coordinate_statistic(global_state, updates, trim)
+        new_state = coordinate_statistic(global_state, updates, trim)
+        self.layer_errors = averaged_factor_errors(self, global_state, updates, new_state)
+        return new_state

@@ -1,4 +1,7 @@
-"""The coordinator's half of split learning: the layers above the cut and the head.
+"""The coordinator's half of split learning: the layers above the cut and the head (a
+classifier's pooler/classifier; a decoder's final norm and lm_head, the loss on response tokens;
+`jetfed.edge.split_layout`). Each round the whole model it shares modules with is evaluated like
+any method's (accuracy, or a causal LM's eval_loss, perplexity and exact_match/rouge_l).
 
 `SplitServer` answers each device's per-batch messages (see `edge/methods/split.py`) as they
 arrive on the coordinator's protocol thread; it never waits for a device, so one that drops only
@@ -40,7 +43,6 @@ from jetfed.edge.logs import log_event
 from jetfed.edge.methods.base import Tensors
 from jetfed.edge.methods.split import (
     SplitHeader,
-    SplitLayout,
     SplitMethod,
     SplitSettings,
     check_tensors,
@@ -48,6 +50,7 @@ from jetfed.edge.methods.split import (
     encode_split_message,
     torch_dtype,
 )
+from jetfed.edge.split_layout import SplitLayout
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +124,6 @@ class SplitServer:
         }
         self.wire_dtype = torch_dtype(settings.activation_dtype)
         self.hidden_size = int(self.layout.model.config.hidden_size)
-        self.num_labels = int(self.layout.model.config.num_labels)
         self.round_index: Optional[int] = None
         self.lanes: Dict[str, _Lane] = {}
         self.stats = ServerStats()
@@ -253,14 +255,15 @@ class SplitServer:
             "attention_mask": ((batch, length), torch.int64),
         }
         if not self.settings.u_shaped:
-            expected["labels"] = ((batch,), torch.int64)
+            expected["labels"] = (self.layout.labels_shape(batch, length), torch.int64)
         check_tensors(tensors, expected)
         mask = tensors["attention_mask"]
         if bool(((mask != 0) & (mask != 1)).any()):
             raise ProtocolError("split attention_mask holds values other than 0 and 1")
         labels = tensors.get("labels")
-        if labels is not None and bool(((labels < 0) | (labels >= self.num_labels)).any()):
-            raise ProtocolError(f"split labels outside [0, {self.num_labels})")
+        problem = self.layout.labels_error(labels) if labels is not None else None
+        if problem is not None:
+            raise ProtocolError(f"split {problem}")
         return batch, length
 
     def _step(self, optimizer: torch.optim.Optimizer) -> None:

@@ -5,7 +5,9 @@ On devices this is plain federated LoRA on the experiment's `model` (the SLM). T
 LLM on its auxiliary labelled data (CE + λ·KL at temperature T each way) and broadcasts the updated
 SLM adapter: only the SLM's LoRA ever crosses the network. `method.llm` names the LLM (any Hugging
 Face id or path sharing the SLM's tokenizer, e.g. Qwen2.5-0.5B with Qwen2.5-1.5B); the offline pair
-is MiniLM with `model.num_hidden_layers: 3` as the SLM and the full 6-layer MiniLM as the LLM.
+is MiniLM with `model.num_hidden_layers: 3` as the SLM and the full 6-layer MiniLM as the LLM;
+for causal LMs (instruction data, response tokens) SmolLM2 truncated as the SLM and SmolLM2
+(`method.llm: smollm2`, all 30 layers unless `llm_num_hidden_layers`) as the LLM.
 """
 
 from __future__ import annotations
@@ -39,13 +41,13 @@ class FedCoLLMMethod(LoraMethod):
     strategy = "fedcollm"
 
     def llm_ref(self) -> ModelRef:
-        """The LLM: same labels and sequence length as the SLM."""
-        return ModelRef(
-            name_or_path=self.config.llm,
-            revision=self.config.llm_revision,
-            num_labels=self.model_ref.num_labels,
-            max_length=self.model_ref.max_length,
-            num_hidden_layers=self.config.llm_num_hidden_layers,
+        """The LLM: the SLM's task (labels, sequence length, kind, chat template, dtype)."""
+        return self.model_ref.model_copy(
+            update={
+                "name_or_path": self.config.llm,
+                "revision": self.config.llm_revision,
+                "num_hidden_layers": self.config.llm_num_hidden_layers,
+            }
         )
 
     def llm_method(self) -> LoraMethod:

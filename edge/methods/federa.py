@@ -10,11 +10,12 @@ residual bitwise identical on every device.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 from jetfed.edge.errors import UserError
 from jetfed.edge.methods.base import InitialState, MemoryFootprint, Tensors, register_method
-from jetfed.edge.methods.lora import LoraMethod
+from jetfed.edge.methods.lora import LoraMethod, factor_names
 from jetfed.edge.models import quiet_transformers
 
 
@@ -23,10 +24,6 @@ def _lora_layers(model: Any) -> Iterator[Tuple[str, Any]]:
     for module_name, module in model.named_modules():
         if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
             yield module_name, module
-
-
-def factor_names(prefix: str) -> Tuple[str, str]:
-    return f"{prefix}.lora_A.default.weight", f"{prefix}.lora_B.default.weight"
 
 
 @register_method
@@ -69,16 +66,20 @@ class FederaMethod(LoraMethod):
         if init is None:
             raise UserError("federa needs the coordinator's SVD factors (the task's init_state)")
         model = super().build(None, seed)
-        scaling = self.config.scaling
+        rank = self.config.rank
         with torch.no_grad():
             for prefix, layer in _lora_layers(model):
                 name_a, name_b = factor_names(prefix)
                 a0, b0 = init[name_a], init[name_b]
+                # the residual uses the init's rank R: a device assigned r < R (flexlora) keeps
+                # the run's base and starts from the top-r part, s_r·B_rA_r = s_R·B₀[:, :r]A₀[:r]
+                scaling = self.config.model_copy(update={"rank": int(a0.shape[0])}).scaling
                 weight = layer.base_layer.weight
                 residual = weight.double() - scaling * (b0.double() @ a0.double())
                 weight.copy_(residual.to(weight.dtype))
-                layer.lora_A["default"].weight.copy_(a0)
-                layer.lora_B["default"].weight.copy_(b0)
+                share = math.sqrt(scaling / self.config.scaling)
+                layer.lora_A["default"].weight.copy_(a0[:rank] * share)
+                layer.lora_B["default"].weight.copy_(b0[:, :rank] * share)
         model.federa_init = init
         return model
 
@@ -92,11 +93,12 @@ class FederaMethod(LoraMethod):
         init: Tensors = model.federa_init
         export = self.peft_model(2 * self.config.rank, 2 * self.config.alpha, seed=0)
         state = self.get_state(model)
+        factors = dict(model.named_parameters())  # A is no state under freeze_a
         with torch.no_grad():
             for prefix, layer in _lora_layers(export):
                 name_a, name_b = factor_names(prefix)
-                layer.lora_A["default"].weight.copy_(torch.cat([state[name_a], init[name_a]], 0))
-                layer.lora_B["default"].weight.copy_(torch.cat([state[name_b], -init[name_b]], 1))
+                layer.lora_A["default"].weight.copy_(torch.cat([factors[name_a], init[name_a]], 0))
+                layer.lora_B["default"].weight.copy_(torch.cat([factors[name_b], -init[name_b]], 1))
         heads = {name: value for name, value in state.items() if "lora_" not in name}
         self.set_state(export, heads)
         with quiet_transformers():

@@ -1,26 +1,22 @@
 """Split learning (Split-FedLLM, SFL-style): the device runs the bottom of the model only.
 
-The device holds the embeddings and the first `cut_layer` encoder layers (with LoRA); the split
-server on the coordinator (`coordinator/strategies/split.py`) holds the other layers and the task
-head (with LoRA). Per batch the device sends the cut activations, the attention mask and the labels;
-the server runs forward and backward, steps its part and returns the gradient at the cut; the device
-finishes backward and steps. In U-shaped mode (`u_shaped: true`) the head stays on the device and
-labels never leave it: the server returns the top activations, the device runs head + loss and sends
-back their gradient, and the server answers with the gradient at the cut.
+The device holds the embeddings and the first `cut_layer` layers (with LoRA); the split server on
+the coordinator (`coordinator/strategies/split.py`) holds the other layers and the head (a
+classifier's pooler/classifier; a decoder's final norm and lm_head), with LoRA. Per batch the
+device sends the cut activations, the attention mask and the labels (a class id per row, or a
+token per position for a causal LM: the prompt and padding masked); the server runs forward and
+backward, steps its part and returns the gradient at the cut; the device finishes backward and
+steps. In U-shaped mode (`u_shaped: true`) the head stays on the device and labels never leave it:
+the server returns the top activations, the device runs head + loss and sends back their
+gradient, and the server answers with the gradient at the cut.
 
 Rounds are SFL-style: the device-side tensors (bottom LoRA, + the head when U-shaped) are the
 global state and are averaged like LoRA; the server-side tensors live in the strategy.
 
-Which models: encoders laid out as `<backbone>.embeddings` + `<backbone>.encoder.layer[i]` + a
-head (BERT, MiniLM, RoBERTa, ELECTRA, DeBERTa-v2/v3). Every part runs through the model's own
-Hugging Face forward with the other parts swapped out (an identity in place of the embeddings, a
-slice of the layer list), so attention masks, poolers and heads stay exactly HF's. Not supported:
-decoder LLMs (Llama, Qwen, GPT-2: their layers live elsewhere, rotary position embeddings and
-causal masks are built outside the layers, the head reads the last token; KV caches would have to
-travel), DeBERTa-v2 models with a convolution after layer 0 (`conv_kernel_size` > 0), and
-trainable encoder-level tensors shared by all layers (DeBERTa's relative embeddings stay frozen).
-Differences from unsplit training: dropout masks come from each side's own RNG, and gradient
-clipping (`max_grad_norm`, `server_max_grad_norm`) applies per side.
+Which models and how they are cut: `jetfed.edge.split_layout` (BERT-like encoders; Llama-style
+decoders, whose positions and causal mask each side rebuilds from the attention mask, with no
+KV cache on the wire). Differences from unsplit training: dropout masks come from each side's
+own RNG, and gradient clipping (`max_grad_norm`, `server_max_grad_norm`) applies per side.
 
 Wire: each message is one safetensors file whose metadata holds the JSON `SplitHeader`
 (correlation id = session + step, round); no pickle. Activations travel as `activation_dtype`.
@@ -28,13 +24,12 @@ Wire: each message is one safetensors file whose metadata holds the JSON `SplitH
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
 
 from pydantic import Field
 
@@ -48,6 +43,7 @@ from jetfed.edge.methods.base import (
     register_method,
 )
 from jetfed.edge.methods.lora import LoraMethod, LoraSettings
+from jetfed.edge.split_layout import SplitLayout
 from jetfed.edge.transfer import TransferTimeout
 from jetfed.edge.wire import PayloadTooLarge, WireModel, parse_message
 
@@ -61,8 +57,6 @@ logger = logging.getLogger(__name__)
 MAX_SPLIT_MESSAGE_BYTES = 256 << 20
 MAX_HEADER_BYTES = 64 << 10
 SESSION_PATTERN = r"^[0-9a-f]{16}$"
-EMBEDDING_PROJECTIONS = ("embeddings_project",)
-"""Backbone modules applied right after the embeddings (ELECTRA): part of the device's bottom."""
 
 
 class SplitSettings(LoraSettings):
@@ -78,190 +72,10 @@ class SplitSettings(LoraSettings):
     max_retries: int = Field(default=5, ge=0)
 
 
-# --------------------------------------------------------------------------- model layout
-
-
 def torch_dtype(name: str) -> torch.dtype:
     import torch
 
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
-def _passthrough_embeddings() -> Any:
-    import torch
-
-    class PassthroughEmbeddings(torch.nn.Module):
-        """Stands in for the embeddings when the backbone's input is already a hidden state."""
-
-        def forward(self, *args: Any, inputs_embeds: Any = None, **kwargs: Any) -> Any:
-            return inputs_embeds
-
-    return PassthroughEmbeddings()
-
-
-def _head_only_backbone(pooler: Any) -> Any:
-    """Stands in for the whole backbone: the input is the top hidden state; only the pooler
-    (BERT keeps it inside the backbone) still runs, so the classifier sees what it always sees."""
-    import torch
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    class HeadOnlyBackbone(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.pooler = pooler
-
-        def forward(self, *args: Any, inputs_embeds: Any = None, **kwargs: Any) -> Any:
-            pooled = self.pooler(inputs_embeds) if self.pooler is not None else None
-            return BaseModelOutputWithPooling(last_hidden_state=inputs_embeds, pooler_output=pooled)
-
-    return HeadOnlyBackbone()
-
-
-@dataclass
-class SplitLayout:
-    """Where a model is cut, and the four segments either side runs.
-
-    `model` is the Hugging Face classifier (PEFT unwrapped); its modules are shared with the
-    PEFT wrapper, so LoRA layers and the wrapped head are active in every segment.
-    """
-
-    model: Any
-    cut_layer: int
-    u_shaped: bool
-    passthrough: Any = field(default_factory=_passthrough_embeddings)
-
-    @classmethod
-    def of(cls, model: Any, cut_layer: int, u_shaped: bool) -> SplitLayout:
-        import torch
-
-        hf = model.get_base_model() if hasattr(model, "peft_config") else model
-        backbone = hf.base_model
-        encoder: Any = getattr(backbone, "encoder", None)
-        model_type = getattr(hf.config, "model_type", "?")
-        if getattr(backbone, "embeddings", None) is None or not isinstance(
-            getattr(encoder, "layer", None), torch.nn.ModuleList
-        ):
-            raise UserError(
-                f"method split: model type {model_type!r} is not a BERT-like encoder "
-                "(<backbone>.embeddings + <backbone>.encoder.layer); decoder LLMs are not supported"
-            )
-        if getattr(encoder, "conv", None) is not None:
-            raise UserError(f"method split: {model_type} with conv_kernel_size > 0 cannot be cut")
-        num_layers = int(hf.config.num_hidden_layers)
-        if not 1 <= cut_layer < num_layers:
-            raise UserError(
-                f"method.cut_layer must be between 1 and {num_layers - 1} for this "
-                f"{num_layers}-layer model (got {cut_layer})"
-            )
-        in_layers = cls._ids(list(encoder.layer))
-        shared = [
-            name
-            for name, param in encoder.named_parameters()
-            if param.requires_grad and id(param) not in in_layers
-        ]
-        if shared:
-            raise UserError(f"method split: encoder-level tensor {shared[0]} cannot be trained")
-        return cls(hf, cut_layer, u_shaped)
-
-    @property
-    def backbone(self) -> Any:
-        return self.model.base_model
-
-    @property
-    def layers(self) -> List[Any]:
-        return list(self.backbone.encoder.layer)
-
-    @staticmethod
-    def _ids(modules: List[Any]) -> Set[int]:
-        return {id(p) for module in modules for p in module.parameters()}
-
-    def embedding_modules(self) -> List[Any]:
-        backbone = self.backbone
-        extras = [getattr(backbone, name, None) for name in EMBEDDING_PROJECTIONS]
-        return [backbone.embeddings, *(module for module in extras if module is not None)]
-
-    def head_ids(self) -> Set[int]:
-        """The pooler/classifier: every parameter outside the embeddings and the encoder."""
-        body = self._ids([*self.embedding_modules(), self.backbone.encoder])
-        return {id(p) for p in self.model.parameters()} - body
-
-    def device_ids(self) -> Set[int]:
-        ids = self._ids([*self.embedding_modules(), *self.layers[: self.cut_layer]])
-        return ids | self.head_ids() if self.u_shaped else ids
-
-    def server_ids(self) -> Set[int]:
-        ids = self._ids(self.layers[self.cut_layer :])
-        return ids if self.u_shaped else ids | self.head_ids()
-
-    def release_server_layers(self) -> None:
-        """Device: drop the layers above the cut so their memory is freed (idempotent)."""
-        import torch
-
-        encoder = self.backbone.encoder
-        if len(encoder.layer) > self.cut_layer:
-            encoder.layer = torch.nn.ModuleList(self.layers[: self.cut_layer])
-
-    @contextlib.contextmanager
-    def _segment(
-        self, layers: List[Any], embeddings: bool = False, pooler: bool = True
-    ) -> Iterator[None]:
-        """Run the backbone with only `layers` (and without embeddings or pooler)."""
-        import torch
-
-        backbone, encoder = self.backbone, self.backbone.encoder
-        swaps: Dict[str, Any] = {}
-        if not embeddings:
-            swaps["embeddings"] = self.passthrough
-            for name in EMBEDDING_PROJECTIONS:
-                if getattr(backbone, name, None) is not None:
-                    swaps[name] = torch.nn.Identity()
-        if not pooler and getattr(backbone, "pooler", None) is not None:
-            swaps["pooler"] = None
-        saved = {name: getattr(backbone, name) for name in swaps}
-        saved_layers = encoder.layer
-        try:
-            for name, module in swaps.items():
-                setattr(backbone, name, module)
-            encoder.layer = torch.nn.ModuleList(layers)
-            yield
-        finally:
-            for name, module in saved.items():
-                setattr(backbone, name, module)
-            encoder.layer = saved_layers
-
-    def bottom(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """Device: embeddings + layers [0, k) → the cut activations."""
-        inputs = {name: value for name, value in batch.items() if name != "labels"}
-        with self._segment(self.layers[: self.cut_layer], embeddings=True, pooler=False):
-            return self.backbone(**inputs).last_hidden_state
-
-    def middle(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Server, U-shaped: layers [k, L) → the top activations."""
-        with self._segment(self.layers[self.cut_layer :], pooler=False):
-            return self.backbone(
-                inputs_embeds=hidden, attention_mask=attention_mask
-            ).last_hidden_state
-
-    def top_loss(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
-        """Server, labels shared: layers [k, L) + head → the loss."""
-        with self._segment(self.layers[self.cut_layer :]):
-            return self.model(
-                inputs_embeds=hidden, attention_mask=attention_mask, labels=labels
-            ).loss
-
-    def head_loss(
-        self, top: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
-        """Device, U-shaped: the head on the top activations → the loss."""
-        prefix = self.model.base_model_prefix
-        backbone = self.backbone
-        try:
-            setattr(self.model, prefix, _head_only_backbone(getattr(backbone, "pooler", None)))
-            return self.model(inputs_embeds=top, attention_mask=attention_mask, labels=labels).loss
-        finally:
-            setattr(self.model, prefix, backbone)
 
 
 # --------------------------------------------------------------------------- wire messages
@@ -464,17 +278,15 @@ class SplitMethod(LoraMethod):
     default_learning_rate = 5e-4
 
     def memory_footprint(self, model: Any) -> MemoryFootprint:
-        """The embeddings and the first `cut_layer` layers, with LoRA on those layers."""
-        from jetfed.edge.memory_budget import client_params, num_layers
-
-        layers = self.config.cut_layer
-        if layers > num_layers(model):
-            raise UserError(f"method.cut_layer must be in 1..{num_layers(model)}, got {layers}")
+        """What the device side of the layout holds (embeddings, the first `cut_layer` layers;
+        U-shaped also the head), with LoRA on those layers; a decoder's logits only U-shaped."""
+        layout = SplitLayout.of(model, self.config.cut_layer, self.config.u_shaped, training=False)
+        held = layout.device_ids()
         return MemoryFootprint(
-            held_params=client_params(model, layers),
-            trainable_params=self.lora_params(model, layers),
-            layers=layers,
-            logits_on_device=False,
+            held_params=sum(p.numel() for p in model.parameters() if id(p) in held),
+            trainable_params=self.lora_params(model, self.config.cut_layer),
+            layers=self.config.cut_layer,
+            logits_on_device=self.config.u_shaped,
         )
 
     def layout(self, model: Any) -> SplitLayout:

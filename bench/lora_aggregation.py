@@ -1,0 +1,179 @@
+"""LoRA-aware aggregation: seconds per round and bytes per device for each strategy.
+
+Random factors of the real shapes (query/value adapters of MiniLM: 6 × 384→384 twice;
+SmolLM2-135M: 30 × 576→576 and 576→192), rank 8, alpha 16, in-memory updates of 10 and 100
+devices. Strategies: `fedavg` (with the per-layer error it now reports), `ffa` (B only),
+`exact` in both modes (`fold`, `svd`) and `flexlora` (`svd`, `zero_pad`) with the global adapter
+at rank 16 and devices cycling through ranks 4/8/16. `svd_s` is the SVD alone (QR of the
+stacked factors + the core SVD, or the dense SVD when Σrₖ ≥ min(out, in)). Upload bytes are
+the safetensors payload one device sends (fp32; a rank-4 device's for flexlora); the fold
+blob is what `exact`'s fold adds to every device's download each round.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Tuple
+
+from bench.runner import table
+from bench.stats import median
+from bench.tensors import accepted_update
+
+MODELS = {"minilm": "MiniLM q,v", "smollm2": "SmolLM2 q,v"}
+STRATEGIES: Tuple[Tuple[str, str, Dict[str, Any]], ...] = (
+    ("fedavg", "fedavg", {}),
+    ("ffa", "ffa", {}),
+    ("exact-fold", "exact", {"mode": "fold"}),
+    ("exact-svd", "exact", {"mode": "svd"}),
+    ("flexlora-svd", "flexlora", {"heterogeneous": "svd"}),
+    ("flexlora-zero_pad", "flexlora", {"heterogeneous": "zero_pad"}),
+)
+RANK, ALPHA, FLEX_RANKS = 8, 16.0, (4, 8, 16)
+
+
+def adapted_shapes(model: str) -> Dict[str, Tuple[int, int]]:
+    """prefix → (out, in) of every query/value Linear, from the model's config alone."""
+    from jetfed.edge.memory_budget import _meta_model
+
+    meta = _meta_model(model, 2)
+    targets = ("query", "value", "q_proj", "v_proj")
+    return {
+        name: (module.out_features, module.in_features)
+        for name, module in meta.named_modules()
+        if name.rsplit(".", 1)[-1] in targets
+    }
+
+
+def lora_state(
+    shapes: Dict[str, Tuple[int, int]], rank: int, seed: int, with_a: bool = True
+) -> Any:
+    import torch
+
+    from jetfed.edge.methods.lora import factor_names
+
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for prefix, (out, inp) in shapes.items():
+        name_a, name_b = factor_names(prefix)
+        if with_a:
+            state[name_a] = torch.randn(rank, inp, generator=gen) * 0.02
+        state[name_b] = torch.randn(out, rank, generator=gen) * 0.02
+    return state
+
+
+def updates_of(shapes: Dict[str, Tuple[int, int]], ranks: List[int], with_a: bool) -> List[Any]:
+    return [
+        accepted_update(index, lora_state(shapes, rank, seed=index, with_a=with_a))
+        for index, rank in enumerate(ranks)
+    ]
+
+
+def time_strategy(
+    shapes: Dict[str, Tuple[int, int]], label: str, count: int, repeats: int
+) -> Dict[str, Any]:
+    from jetfed.coordinator.strategies.base import ServerContext, make_strategy
+    from jetfed.coordinator.strategies.lowrank import layer_factors, method_scaling, svd_of_product
+    from jetfed.edge.methods.lora import LoraMethod
+    from jetfed.edge.wire import ModelRef, encode_tensors
+
+    _, name, settings = next(item for item in STRATEGIES if item[0] == label)
+    flex = name == "flexlora"
+    run_rank = 16 if flex else RANK
+    freeze = name == "ffa"
+    config = {"rank": run_rank, "alpha": ALPHA, "freeze_a": freeze}
+    method = LoraMethod(config, ModelRef(name_or_path="x", num_labels=2))
+    ranks = [FLEX_RANKS[k % 3] if flex else RANK for k in range(count)]
+    global_state = lora_state(shapes, run_rank, seed=10_000, with_a=not freeze)
+    init = lora_state(shapes, run_rank, seed=10_001) if freeze else None
+    updates = updates_of(shapes, ranks, with_a=not freeze)
+    times = []
+    for _ in range(repeats):  # a fresh strategy each time: exact's fold starts empty
+        strategy = make_strategy(name, ServerContext.aggregation_only(settings, method, init))
+        started = time.perf_counter()
+        strategy.aggregate(0, global_state, updates)
+        times.append(time.perf_counter() - started)
+    svd_s = None
+    if label in ("exact-svd", "flexlora-svd"):
+        scaling = method_scaling(method)
+        starts = None
+        if flex:
+            from jetfed.coordinator.strategies.lowrank import at_rank
+
+            starts = {r: at_rank(global_state, r, scaling) for r in FLEX_RANKS if r != run_rank}
+        per_layer = layer_factors(global_state, updates, scaling, starts=starts)
+        started = time.perf_counter()
+        for factors in per_layer.values():
+            svd_of_product(*factors.stacked())
+        svd_s = time.perf_counter() - started
+    smallest = min(range(count), key=lambda k: ranks[k])
+    errors = strategy.layer_errors
+    return {
+        "strategy": label,
+        "devices": count,
+        "median_s": median(times),
+        "svd_s": svd_s,
+        "upload_bytes": len(encode_tensors(updates[smallest].tensors)),
+        "upload_rank": ranks[smallest],
+        "fold_bytes": len(strategy.fold_blob()) if label == "exact-fold" else 0,  # type: ignore[attr-defined]
+        "error_mean": sum(errors.values()) / len(errors),
+        "error_worst": max(errors.values()),
+    }
+
+
+def run(
+    quick: bool,
+    models: Tuple[str, ...] = ("minilm", "smollm2"),
+    counts: Tuple[int, ...] = (10, 100),
+) -> Dict[str, Any]:
+    """`models` and `counts` shrink the run (tests)."""
+    import torch
+
+    torch.set_num_threads(1)
+    repeats = 2 if quick else 5
+    results: Dict[str, Any] = {"torch_threads": torch.get_num_threads(), "models": {}}
+    for model in models:
+        shapes = adapted_shapes(model)
+        results["models"][model] = [
+            time_strategy(shapes, label, count, repeats)
+            for count in counts
+            for label, _, _ in STRATEGIES
+        ]
+    return results
+
+
+def markdown(results: Dict[str, Any]) -> str:
+    rows = [
+        [
+            MODELS.get(model, model),
+            item["strategy"],
+            item["devices"],
+            item["median_s"] * 1000,
+            "" if item["svd_s"] is None else item["svd_s"] * 1000,
+            f"{item['upload_bytes'] / 1e3:.1f} (r={item['upload_rank']})",
+            item["fold_bytes"] / 1e6,
+            f"{item['error_mean']:.2e} / {item['error_worst']:.2e}",
+        ]
+        for model, items in results["models"].items()
+        for item in items
+    ]
+    return "\n".join(
+        [
+            f"Random factors of the real shapes, rank 8 (flexlora: global 16, devices 4/8/16), "
+            f"torch threads {results['torch_threads']}; errors are of random factors (an upper "
+            "bound on what trained ones show).",
+            "",
+            table(
+                [
+                    "adapters",
+                    "strategy",
+                    "devices",
+                    "aggregate ms",
+                    "of which SVD ms",
+                    "upload kB per device",
+                    "fold MB per device",
+                    "error mean / worst",
+                ],
+                rows,
+            ),
+        ]
+    )

@@ -1,0 +1,249 @@
+"""LoRA factor maths shared by the LoRA-aware strategies (fedavg's error, ffa, exact, flexlora).
+
+A device k of rank rₖ and scaling sₖ = alpha/rₖ starts from the global factors (A, B) given
+at its rank and uploads deltas ΔAₖ, ΔBₖ; its adapter adds sₖ·BₖAₖ to a frozen weight, with
+Bₖ = B + ΔBₖ, Aₖ = A + ΔAₖ. With pₖ = nₖ / Σ n the exact mean update of a layer is
+
+    P̄ = Σ pₖ sₖ BₖAₖ = [p₁s₁B₁ … p_K s_K B_K] · [A₁; …; A_K]     (one matmul, device-id order)
+
+and a strategy's global factors (B̄, Ā) at rank R, scaling s, lose
+
+    error = ‖P̄ − s·B̄Ā‖_F / ‖P̄‖_F
+
+(FedAvg's mean(B)·mean(A) ≠ mean(B·A); 0 for ffa and exact by construction). Products are
+formed in float32 (`COMPUTE`: fp32 BLAS takes half fp64's time, and its ~1e-7 relative rounding
+is far below any error worth reporting) with the devices in id order, so results are
+bit-identical whatever order updates arrived in. `split` turns a product back into factors
+the way FeDeRA does (PiSSA's B = U√(S/s), A = √(S/s)Vᵀ), so that the first r columns/rows of
+a global factor pair are the best rank-r part of its product and a device of rank r < R
+starts from `at_rank`'s slice.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
+
+import torch
+
+from jetfed.coordinator.strategies.base import AcceptedUpdate, Strategy
+from jetfed.edge.methods.base import FederatedMethod, Tensors
+from jetfed.edge.methods.lora import A_SUFFIX, B_SUFFIX, factor_names
+
+COMPUTE = torch.float32
+"""The dtype of factor sums, products and SVDs (module doc)."""
+BASE_SUFFIX = ".base_layer.weight"
+"""A PEFT LoRA layer's frozen weight, where `exact` folds its residual."""
+
+Scaling = Callable[[int], float]
+"""rank → s = alpha/rank (alpha fixed by the method's settings)."""
+TensorSpec = Dict[str, Tuple[int, ...]]
+
+
+def method_scaling(method: Optional[FederatedMethod]) -> Scaling:
+    """s(rank) = the method's alpha/rank at any rank (its own formula, whatever alpha means);
+    1 without a LoRA method (aggregation-only benches: every device at one scale)."""
+    config = getattr(method, "config", None)
+    if config is None or not hasattr(config, "scaling"):
+        return lambda rank: 1.0
+    return lambda rank: float(config.model_copy(update={"rank": rank}).scaling)
+
+
+def adapted_layers(names: Mapping[str, object]) -> List[str]:
+    """Prefixes of the LoRA layers among `names` (by their B factor: ffa uploads no A)."""
+    return sorted(name[: -len(B_SUFFIX)] for name in names if name.endswith(B_SUFFIX))
+
+
+def is_factor(name: str) -> bool:
+    return name.endswith((A_SUFFIX, B_SUFFIX))
+
+
+def rank_of(tensors: Mapping[str, torch.Tensor], prefix: str) -> int:
+    """The rank of a layer's factors (B is out × r)."""
+    return int(tensors[prefix + B_SUFFIX].shape[1])
+
+
+def spec_at_rank(spec: TensorSpec, rank: int) -> TensorSpec:
+    """An update spec with every LoRA factor at `rank` (A: r × in, B: out × r)."""
+    moved: TensorSpec = {}
+    for name, shape in spec.items():
+        if name.endswith(A_SUFFIX):
+            moved[name] = (rank, *shape[1:])
+        elif name.endswith(B_SUFFIX):
+            moved[name] = (shape[0], rank)
+        else:
+            moved[name] = shape
+    return moved
+
+
+def at_rank(state: Tensors, rank: int, scaling: Scaling) -> Tensors:
+    """The global state (rank R) as a device of rank r ≤ R starts from: the first r rows of A
+    and columns of B, each times √(s_R/s_r) so that s_r·B_rA_r = s_R·B[:, :r]A[:r]."""
+    moved: Tensors = {}
+    for name, value in state.items():
+        if name.endswith(B_SUFFIX) and value.shape[1] < rank:
+            raise ValueError(f"{name} has rank {value.shape[1]} < {rank}")
+        if name.endswith(A_SUFFIX):
+            full = int(value.shape[0])
+            factor = math.sqrt(scaling(full) / scaling(rank))
+            moved[name] = (value[:rank].double() * factor).float()
+        elif name.endswith(B_SUFFIX):
+            full = int(value.shape[1])
+            factor = math.sqrt(scaling(full) / scaling(rank))
+            moved[name] = (value[:, :rank].double() * factor).float()
+        else:
+            moved[name] = value
+    return moved
+
+
+def sample_weights(updates: List[AcceptedUpdate]) -> Tuple[List[AcceptedUpdate], List[float]]:
+    """Updates in device-id order and their pₖ = nₖ / Σ n."""
+    ordered = sorted(updates, key=lambda item: item.update.device_id)
+    total = float(sum(item.update.num_samples for item in ordered))
+    return ordered, [item.update.num_samples / total for item in ordered]
+
+
+def _moved(
+    start: Mapping[str, torch.Tensor], upload: Mapping[str, torch.Tensor], name: str
+) -> torch.Tensor:
+    """start + delta; shapes asserted (a (1, in) delta would broadcast silently)."""
+    delta = upload[name]
+    if delta.shape != start[name].shape:
+        raise ValueError(  # the intake checked every upload: a strategy's or caller's bug
+            f"{name}: delta {tuple(delta.shape)} on {tuple(start[name].shape)}"
+        )
+    return start[name].to(COMPUTE) + delta.to(COMPUTE)
+
+
+def device_factors(
+    start: Mapping[str, torch.Tensor],
+    upload: Mapping[str, torch.Tensor],
+    prefix: str,
+    frozen: Optional[Mapping[str, torch.Tensor]] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(Bₖ, Aₖ): the device's starting factors plus its deltas; a frozen A (ffa)
+    comes from `frozen` and has no delta."""
+    name_a, name_b = factor_names(prefix)
+    b = _moved(start, upload, name_b)
+    if name_a in upload:
+        a = _moved(start, upload, name_a)
+    else:
+        a = (frozen if frozen is not None and name_a in frozen else start)[name_a].to(COMPUTE)
+    return b, a
+
+
+@dataclass
+class LayerFactors:
+    """One adapted layer's device factors (Bₖ, Aₖ), device-id order, with their
+    sample weights pₖ and scalings sₖ."""
+
+    factors: List[Tuple[torch.Tensor, torch.Tensor]]
+    weights: List[float]
+    scalings: List[float]
+
+    def stacked(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """[p₁s₁B₁ … p_K s_K B_K] and [A₁; …; A_K]: their product is P̄ = Σ pₖsₖBₖAₖ."""
+        b = torch.cat(
+            [p * s * b for (b, _), p, s in zip(self.factors, self.weights, self.scalings)], dim=1
+        )
+        a = torch.cat([a for _, a in self.factors], dim=0)
+        return b, a
+
+    def mean_product(self) -> torch.Tensor:
+        b, a = self.stacked()
+        return b @ a
+
+
+def relative_error(target: torch.Tensor, approximation: torch.Tensor) -> float:
+    """‖target − approximation‖_F / ‖target‖_F (0 when the target is 0)."""
+    norm = float(torch.linalg.matrix_norm(target))
+    if norm == 0.0:
+        return 0.0
+    return float(torch.linalg.matrix_norm(target - approximation)) / norm
+
+
+def svd_of_product(
+    b: torch.Tensor, a: torch.Tensor, product: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of B·A (out × m times m × in). When m < min(out, in) the product has rank ≤ m:
+    QR of both factors leaves an m × m core to decompose (exact, O((out + in)·m²)), which
+    for 10 devices of rank 8 is far cheaper than the dense SVD."""
+    if b.shape[1] < min(b.shape[0], a.shape[1]):
+        q_b, r_b = torch.linalg.qr(b)
+        q_a, r_a = torch.linalg.qr(a.T)
+        u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+        return q_b @ u, s, vh @ q_a.T
+    u, s, vh = torch.linalg.svd(b @ a if product is None else product, full_matrices=False)
+    return u, s, vh
+
+
+def heads_of(state: Tensors) -> Tensors:
+    """The tensors that are no LoRA factor (a classifier's head): plain FedAvg."""
+    return {name: value for name, value in state.items() if not is_factor(name)}
+
+
+def split(
+    svd: Tuple[torch.Tensor, torch.Tensor, torch.Tensor], rank: int, scaling: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) at `rank` with s·BA the best rank-r part of U S Vᵀ: B = U√(S/s), A = √(S/s)Vᵀ
+    (zero columns/rows where the product has fewer than `rank` singular values)."""
+    u, s, vh = svd
+    kept = min(rank, int(s.shape[0]))
+    root = torch.sqrt(s[:kept] / scaling)
+    b = torch.zeros(u.shape[0], rank, dtype=u.dtype)
+    a = torch.zeros(rank, vh.shape[1], dtype=u.dtype)
+    b[:, :kept] = u[:, :kept] * root[None, :]
+    a[:kept] = root[:, None] * vh[:kept]
+    return b, a
+
+
+def layer_factors(
+    start: Mapping[str, torch.Tensor],
+    updates: List[AcceptedUpdate],
+    scaling: Scaling,
+    frozen: Optional[Mapping[str, torch.Tensor]] = None,
+    starts: Optional[Mapping[int, Mapping[str, torch.Tensor]]] = None,
+) -> Dict[str, LayerFactors]:
+    """Per adapted layer, every device's factors; `starts` (rank → state) gives the starting
+    factors of devices at ranks other than the global one (flexlora)."""
+    ordered, weights = sample_weights(updates)
+    layers: Dict[str, LayerFactors] = {}
+    for prefix in adapted_layers(start):
+        factors, scalings = [], []
+        for item in ordered:
+            rank = rank_of(item.tensors, prefix)
+            origin = start if starts is None or rank not in starts else starts[rank]
+            factors.append(device_factors(origin, item.tensors, prefix, frozen))
+            scalings.append(scaling(rank))
+        layers[prefix] = LayerFactors(factors, weights, scalings)
+    return layers
+
+
+def factor_errors(
+    layers: Mapping[str, LayerFactors],
+    result: Mapping[str, torch.Tensor],
+    scaling: float,
+    frozen: Optional[Mapping[str, torch.Tensor]] = None,
+) -> Dict[str, float]:
+    """Per layer ‖P̄ − s·B̄Ā‖/‖P̄‖ for the global factors in `result` (A from `frozen` if absent)."""
+    errors: Dict[str, float] = {}
+    for prefix, layer in layers.items():
+        name_a, name_b = factor_names(prefix)
+        a = result[name_a] if name_a in result else (frozen or {})[name_a]
+        approximation = scaling * (result[name_b].to(COMPUTE) @ a.to(COMPUTE))
+        errors[prefix] = relative_error(layer.mean_product(), approximation)
+    return errors
+
+
+def averaged_factor_errors(
+    strategy: Strategy, start: Tensors, updates: List[AcceptedUpdate], result: Tensors
+) -> Dict[str, float]:
+    """The error of factors averaged separately (fedavg, ffa), one rank for every device."""
+    layers = adapted_layers(start)
+    if not layers:
+        return {}
+    scaling = method_scaling(strategy.ctx.method)
+    rank = rank_of(start, layers[0])
+    per_layer = layer_factors(start, updates, scaling, frozen=strategy.ctx.init)
+    return factor_errors(per_layer, result, scaling(rank), frozen=strategy.ctx.init)
