@@ -22,8 +22,8 @@ def update_norms(before: Tensors, new: Tensors, scaling: float) -> Dict[str, flo
     """`update_norm` and `delta_w_norm` of the step before → new (float64 sums)."""
     squared_theta = squared_w = 0.0
     for name, value in new.items():
-        if name not in before:
-            continue
+        if name not in before or before[name].shape != value.shape:
+            continue  # a tensor the step added or reshaped has no change to measure
         change = value.double() - before[name].double()
         squared_theta += float(change.pow(2).sum())
         if not name.endswith((LORA_A, LORA_B)):
@@ -32,7 +32,10 @@ def update_norms(before: Tensors, new: Tensors, scaling: float) -> Dict[str, flo
         if not name.endswith(LORA_A):
             continue
         name_b = name[: -len(LORA_A)] + LORA_B
-        if name_b not in new or name not in before or name_b not in before:
+        pair = (name, name_b)
+        if any(n not in before or before[n].shape != new[n].shape for n in pair if n in new):
+            continue
+        if name_b not in new:
             continue
         product_new = new[name_b].double() @ new[name].double()
         product_old = before[name_b].double() @ before[name].double()
