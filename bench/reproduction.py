@@ -1,18 +1,25 @@
 """The FeDeRA reproduction: FeDeRA vs LoRA vs full fine-tuning on non-IID data, over the real
 protocol.
 
-Every run is a local fleet (`jetfed.coordinator.fleet.run_local_fleet`): a private Mosquitto, the
-coordinator, and one `jetfed edge run` process per client (1 torch thread each), optionally each
-behind an emulated link (`--link`, root only). Data: SST-2 and 20 Newsgroups, Dirichlet α = 0.5
-over 10 clients, MiniLM (≤ 64 tokens), batch 16, the same local steps per round for every
-method; per-method learning rates from the calibration in NOTES.md (LoRA 1e-3, FeDeRA 5e-4,
-full 2e-5). 20 Newsgroups is evaluated on a fixed random subset of its test split (the file is
-sorted by class, so its first rows would be two classes only).
+Accuracy per round comes from a simulation of each experiment (`jetfed simulate`: the same
+coordinator, agents and wire over the in-memory link, ending on the bit-identical global state
+of a deployed run with the same seed); time, bytes and energy per round from a short deployed
+run of the same experiment (`COST_ROUNDS` rounds): a local fleet
+(`jetfed.coordinator.fleet.run_local_fleet`), i.e. a private Mosquitto, the coordinator, and one
+`jetfed edge run` process per client (1 torch thread each), optionally each behind an emulated
+link (`--link`, root only). Costs to a target are the rounds the simulation needed times the
+deployed run's mean cost per round (a round costs the same whatever the accuracy).
+
+Data: SST-2 and 20 Newsgroups, Dirichlet α = 0.5 over 10 clients, MiniLM (≤ 64 tokens),
+batch 16, the same local steps per round for every method; per-method learning rates from the
+calibration in NOTES.md (LoRA 1e-3, FeDeRA 5e-4, full 2e-5). 20 Newsgroups is evaluated on a
+fixed random subset of its test split (the file is sorted by class, so its first rows would be
+two classes only).
 
 Reported per method: accuracy per round; rounds-, wall-clock-, bytes- and (where a power sensor
 exists) energy-to-target; and a modelled per-device time-to-target (local steps × the method's
 standalone step time on one core + the device's bytes over a 100 or a 10 Mbit/s link), because ten
-processes sharing two cores is not ten devices. `budget_min` caps the whole run: each run gets
+processes sharing two cores is not ten devices. `budget_min` caps the simulations: each gets
 an equal share of what is left, and stops after the round that exhausts it.
 """
 
@@ -25,9 +32,10 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from bench.runner import DEFAULT_DATASETS, DEFAULT_OUT, table
+from jetfed.coordinator.sweep import completed_rounds
 
 CLIENTS = 10
 ALPHA = 0.5
@@ -37,6 +45,8 @@ MODELLED_LINK_BYTES_PER_S = 100e6 / 8
 SLOW_LINK_BYTES_PER_S = 10e6 / 8
 """The modelled device time is also given over a 10 Mbit/s link (weak Wi-Fi, shared uplink)."""
 FIXED_TARGETS = {"sst2": (0.70, 0.75, 0.80), "20newsgroups": (0.30, 0.40, 0.50), "rte": (0.55,)}
+COST_ROUNDS = 2
+"""Deployed rounds per (dataset, method) for the cost columns (1 in quick mode)."""
 STEP_TIME_RESERVE_S = 240.0
 """Kept from the budget for the standalone step timings after the fleets."""
 RELATIVE_TARGET = 0.95
@@ -63,6 +73,9 @@ class Plan:
     step_time_steps: int
     seed: int = 0
     """Dirichlet partition and training seed."""
+    cost_rounds: int = COST_ROUNDS
+    simulation_workers: int = 0
+    """Processes the simulated devices train in (0: the simulation's own, one at a time)."""
 
 
 def plan(
@@ -95,6 +108,7 @@ def plan(
             32,
             1,
             seed,
+            cost_rounds=1,
         )
     processes = clients or CLIENTS
     return Plan(
@@ -107,6 +121,7 @@ def plan(
         None,
         10,
         seed,
+        simulation_workers=min(os.cpu_count() or 1, clients_per_round or processes),
     )
 
 
@@ -167,6 +182,12 @@ def experiment(
     }
 
 
+def cost_experiment(raw: Dict[str, Any], rounds: int) -> Dict[str, Any]:
+    """The deployed run that measures a round's time, bytes and energy: the same experiment,
+    `rounds` rounds."""
+    return dict(raw, name=f"{raw['name']}-cost", rounds=dict(raw["rounds"], count=rounds))
+
+
 def standalone_step_s(method: str, data_dir: Path, steps: int = 5) -> float:
     """One process, one torch thread, nothing else of ours running: seconds per local step."""
     import torch
@@ -201,19 +222,20 @@ def standalone_step_s(method: str, data_dir: Path, steps: int = 5) -> float:
         torch.set_num_threads(threads)
 
 
-def completed_rounds(run_dir: Path) -> int:
-    """Rounds a run directory's checkpoint says are done (0 without one)."""
-    state = run_dir / "checkpoint" / "state.json"
-    return int(json.loads(state.read_text())["completed_round"]) + 1 if state.exists() else 0
-
-
 def run_one(
-    raw: Dict[str, Any], clients: int, link: Optional[str], budget_s: float, resume: bool = False
+    raw: Dict[str, Any],
+    clients: int,
+    link: Optional[str],
+    budget_s: float,
+    resume: bool = False,
+    simulation_workers: Optional[int] = None,
 ) -> str:
-    """One fleet run; returns how it ended ("completed", "budget", or the error). `resume`
-    continues a run directory left by an earlier invocation (up to this one's round count)."""
+    """One fleet run, or with `simulation_workers` set a simulated one (`jetfed simulate`);
+    returns how it ended ("completed", "budget", or the error). `resume` continues a run
+    directory left by an earlier invocation (up to this one's round count)."""
     from jetfed.coordinator.config import parse_config
     from jetfed.coordinator.fleet import run_local_fleet
+    from jetfed.coordinator.simulate import simulate
 
     config = parse_config(raw, raw["name"])
     done = completed_rounds(config.run_dir) if resume else 0
@@ -228,14 +250,17 @@ def run_one(
             raise BudgetReached(f"after round {metrics.round_index}")
 
     try:
-        run_local_fleet(
-            config,
-            clients,
-            link=link,
-            own_broker="mosquitto",
-            on_round=on_round,
-            resume=bool(done),
-        )
+        if simulation_workers is not None:
+            simulate(config, clients, bool(done), on_round, workers=simulation_workers)
+        else:
+            run_local_fleet(
+                config,
+                clients,
+                link=link,
+                own_broker="mosquitto",
+                on_round=on_round,
+                resume=bool(done),
+            )
     except BudgetReached as exc:
         return f"budget ({exc})"
     except Exception as exc:  # one failed run must not lose the others
@@ -250,25 +275,30 @@ def _read_jsonl(path: Path) -> List[Dict[str, Any]]:
 
 
 def to_target(rounds: List[Dict[str, Any]], target: float) -> Optional[Dict[str, Any]]:
-    """Costs summed up to the first round whose accuracy reaches `target`; None if never."""
-    wall_s = bytes_total = modelled_s = modelled_slow_s = 0.0
-    energy: Optional[float] = 0.0
+    """Costs summed up to the first round whose accuracy reaches `target`; None if never. A
+    cost some round lacks (no power sensor, a failed cost run) is None, never a partial sum."""
+    sums: Dict[str, Optional[float]] = dict.fromkeys(TARGET_COSTS, 0.0)
     for item in rounds:
-        wall_s += item["active_s"]
-        bytes_total += item["bytes_up"] + item["bytes_down"]
-        modelled_s += item["modelled_device_s"]
-        modelled_slow_s += item["modelled_device_s_slow_link"]
-        energy = None if energy is None or item["energy_j"] is None else energy + item["energy_j"]
+        for name, cost in TARGET_COSTS.items():
+            total, value = sums[name], cost(item)
+            sums[name] = None if total is None or value is None else total + value
         if item["accuracy"] is not None and item["accuracy"] >= target:
-            return {
-                "rounds": item["round_index"] + 1,
-                "wall_s": wall_s,
-                "bytes": bytes_total,
-                "modelled_device_s": modelled_s,
-                "modelled_device_s_slow_link": modelled_slow_s,
-                "energy_j": energy,
-            }
+            return {"rounds": item["round_index"] + 1, **sums}
     return None
+
+
+def _bytes(item: Dict[str, Any]) -> Optional[float]:
+    up, down = item["bytes_up"], item["bytes_down"]
+    return None if up is None or down is None else up + down
+
+
+TARGET_COSTS: Dict[str, Callable[[Dict[str, Any]], Optional[float]]] = {
+    "wall_s": lambda item: item["active_s"],
+    "bytes": _bytes,
+    "modelled_device_s": lambda item: item["modelled_device_s"],
+    "modelled_device_s_slow_link": lambda item: item["modelled_device_s_slow_link"],
+    "energy_j": lambda item: item["energy_j"],
+}
 
 
 def active_round_s(run_dir: Path) -> Dict[int, float]:
@@ -301,7 +331,36 @@ def round_energy_j(run_dir: Path) -> Dict[int, Optional[float]]:
     return {index: device_totals(records).get("energy_j") for index, records in by_round.items()}
 
 
-def summarize_run(run_dir: Path, local_steps: int, step_s: float) -> Dict[str, Any]:
+COST_KEYS = (
+    "round_s",
+    "active_s",
+    "eval_s",
+    "bytes_up",
+    "bytes_down",
+    "energy_j",
+    "modelled_device_s",
+    "modelled_device_s_slow_link",
+)
+
+
+def summarize_run(
+    run_dir: Path, local_steps: int, step_s: float, cost_dir: Optional[Path] = None
+) -> Dict[str, Any]:
+    """Per round: accuracy and costs of `run_dir`; with `cost_dir` (a deployed run of the same
+    experiment), every round's costs are that run's mean per round instead."""
+    rounds = round_rows(run_dir, local_steps, step_s)
+    if cost_dir is None:
+        return {"rounds": rounds}
+    measured = round_rows(cost_dir, local_steps, step_s)
+    for key in COST_KEYS:
+        values = [row[key] for row in measured]
+        mean = None if not values or None in values else sum(values) / len(values)
+        for row in rounds:
+            row[key] = mean
+    return {"rounds": rounds, "cost_rounds_measured": len(measured)}
+
+
+def round_rows(run_dir: Path, local_steps: int, step_s: float) -> List[Dict[str, Any]]:
     active = active_round_s(run_dir)
     energy = round_energy_j(run_dir)
     rounds = []
@@ -328,7 +387,7 @@ def summarize_run(run_dir: Path, local_steps: int, step_s: float) -> Dict[str, A
                 + per_device_bytes / SLOW_LINK_BYTES_PER_S,
             }
         )
-    return {"rounds": rounds}
+    return rounds
 
 
 def add_targets(dataset: str, by_method: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
@@ -431,6 +490,9 @@ def run(
             "max_eval_samples": setup.max_eval_samples,
             "newsgroups_eval_samples": NEWSGROUPS_EVAL_SAMPLES,
             "learning_rates": {m: learning_rate(m) for m in setup.methods},
+            "accuracy_from": "jetfed simulate (virtual devices)",
+            "cost_rounds": setup.cost_rounds,
+            "simulation_workers": setup.simulation_workers,
             "link": link or "loopback",
             "budget_min": budget_min,
             "modelled_link_mbit_s": MODELLED_LINK_BYTES_PER_S * 8 / 1e6,
@@ -446,14 +508,22 @@ def run(
     for index, (dataset, method) in enumerate(pending):
         left_s = budget_s - (time.monotonic() - started) - STEP_TIME_RESERVE_S
         raw = experiment(dataset, data_dirs[dataset], method, setup, work / "runs")
+        cost = cost_experiment(raw, setup.cost_rounds)
         run_started = time.monotonic()
-        ended = run_one(raw, setup.clients, link, left_s / (len(pending) - index), resume_runs)
+        share_s = left_s / (len(pending) - index)
+        workers = setup.simulation_workers
+        ended = run_one(raw, setup.clients, None, share_s, resume_runs, simulation_workers=workers)
+        simulated_s = time.monotonic() - run_started
+        cost_ended = run_one(cost, setup.clients, link, float("inf"), resume_runs)
         entry = results["datasets"].setdefault(dataset, {"methods": {}})
         entry["methods"][method] = {
             "ended": ended,
+            "cost_run_ended": cost_ended,
             "run_wall_s": time.monotonic() - run_started,
+            "simulation_wall_s": simulated_s,
             "learning_rate": raw["training"]["learning_rate"],
             "run_dir": str(Path(raw["output_dir"]) / raw["name"]),
+            "cost_run_dir": str(Path(cost["output_dir"]) / cost["name"]),
         }
         (work / "reproduction.partial.json").write_text(json.dumps(results, indent=2) + "\n")
     # Measured after the fleets, so fleet processes do not slow it (other users still may).
@@ -468,7 +538,14 @@ def run(
     for dataset, entry in results["datasets"].items():
         for method, summary in entry["methods"].items():
             step_s = results["standalone_step_s"][dataset][method]
-            summary.update(summarize_run(Path(summary["run_dir"]), setup.local_steps, step_s))
+            summary.update(
+                summarize_run(
+                    Path(summary["run_dir"]),
+                    setup.local_steps,
+                    step_s,
+                    Path(summary["cost_run_dir"]),
+                )
+            )
         entry.update(add_targets(dataset, entry["methods"]))
         entry["plot"] = plot(dataset, entry["methods"], out)
     results["total_wall_s"] = time.monotonic() - started
@@ -497,6 +574,16 @@ def _earlier_note(results: Dict[str, Any]) -> str:
     return " in this invocation (--resume-runs: the rest ran in an earlier one)"
 
 
+def _sources_note(setup: Dict[str, Any]) -> str:
+    if "accuracy_from" not in setup:  # reports from before the simulation engine
+        return "Accuracy and costs from the same deployed runs."
+    return (
+        f"Accuracy per round from {setup['accuracy_from']}; time, bytes and energy per round: "
+        f"the mean of {setup['cost_rounds']} deployed round(s) of the same experiment, "
+        "times the rounds to each target."
+    )
+
+
 def markdown(results: Dict[str, Any]) -> str:
     setup = results["setup"]
     lines = [
@@ -507,6 +594,8 @@ def markdown(results: Dict[str, Any]) -> str:
         f"{setup['link']}, learning rates {setup['learning_rates']}, seed "
         f"{setup.get('seed', 0)}. Total "
         f"{results['total_wall_s'] / 60:.1f} min{_earlier_note(results)}.",
+        "",
+        _sources_note(setup),
         "",
     ]
     for dataset, entry in results["datasets"].items():

@@ -41,11 +41,19 @@ BENCHES = (
     "live_page",
     "lora_aggregation",
     "kd_payload",
+    "simulation",
 )
 """What `all` runs, cheapest first. The reproduction (tens of minutes), the compression
-accuracy study (federated full fine-tuning per update dtype) and the 1,000-device soak run only
-by name."""
-SEPARATE = ("reproduction", "compression_accuracy", "causal_lm", "method_comparison", "fleet_soak")
+accuracy study (federated full fine-tuning per update dtype), the 1,000-device soak and the
+weight spectra run only by name."""
+SEPARATE = (
+    "reproduction",
+    "compression_accuracy",
+    "causal_lm",
+    "method_comparison",
+    "fleet_soak",
+    "spectra",
+)
 
 
 def known_benches() -> List[str]:

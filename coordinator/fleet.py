@@ -30,6 +30,12 @@ OWN_BROKERS = ("amqtt", "mosquitto")
 LINK_FILE = "link.json"
 
 
+def local_device_id(index: int) -> str:
+    """The id of a local fleet's device `index` (0-based), simulated or not: client indices go
+    to ids in sorted order, so both kinds of fleet give device i the same shard and seeds."""
+    return f"demo-{index + 1:02d}"
+
+
 def edge_command(
     broker_url: str, device_id: str, experiment: str, data: str, link_info: Optional[str] = None
 ) -> List[str]:
@@ -54,7 +60,7 @@ def start_edges(
     link_info = str(fleet.link) if fleet is not None else None
     processes = []
     for index in range(clients):
-        device_id = f"demo-{index + 1:02d}"
+        device_id = local_device_id(index)
         log = open(log_dir / f"{device_id}.log", "wb")  # noqa: SIM115 - owned by the process
         data = config.data.path_for(device_id)
         command = edge_command(broker_url, device_id, config.name, data, link_info)

@@ -43,6 +43,7 @@ from jetfed.coordinator.strategies.base import (
     make_strategy,
 )
 from jetfed.coordinator.strategies.lowrank import TensorSpec, spec_at_rank
+from jetfed.coordinator.update_norm import update_norms
 from jetfed.edge.data import load_task_split
 from jetfed.edge.errors import UserError
 from jetfed.edge.logs import log_event
@@ -467,10 +468,16 @@ class Coordinator:
             return
         t0 = time.monotonic()
         self.strategy.layer_errors = {}
+        previous = self.global_state
         self.global_state = self.strategy.aggregate(
             metrics.round_index, self.global_state, accepted
         )
         metrics.aggregate_s = time.monotonic() - t0
+        facts = self.method.run_facts()
+        metrics.extra.update(facts)
+        metrics.extra.update(
+            update_norms(previous, self.global_state, facts.get("lora_scaling", 1.0))
+        )
         metrics.aggregation_error = AggregationError.of(self.strategy.layer_errors)
         if metrics.aggregation_error is not None:
             log_event(

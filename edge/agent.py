@@ -12,25 +12,17 @@ import platform
 import socket
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
 import jetfed
-from jetfed.edge.data import check_labels, client_shard, load_task_split
 from jetfed.edge.errors import ProtocolError, UserError
 from jetfed.edge.exchange import Exchange
+from jetfed.edge.local_trainer import LocalTrainer, Trainer, TrainingDevice
 from jetfed.edge.logs import log_event
-from jetfed.edge.methods.base import (
-    FederatedMethod,
-    LocalRound,
-    available_methods,
-    get_method,
-    run_local_round,
-)
+from jetfed.edge.methods.base import available_methods, get_method
 from jetfed.edge.mqtt import BrokerSpec
 from jetfed.edge.progress import ProgressReporter
 from jetfed.edge.session import DeviceSession
@@ -39,8 +31,6 @@ from jetfed.edge.telemetry.live import LivePublisher
 from jetfed.edge.telemetry.phases import PhaseCounters, Profiler
 from jetfed.edge.telemetry.records import PhaseRecord
 from jetfed.edge.telemetry.sampler import DEFAULT_RATE_HZ, Sampler
-from jetfed.edge.tensorfile import TensorFile
-from jetfed.edge.train import device_seed
 from jetfed.edge.transfer import Download, TransferTimeout
 from jetfed.edge.wire import (
     ID_PATTERN,
@@ -90,35 +80,34 @@ class EdgeConfig(BaseModel):
     such as `wifi-5ghz`); its hello's context records it as `link`."""
 
 
-@dataclass
-class _ModelCache:
-    """The built model survives rounds; rebuilt only when the method, model or init changes."""
-
-    key: Tuple[str, str, str, str]
-    method: FederatedMethod
-    model: Any
-    tokenizer: Any
-
-
 class RoundAbandoned(Exception):
     """This round cannot finish here (nack, newer task, timeout); wait for the next task."""
 
 
+NO_TELEMETRY = "none"
+"""`telemetry: none`: no sampler thread, no memory readings, records with time and bytes only
+(a simulation's virtual devices, which share one process)."""
 ANNOUNCEMENT_WAIT_S = 10.0
 """A following agent whose experiment's announcement is not there this long after connecting
 serves a run that already ended."""
 
 
 class EdgeAgent:
-    def __init__(self, config: EdgeConfig, follow: bool = False) -> None:
+    def __init__(
+        self, config: EdgeConfig, follow: bool = False, trainer: Optional[Trainer] = None
+    ) -> None:
         """`follow`: joined through jetfed.edge.lobby, so serve only while the experiment's
-        coordinator announces its run (finishing the round in hand when the announcement goes)."""
+        coordinator announces its run (finishing the round in hand when the announcement goes).
+        `trainer`: shared by the virtual devices of a simulation (one model for all of them);
+        by default the agent's own."""
         if config.experiment is None:
             raise ValueError("EdgeAgent serves one experiment; jetfed.edge.lobby.Lobby picks it")
         self.config = config
         self.topics = Topics(config.experiment)
         self.device_id = config.device_id
-        self.profiler = Profiler(config.experiment, config.device_id)
+        self.profiler = Profiler(
+            config.experiment, config.device_id, memory=config.telemetry != NO_TELEMETRY
+        )
         self._context: Optional[DeviceContext] = None
         self._stop = threading.Event()
         self._pending_task: Optional[Task] = None
@@ -128,8 +117,10 @@ class EdgeAgent:
         """(round, blob digest) of every ack: only one naming our own upload completes it."""
         self._nacks: Dict[Tuple[int, str], Nack] = {}
         """(round, message digest) → nack: only one naming the update we sent abandons it."""
-        self._model: Optional[_ModelCache] = None
-        self._datasets: Dict[Tuple[str, str, str], Any] = {}
+        self.trainer: Trainer = trainer or LocalTrainer(config.torch_device)
+        self._init_fetched = ""
+        """The digest of the fixed init this device downloaded (once per run, as each device
+        does, even when a simulation's shared trainer already holds the model built from it)."""
         self._unsent_records: List[PhaseRecord] = []
         self._coordinator_started_unix_s: Optional[float] = None
         dev = self.topics.device
@@ -160,6 +151,9 @@ class EdgeAgent:
         telemetry_topic = dev(self.device_id, "telemetry")
         self.live = LivePublisher(
             self.device_id, lambda payload: self.link.publish(telemetry_topic, payload)
+        )
+        self.training_device = TrainingDevice(
+            self.device_id, config.data, config.train_split, self.profiler, self.exchange
         )
         prefix = self.exchange.down_prefix
         self.link.on_topic(lambda topic: topic.startswith(prefix), self.exchange.deliver)
@@ -248,6 +242,9 @@ class EdgeAgent:
         """Start sampling, measure the idle baseline before any training (its record rides on
         the first update), then read the context the hello carries."""
         config = self.config
+        if config.telemetry == NO_TELEMETRY:
+            self._context = self.profiler.context()
+            return
         self.profiler.sampler = Sampler.auto(
             config.telemetry, rate_hz=config.sample_rate_hz, sysfs_root=config.sysfs_root
         )
@@ -344,10 +341,10 @@ class EdgeAgent:
                 blobs = self._download_all(task, counters)
             with self.profiler.phase("setup", task.round_index):
                 try:
-                    job = self._prepare(task, blobs)
+                    job = self.trainer.prepare(task, blobs, self.training_device)
                 finally:
                     self._release_downloads()
-            result = run_local_round(job.method_instance, job.local)
+            result = self.trainer.run(job)
             with self.profiler.phase("upload", task.round_index) as counters:
                 self._upload(task, result, counters)
             self._finished_rounds[task.round_index] = "uploaded"
@@ -380,11 +377,12 @@ class EdgeAgent:
 
     def _needed_blobs(self, task: Task) -> Dict[str, BlobManifest]:
         needed = {"global": task.global_state, **task.extra_blobs}
-        cache = self._model
-        if task.init_state is not None and (
-            cache is None or cache.key[3] != task.init_state.digest
+        init = task.init_state
+        if init is not None and (
+            init.digest != self._init_fetched or self.trainer.needs_init(task)
         ):
-            needed["init"] = task.init_state
+            needed["init"] = init
+            self._init_fetched = init.digest
         return needed
 
     def _download_all(self, task: Task, counters: PhaseCounters) -> Dict[str, str]:
@@ -428,57 +426,6 @@ class EdgeAgent:
         pending = self._pending_task
         if pending is not None and pending.round_index > task.round_index:
             raise RoundAbandoned(f"round {pending.round_index} started")
-
-    @dataclass
-    class _Job:
-        method_instance: FederatedMethod
-        local: LocalRound
-
-    def _prepare(self, task: Task, blobs: Dict[str, str]) -> EdgeAgent._Job:
-        """Decode the state, (re)build the model if needed, derive this device's data shard."""
-        from jetfed.edge.models import is_causal_lm, load_tokenizer, pick_device
-
-        init_digest = task.init_state.digest if task.init_state is not None else ""
-        key = (task.method, repr(sorted(task.method_config.items())), repr(task.model), init_digest)
-        if self._model is None or self._model.key != key:
-            method = get_method(task.method)(task.method_config, task.model)
-            init = dict(TensorFile(blobs["init"])) if "init" in blobs else None
-            model = method.build(init, seed=task.training.seed)
-            self._model = _ModelCache(key, method, model, load_tokenizer(task.model))
-        cache = self._model
-        expected = {name: tuple(t.shape) for name, t in cache.method.get_state(cache.model).items()}
-        global_state = dict(TensorFile(blobs["global"], expected))
-        client_index = task.client_indices.get(self.device_id, 0)
-        dataset = self._dataset(task, client_index, is_causal_lm(cache.model))
-        extra = {name: Path(blobs[name]).read_bytes() for name in task.extra_blobs}
-        local = LocalRound(
-            model=cache.model,
-            tokenizer=cache.tokenizer,
-            dataset=dataset,
-            training=task.training,
-            model_ref=task.model,
-            round_index=task.round_index,
-            seed=device_seed(task.training.seed, task.round_index, client_index),
-            device=pick_device(self.config.torch_device),
-            global_state=global_state,
-            profiler=self.profiler,
-            extra_blobs=extra,
-            exchange=self.exchange,
-            data_path=self.config.data,
-        )
-        return EdgeAgent._Job(cache.method, local)
-
-    def _dataset(self, task: Task, client_index: int, causal: bool) -> Any:
-        """This device's shard: instruction data for a causal LM, a TextDataset otherwise."""
-        if not self.config.data:
-            raise UserError("this device has no data: pass --data DIR (or JETFED_DATA)")
-        key = (repr(task.partition), str(client_index), str(causal))
-        if key not in self._datasets:
-            full = load_task_split(self.config.data, self.config.train_split, causal)
-            if not causal:
-                check_labels(full.labels, task.model.num_labels, self.config.data)
-            self._datasets = {key: client_shard(full, task.partition, client_index)}
-        return self._datasets[key]
 
     def _upload(self, task: Task, result: Any, counters: PhaseCounters) -> None:
         """Offer the update's tensors, announce them, and wait for the coordinator's ack."""

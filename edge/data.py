@@ -176,22 +176,55 @@ def partition(labels: Sequence[int], spec: PartitionSpec) -> List[List[int]]:
         order = rng.permutation(n)
         return [sorted(part.tolist()) for part in np.array_split(order, spec.num_clients)]
     if spec.kind == "dirichlet":
-        return _dirichlet(np.asarray(labels), spec.num_clients, spec.alpha, rng)
+        return _dirichlet(
+            np.asarray(labels), spec.num_clients, spec.alpha, rng, spec.min_shard_size
+        )
     return _shards(np.asarray(labels), spec.num_clients, spec.shards_per_client, rng)
 
 
 def _dirichlet(
-    labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator
+    labels: np.ndarray,
+    num_clients: int,
+    alpha: float,
+    rng: np.random.Generator,
+    min_shard_size: int = 0,
 ) -> List[List[int]]:
-    """Per class, split its samples across clients with Dirichlet(alpha) proportions."""
+    """Dirichlet(alpha) shards with a floor: each client first gets `min_shard_size` samples
+    drawn uniformly at random, then the rest is split by Dirichlet(alpha) per class. At small
+    alpha a plain draw leaves some clients a handful of samples (too few for a local batch),
+    and redrawing until none does rarely succeeds with few classes; the floor changes the skew
+    of at most min_shard_size × clients samples. 0: the plain draw, as before."""
+    if min_shard_size == 0:
+        return _dirichlet_draw(labels, np.arange(len(labels)), num_clients, alpha, rng)
+    reserved = min_shard_size * num_clients
+    if reserved > len(labels):
+        raise UserError(
+            f"data.partition.min_shard_size={min_shard_size} × {num_clients} clients exceeds "
+            f"the {len(labels)} samples"
+        )
+    order = rng.permutation(len(labels))
+    floors = np.split(order[:reserved], num_clients)
+    rest = _dirichlet_draw(labels, np.sort(order[reserved:]), num_clients, alpha, rng)
+    return [sorted(floor.tolist() + part) for floor, part in zip(floors, rest)]
+
+
+def _dirichlet_draw(
+    labels: np.ndarray,
+    indices: np.ndarray,
+    num_clients: int,
+    alpha: float,
+    rng: np.random.Generator,
+) -> List[List[int]]:
+    """Per class, split its samples among `indices` across clients with Dirichlet(alpha)
+    proportions."""
     clients: List[List[int]] = [[] for _ in range(num_clients)]
     for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
+        members = rng.permutation(indices[labels[indices] == label])
         proportions = rng.dirichlet(np.full(num_clients, alpha))
         cuts = (np.cumsum(proportions)[:-1] * len(members)).astype(int)
         for client, part in enumerate(np.split(members, cuts)):
             clients[client].extend(part.tolist())
-    return [sorted(indices) for indices in clients]
+    return [sorted(shard) for shard in clients]
 
 
 def _shards(

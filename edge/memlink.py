@@ -18,6 +18,7 @@ from typing import Callable, ClassVar, Dict, List, Optional, Tuple, Union
 from urllib.parse import urlparse
 
 from paho.mqtt.client import topic_matches_sub
+from paho.mqtt.matcher import MQTTMatcher
 
 from jetfed.edge.errors import UserError
 from jetfed.edge.logs import log_event
@@ -40,6 +41,10 @@ class MemBroker:
         self.url = f"{SCHEME}://{name}"
         self._lock = threading.Lock()
         self._links: Dict[str, MemLink] = {}
+        self._filters = MQTTMatcher()
+        """Topic filter → {client id: link}: a publish finds its receivers through paho's
+        trie, not by testing every link's every filter (which made a round of a 100-device
+        simulation quadratic in the devices)."""
         self._retained: Dict[str, bytes] = {}
         with MemBroker._brokers_lock:
             if name in MemBroker._brokers:
@@ -69,7 +74,10 @@ class MemBroker:
         """Like a clean-session CONNECT: a client id already connected is taken over."""
         with self._lock:
             previous = self._links.get(link.client_id)
+            if previous is not None:
+                self._index(previous, add=False)
             self._links[link.client_id] = link
+            self._index(link, add=True)
             retained = dict(self._retained)
         if previous is not None and previous is not link:
             previous.lose_connection()
@@ -81,6 +89,7 @@ class MemBroker:
         with self._lock:
             if self._links.get(link.client_id) is link:
                 del self._links[link.client_id]
+                self._index(link, add=False)
         if will is not None:
             self.publish(will[0], will[1], retain=True)
 
@@ -91,9 +100,30 @@ class MemBroker:
                     self._retained[topic] = payload
                 else:
                     self._retained.pop(topic, None)
-            receivers = [link for link in self._links.values() if link.subscribed(topic)]
-        for link in receivers:
+            receivers = {
+                client_id: link
+                for members in self._filters.iter_match(topic)
+                for client_id, link in members.items()
+            }
+        for link in receivers.values():
             link.deliver(topic, payload)
+
+    def _index(self, link: MemLink, add: bool) -> None:
+        """Add `link` under each of its filters, or remove it (caller holds the lock)."""
+        for topic_filter in link.subscriptions:
+            try:
+                members: Dict[str, MemLink] = self._filters[topic_filter]
+            except KeyError:
+                if not add:
+                    continue
+                members = {}
+                self._filters[topic_filter] = members
+            if add:
+                members[link.client_id] = link
+            elif members.get(link.client_id) is link:
+                del members[link.client_id]
+                if not members:
+                    del self._filters[topic_filter]
 
 
 class MemLink:
@@ -195,6 +225,10 @@ class MemLink:
                 topic, payload = self.inbox.get_nowait()
             except queue.Empty:
                 return
+
+    @property
+    def subscriptions(self) -> List[str]:
+        return list(self._subscriptions)
 
     def subscribed(self, topic: str) -> bool:
         return any(topic_matches_sub(sub, topic) for sub in self._subscriptions)

@@ -122,11 +122,9 @@ def _layer_index(name: str) -> Optional[int]:
 
 def head_params(model: Any) -> int:
     """Parameters of the task head (`classifier.*` or `score.*`)."""
-    return sum(
-        p.numel()
-        for name, p in model.named_parameters()
-        if name.startswith(("classifier.", "score."))
-    )
+    from jetfed.edge.train import is_head_parameter
+
+    return sum(p.numel() for name, p in model.named_parameters() if is_head_parameter(name))
 
 
 def num_layers(model: Any) -> int:

@@ -98,6 +98,26 @@ def planned_steps(training: TrainingConfig, num_samples: int) -> int:
     return min(candidates) if candidates else steps_per_epoch
 
 
+def is_head_parameter(name: str) -> bool:
+    """A classifier's task head: `classifier.*` / `score.*`, wrapped by PEFT or not."""
+    parts = name.split(".")
+    return "classifier" in parts or "score" in parts
+
+
+def parameter_groups(model: Any, training: TrainingConfig) -> List[Dict[str, Any]]:
+    """AdamW's groups: the task head at `head_learning_rate` when set, the rest at
+    `learning_rate`."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if training.head_learning_rate is None:
+        return [{"params": [p for _, p in trainable]}]
+    head = [p for n, p in trainable if is_head_parameter(n)]
+    body = [p for n, p in trainable if not is_head_parameter(n)]
+    groups: List[Dict[str, Any]] = [{"params": body}] if body else []
+    if head:
+        groups.append({"params": head, "lr": training.head_learning_rate})
+    return groups
+
+
 def train_local(
     model: Any,
     tokenizer: Any,
@@ -126,7 +146,9 @@ def train_local(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        params, lr=training.learning_rate, weight_decay=training.weight_decay
+        parameter_groups(model, training),
+        lr=training.learning_rate,
+        weight_decay=training.weight_decay,
     )
     steps = planned_steps(training, len(dataset))
     total_loss = 0.0

@@ -181,6 +181,9 @@ class TrainingConfig(WireModel):
     epochs: Optional[float] = Field(default=None, gt=0, le=1e6)
     batch_size: int = Field(default=16, ge=1, le=4096)
     learning_rate: float = Field(default=1e-3, gt=0, le=1)
+    head_learning_rate: Optional[float] = Field(default=None, gt=0, le=1)
+    """A classifier's task head (`classifier.*`, `score.*`) at its own rate; None: learning_rate.
+    One rate for adapters and head ties the head's step to the adapter's scale."""
     weight_decay: float = Field(default=0.0, ge=0, le=1)
     seed: int = Field(default=0, ge=0, le=(1 << 32) - 1)
     max_grad_norm: Optional[float] = Field(default=1.0, gt=0, le=1e12)
@@ -194,6 +197,9 @@ class PartitionSpec(WireModel):
     alpha: float = Field(default=0.5, gt=0, le=1e6)
     shards_per_client: int = Field(default=2, ge=1, le=1 << 20)
     seed: int = Field(default=0, ge=0, le=(1 << 32) - 1)
+    min_shard_size: int = Field(default=0, ge=0, le=1 << 30)
+    """Dirichlet: redraw the proportions until every client holds at least this many samples
+    (0: one draw, as before)."""
 
 
 class DeviceAssignment(WireModel):

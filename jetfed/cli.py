@@ -17,6 +17,7 @@ from jetfed.edge.logs import configure_logging
 REGISTRARS = [
     "jetfed.edge.cli",
     "jetfed.coordinator.cli",
+    "jetfed.coordinator.simulate_cli",
     "jetfed.coordinator.security_cli",
     "jetfed.profiles.cli",
     "jetfed.edge.doctor_cli",

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import List
 
 import pytest
 
@@ -214,6 +215,40 @@ def test_reproduction_costs_to_target_from_a_run_dir(tmp_path: Path) -> None:
     reached = to_target(rounds, 0.8)
     assert reached is not None and reached["energy_j"] is None  # round 2 measured none: never 0
     assert to_target(rounds, 0.9) is None
+
+
+def test_reproduction_accuracy_from_one_run_costs_from_another(tmp_path: Path) -> None:
+    """The simulation's accuracy per round, the deployed run's mean cost per round."""
+    from bench.reproduction import summarize_run
+
+    def write(folder: Path, accuracies: List[float], bytes_up: int) -> Path:
+        folder.mkdir()
+        rows = [
+            {
+                "round_index": i,
+                "accuracy": a,
+                "eval_loss": 0.5,
+                "train_loss": 0.5,
+                "round_s": 10.0 * (i + 1),
+                "eval_s": 1.0,
+                "aggregate_s": 1.0,
+                "bytes_up": bytes_up * (i + 1),
+                "bytes_down": 0,
+                "num_aggregated": 1,
+                "extra": {},
+            }
+            for i, a in enumerate(accuracies)
+        ]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return folder
+
+    simulated = write(tmp_path / "sim", [0.5, 0.6, 0.7], bytes_up=1)
+    deployed = write(tmp_path / "cost", [0.1, 0.2], bytes_up=1000)
+    summary = summarize_run(simulated, local_steps=1, step_s=1.0, cost_dir=deployed)
+    assert [r["accuracy"] for r in summary["rounds"]] == [0.5, 0.6, 0.7]
+    assert {r["bytes_up"] for r in summary["rounds"]} == {1500.0}
+    assert {r["active_s"] for r in summary["rounds"]} == {(10 + 20) / 2 + 2}
+    assert summary["cost_rounds_measured"] == 2
 
 
 def test_reproduction_plan_narrows_to_methods_datasets_and_seed() -> None:

@@ -75,10 +75,11 @@ def run_fleet(
 
 def factor_shapes(agent: EdgeAgent) -> Dict[str, Tuple[int, ...]]:
     """The LoRA factors of the model the agent trained last."""
-    assert agent._model is not None
+    model = agent.trainer.built_model
+    assert model is not None
     return {
         name: tuple(param.shape)
-        for name, param in agent._model.model.named_parameters()
+        for name, param in model.named_parameters()
         if name.endswith((A_SUFFIX, B_SUFFIX))
     }
 
@@ -155,8 +156,9 @@ def test_ffa_uploads_b_only(method: str, tmp_path: Path, minilm_path: str) -> No
     assert metrics.status == "aggregated" and metrics.num_aggregated == 2
     assert metrics.aggregation_error is not None and metrics.aggregation_error.worst < 1e-6
     for agent in agents:  # A never moved on the devices
-        assert agent._model is not None
-        params = dict(agent._model.model.named_parameters())
+        model = agent.trainer.built_model
+        assert model is not None
+        params = dict(model.named_parameters())
         assert all(torch.equal(params[n], t) for n, t in frozen.items())
 
 
@@ -183,9 +185,10 @@ def test_exact_fold_reaches_the_devices(method: str, tmp_path: Path, minilm_path
     fold = coordinator.strategy.state()
     assert fold
     for agent in agents:  # round 1 trained on the base + round 0's fold, as the coordinator holds
-        assert agent._model is not None
-        params = dict(agent._model.model.named_parameters())
-        original = agent._model.model.unfolded_base
+        model = agent.trainer.built_model
+        assert model is not None
+        params = dict(model.named_parameters())
+        original = model.unfolded_base
         assert set(original) == set(fold)
         for name in fold:
             assert not torch.equal(params[name], original[name])

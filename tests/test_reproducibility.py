@@ -1,5 +1,7 @@
 """Bit-reproducible runs: the demo's fleet (lora, 2 devices × 2 rounds) over a real Mosquitto
-gives the same global adapter twice with one seed, and another one with another seed."""
+gives the same global adapter twice with one seed, and another one with another seed; the
+simulation of the same experiment (`jetfed simulate`: virtual devices, no broker) ends on the
+same global adapter, bit for bit."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from safetensors.torch import load_file
 from jetfed.coordinator.config import ExperimentConfig, parse_config
 from jetfed.coordinator.demo import DEMO_DATA, demo_config
 from jetfed.coordinator.fleet import run_local_fleet
+from jetfed.coordinator.simulate import simulate
 from jetfed.edge.train import device_seed
 from tests.brokers import MosquittoBroker
 from tests.fleet import read_metrics
@@ -52,7 +55,15 @@ def test_same_seed_same_adapter_other_seed_other_adapter(
         recorded = [m["client_indices"] for m in read_metrics(config.run_dir)]
         assert recorded == [{"demo-01": 0, "demo-02": 1}] * 2
         runs[name] = final_adapter(config)
+    simulated = tiny_demo("repro-simulated", tmp_path / "runs", 0)
+    assert [m.num_aggregated for m in simulate(simulated)] == [2, 2]
+    recorded = [m["client_indices"] for m in read_metrics(simulated.run_dir)]
+    assert recorded == [{"demo-01": 0, "demo-02": 1}] * 2
+    runs["simulated"] = final_adapter(simulated)
     first, again, other = runs["first"], runs["again"], runs["other"]
-    assert set(first) == set(again) == set(other)
+    assert set(first) == set(again) == set(other) == set(runs["simulated"])
     assert all(torch.equal(first[n], again[n]) for n in first), "same seed, another adapter"
+    assert all(torch.equal(first[n], runs["simulated"][n]) for n in first), (
+        "the simulation ended on another adapter than the deployed run"
+    )
     assert any(not torch.equal(first[n], other[n]) for n in first), "another seed, same adapter"

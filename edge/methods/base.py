@@ -135,6 +135,11 @@ class FederatedMethod(ABC):
     def build(self, init: Optional[Tensors], seed: int) -> Any:
         """A trainable model; devices and the coordinator build it the same way."""
 
+    def run_facts(self) -> Dict[str, float]:
+        """Numbers every round's metrics record about the method's set-up (LoRA: r, α and the
+        scaling α/r), so runs of a sweep say which convention they trained with."""
+        return {}
+
     def get_state(self, model: Any) -> Tensors:
         """The federated tensors: every trainable parameter, by name."""
         return {

@@ -12,9 +12,9 @@ the frozen base weights before training.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, Union
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from jetfed.edge.errors import ProtocolError
 from jetfed.edge.methods.base import (
@@ -68,6 +68,19 @@ class LoraSettings(MethodConfig):
     freeze_a: bool = False
     """FFA-LoRA (`aggregation.strategy: ffa`): A stays at the shared init, only B is trained
     and uploaded (half the upload)."""
+    alpha_equals_rank: bool = False
+    """The α = r convention (scaling α/r = 1, as in the FeDeRA paper's setups) instead of a
+    fixed α; the scaling each run trained with is in every round's metrics (`lora_scaling`)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _alpha_from_rank(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("alpha_equals_rank"):
+            rank = data.get("rank", cls.model_fields["rank"].default)
+            if data.get("alpha", rank) != rank:
+                raise ValueError("alpha_equals_rank sets alpha to the rank: drop alpha")
+            data = {**data, "alpha": rank}
+        return data
 
     def targets(self, model: Any) -> Union[List[str], str]:
         """The configured targets (`all-linear` passes through), else the model's default."""
@@ -115,6 +128,14 @@ class LoraMethod(FederatedMethod):
                         param.data.copy_(init[name])
                     param.requires_grad_(False)
         return model
+
+    def run_facts(self) -> Dict[str, float]:
+        config = self.config
+        return {
+            "lora_rank": config.rank,
+            "lora_alpha": config.alpha,
+            "lora_scaling": config.scaling,
+        }
 
     def initial_state(self, seed: int) -> InitialState:
         """With `freeze_a`, the A factors become the run's fixed init (the same on every

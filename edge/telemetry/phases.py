@@ -78,7 +78,11 @@ class Profiler:
         device_id: str,
         method: str = "",
         sampler: Optional[Sampler] = None,
+        memory: bool = True,
     ) -> None:
+        """`memory=False`: no RSS readings (virtual devices sharing a process, where the
+        process's RSS says nothing about one device, and reading it was 7 % of a round)."""
+        self.memory = memory
         self.experiment = experiment
         self.device_id = device_id
         self.method = method
@@ -114,7 +118,7 @@ class Profiler:
         counters = PhaseCounters()
         cuda = CudaPeakProbe()
         cuda.start()
-        lifetime_peak_at_start = peak_rss_bytes()
+        lifetime_peak_at_start = peak_rss_bytes() if self.memory else None
         if self.on_phase is not None:
             self.on_phase(phase, round_index)
         window = self.sampler.open_window() if self.sampler is not None else None
@@ -134,7 +138,9 @@ class Profiler:
                 start_unix_s=start_unix_s,
                 end_unix_s=start_unix_s + duration_s,
                 duration_s=duration_s,
-                peak_rss_bytes=self._peak_rss_bytes(lifetime_peak_at_start),
+                peak_rss_bytes=(
+                    self._peak_rss_bytes(lifetime_peak_at_start) if self.memory else None
+                ),
                 peak_gpu_memory_bytes=cuda.peak_bytes(),
                 bytes_sent=counters.bytes_sent,
                 bytes_received=counters.bytes_received,
