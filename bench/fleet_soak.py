@@ -38,6 +38,7 @@ from bench.round_overhead import FleetRun, per_round_overheads, run_fleet
 from bench.runner import DEFAULT_DATASETS, table
 from bench.stats import median
 from bench.tensors import lora_spec, random_tensors
+from jetfed.edge.telemetry import memory
 from tests.brokers import NatsCluster
 
 GOAL_OVERHEAD_S = 1.0
@@ -55,17 +56,6 @@ def raise_open_file_limit() -> int:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
-
-
-def _peak_rss_of(pid: int) -> Optional[int]:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 @dataclass
@@ -101,7 +91,7 @@ class Watch:
                     except psutil.Error:  # gone: its last sample stands
                         continue
                     total += times.user + times.system
-                    peak = _peak_rss_of(process.pid)
+                    peak = memory.peak_rss_bytes(process.pid)
                     if peak is not None:
                         self.peak_rss_bytes[label] = max(self.peak_rss_bytes.get(label, 0), peak)
                 row[label] = total

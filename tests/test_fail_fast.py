@@ -96,16 +96,9 @@ def test_a_device_that_cannot_do_its_round_says_why_and_is_not_waited_for(
     """A device whose data cannot fill the task (here: labels beyond the model's num_labels)
     reports it; with min_clients out of reach the coordinator closes the round at once with the
     device's reason in its log, instead of waiting for rounds.deadline_s."""
-    import threading
-
-    import torch
-
     from jetfed.coordinator.config import parse_config
-    from jetfed.coordinator.server import Coordinator
-    from jetfed.edge.agent import EdgeAgent, EdgeConfig
-    from jetfed.edge.memlink import MemBroker
+    from jetfed.coordinator.simulate import simulate
 
-    torch.set_num_threads(1)
     wrong = tmp_path / "four-classes"
     wrong.mkdir()
     rows = [f'{{"text": "row {i}", "label": {i % 4}}}' for i in range(16)]
@@ -115,39 +108,19 @@ def test_a_device_that_cannot_do_its_round_says_why_and_is_not_waited_for(
             "name": "cannot",
             "model": {"name_or_path": "minilm", "max_length": 32, "num_hidden_layers": 1},
             "training": {"local_steps": 1, "batch_size": 4},
-            "data": {"path": str(sst2_dir), "max_eval_samples": 8},
+            "data": {
+                "path": str(sst2_dir),
+                "client_paths": {"demo-02": str(wrong)},
+                "max_eval_samples": 8,
+            },
             "rounds": {"count": 1, "min_clients": 2, "deadline_s": 600, "wait_for_devices_s": 60},
             "output_dir": str(tmp_path / "runs"),
         },
         "test",
     )
-    with MemBroker("cannot") as broker, caplog.at_level("INFO"):
-        coordinator = Coordinator(config, BrokerSpec(url=broker.url))
-        agents = [
-            EdgeAgent(
-                EdgeConfig(
-                    broker=BrokerSpec(url=broker.url),
-                    device_id=device_id,
-                    experiment=config.name,
-                    data=str(data),
-                    num_threads=1,
-                    telemetry="psutil",
-                    idle_baseline_s=0,
-                )
-            )
-            for device_id, data in (("dev-0", sst2_dir), ("dev-1", wrong))
-        ]
-        threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
-        for thread in threads:
-            thread.start()
-        try:
-            (metrics,) = coordinator.run()
-        finally:
-            for agent in agents:
-                agent.stop()
-            for thread in threads:
-                thread.join(timeout=30)
+    with caplog.at_level("INFO"):
+        (metrics,) = simulate(config, clients=2)
     assert metrics.status == "skipped"
     failed = [r.getMessage() for r in caplog.records if "device.round_failed" in r.getMessage()]
-    assert failed and "dev-1" in failed[0], failed
+    assert failed and "demo-02" in failed[0] and "num_labels=2" in failed[0], failed
     assert any("round.closed_early" in r.getMessage() for r in caplog.records)

@@ -5,17 +5,17 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import psutil
 
 
-def peak_rss_bytes(proc_root: str = "/proc") -> Optional[int]:
-    """This process's peak RSS (VmHWM), None where unknown. Not ru_maxrss: Linux carries that
-    over from the parent across fork + exec, so an agent started by a big process (pytest, a
-    fleet launcher) would report its parent's peak."""
+def peak_rss_bytes(pid: Union[int, str] = "self", proc_root: str = "/proc") -> Optional[int]:
+    """A process's peak RSS (VmHWM; this one's by default), None where unknown. Not ru_maxrss:
+    Linux carries that over from the parent across fork + exec, so an agent started by a big
+    process (pytest, a fleet launcher) would report its parent's peak."""
     try:
-        with open(os.path.join(proc_root, "self", "status")) as status:
+        with open(os.path.join(proc_root, str(pid), "status")) as status:
             for line in status:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024
