@@ -31,9 +31,9 @@ def load_tuned(run_dir: Path, round_index: Optional[int] = None) -> Tuple[Any, A
     model: Any
     with quiet_transformers():
         if (folder / ADAPTER_CONFIG).exists():
-            from peft import PeftModel
+            from jetfed.coordinator.strategies.exact import load_exported_adapter
 
-            model = PeftModel.from_pretrained(load_causal_lm(ref), str(folder))
+            model = load_exported_adapter(load_causal_lm(ref), folder)
         else:
             from transformers import AutoModelForCausalLM
 

@@ -129,12 +129,10 @@ def load_round_model(run_dir: Path, model_dir: Path) -> Tuple[Any, Any, ModelRef
     from jetfed.edge.models import load_classifier, load_tokenizer, quiet_transformers
 
     if (model_dir / ADAPTER_CONFIG).exists():
-        from peft import PeftModel
+        from jetfed.coordinator.strategies.exact import load_exported_adapter
 
         ref = model_ref_of_run(run_dir, adapter_num_labels(model_dir))
-        base = load_classifier(ref)
-        with quiet_transformers():
-            model = PeftModel.from_pretrained(base, str(model_dir))
+        model = load_exported_adapter(load_classifier(ref), model_dir)
         return model.eval(), load_tokenizer(ref), ref, "peft-adapter"
     if (model_dir / "config.json").exists():
         import torch

@@ -231,3 +231,27 @@ def test_demo_run_exports_and_benches(tmp_path: Path, minilm_path: str) -> None:
     )
     assert bench.returncode == 0, bench.stderr[-3000:]
     assert json.loads(report.read_text())["provider_used"] in bench.stdout
+
+
+def test_an_exact_runs_fold_is_part_of_the_loaded_model(lora_run: Path, tmp_path: Path) -> None:
+    """An `exact` run exports its adapter with the fold beside it (base_fold.safetensors): what
+    `export-onnx` and `generate` load is base + fold + adapter, the model the run evaluated."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from jetfed.coordinator.onnx_export import load_round_model
+    from jetfed.coordinator.strategies.exact import FOLD_FILE
+
+    run_dir = tmp_path / "exact-run"
+    write_config(run_dir)
+    folder = run_dir / "global" / "round-0002"
+    shutil.copytree(lora_run / "global" / "round-0002", folder)
+    plain = load_round_model(run_dir, folder)[0]
+    name = next(n for n, _ in plain.named_parameters() if n.endswith("query.base_layer.weight"))
+    before = dict(plain.named_parameters())[name].detach().clone()
+    fold = 0.1 * torch.randn(before.shape, generator=torch.Generator().manual_seed(2))
+    save_file({name: fold}, str(folder / FOLD_FILE))
+    folded = dict(load_round_model(run_dir, folder)[0].named_parameters())[name]
+    assert torch.allclose(folded, before + fold, atol=1e-6)

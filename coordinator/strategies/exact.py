@@ -19,7 +19,7 @@ FedAvg's B̄Ā misses P̄ = Σ pₖ·s·BₖAₖ. Two ways to hit it exactly (`a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 import torch
 
@@ -50,6 +50,24 @@ from jetfed.edge.methods.lora import FOLD_BLOB, fold_into_base
 from jetfed.edge.wire import encode_tensors
 
 FOLD_FILE = "base_fold.safetensors"
+
+
+def load_exported_adapter(base: Any, folder: Path) -> Any:
+    """A round's exported adapter on `base`, as users load it, with an `exact` run's fold
+    (FOLD_FILE beside the adapter) added to the base weights: the model the run evaluated.
+    Without the fold the adapter alone would be a different model (`jetfed export-onnx`,
+    `jetfed generate` load through here)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from jetfed.edge.models import quiet_transformers
+
+    with quiet_transformers():
+        model = PeftModel.from_pretrained(base, str(folder))
+    fold_file = folder / FOLD_FILE
+    if fold_file.exists():
+        fold_into_base(model, load_file(str(fold_file)))
+    return model
 
 
 class ExactSettings(StrategySettings):
