@@ -16,6 +16,13 @@ def simulate_command(
         help="section.key=value, repeatable; section.key=v1,v2 sweeps the values (a grid with "
         "every other --set given several).",
     ),
+    case: Optional[List[str]] = typer.Option(
+        None,
+        "--case",
+        help="'NAME: section.key=value ...', repeatable: settings that vary together (e.g. "
+        "'ffa: aggregation.strategy=ffa method.freeze_a=true'); the cases are one axis of the "
+        "grid, and paired differences compare them.",
+    ),
     seeds: Optional[str] = typer.Option(
         None, "--seeds", help="Run each cell with these seeds (0-4, or 0,2,7): a sweep."
     ),
@@ -58,8 +65,8 @@ def simulate_command(
     from jetfed.coordinator.config import load_config
     from jetfed.coordinator.sweep import is_sweep, parse_seeds, parse_sets, run_sweep
 
-    sets = override or []
-    if is_sweep(sets, seeds):
+    sets, cases = override or [], case or []
+    if is_sweep(sets, seeds, cases):
         base = load_config(config_path, [f"{k}={v[0]}" for k, v in parse_sets(sets)])
         folder = out or Path(base.output_dir) / f"{base.name}-sweep"
         summary = run_sweep(
@@ -67,6 +74,7 @@ def simulate_command(
             sets,
             parse_seeds(seeds) if seeds is not None else None,
             folder,
+            cases,
             clients=clients,
             jobs=jobs,
             ray_address=None if ray in (None, "local") else ray,

@@ -2,8 +2,10 @@
 (`jetfed.coordinator.simulate`), in parallel on a local process pool or an existing Ray cluster.
 
 `--set KEY=V1,V2` gives a setting several values (commas inside [...] or {...} belong to one
-YAML value); the grid is every combination, and each combination (a *cell*) runs once per
-seed. A run's seed is the experiment's `seed` and, unless `--set data.partition.seed=...` fixes
+YAML value); `--case "NAME: KEY=V KEY=V"` names a bundle of settings that only make sense
+together (FFA-LoRA is `aggregation.strategy=ffa` *and* `method.freeze_a=true`), and the cases
+are one more axis of the grid, called `case`. The grid is every combination, and each
+combination (a *cell*) runs once per seed. A run's seed is the experiment's `seed` and, unless `--set data.partition.seed=...` fixes
 it, the partition's too: the spread over seeds is the spread over partitions and training, and
 two methods run with the same seed see the same partition and device seeds (paired).
 
@@ -32,6 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from jetfed.coordinator.config import load_config
 from jetfed.edge.errors import UserError
 from jetfed.edge.logs import log_event
+from jetfed.profiles.sweep import CASE_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -71,19 +74,21 @@ def parse_seeds(text: str) -> List[int]:
     return seeds
 
 
-def split_values(text: str) -> List[str]:
-    """`a,b,[c,d]` → [`a`, `b`, `[c,d]`]: commas at bracket depth 0 separate values."""
+def split_values(text: str, separator: str = ",") -> List[str]:
+    """`a,b,[c,d]` → [`a`, `b`, `[c,d]`]: separators at bracket depth 0 separate values
+    (`separator=" "`: any whitespace, runs of it counting once)."""
     values, depth, current = [], 0, ""
     for char in text:
         depth += char in "[{"
         depth -= char in "]}"
-        if char == "," and depth == 0:
+        if depth == 0 and (char == separator or (separator == " " and char.isspace())):
             values.append(current)
             current = ""
         else:
             current += char
     values.append(current)
-    return [value.strip() for value in values]
+    stripped = [value.strip() for value in values]
+    return [value for value in stripped if value] if separator == " " else stripped
 
 
 def parse_sets(sets: Sequence[str]) -> List[Tuple[str, List[str]]]:
@@ -100,8 +105,25 @@ def parse_sets(sets: Sequence[str]) -> List[Tuple[str, List[str]]]:
     return grid
 
 
-def is_sweep(sets: Sequence[str], seeds: Optional[str]) -> bool:
-    return seeds is not None or any(len(values) > 1 for _, values in parse_sets(sets))
+def parse_cases(cases: Sequence[str]) -> List[Tuple[str, List[str]]]:
+    """`NAME: KEY=V KEY=V` options → [(NAME, [KEY=V, ...])], in order (values with spaces go in
+    YAML flow brackets: `assignment.devices={demo-01: {rank: 4}}`)."""
+    parsed: List[Tuple[str, List[str]]] = []
+    for option in cases:
+        name, sep, rest = option.partition(":")
+        name = name.strip()
+        settings = split_values(rest, " ")
+        if not sep or not name or not settings or any("=" not in s for s in settings):
+            raise UserError(f"--case {option!r} must look like 'NAME: section.key=value ...'")
+        if any(name == seen for seen, _ in parsed):
+            raise UserError(f"--case {name} is given twice: give each case its own name")
+        parsed.append((name, settings))
+    return parsed
+
+
+def is_sweep(sets: Sequence[str], seeds: Optional[str], cases: Sequence[str] = ()) -> bool:
+    many = any(len(values) > 1 for _, values in parse_sets(sets))
+    return seeds is not None or bool(cases) or many
 
 
 def run_name(base: str, cell: Sequence[Tuple[str, str]], seed: Optional[int]) -> str:
@@ -112,21 +134,38 @@ def run_name(base: str, cell: Sequence[Tuple[str, str]], seed: Optional[int]) ->
 
 
 def plan_sweep(
-    config_path: str, sets: Sequence[str], seeds: Optional[Sequence[int]], out_dir: Path
+    config_path: str,
+    sets: Sequence[str],
+    seeds: Optional[Sequence[int]],
+    out_dir: Path,
+    cases: Sequence[str] = (),
 ) -> List[SweepRun]:
-    """Every run of the grid, each one's config validated now: a bad `--set` (unknown key, bad
-    value) is one line naming it before anything runs."""
+    """Every run of the grid, each one's config validated now: a bad `--set` or `--case`
+    (unknown key, bad value) is one line naming it before anything runs."""
     grid = parse_sets(sets)
+    case_settings = dict(parse_cases(cases))
+    set_keys = {key for key, _ in grid}
+    for name, settings in case_settings.items():
+        for key in {setting.partition("=")[0].strip() for setting in settings} & set_keys:
+            raise UserError(f"--case {name} sets {key}, which --set sets too: keep one")
     base = load_config(config_path, [f"{key}={values[0]}" for key, values in grid])
     swept = [(key, values) for key, values in grid if len(values) > 1]
+    if case_settings:
+        swept.insert(0, (CASE_KEY, list(case_settings)))
     fixed = [f"{key}={values[0]}" for key, values in grid if len(values) == 1]
     seed_keys = [key for key in SEED_KEYS if all(key != k for k, _ in grid)]
     runs = []
     for combination in itertools.product(*(values for _, values in swept)):
         cell = tuple(zip((key for key, _ in swept), combination))
-        cell_overrides = [f"{key}={value}" for key, value in cell]
+        cell_overrides = [
+            setting
+            for key, value in cell
+            for setting in (case_settings[value] if key == CASE_KEY else [f"{key}={value}"])
+        ]
+        # A case's settings are part of its runs' identity: an edited case is a new run.
+        identity = cell + tuple((CASE_KEY, setting) for setting in cell_overrides if cases)
         for seed in seeds if seeds is not None else [None]:
-            name = run_name(base.name, cell, seed)
+            name = run_name(base.name, identity, seed)
             seeded = [] if seed is None else [f"{key}={seed}" for key in seed_keys]
             overrides = (
                 *fixed,
@@ -225,6 +264,7 @@ def run_sweep(
     sets: Sequence[str],
     seeds: Optional[Sequence[int]],
     out_dir: Path,
+    cases: Sequence[str] = (),
     clients: Optional[int] = None,
     jobs: Optional[int] = None,
     ray_address: Optional[str] = None,
@@ -238,12 +278,13 @@ def run_sweep(
     OUT)."""
     from jetfed.profiles.sweep import SweepEntry, summarize_sweep
 
-    runs = plan_sweep(config_path, sets, seeds, out_dir)
+    runs = plan_sweep(config_path, sets, seeds, out_dir, cases)
     out_dir.mkdir(parents=True, exist_ok=True)
     pending = [run for run in runs if completed_rounds(Path(run.run_dir)) < run.rounds]
     manifest = {
         "config": str(Path(config_path).resolve()),
         "sets": list(sets),
+        "cases": list(cases),
         "seeds": list(seeds) if seeds is not None else None,
         "runs": [dict(asdict(run), label=run.label) for run in runs],
     }

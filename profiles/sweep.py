@@ -1,6 +1,8 @@
 """A sweep's summary (`jetfed simulate ... --seeds`): per cell the run metric per round as
 mean ± 95 % CI over seeds, the mean of the last K rounds and the final round, rounds to each
-target, and paired differences between methods that ran with the same seeds.
+target, mean bytes up/down per round and aggregation error (LoRA methods), and paired
+differences between methods (or between `--case`s, when the sweep has them) that ran with the
+same seeds.
 
 The CI is Student's t over the n seeds of a cell: mean ± t₀.₉₇₅(n−1)·s/√n (scipy.stats.t), none
 for n = 1. A paired difference takes, per seed, method A's number minus method B's in cells
@@ -25,6 +27,7 @@ from jetfed.profiles.document import Block, Heading, Image, Paragraph, TableBloc
 
 CONFIDENCE = 0.95
 METHOD_KEY = "method.name"
+CASE_KEY = "case"
 
 
 @dataclass
@@ -98,7 +101,10 @@ def summarize_sweep(
     for entry in entries:
         cells.setdefault(entry.label, []).append(entry)
     cell_rows = [
-        _cell(label, members, series, name, targets, last_rounds)
+        dict(
+            _cell(label, members, series, name, targets, last_rounds),
+            cost=_cost([rounds[id(e)] for e in members if series[id(e)]]),
+        )
         for label, members in cells.items()
     ]
     summary: Dict[str, Any] = {
@@ -152,14 +158,39 @@ def _cell(
     }
 
 
+def _cost(runs: Sequence[Sequence[RoundMetrics]]) -> Dict[str, Optional[float]]:
+    """Per round, averaged over the cell's rounds and runs: bytes each way and, for LoRA
+    methods, the aggregation error (mean over layers, and the worst layer)."""
+    rounds = [m for run in runs for m in run]
+    errors = [m.aggregation_error for m in rounds if m.aggregation_error is not None]
+
+    def mean(values: Sequence[float]) -> Optional[float]:
+        return sum(values) / len(values) if values else None
+
+    return {
+        "bytes_up_per_round": mean([m.bytes_up for m in rounds]),
+        "bytes_down_per_round": mean([m.bytes_down for m in rounds]),
+        "aggregation_error_mean": mean([e.mean for e in errors]),
+        "aggregation_error_worst": mean([e.worst for e in errors]),
+    }
+
+
+def compared_key(cells: Dict[str, List[SweepEntry]]) -> str:
+    """What a paired difference and a plot's lines compare: the cases when the sweep has them,
+    else the method."""
+    has_cases = any(CASE_KEY in members[0].settings for members in cells.values())
+    return CASE_KEY if has_cases else METHOD_KEY
+
+
 def _groups(cells: Dict[str, List[SweepEntry]]) -> Dict[str, Dict[str, List[SweepEntry]]]:
-    """Cells that differ only in the method, by the rest of their settings; method → members."""
+    """Cells that differ only in the compared key (`compared_key`), by the rest of their
+    settings; compared value → members."""
+    key = compared_key(cells)
     groups: Dict[str, Dict[str, List[SweepEntry]]] = {}
     for members in cells.values():
         settings = members[0].settings
-        rest = ", ".join(f"{k}={v}" for k, v in settings.items() if k != METHOD_KEY)
-        method = settings.get(METHOD_KEY, "")
-        groups.setdefault(rest or "(all)", {})[method] = members
+        rest = ", ".join(f"{k}={v}" for k, v in settings.items() if k != key)
+        groups.setdefault(rest or "(all)", {})[settings.get(key, "")] = members
     return groups
 
 
@@ -245,6 +276,7 @@ def markdown(summary: Dict[str, Any]) -> str:
             row.append(f"{hit['reached']}/{hit['of']}, {hit['median_rounds'] or '–'}")
         rows.append(row)
     blocks.append(TableBlock(header, rows))
+    blocks += [Heading(2, "Cost per round"), TableBlock(*_cost_table(summary["cells"]))]
     if summary["paired"]:
         blocks.append(Heading(2, "Paired differences (same seeds, same partitions)"))
         header = ["settings", "difference", "seeds", f"last-{last}", "final", "verdict (last)"]
@@ -270,6 +302,24 @@ def markdown(summary: Dict[str, Any]) -> str:
     blocks += [Heading(2, "Per round"), TableBlock(["round"] + [c["label"] for c in cells], rows)]
     blocks += [Image(Path(plot).stem, Path(plot).name) for plot in summary["plots"]]
     return to_markdown(blocks)
+
+
+def _cost_table(cells: Sequence[Dict[str, Any]]) -> Tuple[List[str], List[List[str]]]:
+    def number(value: Optional[float], unit: float, digits: str) -> str:
+        return "–" if value is None else f"{value / unit:{digits}}"
+
+    header = ["cell", "MB up", "MB down", "aggregation error mean", "worst layer"]
+    rows = [
+        [
+            cell["label"],
+            number(cell["cost"]["bytes_up_per_round"], 1e6, ".3f"),
+            number(cell["cost"]["bytes_down_per_round"], 1e6, ".3f"),
+            number(cell["cost"]["aggregation_error_mean"], 1, ".2e"),
+            number(cell["cost"]["aggregation_error_worst"], 1, ".2e"),
+        ]
+        for cell in cells
+    ]
+    return header, rows
 
 
 def _plots(

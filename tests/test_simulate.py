@@ -148,3 +148,47 @@ def test_cli_set_mistake_is_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         "jetfed: error: --set training.lr=1e-4: training.lr: unknown field (check the spelling)"
     ]
+
+
+def test_cases_bundle_settings_that_vary_together(tmp_path: Path) -> None:
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(tiny("cases", tmp_path / "runs")))
+    cases = [
+        "fedavg: aggregation.strategy=fedavg",
+        "ffa: aggregation.strategy=ffa   method.freeze_a=true",
+        "mixed: aggregation.strategy=flexlora method.rank=16 assignment.ranks=[16, 8, 4]"
+        " assignment.devices={demo-01: {rank: 4}, demo-02: {rank: 8}}",
+    ]
+    runs = plan_sweep(str(path), ["training.learning_rate=1e-4,5e-4"], [0, 1], tmp_path, cases)
+    assert len(runs) == 12 and len({run.name for run in runs}) == 12
+    ffa = next(run for run in runs if dict(run.cell)["case"] == "ffa")
+    assert {"aggregation.strategy=ffa", "method.freeze_a=true"} <= set(ffa.overrides)
+    mixed = next(run for run in runs if dict(run.cell)["case"] == "mixed")
+    assert "assignment.devices={demo-01: {rank: 4}, demo-02: {rank: 8}}" in mixed.overrides
+    edited = plan_sweep(str(path), [], [0], tmp_path, ["ffa: aggregation.strategy=ffa"])
+    assert edited[0].name not in {run.name for run in runs}  # an edited case is a new run
+    for bad_sets, bad_cases, blamed in (
+        ([], ["ffa aggregation.strategy=ffa"], "--case 'ffa aggregation.strategy=ffa' must"),
+        ([], ["a: x=1", "a: x=2"], "--case a is given twice"),
+        (["method.rank=4"], ["r: method.rank=8"], "--case r sets method.rank, which --set"),
+    ):
+        with pytest.raises(UserError) as error:
+            plan_sweep(str(path), bad_sets, [0], tmp_path, bad_cases)
+        assert blamed in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_case_sweep_compares_cases_and_their_cost(tmp_path: Path, minilm_path: str) -> None:
+    """FedAvg against FFA-LoRA over the same seeds: the paired difference is between the cases,
+    and the cost table shows what FFA is for (half the upload, no aggregation error)."""
+    cases = [
+        "fedavg: aggregation.strategy=fedavg",
+        "ffa: aggregation.strategy=ffa method.freeze_a=true",
+    ]
+    summary = run_sweep(str(sweep_config(tmp_path)), [], [0, 1], tmp_path / "sweep", cases, jobs=2)
+    assert all(run["status"] == "completed" for run in summary["execution"]["runs"])
+    (pair,) = summary["paired"]
+    assert (pair["a"], pair["b"], pair["seeds"]) == ("fedavg", "ffa", [0, 1])
+    cost = {cell["settings"]["case"]: cell["cost"] for cell in summary["cells"]}
+    assert cost["ffa"]["bytes_up_per_round"] < 0.75 * cost["fedavg"]["bytes_up_per_round"]
+    assert cost["ffa"]["aggregation_error_worst"] < 1e-5 < cost["fedavg"]["aggregation_error_mean"]
+    assert "## Cost per round" in (tmp_path / "sweep" / "summary.md").read_text()
