@@ -15,7 +15,7 @@ from jetfed.edge.data import load_split, partition
 from jetfed.edge.errors import UserError
 from jetfed.edge.methods.lora import LoraMethod
 from jetfed.edge.models import load_tokenizer
-from jetfed.edge.train import is_head_parameter, train_local
+from jetfed.edge.train import evaluate, is_head_parameter, train_local
 from jetfed.edge.wire import ModelRef, PartitionSpec, TrainingConfig
 
 REF = ModelRef(name_or_path="minilm", num_labels=2, max_length=32, num_hidden_layers=1)
@@ -79,3 +79,16 @@ def test_dirichlet_minimum_shard_size() -> None:
     assert bounded == partition(labels, spec.model_copy(update={"min_shard_size": 8}))
     with pytest.raises(UserError, match="exceeds the 200 samples"):
         partition(labels, spec.model_copy(update={"min_shard_size": 21}))
+
+
+def test_evaluation_batched_by_length_scores_every_row_as_in_order(minilm_path: str) -> None:
+    """Batches of similar length (less padding) score each row as its own: the accuracy and
+    loss of one batch holding every row in file order."""
+    torch.set_num_threads(1)
+    model = LoraMethod({}, REF).build(None, seed=0)
+    data = load_split(str(DEMO_DATA), "validation").subset(range(24))
+    tokenizer = load_tokenizer(REF)
+    batched = evaluate(model, tokenizer, data, REF.max_length, "cpu", batch_size=5)
+    whole = evaluate(model, tokenizer, data, REF.max_length, "cpu", batch_size=24)
+    assert batched.accuracy == whole.accuracy and batched.num_samples == 24
+    assert batched.loss == pytest.approx(whole.loss, rel=1e-5)
