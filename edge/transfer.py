@@ -9,7 +9,8 @@ only missing chunks travel again, and duplicates are ignored.
 
 Memory stays at one window per receiver whatever the payload size (KB adapters to GB models):
 big blobs are served from files (`offer_file`, `offer_tensors`) read one chunk at a time, a
-download writes each verified chunk straight to a file on disk, and a receiver keeps only a window
+download hands each verified chunk to its spool file on disk (`jetfed.edge.spool`: written on a
+background thread, a few chunks of backlog), and a receiver keeps only a window
 of asked-for-but-not-received data in flight (in the broker, both MQTT clients and the receiver's
 inbox), asking for more as chunks land.
 
@@ -47,6 +48,7 @@ from typing import (
 
 from jetfed.edge.errors import ProtocolError
 from jetfed.edge.logs import log_event
+from jetfed.edge.spool import Spool
 from jetfed.edge.tensorfile import write_tensor_file
 from jetfed.edge.wire import BlobManifest, make_manifest, manifest_of_chunks, sha256_hex
 
@@ -284,8 +286,8 @@ class Download:
         self._missing: Set[int] = set(range(count))
         self._in_flight: Set[int] = set()
         self._not_asked: Deque[int] = deque(range(count))
-        self._fd, self.path = tempfile.mkstemp(prefix="jetfed-download-", dir=spool_dir)
-        os.ftruncate(self._fd, manifest.size_bytes)
+        self._spool = Spool(manifest.size_bytes, spool_dir)
+        self.path = self._spool.path
         self._last_progress_s = time.monotonic()
         self._last_request_s = 0.0
         self.bytes_received = 0
@@ -360,7 +362,7 @@ class Download:
             self._in_flight.add(index)
             self._ask([index])
             raise ProtocolError(problem, "bad_chunk")
-        os.pwrite(self._fd, payload, start)
+        self._spool.write(payload, start)
         self._missing.discard(index)
         self._in_flight.discard(index)
         self._last_progress_s = time.monotonic()
@@ -412,6 +414,7 @@ class Download:
         manifest's digest is over the chunk digests, checked when it was parsed)."""
         if not self.complete:
             raise ProtocolError("transfer incomplete")
+        self._spool.flush()
         return self.path
 
     def result(self) -> bytes:
@@ -422,10 +425,7 @@ class Download:
     def close(self) -> None:
         """Delete the spool file and hand back the window share (idempotent)."""
         self._leave_window()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        _unlink_quietly(self.path)
+        self._spool.close()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
