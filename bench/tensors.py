@@ -65,11 +65,9 @@ def accepted_update(index: int, tensors: Dict[str, torch.Tensor]) -> Any:
     """An in-memory `AcceptedUpdate` of device `d{index:03d}` with 100 + index samples, as the
     intake would hand it to a strategy (no blob behind it)."""
     from jetfed.coordinator.strategies.base import AcceptedUpdate
-    from jetfed.edge.wire import BlobManifest, Update
+    from jetfed.edge.wire import Update, make_manifest
 
-    manifest = BlobManifest(
-        digest="0" * 64, size_bytes=1, chunk_size_bytes=1, chunk_digests=["0" * 64]
-    )
+    manifest = make_manifest(b"\x00", 1)
     update = Update(
         experiment="bench",
         device_id=f"d{index:03d}",

@@ -2,11 +2,12 @@
 loopback Mosquitto.
 
 - throughput: a device process serves the update (BlobServer from its spool file), this process
-  pulls it like the coordinator (Download: shared request window, per-chunk check, spool to disk,
-  final digest), goal ≥ 100 MB/s and ≥ 0.5 × the rate of plain paho QoS 1 publishes of the same
-  chunks through the same broker (the client library's own ceiling); measured in the same run as
-  that and as a raw TCP loopback copy (sender process → this process, written to a file), the
-  three interleaved; medians of the repeats, the ratios taken within each repeat.
+  pulls it like the coordinator (Download: shared request window, per-chunk sha256, which
+  verifies the whole with manifest v2, spool to disk), goal ≥ 100 MB/s and ≥ 0.5 × the rate of
+  plain paho QoS 1 publishes of the same chunks through the same broker (the client library's
+  own ceiling); measured in the same run as that and as a raw TCP loopback copy (sender
+  process → this process, written to a file), the three interleaved; medians of the repeats,
+  the ratios taken within each repeat.
 - wire bytes: the same transfer with both clients behind byte-counting TCP proxies: every MQTT
   byte on the device's and the receiver's connections (chunks, requests, PUBACKs, headers),
   goal ≤ 1.02 × payload bytes.

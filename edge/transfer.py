@@ -1,13 +1,16 @@
 """Chunked, verified, resumable blob transfers over MQTT, used in both directions.
 
 The holder of a blob (`BlobServer`) publishes chunks only when asked; the receiver (`Download`)
-asks for what it is missing, re-asks when progress stalls, verifies every chunk against the
-manifest and the whole payload against its digest. Asking again after a reconnect is the resume:
+asks for what it is missing, re-asks when progress stalls and verifies every chunk against the
+manifest, which verifies the whole payload: the manifest's digest is the sha256 of the chunk
+digests (checked when it is parsed), so each byte is hashed once on each side, when its chunk
+is hashed. Asking again after a reconnect is the resume:
 only missing chunks travel again, and duplicates are ignored.
 
 Memory stays at one window per receiver whatever the payload size (KB adapters to GB models):
 big blobs are served from files (`offer_file`, `offer_tensors`) read one chunk at a time, a
-download writes each verified chunk straight to a file on disk, and a receiver keeps only a window
+download hands each verified chunk to its spool file on disk (`jetfed.edge.spool`: written on a
+background thread, a few chunks of backlog), and a receiver keeps only a window
 of asked-for-but-not-received data in flight (in the broker, both MQTT clients and the receiver's
 inbox), asking for more as chunks land.
 
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import logging
 import os
 import queue
@@ -46,8 +48,9 @@ from typing import (
 
 from jetfed.edge.errors import ProtocolError
 from jetfed.edge.logs import log_event
+from jetfed.edge.spool import Spool
 from jetfed.edge.tensorfile import write_tensor_file
-from jetfed.edge.wire import BlobManifest, make_manifest, sha256_hex
+from jetfed.edge.wire import BlobManifest, make_manifest, manifest_of_chunks, sha256_hex
 
 if TYPE_CHECKING:
     import torch
@@ -81,25 +84,16 @@ class TransferTimeout(Exception):
 def manifest_of_file(
     path: str, chunk_size_bytes: int, content: str = "safetensors"
 ) -> BlobManifest:
-    """The manifest of a file on disk, read one chunk at a time."""
-    whole = hashlib.sha256()
+    """The manifest of a file on disk, read one chunk at a time (one hash pass)."""
     digests: List[str] = []
     with open(path, "rb") as handle:
         while True:
             chunk = handle.read(chunk_size_bytes)
             if chunk or not digests:  # an empty payload is one empty chunk, as in make_manifest
-                whole.update(chunk)
                 digests.append(sha256_hex(chunk))
             if len(chunk) < chunk_size_bytes:
                 break
-    size = os.path.getsize(path)
-    return BlobManifest(
-        digest=whole.hexdigest(),
-        size_bytes=size,
-        chunk_size_bytes=chunk_size_bytes,
-        chunk_digests=digests,
-        content=content,
-    )
+    return manifest_of_chunks(digests, os.path.getsize(path), chunk_size_bytes, content)
 
 
 @dataclass
@@ -292,10 +286,8 @@ class Download:
         self._missing: Set[int] = set(range(count))
         self._in_flight: Set[int] = set()
         self._not_asked: Deque[int] = deque(range(count))
-        self._fd, self.path = tempfile.mkstemp(prefix="jetfed-download-", dir=spool_dir)
-        os.ftruncate(self._fd, manifest.size_bytes)
-        self._whole = hashlib.sha256()
-        self._hashed_chunks = 0
+        self._spool = Spool(manifest.size_bytes, spool_dir)
+        self.path = self._spool.path
         self._last_progress_s = time.monotonic()
         self._last_request_s = 0.0
         self.bytes_received = 0
@@ -370,10 +362,9 @@ class Download:
             self._in_flight.add(index)
             self._ask([index])
             raise ProtocolError(problem, "bad_chunk")
-        os.pwrite(self._fd, payload, start)
+        self._spool.write(payload, start)
         self._missing.discard(index)
         self._in_flight.discard(index)
-        self._hash_prefix(index, payload)
         self._last_progress_s = time.monotonic()
         self.retries_without_progress = 0
         if self._missing:
@@ -381,20 +372,6 @@ class Download:
         else:
             self._leave_window()
         return True
-
-    def _hash_prefix(self, index: int, payload: bytes) -> None:
-        """Extend the whole-payload digest over the received prefix: chunks arriving in order
-        are hashed as they land, so no second pass over the file is needed at the end."""
-        if index != self._hashed_chunks:
-            return
-        self._whole.update(payload)
-        self._hashed_chunks += 1
-        while self._hashed_chunks < self.manifest.chunk_count and (
-            self._hashed_chunks not in self._missing
-        ):
-            start, end = self.manifest.chunk_range(self._hashed_chunks)
-            self._whole.update(os.pread(self._fd, end - start, start))
-            self._hashed_chunks += 1
 
     def poll(self) -> None:
         """Re-ask for missing chunks after a stall; TransferTimeout when stalled too long."""
@@ -433,11 +410,11 @@ class Download:
         )
 
     def result_path(self) -> str:
-        """The file holding the whole payload, verified against the manifest digest."""
+        """The file holding the whole payload: every chunk verified, so the whole is too (the
+        manifest's digest is over the chunk digests, checked when it was parsed)."""
         if not self.complete:
             raise ProtocolError("transfer incomplete")
-        if self._whole.hexdigest() != self.manifest.digest:
-            raise ProtocolError("payload digest mismatch", "digest_mismatch")
+        self._spool.flush()
         return self.path
 
     def result(self) -> bytes:
@@ -448,10 +425,7 @@ class Download:
     def close(self) -> None:
         """Delete the spool file and hand back the window share (idempotent)."""
         self._leave_window()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        _unlink_quietly(self.path)
+        self._spool.close()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):

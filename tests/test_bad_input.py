@@ -19,7 +19,6 @@ from jetfed.coordinator.inbound import MAX_REJECTED_CHUNKS
 from jetfed.edge.telemetry.records import PhaseRecord
 from jetfed.edge.wire import (
     Ack,
-    BlobManifest,
     ChunkRequest,
     Hello,
     Nack,
@@ -70,12 +69,10 @@ def _cases(
         duration_s=1.0,
     )
     true = make_manifest(good_bytes, 1 << 20)
-    lying_digest = BlobManifest(
-        digest=hashlib.sha256(b"something else").hexdigest(),
-        size_bytes=true.size_bytes,
-        chunk_size_bytes=true.chunk_size_bytes,
-        chunk_digests=true.chunk_digests,
-    )
+    lying_digest = json.loads(encode_message(bad.update(task, true)))
+    lying_digest["blob"]["digest"] = hashlib.sha256(good_bytes).hexdigest()  # version 1's rule
+    older_jetfed = json.loads(encode_message(bad.update(task, true)))
+    del older_jetfed["blob"]["version"]
     other_bytes = encode_tensors({n: t * 2 for n, t in small.items()})
     always_corrupt = bytes([other_bytes[0] ^ 0xFF]) + other_bytes[1:]
     unserved = make_manifest(encode_tensors({n: t * 3 for n, t in small.items()}), 1 << 10)
@@ -113,9 +110,14 @@ def _cases(
             "blob_too_large",
         ),
         (
-            "whole-payload digest mismatch",
-            lambda: bad.send(bad.update(task, bad.offer(good_bytes, manifest=lying_digest))),
-            "digest_mismatch",
+            "blob digest not over its chunk digests",
+            lambda: bad.publish("update", json.dumps(lying_digest).encode()),
+            "invalid_update",
+        ),
+        (
+            "manifest of an older jetfed (no version)",
+            lambda: bad.publish("update", json.dumps(older_jetfed).encode()),
+            "invalid_update",
         ),
         ("not safetensors", update_with(b"\x00" * 64), "invalid_tensors"),
         (

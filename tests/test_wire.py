@@ -81,7 +81,9 @@ def test_manifest_chunks_and_digest_checks() -> None:
     data = bytes(range(256)) * 1000
     manifest = make_manifest(data, chunk_size_bytes=10_000)
     assert manifest.chunk_count == math.ceil(len(data) / 10_000)
-    assert manifest.digest == sha256_hex(data)
+    chunk_digests = [sha256_hex(data[i : i + 10_000]) for i in range(0, len(data), 10_000)]
+    assert manifest.chunk_digests == chunk_digests
+    assert manifest.digest == sha256_hex(b"".join(bytes.fromhex(d) for d in chunk_digests))
     published: list = []
     server = BlobServer(lambda topic, payload: published.append((topic, payload)), 10_000)
     server.offer(data, 10_000)
@@ -119,6 +121,48 @@ def test_download_refuses_oversized_manifest_and_times_out() -> None:
     time.sleep(0.1)
     with pytest.raises(TransferTimeout):
         download.poll()
+
+
+def test_manifest_digest_is_over_the_chunk_digests_and_checked_on_parse() -> None:
+    """Version 2: the digest is the sha256 of the chunk digests, so verifying every chunk
+    verifies the whole; a manifest whose digest is anything else (a lie, or version 1's sha256
+    of the payload) is refused when parsed, before a byte is asked for."""
+    data = b"z" * 2500
+    good = make_manifest(data, 1000).model_dump()
+    assert parse_message(BlobManifest, json.dumps(good).encode()).digest == good["digest"]
+    lying = {**good, "digest": sha256_hex(data)}  # the whole-payload digest of version 1
+    with pytest.raises(ProtocolError, match="digest is not the sha256 of the chunk digests"):
+        parse_message(BlobManifest, json.dumps(lying).encode())
+    swapped = {**good, "chunk_digests": good["chunk_digests"][::-1]}  # order is part of it
+    with pytest.raises(ProtocolError, match="digest is not the sha256 of the chunk digests"):
+        parse_message(BlobManifest, json.dumps(swapped).encode())
+
+
+@pytest.mark.parametrize("version", [None, 1, 3])
+def test_manifest_of_another_version_is_one_line_naming_it(version: object) -> None:
+    """An older peer (no `version`: whole-payload digest) or a newer one is refused with one
+    line that says what to do, inside whatever message carries the manifest."""
+    manifest = make_manifest(b"q" * 10, 1000).model_dump()
+    if version is None:
+        del manifest["version"]
+    else:
+        manifest["version"] = version
+    update = {
+        "experiment": "e",
+        "device_id": "dev-0",
+        "round_index": 0,
+        "base_digest": "0" * 64,
+        "num_samples": 1,
+        "local_steps": 1,
+        "train_loss": 0.5,
+        "blob": manifest,
+    }
+    with pytest.raises(ProtocolError) as refused:
+        parse_message(Update, json.dumps(update).encode())
+    line = str(refused.value)
+    assert "\n" not in line
+    assert f"blob manifest version {version or 1} from another jetfed" in line
+    assert "run the same jetfed on the coordinator and every device" in line
 
 
 def test_manifest_that_lies_about_its_size_is_refused() -> None:
