@@ -27,7 +27,6 @@ from jetfed.coordinator.strategies.base import (
     AcceptedUpdate,
     ServerContext,
     Strategy,
-    StrategySettings,
     check_saved_state,
     register_strategy,
 )
@@ -43,8 +42,8 @@ from jetfed.coordinator.strategies.lowrank import (
     rank_of,
     relative_error,
     split,
-    svd_of_product,
 )
+from jetfed.coordinator.strategies.truncated_svd import SvdSettings, top_singular
 from jetfed.edge.methods.base import Tensors
 from jetfed.edge.methods.lora import FOLD_BLOB, fold_into_base
 from jetfed.edge.wire import encode_tensors
@@ -70,7 +69,7 @@ def load_exported_adapter(base: Any, folder: Path) -> Any:
     return model
 
 
-class ExactSettings(StrategySettings):
+class ExactSettings(SvdSettings):
     mode: Literal["fold", "svd"] = "fold"
     """fold: FedAvg factors + the residual folded into the base; svd: P̄ re-factorised."""
 
@@ -106,7 +105,8 @@ class ExactLora(Strategy):
             name_a, name_b = factor_names(prefix)
             mean = factors.mean_product()
             if self.settings.mode == "svd":
-                b, a = split(svd_of_product(*factors.stacked(), mean), rank, scaling)
+                found = top_singular(mean, *factors.stacked(), rank, self.settings.svd_solver)
+                b, a = split(found, rank, scaling)
                 new_state[name_a], new_state[name_b] = a.float(), b.float()
             a = new_state[name_a] if name_a in new_state else frozen[name_a]
             effective = scaling * (new_state[name_b].to(COMPUTE) @ a.to(COMPUTE))
