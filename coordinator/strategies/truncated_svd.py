@@ -57,7 +57,7 @@ def top_singular(
 ) -> Triplets:
     """The `rank` largest singular triplets of `product` = b·a (fewer if its sides are shorter)."""
     if solver == "subspace" and 2 * rank < min(product.shape):
-        found = _subspace_iteration(product, rank)
+        found = subspace_triplets(product, rank)
         if found is not None:
             return found
     u, s, vh = dense_svd(product, b, a)
@@ -76,7 +76,7 @@ def dense_svd(product: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> Triple
     return u, s, vh
 
 
-def _subspace_iteration(product: torch.Tensor, rank: int) -> Optional[Triplets]:
+def subspace_triplets(product: torch.Tensor, rank: int) -> Optional[Triplets]:
     """Subspace iteration (module doc); None when it has not converged after MAX_STEPS."""
     generator = torch.Generator().manual_seed(SKETCH_SEED)
     sketch = torch.randn(product.shape[1], 2 * rank, generator=generator, dtype=product.dtype)
