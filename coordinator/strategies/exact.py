@@ -13,7 +13,8 @@ FedAvg's B̄Ā misses P̄ = Σ pₖ·s·BₖAₖ. Two ways to hit it exactly (`a
   q,v: 1.7 MB per decoder layer), recorded as `fold_bytes`. The export writes F beside the
   adapter (`base_fold.safetensors`: add it to the base weights before merging).
 - `svd`: re-factorise P̄ by truncated SVD at the run's rank (B = U√(S/s), A = √(S/s)Vᵀ):
-  nothing extra travels, and the truncation error is what the round records.
+  nothing extra travels, and the truncation error is what the round records. Only the top r
+  singular triplets are found (`aggregation.svd_solver`, `truncated_svd.py`).
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ coordinator then forms the mean of the products P̄ = Σ pₖ·sₖ·BₖAₖ (e
 and scaling sₖ = alpha/rₖ) and (`aggregation.heterogeneous`):
 
 - `svd` (FlexLoRA): truncates P̄ by SVD to rank R, B = U√(S/s_R), A = √(S/s_R)Vᵀ; the round
-  records the truncation error. SVD cost: QR of the stacked factors and an SVD of the
-  (Σrₖ)² core while Σrₖ < min(out, in), else one dense out × in SVD per layer.
+  records the truncation error. Only the top R singular triplets are found
+  (`aggregation.svd_solver`: seeded subspace iteration, or the dense SVD; `truncated_svd.py`).
 - `zero_pad` (HetLoRA-style baseline): each device's factors back in rank-R units, zero-padded
   to R, and averaged factor by factor like FedAvg; the round records its (larger) error.
 
