@@ -128,8 +128,8 @@ def svd_seconds(
     scaling = method_scaling(method)
     full = rank_of(global_state, adapted_layers(global_state)[0])
     starts = {rank: at_rank(global_state, rank, scaling) for rank in FLEX_RANKS if rank < full}
-    layers = layer_factors(global_state, updates, scaling, starts=starts).values()
-    inputs = [(factors.mean_product(), *factors.stacked()) for factors in layers]
+    layers = layer_factors(global_state, updates, scaling, starts=starts)
+    inputs = [(factors.mean_product(), *factors.stacked()) for _, factors in layers]
     solver = settings.get("svd_solver", "subspace")
     seconds = []
     for _ in range(repeats):

@@ -20,7 +20,7 @@ FedAvg's B̄Ā misses P̄ = Σ pₖ·s·BₖAₖ. Two ways to hit it exactly (`a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import torch
 
@@ -102,7 +102,8 @@ class ExactLora(Strategy):
         else:
             new_state = apply_mean_delta(heads_of(global_state), updates)
         errors: Dict[str, float] = {}
-        for prefix, factors in per_layer.items():
+        folds: Tensors = {}  # kept aside until every layer is done: a bad upload changes nothing
+        for prefix, factors in per_layer:
             name_a, name_b = factor_names(prefix)
             mean = factors.mean_product()
             if self.settings.mode == "svd":
@@ -112,19 +113,22 @@ class ExactLora(Strategy):
             a = new_state[name_a] if name_a in new_state else frozen[name_a]
             effective = scaling * (new_state[name_b].to(COMPUTE) @ a.to(COMPUTE))
             if self.settings.mode == "fold":
-                effective += self._fold_residual(prefix + BASE_SUFFIX, mean - effective)
+                name = prefix + BASE_SUFFIX
+                folds[name], increment = self._folded(name, mean - effective)
+                effective += increment
             errors[prefix] = relative_error(mean, effective)
+        if folds:
+            self.fold.update(folds)
+            self._fold_blob = None
         self.layer_errors = errors
         return new_state
 
-    def _fold_residual(self, name: str, residual: torch.Tensor) -> torch.Tensor:
-        """F[name] += R (stored fp32); returns the increment as stored (what devices add)."""
+    def _folded(self, name: str, residual: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(F[name] + R stored fp32, the increment as stored: what devices add)."""
         before = self.fold.get(name)
-        after = residual if before is None else before.double() + residual
-        self.fold[name] = after.float()
-        self._fold_blob = None
-        increment = self.fold[name].double() - (0.0 if before is None else before.double())
-        return increment.to(COMPUTE)
+        after = (residual if before is None else before.double() + residual).float()
+        increment = after.double() - (0.0 if before is None else before.double())
+        return after, increment.to(COMPUTE)
 
     def fold_blob(self) -> bytes:
         if self._fold_blob is None:

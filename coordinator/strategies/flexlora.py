@@ -85,7 +85,7 @@ class FlexLora(Strategy):
         new_state = apply_mean_delta(heads_of(global_state), updates)
         scaling = self.scaling(full)
         errors: Dict[str, float] = {}
-        for prefix, factors in per_layer.items():
+        for prefix, factors in per_layer:
             mean = factors.mean_product()
             if self.settings.heterogeneous == "svd":
                 found = top_singular(mean, *factors.stacked(), full, self.settings.svd_solver)

@@ -22,6 +22,7 @@ starts from `at_rank`'s slice.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
@@ -110,7 +111,7 @@ def sample_weights(updates: List[AcceptedUpdate]) -> Tuple[List[AcceptedUpdate],
 
 @dataclass
 class LayerFactors:
-    """One adapted layer's device factors side by side, device-id order: `b` = [B₁ … B_K]
+    """One adapted layer's device factors side by side (`layer_factors`' order): `b` = [B₁ … B_K]
     (out × Σrₖ), `a` = [A₁; …; A_K] (Σrₖ × in), with the devices' ranks rₖ, sample weights pₖ
     and scalings sₖ."""
 
@@ -178,8 +179,12 @@ def layer_factors(
     scaling: Scaling,
     frozen: Optional[Mapping[str, torch.Tensor]] = None,
     starts: Optional[Mapping[int, Mapping[str, torch.Tensor]]] = None,
-) -> Dict[str, LayerFactors]:
-    """Per adapted layer, every device's factors Bₖ = B + ΔBₖ, Aₖ = A + ΔAₖ side by side.
+) -> Iterator[Tuple[str, LayerFactors]]:
+    """(prefix, factors) per adapted layer, made as they are asked for (a layer's matrices can
+    go before the next one's are made): every device's Bₖ = B + ΔBₖ, Aₖ = A + ΔAₖ side by side,
+    devices grouped by rank, in id order within a rank (a fixed order, so the sums are
+    bit-identical whatever order updates arrived in; grouped, a rank's starting factors are
+    added to all its devices in one broadcast).
 
     Each upload is read once (`whole_tensors`), and a layer's deltas leave the uploads as they
     are concatenated, so memory stays at about one copy of the uploads; a few ops per layer
@@ -190,18 +195,28 @@ def layer_factors(
     uploads = [dict(whole_tensors(item.tensors)) for item in ordered]
     prefixes = adapted_layers(start)
     ranks = [int(upload[prefixes[0] + B_SUFFIX].shape[1]) for upload in uploads]
-    origins = [start if starts is None or rank not in starts else starts[rank] for rank in ranks]
+    order = sorted(range(len(ordered)), key=lambda k: ranks[k])  # stable: id order kept
+    uploads = [uploads[k] for k in order]
+    weights = [weights[k] for k in order]
+    ranks = [ranks[k] for k in order]
+    groups = [(rank, len(list(members))) for rank, members in itertools.groupby(ranks)]
     scalings = [scaling(rank) for rank in ranks]
-    layers: Dict[str, LayerFactors] = {}
     for prefix in prefixes:
         name_a, name_b = factor_names(prefix)
-        b = _moved([origin[name_b] for origin in origins], uploads, name_b, dim=1)
+        out, inp = start[name_b].shape[0], _a_of(start, frozen, name_a).shape[1]
+        b = torch.cat(_deltas(uploads, name_b, [(out, rank) for rank in ranks]), dim=1)
         if name_a in uploads[0]:
-            a = _moved([origin[name_a] for origin in origins], uploads, name_a, dim=0)
-        else:
-            a = torch.cat([_a_of(origin, frozen, name_a) for origin in origins]).to(COMPUTE)
-        layers[prefix] = LayerFactors(b, a, ranks, weights, scalings)
-    return layers
+            a = torch.cat(_deltas(uploads, name_a, [(rank, inp) for rank in ranks]))
+        else:  # ffa: A frozen, Aₖ = A
+            a = torch.zeros(sum(ranks), inp, dtype=COMPUTE)
+        first = 0
+        for rank, count in groups:
+            origin = start if starts is None or rank not in starts else starts[rank]
+            columns = slice(first, first + rank * count)
+            b[:, columns].view(out, count, rank).add_(origin[name_b].unsqueeze(1))
+            a[columns].view(count, rank, inp).add_(_a_of(origin, frozen, name_a))
+            first += rank * count
+        yield prefix, LayerFactors(b, a, ranks, weights, scalings)
 
 
 def _a_of(
@@ -211,29 +226,31 @@ def _a_of(
     return (frozen if frozen is not None and name in frozen else start)[name]
 
 
-def _moved(
-    starts: List[torch.Tensor], uploads: List[Dict[str, torch.Tensor]], name: str, dim: int
-) -> torch.Tensor:
-    """[start₁ + delta₁ … start_K + delta_K] along `dim`, the deltas popped from `uploads`;
-    shapes asserted (a (1, in) delta would broadcast silently)."""
-    deltas = [upload.pop(name) for upload in uploads]
-    for start, delta in zip(starts, deltas):
-        if delta.shape != start.shape:
+def _deltas(
+    uploads: List[Dict[str, torch.Tensor]], name: str, shapes: List[Tuple[int, int]]
+) -> List[torch.Tensor]:
+    """Each upload's delta `name` (fp32), popped, its shape asserted (a (1, in) delta would
+    broadcast silently)."""
+    deltas = []
+    for upload, shape in zip(uploads, shapes):
+        delta = upload.pop(name)
+        if tuple(delta.shape) != shape:
             raise ValueError(  # the intake checked every upload: a strategy's or caller's bug
-                f"{name}: delta {tuple(delta.shape)} on {tuple(start.shape)}"
+                f"{name}: delta {tuple(delta.shape)} on {shape}"
             )
-    return torch.cat(deltas, dim=dim).to(COMPUTE).add_(torch.cat(starts, dim=dim))
+        deltas.append(delta.to(COMPUTE))
+    return deltas
 
 
 def factor_errors(
-    layers: Mapping[str, LayerFactors],
+    layers: Iterator[Tuple[str, LayerFactors]],
     result: Mapping[str, torch.Tensor],
     scaling: float,
     frozen: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> Dict[str, float]:
     """Per layer ‖P̄ − s·B̄Ā‖/‖P̄‖ for the global factors in `result` (A from `frozen` if absent)."""
     errors: Dict[str, float] = {}
-    for prefix, layer in layers.items():
+    for prefix, layer in layers:
         name_a, name_b = factor_names(prefix)
         a = result[name_a] if name_a in result else (frozen or {})[name_a]
         approximation = scaling * (result[name_b].to(COMPUTE) @ a.to(COMPUTE))
