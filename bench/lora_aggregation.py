@@ -4,8 +4,11 @@ Random factors of the real shapes (query/value adapters of MiniLM: 6 × 384→38
 SmolLM2-135M: 30 × 576→576 and 576→192), rank 8, alpha 16, in-memory updates of 10 and 100
 devices. Strategies: `fedavg` (with the per-layer error it now reports), `ffa` (B only),
 `exact` in both modes (`fold`, `svd`) and `flexlora` (`svd`, `zero_pad`) with the global adapter
-at rank 16 and devices cycling through ranks 4/8/16. `svd_s` is the SVD alone (QR of the
-stacked factors + the core SVD, or the dense SVD when Σrₖ ≥ min(out, in)). Upload bytes are
+at rank 16 and devices cycling through ranks 4/8/16; the svd modes with each `svd_solver`
+(`subspace`, the default, and `dense`, the reference). `svd_s` is the solver alone, the part of
+the aggregate it accounts for: the same call on the same P̄ per layer, P̄ formed outside the
+timer, median over the same repeats. `median_cpu_s` is the aggregate's process CPU time: on a shared
+core the wall time also holds the other processes' turns. Upload bytes are
 the safetensors payload one device sends (fp32; a rank-4 device's for flexlora); the fold
 blob is what `exact`'s fold adds to every device's download each round.
 """
@@ -25,7 +28,9 @@ STRATEGIES: Tuple[Tuple[str, str, Dict[str, Any]], ...] = (
     ("ffa", "ffa", {}),
     ("exact-fold", "exact", {"mode": "fold"}),
     ("exact-svd", "exact", {"mode": "svd"}),
+    ("exact-svd-dense", "exact", {"mode": "svd", "svd_solver": "dense"}),
     ("flexlora-svd", "flexlora", {"heterogeneous": "svd"}),
+    ("flexlora-svd-dense", "flexlora", {"heterogeneous": "svd", "svd_solver": "dense"}),
     ("flexlora-zero_pad", "flexlora", {"heterogeneous": "zero_pad"}),
 )
 RANK, ALPHA, FLEX_RANKS = 8, 16.0, (4, 8, 16)
@@ -72,12 +77,12 @@ def time_strategy(
     shapes: Dict[str, Tuple[int, int]], label: str, count: int, repeats: int
 ) -> Dict[str, Any]:
     from jetfed.coordinator.strategies.base import ServerContext, make_strategy
-    from jetfed.coordinator.strategies.lowrank import layer_factors, method_scaling, svd_of_product
     from jetfed.edge.methods.lora import LoraMethod
     from jetfed.edge.wire import ModelRef, encode_tensors
 
     _, name, settings = next(item for item in STRATEGIES if item[0] == label)
     flex = name == "flexlora"
+    svd = "svd" in (settings.get("mode"), settings.get("heterogeneous"))
     run_rank = 16 if flex else RANK
     freeze = name == "ffa"
     config = {"rank": run_rank, "alpha": ALPHA, "freeze_a": freeze}
@@ -86,31 +91,21 @@ def time_strategy(
     global_state = lora_state(shapes, run_rank, seed=10_000, with_a=not freeze)
     init = lora_state(shapes, run_rank, seed=10_001) if freeze else None
     updates = updates_of(shapes, ranks, with_a=not freeze)
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):  # a fresh strategy each time: exact's fold starts empty
         strategy = make_strategy(name, ServerContext.aggregation_only(settings, method, init))
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         strategy.aggregate(0, global_state, updates)
         times.append(time.perf_counter() - started)
-    svd_s = None
-    if label in ("exact-svd", "flexlora-svd"):
-        scaling = method_scaling(method)
-        starts = None
-        if flex:
-            from jetfed.coordinator.strategies.lowrank import at_rank
-
-            starts = {r: at_rank(global_state, r, scaling) for r in FLEX_RANKS if r != run_rank}
-        per_layer = layer_factors(global_state, updates, scaling, starts=starts)
-        started = time.perf_counter()
-        for factors in per_layer.values():
-            svd_of_product(*factors.stacked())
-        svd_s = time.perf_counter() - started
+        cpu_times.append(time.process_time() - cpu_started)
+    svd_s = median(svd_seconds(method, settings, global_state, updates, repeats)) if svd else None
     smallest = min(range(count), key=lambda k: ranks[k])
     errors = strategy.layer_errors
     return {
         "strategy": label,
         "devices": count,
         "median_s": median(times),
+        "median_cpu_s": median(cpu_times),
         "svd_s": svd_s,
         "upload_bytes": len(encode_tensors(updates[smallest].tensors)),
         "upload_rank": ranks[smallest],
@@ -118,6 +113,34 @@ def time_strategy(
         "error_mean": sum(errors.values()) / len(errors),
         "error_worst": max(errors.values()),
     }
+
+
+def svd_seconds(
+    method: Any, settings: Dict[str, Any], global_state: Any, updates: List[Any], repeats: int
+) -> List[float]:
+    """Seconds of the strategy's solver (`top_singular`) over every layer, per repeat."""
+    from jetfed.coordinator.strategies.lowrank import (
+        adapted_layers,
+        at_rank,
+        layer_factors,
+        method_scaling,
+        rank_of,
+    )
+    from jetfed.coordinator.strategies.truncated_svd import top_singular
+
+    scaling = method_scaling(method)
+    full = rank_of(global_state, adapted_layers(global_state)[0])
+    starts = {rank: at_rank(global_state, rank, scaling) for rank in FLEX_RANKS if rank < full}
+    layers = layer_factors(global_state, updates, scaling, starts=starts)
+    inputs = [(factors.mean_product(), *factors.stacked()) for _, factors in layers]
+    solver = settings.get("svd_solver", "subspace")
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for product, b, a in inputs:
+            top_singular(product, b, a, full, solver)
+        seconds.append(time.perf_counter() - started)
+    return seconds
 
 
 def run(
@@ -148,6 +171,7 @@ def markdown(results: Dict[str, Any]) -> str:
             item["strategy"],
             item["devices"],
             item["median_s"] * 1000,
+            item["median_cpu_s"] * 1000,
             "" if item["svd_s"] is None else item["svd_s"] * 1000,
             f"{item['upload_bytes'] / 1e3:.1f} (r={item['upload_rank']})",
             item["fold_bytes"] / 1e6,
@@ -168,6 +192,7 @@ def markdown(results: Dict[str, Any]) -> str:
                     "strategy",
                     "devices",
                     "aggregate ms",
+                    "CPU ms",
                     "of which SVD ms",
                     "upload kB per device",
                     "fold MB per device",

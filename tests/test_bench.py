@@ -62,11 +62,16 @@ def test_lora_aggregation_bench_writes_every_strategy(tmp_path: Path, minilm_pat
         "ffa",
         "exact-fold",
         "exact-svd",
+        "exact-svd-dense",
         "flexlora-svd",
+        "flexlora-svd-dense",
         "flexlora-zero_pad",
     }
     assert by_strategy["ffa"]["upload_bytes"] * 2 <= by_strategy["fedavg"]["upload_bytes"] + 1024
     assert by_strategy["exact-fold"]["fold_bytes"] > 0 and by_strategy["ffa"]["error_worst"] < 1e-6
+    for svd in ("exact-svd", "flexlora-svd"):  # the subspace solver truncates like the dense one
+        dense = by_strategy[svd + "-dense"]["error_worst"]
+        assert by_strategy[svd]["error_worst"] == pytest.approx(dense, rel=1e-5)
 
 
 def test_cli_lists_benches_and_refuses_unknown_names() -> None:

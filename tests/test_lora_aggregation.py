@@ -281,10 +281,10 @@ def test_factors_that_do_not_fit_the_layer_are_a_strategy_error() -> None:
     state, updates = random_state(gen), fleet(gen, 2)
     name_a, _ = names("m.l1.mlp")
     updates[1].tensors[name_a] = torch.zeros(RANK, 1)  # would broadcast over 9 columns
+    strategy = make_strategy("exact", ServerContext.aggregation_only(method=lora()))
     with pytest.raises(ValueError, match=r"m\.l1\.mlp\.lora_A.*\(3, 1\) on \(3, 9\)"):
-        make_strategy("exact", ServerContext.aggregation_only(method=lora())).aggregate(
-            0, state, updates
-        )
+        strategy.aggregate(0, state, updates)
+    assert strategy.fold == {}  # m.l0.q came first and was fine: nothing of it was folded
 
 
 @pytest.mark.parametrize("name", ["clipped_fedavg", "median", "trimmed_mean"])

@@ -13,13 +13,14 @@ FedAvg's B̄Ā misses P̄ = Σ pₖ·s·BₖAₖ. Two ways to hit it exactly (`a
   q,v: 1.7 MB per decoder layer), recorded as `fold_bytes`. The export writes F beside the
   adapter (`base_fold.safetensors`: add it to the base weights before merging).
 - `svd`: re-factorise P̄ by truncated SVD at the run's rank (B = U√(S/s), A = √(S/s)Vᵀ):
-  nothing extra travels, and the truncation error is what the round records.
+  nothing extra travels, and the truncation error is what the round records. Only the top r
+  singular triplets are found (`aggregation.svd_solver`, `truncated_svd.py`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import torch
 
@@ -27,7 +28,6 @@ from jetfed.coordinator.strategies.base import (
     AcceptedUpdate,
     ServerContext,
     Strategy,
-    StrategySettings,
     check_saved_state,
     register_strategy,
 )
@@ -43,8 +43,8 @@ from jetfed.coordinator.strategies.lowrank import (
     rank_of,
     relative_error,
     split,
-    svd_of_product,
 )
+from jetfed.coordinator.strategies.truncated_svd import SvdSettings, top_singular
 from jetfed.edge.methods.base import Tensors
 from jetfed.edge.methods.lora import FOLD_BLOB, fold_into_base
 from jetfed.edge.wire import encode_tensors
@@ -70,7 +70,7 @@ def load_exported_adapter(base: Any, folder: Path) -> Any:
     return model
 
 
-class ExactSettings(StrategySettings):
+class ExactSettings(SvdSettings):
     mode: Literal["fold", "svd"] = "fold"
     """fold: FedAvg factors + the residual folded into the base; svd: P̄ re-factorised."""
 
@@ -102,28 +102,33 @@ class ExactLora(Strategy):
         else:
             new_state = apply_mean_delta(heads_of(global_state), updates)
         errors: Dict[str, float] = {}
-        for prefix, factors in per_layer.items():
+        folds: Tensors = {}  # kept aside until every layer is done: a bad upload changes nothing
+        for prefix, factors in per_layer:
             name_a, name_b = factor_names(prefix)
             mean = factors.mean_product()
             if self.settings.mode == "svd":
-                b, a = split(svd_of_product(*factors.stacked(), mean), rank, scaling)
+                found = top_singular(mean, *factors.stacked(), rank, self.settings.svd_solver)
+                b, a = split(found, rank, scaling)
                 new_state[name_a], new_state[name_b] = a.float(), b.float()
             a = new_state[name_a] if name_a in new_state else frozen[name_a]
             effective = scaling * (new_state[name_b].to(COMPUTE) @ a.to(COMPUTE))
             if self.settings.mode == "fold":
-                effective += self._fold_residual(prefix + BASE_SUFFIX, mean - effective)
+                name = prefix + BASE_SUFFIX
+                folds[name], increment = self._folded(name, mean - effective)
+                effective += increment
             errors[prefix] = relative_error(mean, effective)
+        if folds:
+            self.fold.update(folds)
+            self._fold_blob = None
         self.layer_errors = errors
         return new_state
 
-    def _fold_residual(self, name: str, residual: torch.Tensor) -> torch.Tensor:
-        """F[name] += R (stored fp32); returns the increment as stored (what devices add)."""
+    def _folded(self, name: str, residual: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(F[name] + R stored fp32, the increment as stored: what devices add)."""
         before = self.fold.get(name)
-        after = residual if before is None else before.double() + residual
-        self.fold[name] = after.float()
-        self._fold_blob = None
-        increment = self.fold[name].double() - (0.0 if before is None else before.double())
-        return increment.to(COMPUTE)
+        after = (residual if before is None else before.double() + residual).float()
+        increment = after.double() - (0.0 if before is None else before.double())
+        return after, increment.to(COMPUTE)
 
     def fold_blob(self) -> bytes:
         if self._fold_blob is None:

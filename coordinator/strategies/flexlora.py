@@ -8,8 +8,8 @@ coordinator then forms the mean of the products P̄ = Σ pₖ·sₖ·BₖAₖ (e
 and scaling sₖ = alpha/rₖ) and (`aggregation.heterogeneous`):
 
 - `svd` (FlexLoRA): truncates P̄ by SVD to rank R, B = U√(S/s_R), A = √(S/s_R)Vᵀ; the round
-  records the truncation error. SVD cost: QR of the stacked factors and an SVD of the
-  (Σrₖ)² core while Σrₖ < min(out, in), else one dense out × in SVD per layer.
+  records the truncation error. Only the top R singular triplets are found
+  (`aggregation.svd_solver`: seeded subspace iteration, or the dense SVD; `truncated_svd.py`).
 - `zero_pad` (HetLoRA-style baseline): each device's factors back in rank-R units, zero-padded
   to R, and averaged factor by factor like FedAvg; the round records its (larger) error.
 
@@ -28,7 +28,6 @@ from jetfed.coordinator.strategies.base import (
     AcceptedUpdate,
     ServerContext,
     Strategy,
-    StrategySettings,
     register_strategy,
 )
 from jetfed.coordinator.strategies.fedavg import apply_mean_delta
@@ -43,13 +42,13 @@ from jetfed.coordinator.strategies.lowrank import (
     rank_of,
     relative_error,
     split,
-    svd_of_product,
 )
+from jetfed.coordinator.strategies.truncated_svd import SvdSettings, top_singular
 from jetfed.edge.errors import UserError
 from jetfed.edge.methods.base import Tensors
 
 
-class FlexSettings(StrategySettings):
+class FlexSettings(SvdSettings):
     heterogeneous: Literal["svd", "zero_pad"] = "svd"
     """svd: FlexLoRA's truncated SVD of the mean product; zero_pad: HetLoRA-style baseline."""
 
@@ -86,10 +85,11 @@ class FlexLora(Strategy):
         new_state = apply_mean_delta(heads_of(global_state), updates)
         scaling = self.scaling(full)
         errors: Dict[str, float] = {}
-        for prefix, factors in per_layer.items():
+        for prefix, factors in per_layer:
             mean = factors.mean_product()
             if self.settings.heterogeneous == "svd":
-                b, a = split(svd_of_product(*factors.stacked(), mean), full, scaling)
+                found = top_singular(mean, *factors.stacked(), full, self.settings.svd_solver)
+                b, a = split(found, full, scaling)
             else:
                 b, a = self._zero_padded_mean(factors, full, scaling)
             name_a, name_b = factor_names(prefix)
@@ -103,11 +103,10 @@ class FlexLora(Strategy):
         factors: LayerFactors, full: int, scaling: float
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Σ pₖ·pad(Bₖ/cₖ), Σ pₖ·pad(Aₖ/cₖ) with cₖ = √(s_R/sₖ) (rank-R units)."""
-        b_first, a_first = factors.factors[0]
-        b_mean = torch.zeros(b_first.shape[0], full, dtype=b_first.dtype)
-        a_mean = torch.zeros(full, a_first.shape[1], dtype=a_first.dtype)
+        b_mean = torch.zeros(factors.b.shape[0], full, dtype=factors.b.dtype)
+        a_mean = torch.zeros(full, factors.a.shape[1], dtype=factors.a.dtype)
         for (b, a), weight, device_scaling in zip(
-            factors.factors, factors.weights, factors.scalings
+            factors.factors(), factors.weights, factors.scalings
         ):
             rank = b.shape[1]
             back = weight / math.sqrt(scaling / device_scaling)
