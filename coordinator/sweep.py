@@ -5,9 +5,10 @@
 YAML value); `--case "NAME: KEY=V KEY=V"` names a bundle of settings that only make sense
 together (FFA-LoRA is `aggregation.strategy=ffa` *and* `method.freeze_a=true`), and the cases
 are one more axis of the grid, called `case`. The grid is every combination, and each
-combination (a *cell*) runs once per seed. A run's seed is the experiment's `seed` and, unless `--set data.partition.seed=...` fixes
-it, the partition's too: the spread over seeds is the spread over partitions and training, and
-two methods run with the same seed see the same partition and device seeds (paired).
+combination (a *cell*) runs once per seed. A run's seed is the experiment's `seed` and, unless
+`--set data.partition.seed=...` fixes it, the partition's too: the spread over seeds is the
+spread over partitions and training, and two methods run with the same seed see the same
+partition and device seeds (paired).
 
 Runs live in OUT/runs/<name> with a name derived from the cell and seed, so a sweep is
 resumable: a finished run (its checkpoint at the last round) is never rerun, an interrupted one
