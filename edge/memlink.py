@@ -5,8 +5,10 @@ process, and `open_link` picks the link for a broker URL.
 The broker keeps MQTT's semantics the protocol relies on: topic filters with `+` and `#`
 (paho's own matcher), retained messages (an empty retained payload clears one), a last will
 published when a link drops without closing, size limits. Each link has its own delivery
-thread, like paho's network thread: `on_topic` handlers run there, everything else lands on
-`inbox` for the owner's thread to `drain`.
+thread, like paho's network thread: `on_topic` handlers run there. Everything else lands on
+`inbox` for the owner's thread to `drain`, put there by the publishing thread itself: a hop
+through the delivery thread would only add two thread switches per message (in a 100-device
+simulation, ~2,000 a round).
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ class MemLink:
         self._handlers: List[Tuple[Callable[[str], bool], Handler]] = []
         self._connected = threading.Event()
         self._counter_lock = threading.Lock()
-        self._deliveries: queue.Queue[Optional[Tuple[str, bytes]]] = queue.Queue()
+        self._deliveries: queue.Queue[Optional[Tuple[str, bytes, Handler]]] = queue.Queue()
         self._thread: Optional[threading.Thread] = None
         self._broker: Optional[MemBroker] = None
 
@@ -234,17 +236,18 @@ class MemLink:
         return any(topic_matches_sub(sub, topic) for sub in self._subscriptions)
 
     def deliver(self, topic: str, payload: bytes) -> None:
-        self._deliveries.put((topic, payload))
+        """Count the message received; its handler's on the delivery thread, else to `inbox`."""
+        with self._counter_lock:
+            self.counters.bytes_received += mqtt_publish_wire_bytes(topic, len(payload))
+        handler = next((h for matches, h in self._handlers if matches(topic)), None)
+        if handler is None:
+            self.inbox.put((topic, payload))
+        else:
+            self._deliveries.put((topic, payload, handler))
 
     def _deliver_loop(self) -> None:
         while (item := self._deliveries.get()) is not None:
-            topic, payload = item
-            with self._counter_lock:
-                self.counters.bytes_received += mqtt_publish_wire_bytes(topic, len(payload))
-            handler = next((h for matches, h in self._handlers if matches(topic)), None)
-            if handler is None:
-                self.inbox.put((topic, payload))
-                continue
+            topic, payload, handler = item
             try:
                 handler(topic, payload)
             except Exception as exc:  # as on paho's thread: a handler never kills delivery

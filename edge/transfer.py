@@ -9,7 +9,8 @@ Memory stays at one window per receiver whatever the payload size (KB adapters t
 big blobs are served from files (`offer_file`, `offer_tensors`) read one chunk at a time, a
 download writes each verified chunk straight to a file on disk, and a receiver keeps only a window
 of asked-for-but-not-received data in flight (in the broker, both MQTT clients and the receiver's
-inbox), asking for more as chunks land.
+inbox), asking for more as chunks land. Blobs of at most `MEMORY_PAYLOAD_BYTES` (LoRA adapters of
+small models) skip the files on both sides: offered as bytes, downloaded into a buffer.
 
 Speed is the depth of that window: each ask costs a round trip through the broker and the
 holder's process, so a shallow window leaves the link idle between batches (measured on a loaded
@@ -46,7 +47,14 @@ from typing import (
 
 from jetfed.edge.errors import ProtocolError
 from jetfed.edge.logs import log_event
-from jetfed.edge.tensorfile import write_tensor_file
+from jetfed.edge.tensorfile import (
+    MEMORY_PAYLOAD_BYTES,
+    Payload,
+    read_payload,
+    tensor_file_bytes,
+    tensor_file_size,
+    write_tensor_file,
+)
 from jetfed.edge.wire import BlobManifest, make_manifest, sha256_hex
 
 if TYPE_CHECKING:
@@ -183,7 +191,10 @@ class BlobServer:
         dtype: str = "fp32",
         chunk_size_bytes: Optional[int] = None,
     ) -> BlobManifest:
-        """Encode `tensors` to a spool file (one tensor at a time) and offer it."""
+        """Encode `tensors` (in memory up to `MEMORY_PAYLOAD_BYTES`, else to a spool file one
+        tensor at a time) and offer them."""
+        if tensor_file_size(tensors, dtype) <= MEMORY_PAYLOAD_BYTES:
+            return self.offer(tensor_file_bytes(tensors, dtype), chunk_size_bytes)
         handle, path = tempfile.mkstemp(prefix="jetfed-blob-", dir=self._spool_dir)
         os.close(handle)
         try:
@@ -260,7 +271,8 @@ class SharedWindow:
 
 
 class Download:
-    """Receives one blob into a file: verifies chunks, tracks what is missing, re-asks on stalls.
+    """Receives one blob into a file (into memory up to `memory_bytes`): verifies chunks, tracks
+    what is missing, re-asks on stalls.
 
     With `window_bytes`, at most that much is asked for and not yet received at any time (more is
     asked for as chunks land); with a `SharedWindow`, this download's share of it; with None,
@@ -277,6 +289,7 @@ class Download:
         timeout_s: float = 120.0,
         window_bytes: Union[int, SharedWindow, None] = DEFAULT_WINDOW_BYTES,
         spool_dir: Optional[str] = None,
+        memory_bytes: int = MEMORY_PAYLOAD_BYTES,
     ) -> None:
         if manifest.size_bytes > max_size_bytes:
             raise ProtocolError(
@@ -292,8 +305,13 @@ class Download:
         self._missing: Set[int] = set(range(count))
         self._in_flight: Set[int] = set()
         self._not_asked: Deque[int] = deque(range(count))
-        self._fd, self.path = tempfile.mkstemp(prefix="jetfed-download-", dir=spool_dir)
-        os.ftruncate(self._fd, manifest.size_bytes)
+        self._buffer: Optional[bytearray] = None
+        self._fd, self.path = -1, ""
+        if manifest.size_bytes <= memory_bytes:
+            self._buffer = bytearray(manifest.size_bytes)
+        else:
+            self._fd, self.path = tempfile.mkstemp(prefix="jetfed-download-", dir=spool_dir)
+            os.ftruncate(self._fd, manifest.size_bytes)
         self._whole = hashlib.sha256()
         self._hashed_chunks = 0
         self._last_progress_s = time.monotonic()
@@ -370,7 +388,7 @@ class Download:
             self._in_flight.add(index)
             self._ask([index])
             raise ProtocolError(problem, "bad_chunk")
-        os.pwrite(self._fd, payload, start)
+        self._write(start, payload)
         self._missing.discard(index)
         self._in_flight.discard(index)
         self._hash_prefix(index, payload)
@@ -392,9 +410,19 @@ class Download:
         while self._hashed_chunks < self.manifest.chunk_count and (
             self._hashed_chunks not in self._missing
         ):
-            start, end = self.manifest.chunk_range(self._hashed_chunks)
-            self._whole.update(os.pread(self._fd, end - start, start))
+            self._whole.update(self._read(*self.manifest.chunk_range(self._hashed_chunks)))
             self._hashed_chunks += 1
+
+    def _write(self, start: int, payload: bytes) -> None:
+        if self._buffer is not None:
+            self._buffer[start : start + len(payload)] = payload
+        else:
+            os.pwrite(self._fd, payload, start)
+
+    def _read(self, start: int, end: int) -> bytes:
+        if self._buffer is not None:
+            return bytes(self._buffer[start:end])
+        return os.pread(self._fd, end - start, start)
 
     def poll(self) -> None:
         """Re-ask for missing chunks after a stall; TransferTimeout when stalled too long."""
@@ -432,26 +460,27 @@ class Download:
             "transfer.chunk_size_bytes or raise the limit)"
         )
 
-    def result_path(self) -> str:
-        """The file holding the whole payload, verified against the manifest digest."""
+    def payload(self) -> Payload:
+        """The whole payload, verified against the manifest digest: its bytes (a download held
+        in memory) or the path of the file holding it."""
         if not self.complete:
             raise ProtocolError("transfer incomplete")
         if self._whole.hexdigest() != self.manifest.digest:
             raise ProtocolError("payload digest mismatch", "digest_mismatch")
-        return self.path
+        return bytes(self._buffer) if self._buffer is not None else self.path
 
     def result(self) -> bytes:
-        """The whole payload in memory, verified (small blobs; big ones: `result_path`)."""
-        with open(self.result_path(), "rb") as handle:
-            return handle.read()
+        """The whole payload in memory, verified (small blobs; big ones: `payload`)."""
+        return read_payload(self.payload())
 
     def close(self) -> None:
-        """Delete the spool file and hand back the window share (idempotent)."""
+        """Delete the spool file (or buffer) and hand back the window share (idempotent)."""
         self._leave_window()
+        self._buffer = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        _unlink_quietly(self.path)
+            _unlink_quietly(self.path)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):

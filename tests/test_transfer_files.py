@@ -94,7 +94,7 @@ def test_file_blob_served_in_chunks_into_a_windowed_download(tmp_path: Path) -> 
     server = BlobServer(lambda topic, payload: published.append((topic, payload)), 1000)
     assert server.offer_file(str(path), 1000, owned=True) == manifest
     requests: List[List[int]] = []
-    download = Download(manifest, requests.append, 1 << 20, window_bytes=4000)
+    download = Download(manifest, requests.append, 1 << 20, window_bytes=4000, memory_bytes=0)
     download.start()
     assert requests == [[0, 1, 2, 3]]  # one window, not the whole blob
     served = 0
@@ -107,7 +107,7 @@ def test_file_blob_served_in_chunks_into_a_windowed_download(tmp_path: Path) -> 
     assert download.complete
     assert sorted(i for r in requests for i in r) == list(range(manifest.chunk_count))
     assert server.chunks_served == manifest.chunk_count
-    assert Path(download.result_path()).read_bytes() == data
+    assert Path(download.payload()).read_bytes() == data
     download.close()
     assert not os.path.exists(download.path)
     server.withdraw(manifest.digest)
