@@ -10,7 +10,7 @@ A payload of at most `MEMORY_PAYLOAD_BYTES` (a LoRA adapter of a small model) is
 it stays in memory as bytes (`Payload`), encoded by `tensor_file_bytes`, read by `TensorFile`
 straight from them. Its file would cost more than its data (creating, writing, reading and
 unlinking a 50 KB spool file took ~1 ms here, ten times the data's own decoding), and it is no
-bigger than the one message a chunk of it arrives in.
+bigger than one chunk at the default chunk size.
 
 Wire dtypes: fp32, fp16, bf16, and int8 (per-row scales, `jetfed.edge.compression`), which stores
 each tensor as int8 under its name plus its scales under `name + SCALE_SUFFIX`, and says so in the

@@ -402,8 +402,9 @@ class Download:
 
     def _hash_prefix(self, index: int, payload: bytes) -> None:
         """Extend the whole-payload digest over the received prefix: chunks arriving in order
-        are hashed as they land, so no second pass over the file is needed at the end."""
-        if index != self._hashed_chunks:
+        are hashed as they land, so no second pass over the file is needed at the end. A blob
+        of one chunk is not hashed again (`_whole_digest`)."""
+        if index != self._hashed_chunks or self.manifest.chunk_count == 1:
             return
         self._whole.update(payload)
         self._hashed_chunks += 1
@@ -465,9 +466,16 @@ class Download:
         in memory) or the path of the file holding it."""
         if not self.complete:
             raise ProtocolError("transfer incomplete")
-        if self._whole.hexdigest() != self.manifest.digest:
+        if self._whole_digest() != self.manifest.digest:
             raise ProtocolError("payload digest mismatch", "digest_mismatch")
         return bytes(self._buffer) if self._buffer is not None else self.path
+
+    def _whole_digest(self) -> str:
+        """The payload's sha256; a single chunk's is the digest it was verified against (a
+        sha256 pass costs ~0.3 ms per 50 kB here, the largest part of a small transfer)."""
+        if self.manifest.chunk_count == 1:
+            return self.manifest.chunk_digests[0]
+        return self._whole.hexdigest()
 
     def result(self) -> bytes:
         """The whole payload in memory, verified (small blobs; big ones: `payload`)."""

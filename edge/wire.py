@@ -450,8 +450,8 @@ def make_manifest(data: bytes, chunk_size_bytes: int, content: str = "safetensor
         sha256_hex(view[start : start + chunk_size_bytes])
         for start in range(0, max(len(data), 1), chunk_size_bytes)
     ]
-    return BlobManifest(
-        digest=sha256_hex(data),
+    return BlobManifest(  # a blob of one chunk is that chunk: one sha256 pass, not two
+        digest=digests[0] if len(digests) == 1 else sha256_hex(data),
         size_bytes=len(data),
         chunk_size_bytes=chunk_size_bytes,
         chunk_digests=digests,
