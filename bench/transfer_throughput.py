@@ -171,7 +171,7 @@ def pull_all(
             continue
         if download.complete and device_id in pending:
             pending.discard(device_id)
-            download.result_path()
+            download.payload()
             if on_complete is not None:
                 on_complete(device_id, download)
     return downloads
@@ -349,7 +349,7 @@ def receive_main(url: str, manifests_path: str, global_path: str) -> None:
             train_loss=0.5,
             blob=download.manifest,
         )
-        accepted.append(AcceptedUpdate(update, TensorFile(download.result_path(), spec)))
+        accepted.append(AcceptedUpdate(update, TensorFile(download.payload(), spec)))
         spooled.append(download)  # read at aggregate, as the server keeps it
 
     spooled: List[Download] = []

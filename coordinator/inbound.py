@@ -525,12 +525,12 @@ class Intake:
         download: Download,
         spec: Optional[Dict[str, Tuple[int, ...]]] = None,
     ) -> AcceptedUpdate:
-        """Validate a complete upload from its spool file (against `spec`, the device's own
-        when it trains at another rank), which the strategy then reads lazily (it is kept
-        until the round ends)."""
+        """Validate a complete upload (in memory, or its spool file, against `spec`, the
+        device's own when it trains at another rank), which the strategy then reads lazily (a
+        spool file is kept until the round ends)."""
         try:
             tensors = TensorFile(
-                download.result_path(), spec or self.expected, (*UPDATE_DTYPES, *INDEX_DTYPES)
+                download.payload(), spec or self.expected, (*UPDATE_DTYPES, *INDEX_DTYPES)
             )
             self._check_update(tensors)
         except ProtocolError as exc:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from operator import methodcaller
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
@@ -154,15 +155,19 @@ class Coordinator:
         self.assignment = self._assignment_policy()
         self._decisions: Dict[str, Any] = {}
         """This round's `assignment:` decision per eligible device (DeviceAssignment/Refused)."""
-        self.blobs = BlobServer(
-            self._publish_raw, config.transfer.chunk_size_bytes, background=True
-        )
+        self._bytes_down = 0
+        self._bytes_down_lock = threading.Lock()
         self.link = open_link(
             broker,
             client_id=f"jetfed-coordinator-{config.name}",
             subscriptions=[self.topics.all_devices(leaf) for leaf in DEVICE_TO_COORDINATOR],
             will=(self.topics.coordinator, b""),
             on_connected=self._announce,
+        )
+        self.blobs = BlobServer(
+            self._publish_raw,
+            config.transfer.chunk_size_bytes,
+            background=self.link.serve_in_background,
         )
         self._started_unix_s = time.time()
         self.intake = Intake(
@@ -181,7 +186,6 @@ class Coordinator:
             start_round=self.start_round,
         )
         self.link.on_topic(self.intake.is_want, self.intake.serve_want)
-        self._bytes_down = 0
         self._announcements_settled = False
 
     # ------------------------------------------------------------------ setup
@@ -258,7 +262,11 @@ class Coordinator:
         self.link.publish(self.topics.coordinator, encode_message(announcement), retain=True)
 
     def _publish_raw(self, topic: str, payload: bytes) -> None:
-        self._bytes_down += self.link.publish(topic, payload)
+        """Counted as the round's traffic; called by the round loop and by blob serving (on
+        paho's thread, the blob server's, or a virtual device's), hence the lock."""
+        wire_bytes = self.link.publish(topic, payload)
+        with self._bytes_down_lock:
+            self._bytes_down += wire_bytes
 
     def _tell_progress(self, progress: Progress) -> None:
         if self.on_progress is not None:

@@ -31,6 +31,7 @@ from jetfed.edge.telemetry.live import LivePublisher
 from jetfed.edge.telemetry.phases import PhaseCounters, Profiler
 from jetfed.edge.telemetry.records import PhaseRecord
 from jetfed.edge.telemetry.sampler import DEFAULT_RATE_HZ, Sampler
+from jetfed.edge.tensorfile import Payload
 from jetfed.edge.transfer import Download, TransferTimeout
 from jetfed.edge.wire import (
     ID_PATTERN,
@@ -385,9 +386,9 @@ class EdgeAgent:
             self._init_fetched = init.digest
         return needed
 
-    def _download_all(self, task: Task, counters: PhaseCounters) -> Dict[str, str]:
-        """Fetch every blob the task names into spool files (verified; name → path) that live
-        until `_release_downloads`; resumes by re-asking for missing chunks."""
+    def _download_all(self, task: Task, counters: PhaseCounters) -> Dict[str, Payload]:
+        """Fetch every blob the task names (verified; name → bytes, or the path of a spool file
+        that lives until `_release_downloads`); resumes by re-asking for missing chunks."""
         manifests = self._needed_blobs(task)
         self._release_downloads()
         for manifest in manifests.values():
@@ -415,7 +416,7 @@ class EdgeAgent:
         counters.extra["duplicate_chunks"] = float(
             sum(d.duplicate_chunks for d in self._downloads.values())
         )
-        return {name: self._downloads[m.digest].result_path() for name, m in manifests.items()}
+        return {name: self._downloads[m.digest].payload() for name, m in manifests.items()}
 
     def _release_downloads(self) -> None:
         for download in self._downloads.values():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Protocol, Tuple
 
 from jetfed.edge.data import check_labels, load_task_split, partition
@@ -22,7 +21,7 @@ from jetfed.edge.exchange import Exchange
 from jetfed.edge.methods.base import FederatedMethod, LocalResult, LocalRound, get_method
 from jetfed.edge.methods.base import run_local_round as run_method_round
 from jetfed.edge.telemetry.phases import Profiler
-from jetfed.edge.tensorfile import TensorFile
+from jetfed.edge.tensorfile import Payload, TensorFile, read_payload
 from jetfed.edge.train import device_seed
 from jetfed.edge.wire import Task
 
@@ -65,7 +64,7 @@ class Trainer(Protocol):
 
     def needs_init(self, task: Task) -> bool: ...
 
-    def prepare(self, task: Task, blobs: Dict[str, str], device: TrainingDevice) -> Any: ...
+    def prepare(self, task: Task, blobs: Dict[str, Payload], device: TrainingDevice) -> Any: ...
 
     def run(self, prepared: Any) -> LocalResult: ...
 
@@ -92,7 +91,9 @@ class LocalTrainer:
             self._model is None or self._model.key[3] != task.init_state.digest
         )
 
-    def prepare(self, task: Task, blobs: Dict[str, str], device: TrainingDevice) -> PreparedRound:
+    def prepare(
+        self, task: Task, blobs: Dict[str, Payload], device: TrainingDevice
+    ) -> PreparedRound:
         """Decode the state, (re)build the model if needed, derive this device's data shard."""
         from jetfed.edge.models import is_causal_lm, load_tokenizer, pick_device
 
@@ -109,7 +110,7 @@ class LocalTrainer:
             client_index = task.client_indices.get(device.device_id, 0)
             causal = is_causal_lm(cache.model)
             dataset = self._shard(device.data, device.train_split, task, client_index, causal)
-        extra = {name: Path(blobs[name]).read_bytes() for name in task.extra_blobs}
+        extra = {name: read_payload(blobs[name]) for name in task.extra_blobs}
         local = LocalRound(
             model=cache.model,
             tokenizer=cache.tokenizer,

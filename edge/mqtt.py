@@ -20,7 +20,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Union
 from urllib.parse import urlparse
 
 import paho.mqtt.client as paho
@@ -140,6 +140,10 @@ Handler = Callable[[str, bytes], None]
 
 class MqttLink:
     """A reconnecting client with a last will, fixed subscriptions and an inbound queue."""
+
+    serve_in_background: ClassVar[bool] = True
+    """`on_topic` handlers run on paho's network thread, which must get back to the socket:
+    blob chunks are read and published from a worker thread (`BlobServer(background=True)`)."""
 
     def __init__(
         self,

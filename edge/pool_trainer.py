@@ -10,15 +10,14 @@ Methods that exchange messages during their local round (split learning) train i
 from __future__ import annotations
 
 import multiprocessing
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 from jetfed.edge.local_trainer import LocalTrainer, TrainingDevice
 from jetfed.edge.methods.base import LocalResult
 from jetfed.edge.telemetry.phases import Profiler
+from jetfed.edge.tensorfile import Payload, read_payload
 from jetfed.edge.wire import Task, decode_tensors, encode_message, encode_tensors, parse_message
 
 _worker_trainer: Optional[LocalTrainer] = None
@@ -38,17 +37,13 @@ def _start_worker() -> None:
 def _train_in_worker(
     task_message: bytes, blobs: Dict[str, bytes], device_id: str, data: Optional[str], split: str
 ) -> Tuple[bytes, int, float, int, Dict[str, float], Optional[str]]:
-    """One virtual device's local round in this worker (its blobs spooled to a temp folder)."""
+    """One virtual device's local round in this worker."""
     assert _worker_trainer is not None
     task = parse_message(Task, task_message)
-    with tempfile.TemporaryDirectory(prefix="jetfed-job-") as folder:
-        paths = {}
-        for name, content in blobs.items():
-            paths[name] = str(Path(folder) / name)
-            Path(paths[name]).write_bytes(content)
-        profiler = Profiler(task.experiment, device_id, task.method)
-        device = TrainingDevice(device_id, data, split, profiler)
-        prepared = _worker_trainer.prepare(task, paths, device)
+    profiler = Profiler(task.experiment, device_id, task.method)
+    device = TrainingDevice(device_id, data, split, profiler)
+    payloads: Dict[str, Payload] = dict(blobs)
+    prepared = _worker_trainer.prepare(task, payloads, device)
     result = _worker_trainer.run(prepared)
     return (
         encode_tensors(result.tensors),
@@ -83,10 +78,10 @@ class PoolTrainer:
     def needs_init(self, task: Task) -> bool:
         return task.init_state is not None and task.init_state.digest not in self._init
 
-    def prepare(self, task: Task, blobs: Dict[str, str], device: TrainingDevice) -> PoolJob:
+    def prepare(self, task: Task, blobs: Dict[str, Payload], device: TrainingDevice) -> PoolJob:
         """Read the blobs (the agent releases its spool files after this); the fixed init is
         kept here and sent with every job, since any worker may build the model."""
-        content = {name: Path(path).read_bytes() for name, path in blobs.items()}
+        content = {name: read_payload(payload) for name, payload in blobs.items()}
         if "init" in content and task.init_state is not None:
             self._init[task.init_state.digest] = content["init"]
         if task.init_state is not None:

@@ -40,7 +40,8 @@ class DeviceSession:
     ) -> None:
         """`serve_pulls=False`: the owner answers `pull` itself, and `announce_on_connect=False`:
         it calls `announce` when it chooses (a scripted device that misbehaves or stays silent);
-        `background`: chunks are published from a worker thread (BlobServer)."""
+        `background`: chunks are published from a worker thread (BlobServer) where the link
+        runs handlers on its network thread (`serve_in_background`)."""
         self.topics = Topics(experiment)
         self.device_id = device_id
         self._hello = hello
@@ -56,7 +57,11 @@ class DeviceSession:
             will=(dev(device_id, "status"), b"offline"),
             on_connected=self.announce if announce_on_connect else None,
         )
-        self.blobs = BlobServer(self.publish_raw, chunk_size_bytes=1 << 20, background=background)
+        self.blobs = BlobServer(
+            self.publish_raw,
+            chunk_size_bytes=1 << 20,
+            background=background and self.link.serve_in_background,
+        )
         if serve_pulls:
             pull_topic = dev(device_id, "pull")
             self.link.on_topic(lambda topic: topic == pull_topic, self.serve_pull)

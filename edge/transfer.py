@@ -12,7 +12,8 @@ big blobs are served from files (`offer_file`, `offer_tensors`) read one chunk a
 download hands each verified chunk to its spool file on disk (`jetfed.edge.spool`: written on a
 background thread, a few chunks of backlog), and a receiver keeps only a window
 of asked-for-but-not-received data in flight (in the broker, both MQTT clients and the receiver's
-inbox), asking for more as chunks land.
+inbox), asking for more as chunks land. Blobs of at most `MEMORY_PAYLOAD_BYTES` (LoRA adapters of
+small models) skip the files on both sides: offered as bytes, downloaded into a buffer.
 
 Speed is the depth of that window: each ask costs a round trip through the broker and the
 holder's process, so a shallow window leaves the link idle between batches (measured on a loaded
@@ -49,7 +50,14 @@ from typing import (
 from jetfed.edge.errors import ProtocolError
 from jetfed.edge.logs import log_event
 from jetfed.edge.spool import Spool
-from jetfed.edge.tensorfile import write_tensor_file
+from jetfed.edge.tensorfile import (
+    MEMORY_PAYLOAD_BYTES,
+    Payload,
+    read_payload,
+    tensor_file_bytes,
+    tensor_file_size,
+    write_tensor_file,
+)
 from jetfed.edge.wire import BlobManifest, make_manifest, manifest_of_chunks, sha256_hex
 
 if TYPE_CHECKING:
@@ -177,7 +185,10 @@ class BlobServer:
         dtype: str = "fp32",
         chunk_size_bytes: Optional[int] = None,
     ) -> BlobManifest:
-        """Encode `tensors` to a spool file (one tensor at a time) and offer it."""
+        """Encode `tensors` (in memory up to `MEMORY_PAYLOAD_BYTES`, else to a spool file one
+        tensor at a time) and offer them."""
+        if tensor_file_size(tensors, dtype) <= MEMORY_PAYLOAD_BYTES:
+            return self.offer(tensor_file_bytes(tensors, dtype), chunk_size_bytes)
         handle, path = tempfile.mkstemp(prefix="jetfed-blob-", dir=self._spool_dir)
         os.close(handle)
         try:
@@ -254,7 +265,8 @@ class SharedWindow:
 
 
 class Download:
-    """Receives one blob into a file: verifies chunks, tracks what is missing, re-asks on stalls.
+    """Receives one blob into a file (into memory up to `memory_bytes`): verifies chunks, tracks
+    what is missing, re-asks on stalls.
 
     With `window_bytes`, at most that much is asked for and not yet received at any time (more is
     asked for as chunks land); with a `SharedWindow`, this download's share of it; with None,
@@ -271,6 +283,7 @@ class Download:
         timeout_s: float = 120.0,
         window_bytes: Union[int, SharedWindow, None] = DEFAULT_WINDOW_BYTES,
         spool_dir: Optional[str] = None,
+        memory_bytes: int = MEMORY_PAYLOAD_BYTES,
     ) -> None:
         if manifest.size_bytes > max_size_bytes:
             raise ProtocolError(
@@ -286,8 +299,14 @@ class Download:
         self._missing: Set[int] = set(range(count))
         self._in_flight: Set[int] = set()
         self._not_asked: Deque[int] = deque(range(count))
-        self._spool = Spool(manifest.size_bytes, spool_dir)
-        self.path = self._spool.path
+        self._buffer: Optional[bytearray] = None
+        self._spool: Optional[Spool] = None
+        self.path = ""
+        if manifest.size_bytes <= memory_bytes:
+            self._buffer = bytearray(manifest.size_bytes)
+        else:
+            self._spool = Spool(manifest.size_bytes, spool_dir)
+            self.path = self._spool.path
         self._last_progress_s = time.monotonic()
         self._last_request_s = 0.0
         self.bytes_received = 0
@@ -362,7 +381,10 @@ class Download:
             self._in_flight.add(index)
             self._ask([index])
             raise ProtocolError(problem, "bad_chunk")
-        self._spool.write(payload, start)
+        if self._buffer is not None:
+            self._buffer[start : start + len(payload)] = payload
+        elif self._spool is not None:
+            self._spool.write(payload, start)
         self._missing.discard(index)
         self._in_flight.discard(index)
         self._last_progress_s = time.monotonic()
@@ -409,23 +431,28 @@ class Download:
             "transfer.chunk_size_bytes or raise the limit)"
         )
 
-    def result_path(self) -> str:
-        """The file holding the whole payload: every chunk verified, so the whole is too (the
-        manifest's digest is over the chunk digests, checked when it was parsed)."""
+    def payload(self) -> Payload:
+        """The whole payload: its bytes (a download held in memory) or the path of the file
+        holding it. Every chunk was verified, so the whole is too (the manifest's digest is over
+        the chunk digests, checked when it was parsed)."""
         if not self.complete:
             raise ProtocolError("transfer incomplete")
+        if self._buffer is not None:
+            return bytes(self._buffer)
+        assert self._spool is not None
         self._spool.flush()
         return self.path
 
     def result(self) -> bytes:
-        """The whole payload in memory, verified (small blobs; big ones: `result_path`)."""
-        with open(self.result_path(), "rb") as handle:
-            return handle.read()
+        """The whole payload in memory, verified (small blobs; big ones: `payload`)."""
+        return read_payload(self.payload())
 
     def close(self) -> None:
-        """Delete the spool file and hand back the window share (idempotent)."""
+        """Delete the spool file (or buffer) and hand back the window share (idempotent)."""
         self._leave_window()
-        self._spool.close()
+        self._buffer = None
+        if self._spool is not None:
+            self._spool.close()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):

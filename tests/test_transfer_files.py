@@ -13,7 +13,13 @@ from safetensors.torch import load_file, save_file
 
 from jetfed.edge.compression import dequantize_int8, quantize_int8
 from jetfed.edge.errors import ProtocolError
-from jetfed.edge.tensorfile import UPDATE_DTYPES, TensorFile, write_tensor_file
+from jetfed.edge.tensorfile import (
+    UPDATE_DTYPES,
+    TensorFile,
+    tensor_file_bytes,
+    tensor_file_size,
+    write_tensor_file,
+)
 from jetfed.edge.transfer import BlobServer, Download, SharedWindow, manifest_of_file
 from jetfed.edge.wire import make_manifest
 
@@ -94,7 +100,7 @@ def test_file_blob_served_in_chunks_into_a_windowed_download(tmp_path: Path) -> 
     server = BlobServer(lambda topic, payload: published.append((topic, payload)), 1000)
     assert server.offer_file(str(path), 1000, owned=True) == manifest
     requests: List[List[int]] = []
-    download = Download(manifest, requests.append, 1 << 20, window_bytes=4000)
+    download = Download(manifest, requests.append, 1 << 20, window_bytes=4000, memory_bytes=0)
     download.start()
     assert requests == [[0, 1, 2, 3]]  # one window, not the whole blob
     served = 0
@@ -107,7 +113,7 @@ def test_file_blob_served_in_chunks_into_a_windowed_download(tmp_path: Path) -> 
     assert download.complete
     assert sorted(i for r in requests for i in r) == list(range(manifest.chunk_count))
     assert server.chunks_served == manifest.chunk_count
-    assert Path(download.result_path()).read_bytes() == data
+    assert Path(download.payload()).read_bytes() == data
     download.close()
     assert not os.path.exists(download.path)
     server.withdraw(manifest.digest)
@@ -146,3 +152,41 @@ def test_downloads_share_one_window_and_a_lone_one_gets_all_of_it() -> None:
     first.add_chunk(16, data[16 * 1000 : 17 * 1000])
     assert len(asked["a"][-1]) == 16 - 7
     first.close()
+
+
+def test_small_payloads_stay_in_memory_with_the_bytes_a_file_would_hold(tmp_path: Path) -> None:
+    """An adapter-sized payload is offered, downloaded and read without a spool file, with the
+    same bytes, digest and checks as a file (a big one still goes through a file)."""
+    tensors = sample_tensors()
+    path = str(tmp_path / "t.safetensors")
+    write_tensor_file(path, tensors)
+    assert tensor_file_bytes(tensors) == Path(path).read_bytes()
+    assert tensor_file_size(tensors) == os.path.getsize(path)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    published: Dict[str, bytes] = {}
+    server = BlobServer(published.__setitem__, 1000, spool_dir=str(spool))
+    manifest = server.offer_tensors(tensors)
+    assert manifest == manifest_of_file(path, 1000)
+    assert list(spool.iterdir()) == []  # offered from memory
+    requests: List[List[int]] = []
+    download = Download(manifest, requests.append, 1 << 20, window_bytes=None, spool_dir=str(spool))
+    download.start()
+    server.serve(manifest.digest, requests[0], lambda digest, index: str(index))
+    for index in requests[0]:
+        download.add_chunk(index, published[str(index)])
+    assert list(spool.iterdir()) == []  # downloaded into memory
+    payload = download.payload()
+    assert payload == Path(path).read_bytes()
+    spec = {name: tuple(t.shape) for name, t in tensors.items()}
+    in_memory, on_disk = TensorFile(payload, spec), TensorFile(path, spec)
+    assert in_memory.l2_norm == pytest.approx(on_disk.l2_norm, rel=1e-12)
+    for name, tensor in tensors.items():
+        assert torch.equal(in_memory[name], tensor)
+    broken = {**tensors, "cube": torch.full((2, 3, 4), float("inf"))}
+    with pytest.raises(ProtocolError, match="tensor cube contains NaN or Inf"):
+        TensorFile(tensor_file_bytes(broken), spec)
+    big = Download(manifest, requests.append, 1 << 20, spool_dir=str(spool), memory_bytes=100)
+    assert len(list(spool.iterdir())) == 1  # above memory_bytes: a spool file
+    big.close()
+    download.close()

@@ -143,7 +143,7 @@ def drop_client(broker: MosquittoBroker, client_id: str) -> None:
 
 
 def assert_exact(download: Download, delta: Dict[str, torch.Tensor]) -> None:
-    received = TensorFile(download.result_path(), {n: tuple(t.shape) for n, t in delta.items()})
+    received = TensorFile(download.payload(), {n: tuple(t.shape) for n, t in delta.items()})
     for name, tensor in delta.items():
         assert torch.equal(received[name], tensor), name
 
