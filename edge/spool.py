@@ -13,18 +13,28 @@ chunk handed over is in the file (or raises the write's error). `close` never wa
 anywhere, a garbage collection on the writer thread included): queued chunks of a closed spool
 are dropped, and its descriptor is closed by whichever of `close` and the writer finishes last,
 so no write ever lands on a closed or reused descriptor.
+
+A closed spool's file is kept for the next download of the same size (`_POOL`, at most
+`POOL_MAX_FILES` files and `POOL_MAX_BYTES` in all, deleted at exit): rewriting pages a file
+already holds runs at ~3.5 GB/s on these VMs against 0.2–0.7 GB/s for a new file (the host
+takes freed pages back within seconds), and a federation moves updates of one size every
+round. A reused file is never read before it is rewritten: a download hands out its payload
+only once every chunk has landed in it.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import queue
 import tempfile
 import threading
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 BACKLOG_CHUNKS = 4
+POOL_MAX_FILES = 8
+POOL_MAX_BYTES = 4 << 30
 
 
 class _Writer:
@@ -51,12 +61,79 @@ class _Writer:
 _WRITER = _Writer()
 
 
+class _Pool:
+    """Spool files of finished downloads with their (folder, size), oldest first: when full,
+    the oldest go (the newest is the likeliest to match the next round's download)."""
+
+    def __init__(self) -> None:
+        self._files: List[Tuple[Optional[str], int, str]] = []
+        self._lock = threading.Lock()
+
+    def take(self, spool_dir: Optional[str], size_bytes: int) -> Optional[str]:
+        with self._lock:
+            for index in range(len(self._files) - 1, -1, -1):
+                if self._files[index][:2] == (spool_dir, size_bytes):
+                    return self._files.pop(index)[2]
+        return None
+
+    def give(self, spool_dir: Optional[str], size_bytes: int, path: str) -> None:
+        """Keep `path` for reuse; delete the oldest files beyond the pool's bounds."""
+        if size_bytes > POOL_MAX_BYTES:
+            _unlink(path)
+            return
+        with self._lock:
+            self._files.append((spool_dir, size_bytes, path))
+            evicted = []
+            while len(self._files) > POOL_MAX_FILES or (
+                sum(size for _, size, _ in self._files) > POOL_MAX_BYTES
+            ):
+                evicted.append(self._files.pop(0)[2])
+        for old in evicted:
+            _unlink(old)
+
+    def holds(self, path: str) -> bool:
+        with self._lock:
+            return any(path == kept for _, _, kept in self._files)
+
+    def clear(self) -> None:
+        with self._lock:
+            paths = [path for _, _, path in self._files]
+            self._files.clear()
+        for path in paths:
+            _unlink(path)
+
+
+def pooled(path: str) -> bool:
+    """Whether `path` is a closed spool file kept for reuse (what a closed download leaves)."""
+    return _POOL.holds(path)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _reopen(path: Optional[str]) -> Tuple[int, str]:
+    if path is not None:
+        with contextlib.suppress(OSError):
+            return os.open(path, os.O_RDWR), path
+    return -1, ""
+
+
+_POOL = _Pool()
+atexit.register(_POOL.clear)
+
+
 class Spool:
-    """A temporary file of `size_bytes` filled at offsets in the background; deleted on close."""
+    """A temporary file of `size_bytes` filled at offsets in the background; back in the pool
+    (or deleted) on close."""
 
     def __init__(self, size_bytes: int, spool_dir: Optional[str] = None) -> None:
-        self._fd, self.path = tempfile.mkstemp(prefix="jetfed-download-", dir=spool_dir)
-        os.ftruncate(self._fd, size_bytes)
+        self._size_bytes, self._spool_dir = size_bytes, spool_dir
+        self._fd, self.path = _reopen(_POOL.take(spool_dir, size_bytes))
+        if self._fd < 0:  # none pooled, or someone deleted it (a temp-folder cleaner)
+            self._fd, self.path = tempfile.mkstemp(prefix="jetfed-download-", dir=spool_dir)
+            os.ftruncate(self._fd, size_bytes)
         self._pending = 0
         self._closing = False
         self._error: Optional[OSError] = None
@@ -97,9 +174,8 @@ class Spool:
         self._raise_error()
 
     def close(self) -> None:
-        """Delete the file now and close it once no write is under way (idempotent)."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        """Close the file once no write is under way, then pool it (deleted if a write failed
+        or the pool is full); idempotent."""
         with self._settled:
             self._closing = True
             if self._pending == 0:
@@ -109,3 +185,7 @@ class Spool:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+            if self._error is None:
+                _POOL.give(self._spool_dir, self._size_bytes, self.path)
+            else:
+                _unlink(self.path)
