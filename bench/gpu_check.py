@@ -13,8 +13,8 @@ Checks, each with tiny sizes so all of them fit in ≤ 8 minutes of a lent GPU:
   exported with `export_onnx`); an onnxruntime build without it is reported, not failed.
 
 The weights are too big to carry to the GPU machine (88-94 MB packages), so the models are built
-from their carried config with random (seeded) weights: timings and memory are the
-architecture's, accuracy is meaningless. `--allow-cpu` runs the same checks on the CPU (a
+from their carried config with random (seeded) weights, embeddings at unit scale
+(`random_weight_model`): timings and memory are the architecture's, accuracy is meaningless. `--allow-cpu` runs the same checks on the CPU (a
 rehearsal); rows that need a GPU are `n/a` there. Without it, no CUDA device is one line and
 exit status 2.
 """
@@ -136,6 +136,10 @@ def random_weight_model(spec_dir: Path, out_dir: Path) -> Path:
         causal = any(a.endswith("ForCausalLM") for a in config.architectures or [])
         torch.manual_seed(0)
         model = (AutoModelForCausalLM if causal else AutoModel).from_config(config)
+        # Unit-RMS embeddings, as a trained model's residual stream has: at the init's std 0.02
+        # RMSNorm's backward (∝ 1/rms) multiplies the gradient ~10× a layer through SmolLM2's
+        # 30 layers, inf by the 6th, and every round was refused for NaN updates.
+        model.get_input_embeddings().weight.data.normal_(0.0, 1.0)
         staging = out_dir.with_name(out_dir.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(str(staging))

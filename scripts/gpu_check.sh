@@ -6,6 +6,7 @@
 #                                      config and tokenizer files (no weights) into .gpu/
 #   scripts/gpu_check.sh               on the GPU machine (no CUDA device: one line, exit 2)
 #   scripts/gpu_check.sh --allow-cpu   the same checks on the CPU, a rehearsal
+#   ... -- ARGS                        ARGS go to `python -m bench.gpu_check run` (--methods lora)
 # Models are built from the carried configs with random weights: timings and memory are the
 # architecture's, accuracy is meaningless.
 set -euo pipefail
@@ -16,13 +17,16 @@ site=${JETFED_GPU_SITE:-/tmp/site}
 limit_bytes=$((64 * 1024 * 1024))
 mode=run
 run_args=()
-for arg in "$@"; do
-  case "$arg" in
+allow_cpu=0
+while [ "$#" -gt 0 ]; do
+  case "$1" in
     --prepare) mode=prepare ;;
-    --allow-cpu) run_args+=(--allow-cpu) ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
-    *) echo "gpu_check.sh: unknown option $arg (use --prepare, --allow-cpu or nothing)" >&2; exit 2 ;;
+    --allow-cpu) allow_cpu=1; run_args+=(--allow-cpu) ;;
+    --) shift; run_args+=("$@"); break ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown option $1 (use --prepare, --allow-cpu or nothing)" >&2; exit 2 ;;
   esac
+  shift
 done
 cd "$here"
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
@@ -48,7 +52,7 @@ fi
 
 # A machine without CUDA says so before anything is installed.
 if ! "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null \
-  && [ "${#run_args[@]}" -eq 0 ]; then
+  && [ "$allow_cpu" = 0 ]; then
   echo "no CUDA device: torch sees no GPU here (--allow-cpu rehearses the checks on the CPU)"
   exit 2
 fi
