@@ -8,14 +8,16 @@ Checks, each with tiny sizes so all of them fit in ≤ 8 minutes of a lent GPU:
   the device's s/step, peak GPU memory (`torch.cuda.max_memory_allocated`) and mean W of its
   train phase;
 - the causal LoRA step time (bench/causal_lm.py's loop, `train_local`) in bf16 autocast and fp32;
+- `--deterministic`'s kernels: two seeded LoRA trainings give the same bits;
 - NVML telemetry through the real backend (power and GPU memory over a busy window);
 - ONNX Runtime's CUDA execution provider for `jetfed edge bench-inference` (a MiniLM round
   exported with `export_onnx`); an onnxruntime build without it is reported, not failed.
 
 The weights are too big to carry to the GPU machine (88-94 MB packages), so the models are built
 from their carried config with random (seeded) weights, embeddings at unit scale
-(`random_weight_model`): timings and memory are the architecture's, accuracy is meaningless. `--allow-cpu` runs the same checks on the CPU (a
-rehearsal); rows that need a GPU are `n/a` there. Without it, no CUDA device is one line and
+(`random_weight_model`): timings and memory are the architecture's, accuracy is meaningless.
+`--allow-cpu` runs the same checks on the CPU (a rehearsal); rows that need a GPU are `n/a`
+there. Without it, no CUDA device is one line and
 exit status 2.
 """
 
@@ -76,6 +78,9 @@ STEP_TIME_STEPS = 10
 STEP_TIME_WARMUP = 2
 STEP_TIME_MAX_LENGTH = 64
 NVML_WINDOW_S = 2.0
+ROUND_DEADLINE_S = {True: 90.0, False: 600.0}
+"""Per round, on CUDA (a round there takes seconds) and on a loaded CPU (a SmolLM2 round of a
+rehearsal took a minute or more)."""
 BUDGET_S = 420.0
 """Checks not started by then are failed as over budget: the run must fit ≤ 8 min of device time."""
 NO_CUDA = "no CUDA device"
@@ -168,7 +173,7 @@ def tiny_defaults() -> Any:
 
 
 def compute_dtype(device: str) -> str:
-    """What the devices train in: `ModelRef.dtype` auto autocasts on CUDA (models.autocast_dtype)."""
+    """What devices train in: `ModelRef.dtype` auto autocasts on CUDA (models.autocast_dtype)."""
     from jetfed.edge.models import autocast_dtype
     from jetfed.edge.wire import ModelRef
 
@@ -180,6 +185,17 @@ def read_jsonl(path: Path) -> List[Dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def last_warning(log_dir: Path) -> str:
+    """The last WARNING or ERROR line of the run's device logs (why a round failed)."""
+    lines = [
+        line
+        for log in sorted(log_dir.glob("*.log"))
+        for line in log.read_text(errors="replace").splitlines()
+        if " WARNING " in line or " ERROR " in line
+    ]
+    return lines[-1][:300] if lines else f"no warning in {log_dir}"
 
 
 def fleet_row(method: str, model: str, model_dir: Path, work: Path, device: str) -> Row:
@@ -204,11 +220,13 @@ def fleet_row(method: str, model: str, model_dir: Path, work: Path, device: str)
         model_name=str(model_dir),
         defaults=tiny_defaults(),
     )
+    # a refused or lost update holds a round open until its deadline (900 s by default)
+    rounds = {"deadline_s": ROUND_DEADLINE_S[device.startswith("cuda")]}
+    rounds["wait_for_devices_s"] = rounds["deadline_s"]
+    config = config.model_copy(update={"rounds": config.rounds.model_copy(update=rounds)})
     metrics = run_local_fleet(config, CLIENTS)
     aggregated = [m for m in metrics if m.status == "aggregated" and m.num_aggregated == CLIENTS]
-    trains = [
-        r for r in read_jsonl(config.run_dir / "profiles.jsonl") if r.get("phase") == "train"
-    ]
+    trains = [r for r in read_jsonl(config.run_dir / "profiles.jsonl") if r.get("phase") == "train"]
     if trains:
         train = trains[0]
         steps = train.get("extra", {}).get("steps") or LOCAL_STEPS
@@ -216,7 +234,7 @@ def fleet_row(method: str, model: str, model_dir: Path, work: Path, device: str)
         row.peak_gpu_memory_bytes = train.get("peak_gpu_memory_bytes")
         row.mean_power_w = train.get("mean_power_w")
     if not aggregated:
-        row.note = f"no aggregated round; logs in {config.run_dir / 'logs'}"
+        row.note = f"no aggregated round: {last_warning(config.run_dir / 'logs')}"
     elif not trains:
         row.note = "no train phase in profiles.jsonl"
     elif device.startswith("cuda") and row.peak_gpu_memory_bytes is None:
@@ -275,6 +293,54 @@ def step_time_row(model_dir: Path, dtype: str, device: str) -> Row:
     masters = {str(p.dtype) for p in model.parameters() if p.requires_grad}
     row.status = PASS if masters == {"torch.float32"} else FAIL
     row.note = f"trainable weights {', '.join(sorted(masters))}"
+    return row
+
+
+def deterministic_trainings(model_dir: Path, device: str) -> Dict[str, Any]:
+    """Two LoRA trainings of one seed with deterministic kernels: their weights' largest
+    difference (0.0: the same bits). Run in a fresh process (`determinism_row`): cuBLAS reads
+    its workspace setting when it starts."""
+    import torch
+
+    from jetfed.coordinator.demo import DEMO_DATA
+    from jetfed.edge.determinism import use_deterministic_kernels
+    from jetfed.edge.instructions import load_instructions
+    from jetfed.edge.methods.base import get_method
+    from jetfed.edge.models import autocast_dtype, load_tokenizer
+    from jetfed.edge.train import train_local
+    from jetfed.edge.wire import ModelRef, TrainingConfig
+
+    use_deterministic_kernels()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    ref = ModelRef(name_or_path=str(model_dir), num_labels=1, max_length=STEP_TIME_MAX_LENGTH)
+    data = load_instructions(str(DEMO_DATA / "sst2"), "train").subset(range(64))
+    tokenizer = load_tokenizer(ref)
+    training = TrainingConfig(local_steps=LOCAL_STEPS, batch_size=BATCH_SIZE)
+    states = []
+    for _ in range(2):
+        model = get_method("lora")({}, ref).build(None, seed=0)
+        autocast = autocast_dtype(ref, device)
+        train_local(model, tokenizer, data, training, ref.max_length, device, 0, autocast=autocast)
+        states.append({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad})
+    first, second = states
+    diff = max(float((first[n] - second[n]).abs().max()) for n in first)
+    return {"max_abs_diff": diff, "dtype": compute_dtype(device)}
+
+
+def determinism_row(model_dir: Path, device: str) -> Row:
+    """`--deterministic`'s promise on this device: two trainings, one seed, the same bits."""
+    command = [sys.executable, "-m", "bench.gpu_check", "determinism", "--model-dir"]
+    command += [str(model_dir), "--device", device]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
+    row = Row(check="deterministic kernels", model="smollm2", dtype=compute_dtype(device))
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        row.note = lines[-1] if lines else f"exit status {done.returncode}"
+        return row
+    diff = json.loads(done.stdout.strip().splitlines()[-1])["max_abs_diff"]
+    row.status = PASS if diff == 0.0 else FAIL
+    row.note = f"two trainings of one seed differ by at most {diff:g}"
     return row
 
 
@@ -422,7 +488,9 @@ def run_checks(gpu_dir: Path, work: Path, device: str, methods: List[str]) -> Li
     while the budget lasts."""
     started = time.monotonic()
     os.environ.setdefault("JETFED_IDLE_BASELINE_S", "0")
-    os.environ.setdefault("JETFED_TELEMETRY", "nvml" if device.startswith("cuda") else "auto")
+    # devices pick their backend as deployed ones do (NVML where it reads power); the NVML row
+    # opens it by name, so a GPU whose NVML has no power fails that row, not every round
+    os.environ.setdefault("JETFED_TELEMETRY", "auto")
     models = {name: random_weight_model(gpu_dir / name, work / "models" / name) for name in MODELS}
     plan: List[Tuple[str, str, Callable[[], Row]]] = []
     for model in MODELS:
@@ -433,6 +501,8 @@ def run_checks(gpu_dir: Path, work: Path, device: str, methods: List[str]) -> Li
     for dtype in ("bf16", "fp32"):
         check = partial(step_time_row, models["smollm2"], dtype, device)
         plan.append(("causal lora step", "smollm2", check))
+    check = partial(determinism_row, models["smollm2"], device)
+    plan.append(("deterministic kernels", "smollm2", check))
     plan.append(("nvml telemetry", "-", partial(nvml_row, device)))
     lora_run = work / "runs" / "gpu-lora-minilm"
     plan.append(("ort bench-inference", "minilm", partial(ort_row, lora_run, work, device)))
@@ -457,6 +527,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub.add_parser("wheels", help="print name==version of each wheel the GPU image lacks")
     prepare = sub.add_parser("prepare-models", help="config + tokenizer files into GPU_DIR")
     prepare.add_argument("--gpu-dir", type=Path, default=GPU_DIR)
+    determinism = sub.add_parser("determinism", help="(internal) two seeded trainings")
+    determinism.add_argument("--model-dir", type=Path, required=True)
+    determinism.add_argument("--device", default="cuda")
     run = sub.add_parser("run", help="every check; the table on stdout, JSON under --out")
     run.add_argument("--allow-cpu", action="store_true", help="rehearse on the CPU")
     run.add_argument("--gpu-dir", type=Path, default=GPU_DIR)
@@ -471,11 +544,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         for name, size in prepare_models(args.gpu_dir).items():
             print(f"{args.gpu_dir / name}: {size / 2**20:.1f} MiB (config and tokenizer)")
         return 0
+    if args.command == "determinism":
+        print(json.dumps(deterministic_trainings(args.model_dir, args.device)))
+        return 0
     import torch
 
     if not torch.cuda.is_available():
         if not args.allow_cpu:
-            print(f"{NO_CUDA}: torch {torch.__version__} sees no GPU (--allow-cpu rehearses on CPU)")
+            print(f"{NO_CUDA}: torch {torch.__version__} sees no GPU (--allow-cpu: on the CPU)")
             return 2
         torch.set_num_threads(1)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -200,9 +200,7 @@ def is_causal_lm(model: Any) -> bool:
     return type(base).__name__.endswith("ForCausalLM")
 
 
-def autocast_dtype(
-    ref: ModelRef, device: str, bf16_native: Optional[bool] = None
-) -> Optional[Any]:
+def autocast_dtype(ref: ModelRef, device: str, bf16_native: Optional[bool] = None) -> Optional[Any]:
     """The dtype to autocast to, or None for plain fp32 (always on CPU). `auto` is bf16 where
     the GPU computes it natively (compute capability ≥ 8: Orin, Ampere, Hopper), else fp16
     (Xavier, Volta, Turing emulate bf16 slowly), which `train_local` loss-scales.

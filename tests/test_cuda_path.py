@@ -68,9 +68,7 @@ def train_under_autocast(dtype: torch.dtype) -> Dict[str, float]:
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     data = load_split(str(DEMO_DATA), "train").subset(range(4))
     training = TrainingConfig(local_steps=1, batch_size=4)
-    train_local(
-        model, load_tokenizer(REF), data, training, 32, "cpu", 0, tiny_loss, autocast=dtype
-    )
+    train_local(model, load_tokenizer(REF), data, training, 32, "cpu", 0, tiny_loss, autocast=dtype)
     trained = dict(model.named_parameters())
     assert {str(trained[n].dtype) for n in before} == {"torch.float32"}  # the master copy
     return {n: float((trained[n].detach() - before[n]).abs().max()) for n in before}
