@@ -178,8 +178,12 @@ def compute_dtype(device: str) -> str:
     from jetfed.edge.models import autocast_dtype
     from jetfed.edge.wire import ModelRef
 
-    dtype = autocast_dtype(ModelRef(name_or_path="x", num_labels=1), device)
-    return "fp32" if dtype is None else f"{str(dtype).split('.')[-1]} autocast"
+    return dtype_label(autocast_dtype(ModelRef(name_or_path="x", num_labels=1), device))
+
+
+def dtype_label(autocast: Optional[Any]) -> str:
+    """`bfloat16 autocast` for a torch dtype, `fp32` for None."""
+    return "fp32" if autocast is None else f"{str(autocast).split('.')[-1]} autocast"
 
 
 def read_jsonl(path: Path) -> List[Dict[str, Any]]:
@@ -263,11 +267,11 @@ def step_time_row(model_dir: Path, dtype: str, device: str) -> Row:
         name_or_path=str(model_dir), num_labels=1, max_length=STEP_TIME_MAX_LENGTH, dtype=dtype
     )
     autocast = autocast_dtype(ref, device)
-    row = Row(check="causal lora step", model="smollm2", dtype=f"{dtype} (autocast {autocast})")
+    row = Row(check="causal lora step", model="smollm2", dtype=dtype_label(autocast))
     if dtype != "fp32" and autocast is None:
-        row.status, row.note = NOT_APPLICABLE, "autocast is CUDA only"
+        row.dtype, row.status, row.note = f"{dtype} autocast", NOT_APPLICABLE, "CUDA only"
         return row
-    data = load_instructions(str(DEMO_DATA / "sst2"), "train").subset(range(256))
+    data = load_instructions(str(DEMO_DATA), "train").subset(range(256))
     model = get_method("lora")({}, ref).build(None, seed=0)
     tokenizer = load_tokenizer(ref)
 
@@ -316,12 +320,15 @@ def deterministic_trainings(model_dir: Path, device: str) -> Dict[str, Any]:
     if device == "cpu":
         torch.set_num_threads(1)
     ref = ModelRef(name_or_path=str(model_dir), num_labels=1, max_length=STEP_TIME_MAX_LENGTH)
-    data = load_instructions(str(DEMO_DATA / "sst2"), "train").subset(range(64))
+    data = load_instructions(str(DEMO_DATA), "train").subset(range(64))
     tokenizer = load_tokenizer(ref)
     training = TrainingConfig(local_steps=LOCAL_STEPS, batch_size=BATCH_SIZE)
+    method = get_method("lora")({}, ref)
+    initial = method.initial_state(0)
     states = []
-    for _ in range(2):
-        model = get_method("lora")({}, ref).build(None, seed=0)
+    for _ in range(2):  # as a device starts a round: the model, then the global state
+        model = method.build(initial.init, seed=0)
+        method.set_state(model, initial.global_state)
         autocast = autocast_dtype(ref, device)
         train_local(model, tokenizer, data, training, ref.max_length, device, 0, autocast=autocast)
         states.append({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad})
@@ -570,7 +577,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         flush=True,
     )
     args.work.mkdir(parents=True, exist_ok=True)
-    rows = run_checks(args.gpu_dir, args.work, device, args.methods.split(","))
+    methods = [m for m in args.methods.split(",") if m]
+    rows = run_checks(args.gpu_dir, args.work, device, methods)
     report = table(rows)
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)
