@@ -131,6 +131,7 @@ def test_gpu_check_shellcheck_clean() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 12 fleet rounds on the CPU: 15-25 minutes on a loaded core
 def test_gpu_check_rehearses_every_check_on_the_cpu(tmp_path: Path, minilm_path: str) -> None:
     """The whole check on the CPU, as `--allow-cpu` runs it before a GPU session: every row
     passes or is n/a (those need a GPU), and the JSON has every method on both models."""
