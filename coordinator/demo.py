@@ -73,10 +73,12 @@ def demo_config(
     learning_rate: Optional[float],
     seed: int = 0,
     model_name: str = "minilm",
+    defaults: Optional[DemoDefaults] = None,
 ) -> ExperimentConfig:
     """The demo's experiment, as a user would write it in YAML (see examples/); `seed` seeds
-    the partition, the initial state, the selection and every device's training."""
-    defaults = DEFAULTS.get(model_name, DEFAULTS["smollm2"])
+    the partition, the initial state, the selection and every device's training. `defaults`
+    replaces the model's own sizes (DEFAULTS; bench/gpu_check.py runs tiny ones)."""
+    defaults = defaults or DEFAULTS.get(model_name, DEFAULTS["smollm2"])
     model: Dict[str, Any] = {"name_or_path": model_name, "max_length": defaults.max_length}
     method_section = {"name": method, **defaults.method_settings.get(method, {})}
     if method == "fedcollm":

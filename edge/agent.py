@@ -68,6 +68,8 @@ class EdgeConfig(BaseModel):
     train_split: str = "train"
     torch_device: Optional[str] = None
     num_threads: Optional[int] = Field(default=None, ge=1)
+    deterministic: bool = False
+    """Deterministic CUDA kernels (jetfed.edge.determinism): bit-identical reruns, slower."""
     max_download_bytes: int = Field(default=8 << 30, gt=0)
     transfer_retry_s: float = Field(default=5.0, gt=0)
     transfer_timeout_s: float = Field(default=300.0, gt=0)
@@ -201,6 +203,10 @@ class EdgeAgent:
 
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
+        if self.config.deterministic:
+            from jetfed.edge.determinism import use_deterministic_kernels
+
+            use_deterministic_kernels()
         self._start_telemetry()
         self.link.connect()
         log_event(

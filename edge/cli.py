@@ -56,6 +56,12 @@ def edge_run(
     threads: Optional[int] = typer.Option(
         None, "--threads", envvar="JETFED_THREADS", help="torch CPU threads."
     ),
+    deterministic: bool = typer.Option(
+        False,
+        "--deterministic",
+        envvar="JETFED_DETERMINISTIC",
+        help="Deterministic CUDA kernels: bit-identical reruns of a seed, slower (off: fast).",
+    ),
     max_rounds: Optional[int] = typer.Option(
         None, "--max-rounds", help="Exit after this many rounds."
     ),
@@ -107,6 +113,7 @@ def edge_run(
             data=data,
             torch_device=torch_device,
             num_threads=threads,
+            deterministic=deterministic,
             telemetry=telemetry,
             sample_rate_hz=sample_rate_hz,
             sysfs_root=sysfs_root,

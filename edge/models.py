@@ -200,15 +200,22 @@ def is_causal_lm(model: Any) -> bool:
     return type(base).__name__.endswith("ForCausalLM")
 
 
-def autocast_dtype(ref: ModelRef, device: str) -> Optional[Any]:
-    """The dtype to autocast to, or None for plain fp32 (always on CPU)."""
+def autocast_dtype(ref: ModelRef, device: str, bf16_native: Optional[bool] = None) -> Optional[Any]:
+    """The dtype to autocast to, or None for plain fp32 (always on CPU). `auto` is bf16 where
+    the GPU computes it natively (compute capability ≥ 8: Orin, Ampere, Hopper), else fp16
+    (Xavier, Volta, Turing emulate bf16 slowly), which `train_local` loss-scales.
+    `bf16_native` overrides the device query."""
     import torch
 
     if not device.startswith("cuda") or ref.dtype == "fp32":
         return None
     if ref.dtype == "fp16":
         return torch.float16
-    return torch.bfloat16
+    if ref.dtype == "bf16":
+        return torch.bfloat16
+    if bf16_native is None:
+        bf16_native = torch.cuda.get_device_capability(torch.device(device))[0] >= 8
+    return torch.bfloat16 if bf16_native else torch.float16
 
 
 def load_classifier(ref: ModelRef, seed: int = 0) -> PreTrainedModel:

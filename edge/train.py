@@ -118,6 +118,19 @@ def parameter_groups(model: Any, training: TrainingConfig) -> List[Dict[str, Any
     return groups
 
 
+def loss_scaler(autocast: Optional[Any], device: str) -> Optional[Any]:
+    """A GradScaler for fp16 autocast, else None: fp16's range (smallest normal 6e-5) turns
+    small activation gradients into zeros, so the loss is scaled up before backward and the
+    gradients back down before the step; bf16 has fp32's range and needs no scaling."""
+    import torch
+
+    if autocast is not torch.float16:
+        return None
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device.split(":")[0])
+    return torch.cuda.amp.GradScaler()  # torch < 2.3 (JetPack 5's 2.1)
+
+
 def train_local(
     model: Any,
     tokenizer: Any,
@@ -133,7 +146,8 @@ def train_local(
     """Train the model's trainable parameters in place; `loss_fn(model, batch)` overrides the
     default loss (CE, or the response-token loss on instruction data); `on_step(k, n)` is told
     after each of the n steps (progress reports); `autocast` is a torch dtype to autocast the
-    forward pass to (CUDA bf16/fp16), None for plain fp32."""
+    forward pass to (CUDA bf16/fp16), None for plain fp32. The weights, their gradients and
+    AdamW's state stay fp32 (the master copy) whatever `autocast` says; fp16 is loss-scaled."""
     import torch
 
     if loss_fn is None and isinstance(dataset, InstructionSet):
@@ -150,6 +164,7 @@ def train_local(
         lr=training.learning_rate,
         weight_decay=training.weight_decay,
     )
+    scaler = loss_scaler(autocast, device)
     steps = planned_steps(training, len(dataset))
     total_loss = 0.0
     samples_seen = 0
@@ -162,10 +177,18 @@ def train_local(
         ):
             loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if scaler is None:
+            loss.backward()
+        else:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         if training.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, training.max_grad_norm)
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+            scaler.update()
         total_loss += float(loss.detach())
         samples_seen += len(indices)
         if on_step is not None:

@@ -191,8 +191,8 @@ class ModelRef(WireModel):
     kind: Optional[str] = Field(default=None, pattern="^(causal_lm|classifier)$")
     """None: taken from the model's config (`*ForCausalLM` → causal_lm)."""
     dtype: str = Field(default="auto", pattern="^(auto|fp32|bf16|fp16)$")
-    """Compute dtype: weights stay fp32; bf16/fp16 autocast on CUDA (auto: bf16 there, fp32 on
-    CPU)."""
+    """Compute dtype: weights stay fp32; bf16/fp16 autocast on CUDA (auto: bf16 on GPUs that
+    compute it natively, fp16 with loss scaling on older ones; fp32 on CPU)."""
     chat_template: Optional[str] = Field(default=None, pattern="^[a-z0-9_-]{1,32}$")
     """Causal LMs: a built-in template by name (`jetfed.edge.instructions.TEMPLATES`) instead of the
     tokenizer's own."""

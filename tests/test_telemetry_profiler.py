@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterator, Tuple
+from types import SimpleNamespace
+from typing import Dict, Iterator, List, Tuple
 
 import pytest
 
@@ -138,3 +140,51 @@ def test_peak_rss_is_the_process_own_not_its_parents() -> None:
     done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True)
     assert int(done.stdout) < 200 << 20, done.stderr
     del held
+
+
+class _RecordingCuda:
+    """Stands in for `torch.cuda` on a machine without a GPU: records what the profiler asks."""
+
+    def __init__(self, initialized: bool) -> None:
+        self.initialized = initialized
+        self.calls: List[str] = []
+
+    def is_available(self) -> bool:
+        return True
+
+    def is_initialized(self) -> bool:
+        return self.initialized
+
+    def synchronize(self) -> None:
+        self.calls.append("synchronize")
+
+    def reset_peak_memory_stats(self) -> None:
+        self.calls.append("reset")
+
+    def max_memory_allocated(self) -> int:
+        self.calls.append("peak")
+        return 123 * 2**20
+
+
+def test_a_cuda_phase_is_synchronised_at_both_boundaries_and_records_its_gpu_peak(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cuda = _RecordingCuda(initialized=True)
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=cuda))
+    profiler = Profiler("exp", "dev", memory=False)
+    with profiler.phase("train", 0) as counters:
+        cuda.calls.append("phase body")
+    # queued GPU work ends before the clock starts and before it stops
+    assert cuda.calls == ["synchronize", "reset", "phase body", "synchronize", "peak"]
+    assert counters.record is not None
+    assert counters.record.peak_gpu_memory_bytes == 123 * 2**20
+
+
+def test_a_process_that_never_started_cuda_is_not_made_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = _RecordingCuda(initialized=False)
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=cuda))
+    profiler = Profiler("exp", "dev", memory=False)
+    with profiler.phase("train", 0) as counters:
+        pass
+    assert cuda.calls == []
+    assert counters.record is not None and counters.record.peak_gpu_memory_bytes is None

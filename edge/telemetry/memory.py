@@ -68,23 +68,38 @@ class MemoryProbe:
 
 
 def cuda_torch() -> Optional[object]:
-    """torch, only if the program already imported it and CUDA works (never import it here)."""
+    """torch, only if the program already imported it and this process has initialised CUDA
+    (never import torch here; never initialise CUDA here: a process that trains on the CPU of a
+    machine with a GPU would pay for a context it never uses). A phase that ran on CUDA started
+    it, so the first phase on CUDA reads the process's peak, which is that phase's."""
     torch = sys.modules.get("torch")
     if torch is None:
         return None
     try:
-        return torch if torch.cuda.is_available() else None  # type: ignore[attr-defined]
+        cuda = torch.cuda  # type: ignore[attr-defined]
+        return torch if cuda.is_available() and cuda.is_initialized() else None
     except Exception:
         return None
 
 
-class CudaPeakProbe:
-    """Peak CUDA allocator memory over a phase: reset at the start, read at the end."""
+class CudaPhaseProbe:
+    """A phase's CUDA side: its boundaries synchronised and its allocator peak.
+
+    CUDA kernels run asynchronously: without a synchronise at both boundaries the phase's clock
+    stops when the last kernel was queued, not when it finished, and the next phase is charged
+    for the rest. `start` waits for earlier work and resets the peak; `stop` waits for the
+    phase's own work and must come before the phase's end time is read."""
 
     def start(self) -> None:
         torch = cuda_torch()
         if torch is not None:
+            torch.cuda.synchronize()  # type: ignore[attr-defined]
             torch.cuda.reset_peak_memory_stats()  # type: ignore[attr-defined]
+
+    def stop(self) -> None:
+        torch = cuda_torch()
+        if torch is not None:
+            torch.cuda.synchronize()  # type: ignore[attr-defined]
 
     def peak_bytes(self) -> Optional[int]:
         torch = cuda_torch()

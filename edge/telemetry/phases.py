@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from jetfed.edge.logs import log_event
 from jetfed.edge.telemetry.context import DeviceContext, collect_context
-from jetfed.edge.telemetry.memory import CudaPeakProbe, peak_rss_bytes
+from jetfed.edge.telemetry.memory import CudaPhaseProbe, peak_rss_bytes
 from jetfed.edge.telemetry.records import MAX_TRACE_POINTS, PhaseRecord
 from jetfed.edge.telemetry.sampler import Sampler
 from jetfed.edge.telemetry.window import WindowSummary
@@ -116,17 +116,18 @@ class Profiler:
     @contextmanager
     def phase(self, phase: str, round_index: int) -> Iterator[PhaseCounters]:
         counters = PhaseCounters()
-        cuda = CudaPeakProbe()
-        cuda.start()
         lifetime_peak_at_start = peak_rss_bytes() if self.memory else None
         if self.on_phase is not None:
             self.on_phase(phase, round_index)
+        cuda = CudaPhaseProbe()
+        cuda.start()
         window = self.sampler.open_window() if self.sampler is not None else None
         start_unix_s = time.time()
         start_s = time.perf_counter()
         try:
             yield counters
         finally:
+            cuda.stop()
             duration_s = time.perf_counter() - start_s
             summary = self.sampler.close_window(window) if self.sampler and window else None
             record = PhaseRecord(
