@@ -59,11 +59,16 @@ def test_written_files_are_safetensors_and_read_back(
 
 
 def test_int8_error_is_bounded_per_row_and_size_is_a_quarter() -> None:
-    rows = torch.randn(64, 384) * torch.logspace(-4, 0, 64).unsqueeze(1)  # rows of every scale
+    generator = torch.Generator().manual_seed(0)
+    scale_of_row = torch.logspace(-4, 0, 64).unsqueeze(1)  # rows of every scale
+    rows = torch.randn(64, 384, generator=generator) * scale_of_row
     values, scales = quantize_int8(rows)
     assert values.dtype == torch.int8 and scales.shape == (64,)
     error = (dequantize_int8(values, scales) - rows).abs().amax(dim=1)
-    assert bool((error <= scales / 2 + 1e-12).all())  # half a step, in each row's own scale
+    # half a step in each row's own scale, plus fp32 rounding of x / scale and q · scale
+    # (relative 2⁻²⁴ of values up to 127 steps: ~1e-5 of a step; an absolute 1e-12 was too
+    # tight for a value that falls on a half step, so the test failed now and then)
+    assert bool((error <= scales * (0.5 + 1e-5)).all())
     assert torch.equal(dequantize_int8(*quantize_int8(torch.zeros(3, 4))), torch.zeros(3, 4))
 
 
