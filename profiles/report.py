@@ -38,13 +38,12 @@ from jetfed.profiles.summary import (
     MemoryRow,
     RunSummary,
     TargetRow,
-    default_target,
     memory_row,
     round_costs,
     round_phases,
     run_labels,
+    run_targets,
     sum_or_none,
-    to_target,
 )
 
 
@@ -228,10 +227,7 @@ def build_report(
     if target_accuracy is not None and bounded and not 0.0 <= target_accuracy <= 1.0:
         raise UserError(f"--target-accuracy must be within 0..1, got {target_accuracy}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = target_accuracy if target_accuracy is not None else default_target(summaries)
-    targets = (
-        [] if target is None else [to_target(s.label, s.costs, target, metric) for s in summaries]
-    )
+    target, targets = run_targets(summaries, target_accuracy)
     memory = [memory_row(s.label, s.run.profiles) for s in summaries]
     chosen_round = _pick_round(summaries, round_index)
     has_energy = any(c.energy_j is not None for s in summaries for c in s.costs) or any(

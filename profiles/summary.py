@@ -7,7 +7,7 @@ devices' PhaseRecords summed over devices. A quantity nobody measured stays None
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from jetfed.coordinator.quality import LOWER_IS_BETTER, best, metric_name, metric_value, reaches
 from jetfed.edge.telemetry.records import PhaseRecord
@@ -191,3 +191,15 @@ def default_target(summaries: Sequence[RunSummary]) -> Optional[float]:
     if not bests:
         return None
     return max(bests) if metric in LOWER_IS_BETTER else min(bests)
+
+
+def run_targets(
+    summaries: Sequence[RunSummary], target: Optional[float]
+) -> Tuple[Optional[float], List[TargetRow]]:
+    """The target (given, else `default_target`) and each run's *-to-target on the first run's
+    metric: what the report's table and the live page both show."""
+    chosen = target if target is not None else default_target(summaries)
+    if chosen is None or not summaries:
+        return chosen, []
+    metric = summaries[0].metric
+    return chosen, [to_target(s.label, s.costs, chosen, metric) for s in summaries]

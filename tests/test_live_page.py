@@ -11,6 +11,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -30,6 +31,7 @@ from jetfed.edge.wire import (
     LiveTelemetry,
     parse_message,
 )
+from jetfed.profiles.records import load_run
 from tests.browser import CHROMIUM, Browser
 from tests.fleet import ENV, read_metrics
 from tests.telemetry_trees import build_ina3221_tree
@@ -47,6 +49,35 @@ def _sample(t_s: float, rails: Tuple[str, ...] = ORIN_RAILS) -> Sample:
         rss_bytes=300_000_000,
         system_used_bytes=3_000_000_000,
     )
+
+
+def test_page_and_report_agree_on_a_lower_is_better_metric(tmp_path: Path) -> None:
+    """A causal-LM run judged by perplexity: the page's to-target is the report's (reached when
+    the perplexity falls to the target), and the page names the metric."""
+    from jetfed.coordinator.records import RoundMetrics
+    from jetfed.coordinator.rundir import RunDir
+    from jetfed.coordinator.ui.state import runs_json
+    from jetfed.profiles.report import build_report
+
+    run = RunDir(tmp_path / "run")
+    run.create({"name": "ppl", "evaluation": {"metric": "perplexity"}})
+    for index, perplexity in enumerate((9.0, 4.5, 3.0)):
+        run.append_metrics(
+            RoundMetrics(
+                round_index=index,
+                status="aggregated",
+                method="lora",
+                round_s=10.0,
+                wall_clock_s=10.0 * (index + 1),
+                extra={"perplexity": perplexity},
+            )
+        )
+    page = runs_json([load_run(run.path)], 5.0)
+    report = build_report([run.path], tmp_path / "report", target_accuracy=5.0)
+    assert page["metric"] == "perplexity"
+    reached = page["runs"][0]["to_target"]
+    assert reached["reached"] and reached["rounds"] == 2 and reached["time_s"] == 20.0
+    assert [asdict(row) for row in report.targets] == [reached]
 
 
 # --------------------------------------------------------------------------- the device side

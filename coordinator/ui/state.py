@@ -25,7 +25,7 @@ from jetfed.edge.errors import UserError
 from jetfed.edge.logs import log_event
 from jetfed.edge.wire import Hello, LiveTelemetry, Progress, Task
 from jetfed.profiles.records import RunRecords, load_run
-from jetfed.profiles.summary import RunSummary, default_target, round_costs, run_labels, to_target
+from jetfed.profiles.summary import RunSummary, round_costs, run_labels, run_targets
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +59,9 @@ def runs_json(runs: Sequence[RunRecords], target: Optional[float]) -> Dict[str, 
     summaries = [
         RunSummary(label, run, round_costs(run)) for label, run in zip(run_labels(runs), runs)
     ]
-    chosen = target if target is not None else default_target(summaries)
+    chosen, targets = run_targets(summaries, target)
     items = []
-    for summary in summaries:
+    for index, summary in enumerate(summaries):
         rounds = []
         for metrics, cost in zip(summary.run.metrics, summary.costs):
             row = asdict(cost)
@@ -73,7 +73,7 @@ def runs_json(runs: Sequence[RunRecords], target: Optional[float]) -> Dict[str, 
                 extra={k: v for k, v in metrics.extra.items() if k not in ("energy_j",)},
             )
             rounds.append(row)
-        reached = to_target(summary.label, summary.costs, chosen) if chosen is not None else None
+        reached = targets[index] if targets else None
         items.append(
             {
                 "label": summary.label,
@@ -83,7 +83,8 @@ def runs_json(runs: Sequence[RunRecords], target: Optional[float]) -> Dict[str, 
                 "to_target": None if reached is None else asdict(reached),
             }
         )
-    return {"target_accuracy": chosen, "runs": items}
+    metric = summaries[0].metric if summaries else "accuracy"
+    return {"metric": metric, "target_accuracy": chosen, "runs": items}
 
 
 class LiveState(RunObserver):
@@ -111,7 +112,7 @@ class LiveState(RunObserver):
         self._round: Optional[Dict[str, Any]] = None
         self._windows: Dict[str, Deque[Dict[str, Any]]] = {}
         self._fresh: Dict[str, List[Dict[str, Any]]] = {}
-        self._runs: Dict[str, Any] = {"target_accuracy": None, "runs": []}
+        self._runs: Dict[str, Any] = {"metric": "accuracy", "target_accuracy": None, "runs": []}
         self._runs_stale = False
         if not live:
             self._load_runs()

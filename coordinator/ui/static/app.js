@@ -48,14 +48,14 @@
       Math.max(0, r.deadline_unix_s - state.now_unix_s).toFixed(0) + " s" : "";
   }
 
-  function runTable(run) {
+  function runTable(run, metric) {
     const extras = new Set();
     run.rounds.forEach((r) => Object.keys(r.extra || {}).forEach((k) => { if (k !== "peak_rss_bytes") extras.add(k); }));
     const extraNames = [...extras].sort();
     const table = el("table");
     table.className = "run-table";
     table.dataset.label = run.label;
-    const head = ["round", "status", "devices", "accuracy", "train loss", "eval loss", ...extraNames, "up", "down", "s", "J"];
+    const head = ["round", "status", "devices", metric, "train loss", "eval loss", ...extraNames, "up", "down", "s", "J"];
     table.appendChild(el("thead")).appendChild(row(head.map((h) => el("th", h))));
     const body = table.appendChild(el("tbody"));
     run.rounds.forEach((r) => {
@@ -84,16 +84,17 @@
     const box = document.getElementById("runs");
     const parts = [];
     const target = state.run.target_accuracy;
+    const metric = state.run.metric;
     state.run.runs.forEach((run) => {
       parts.push(el("h3", run.label + " (" + run.name + ")"));
-      parts.push(runTable(run));
+      parts.push(runTable(run, metric));
       parts.push(el("h3", "energy per phase, all devices"));
       parts.push(phaseTable(run));
       const t = run.to_target;
       if (t && target !== null) {
-        parts.push(el("p", t.reached ? "to accuracy " + num(target, 3) + ": " + t.rounds + " rounds, " + num(t.time_s, 1) +
+        parts.push(el("p", t.reached ? "to " + metric + " " + num(target, 3) + ": " + t.rounds + " rounds, " + num(t.time_s, 1) +
           " s, " + (t.energy_j === null ? "n/a" : num(t.energy_j, 1) + " J") + ", " + bytes(t.bytes_total)
-          : "accuracy " + num(target, 3) + " not reached", "muted"));
+          : metric + " " + num(target, 3) + " not reached", "muted"));
       }
     });
     box.replaceChildren(...parts);
@@ -108,8 +109,8 @@
     const data = [xs, ...runs.map((r) => xs.map((x) => { const m = r.rounds.find((q) => q.wall_clock_s === x); return m ? m.accuracy : null; }))];
     const series = [{ label: "s" }, ...runs.map((r, i) => ({ label: r.label, stroke: COLORS[i % COLORS.length], spanGaps: true, points: { show: true } }))];
     box.replaceChildren();
-    page.accuracyChart = new uPlot({ title: "accuracy vs wall-clock s", width: Math.min(900, box.clientWidth || 900), height: 220,
-      scales: { x: { time: false } }, series, axes: [{ label: "s" }, { label: "accuracy" }] }, data, box);
+    page.accuracyChart = new uPlot({ title: state.run.metric + " vs wall-clock s", width: Math.min(900, box.clientWidth || 900), height: 220,
+      scales: { x: { time: false } }, series, axes: [{ label: "s" }, { label: state.run.metric }] }, data, box);
   }
 
   function powerSeries(rows) {
