@@ -26,7 +26,7 @@ from paho.mqtt.matcher import MQTTMatcher
 
 from jetfed.edge.errors import UserError
 from jetfed.edge.logs import log_event
-from jetfed.edge.mqtt import BrokerSpec, Handler, LinkCounters, MqttLink
+from jetfed.edge.mqtt import CONNECT_WAIT_S, BrokerSpec, Handler, LinkCounters, MqttLink
 from jetfed.edge.wire import check_publish_size, mqtt_publish_wire_bytes
 
 logger = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ class MemLink:
         """Run `handler` on the publishing thread for topics where `matches(topic)`."""
         self._handlers.append((matches, handler))
 
-    def connect(self, timeout_s: float = 30.0) -> None:
+    def connect(self, timeout_s: float = CONNECT_WAIT_S) -> None:
         self._broker = MemBroker.named(self.spec.url)
         self._connected.set()
         self.connect_count += 1

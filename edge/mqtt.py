@@ -33,6 +33,10 @@ from jetfed.edge.wire import DEFAULT_MAX_MESSAGE_BYTES, check_publish_size, mqtt
 
 logger = logging.getLogger(__name__)
 
+CONNECT_WAIT_S = 10.0
+"""How long `connect` retries a broker that is not up (yet) before one line names the cause: a
+broker still starting gets this long, a mistyped address is not a minute's silence, and a
+device service is restarted by its manager (install_jetson.sh's unit: Restart=on-failure)."""
 CONNECT_ATTEMPT_S = 5.0
 CONNECT_RETRY_S = 1.0
 # CONNACK reasons that may pass (MQTT 5 codes, which paho also uses for 3.1.1 brokers):
@@ -198,7 +202,7 @@ class MqttLink:
         """Run `handler` on paho's thread for topics where `matches(topic)` (not queued)."""
         self._handlers.append((matches, handler))
 
-    def connect(self, timeout_s: float = 30.0) -> None:
+    def connect(self, timeout_s: float = CONNECT_WAIT_S) -> None:
         """Connect within `timeout_s`, then leave reconnecting to paho's network thread.
 
         A broker that is not up yet is retried until then; what retrying cannot fix (wrong
