@@ -1,8 +1,10 @@
 """The live page's cost on the coordinator: CPU of the page server's thread while pages watch a
 10-device run (simulated at the real message rates: 1 `LiveTelemetry` of 4 samples × 7 rails
 and 1 `Progress` a second per device), and the protocol thread's time per observer call with
-and without 20 idle pages open. Without --quick also a real local fleet (2 devices, 3 rounds of
-5 steps) without the page, then with it and 20 pages watching: the rounds' seconds.
+and without 20 idle pages open. Without --quick also a real local fleet (2 devices, 5 rounds of
+10 steps, rounds 1-4 timed, after a warm-up fleet) without the page and with it and 20 idle
+pages open (connected, never reading), in 3 interleaved pairs (A B, B A, A B) so the machine's
+drift falls on both sides: the rounds' seconds and each pair's change.
 Run: python -m bench.live_page [--quick]
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import socket
+import statistics
 import sys
 import tempfile
 import threading
@@ -104,7 +107,7 @@ def _fleet_round_s(out_dir: Path, pages: int) -> List[float]:
     from jetfed.coordinator.fleet import run_local_fleet
 
     config = demo_config(
-        f"bench-live-page-{pages}", "lora", 2, 3, 5, str(DEMO_DATA), str(out_dir), "iid", 1.0,
+        f"bench-live-page-{pages}", "lora", 2, 5, 10, str(DEMO_DATA), str(out_dir), "iid", 1.0,
         32, None,
     )  # fmt: skip
     with ExitStack() as stack:
@@ -112,7 +115,7 @@ def _fleet_round_s(out_dir: Path, pages: int) -> List[float]:
         if pages:
             state = LiveState("bench", [config.run_dir], rounds_total=3)
             server = stack.enter_context(UiServer(state, "127.0.0.1", 0))
-            for page in _open_pages(server, pages, read=True):
+            for page in _open_pages(server, pages, read=False):
                 stack.callback(page.close)
             observers.append(state)
         metrics = run_local_fleet(config, 2, observers=observers)
@@ -144,13 +147,32 @@ def run(quick: bool) -> Dict[str, Any]:
             results["observer_call_us_20_idle_pages"] = round(per_call[20] * 1e6, 1)
             results["dropped_pages"] = server.dropped_clients
         if not quick:
-            without = _fleet_round_s(Path(tmp), 0)
-            watched = _fleet_round_s(Path(tmp), 20)
-            results["fleet_round_s_without_page"] = [round(s, 2) for s in without]
-            results["fleet_round_s_20_pages"] = [round(s, 2) for s in watched]
-            change = sum(watched) / sum(without) - 1
-            results["fleet_round_s_change_percent"] = round(100 * change, 1)
+            results.update(_paired_fleet_rounds(Path(tmp), pairs=3))
     return results
+
+
+def _paired_fleet_rounds(out_dir: Path, pairs: int) -> Dict[str, Any]:
+    """Fleet rounds without and with the page (20 idle pages), in alternating order."""
+    without: List[float] = []
+    watched: List[float] = []
+    changes = []
+    _fleet_round_s(out_dir / "warm-up", 0)  # the first fleet of a process also fills caches
+    for pair in range(pairs):
+        order = (0, 20) if pair % 2 == 0 else (20, 0)
+        seconds = {
+            pages: sum(_fleet_round_s(out_dir / f"{pair}-{pages}", pages)) for pages in order
+        }
+        without.append(seconds[0])
+        watched.append(seconds[20])
+        changes.append(100 * (seconds[20] / seconds[0] - 1))
+    return {
+        "fleet_pairs": pairs,
+        "fleet_rounds_s_without_page": [round(s, 2) for s in without],
+        "fleet_rounds_s_20_idle_pages": [round(s, 2) for s in watched],
+        "fleet_change_percent_per_pair": [round(c, 1) for c in changes],
+        "fleet_change_percent_median": round(statistics.median(changes), 1),
+        "fleet_change_percent_of_sums": round(100 * (sum(watched) / sum(without) - 1), 1),
+    }
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from jetfed.edge.wire import Announcement, parse_message
+from jetfed.edge.wire import Announcement, Task, parse_message
 from tests.brokers import NatsBroker, NatsCluster
 from tests.fleet import jetfed, log_tail, read_metrics, stop, wait_for, write_config
 
@@ -100,6 +100,17 @@ def test_node_killed_mid_round_devices_fail_over(
         retained = _retained(nats_cluster.nodes[1], topics)
         announcement = parse_message(Announcement, retained[topics[0]])
         assert announcement.experiment == name
+        # a task published after the failover is the one a survivor holds
+        tasks: List[Task] = []
+
+        def later_task_retained() -> bool:
+            payload = _retained(nats_cluster.nodes[1], topics).get(topics[1])
+            tasks.extend([] if payload is None else [parse_message(Task, payload)])
+            return bool(tasks) and tasks[-1].round_index >= 1
+
+        wait_for(later_task_retained, 300, "a later round's task retained on a survivor")
+        assert tasks[-1].experiment == name
+        assert set(tasks[-1].selected_devices) <= {"dev-0", "dev-1"}
         assert coordinator.wait(timeout=600) == 0, log_tail(*logs.iterdir())
     finally:
         stop([coordinator, *edges])
