@@ -27,6 +27,7 @@ from jetfed.edge.wire import (
     TrainingConfig,
     Update,
     encode_message,
+    message_digest,
 )
 
 SPEC = {"w": (2, 3)}
@@ -218,6 +219,7 @@ def test_a_refused_update_is_nacked_by_round_and_digest(
     inbox.dispatch(topics.device(device_id, "update"), payload)
     (nack,) = wire.leaf("nack")
     assert nack["code"] == code and nack["round_index"] == update.round_index
+    assert nack["digest"] == message_digest(payload)  # names the very message refused
     assert wire.leaf("pull") == [] and inbox.close_round() == []
 
 
