@@ -29,6 +29,7 @@ from jetfed.edge.tensorfile import (
     TensorFile,
     refuse_index_tensors,
 )
+from jetfed.edge.topics import Topics, parse_chunk_index
 from jetfed.edge.transfer import (
     BlobServer,
     Download,
@@ -47,12 +48,10 @@ from jetfed.edge.wire import (
     Progress,
     RoundFailure,
     Task,
-    Topics,
     Update,
     encode_message,
     message_digest,
     mqtt_publish_wire_bytes,
-    parse_chunk_index,
     parse_message,
 )
 

@@ -52,15 +52,9 @@ from jetfed.edge.memlink import open_link
 from jetfed.edge.methods.base import FederatedMethod, Tensors, get_method
 from jetfed.edge.mqtt import BrokerSpec
 from jetfed.edge.telemetry.records import PhaseRecord
+from jetfed.edge.topics import Topics
 from jetfed.edge.transfer import BlobServer
-from jetfed.edge.wire import (
-    Announcement,
-    BlobManifest,
-    Progress,
-    Task,
-    Topics,
-    encode_message,
-)
+from jetfed.edge.wire import Announcement, BlobManifest, Progress, Task, encode_message
 from jetfed.edge.wire import DeviceAssignment as WireAssignment
 
 logger = logging.getLogger(__name__)

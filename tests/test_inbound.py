@@ -18,16 +18,9 @@ from jetfed.coordinator.registry import DeviceRegistry
 from jetfed.coordinator.rundir import RunDir
 from jetfed.edge.errors import ProtocolError
 from jetfed.edge.tensorfile import TensorFile, refuse_index_tensors
+from jetfed.edge.topics import Topics
 from jetfed.edge.transfer import BlobServer
-from jetfed.edge.wire import (
-    Hello,
-    ModelRef,
-    Task,
-    Topics,
-    TrainingConfig,
-    Update,
-    encode_message,
-)
+from jetfed.edge.wire import Hello, ModelRef, Task, TrainingConfig, Update, encode_message
 
 SPEC = {"w": (2, 3)}
 
