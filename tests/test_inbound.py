@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from jetfed.coordinator.config import parse_config
-from jetfed.coordinator.inbound import Intake, check_sender
+from jetfed.coordinator.inbound import Intake
+from jetfed.coordinator.inbound_checks import check_sender
 from jetfed.coordinator.registry import DeviceRegistry
 from jetfed.coordinator.rundir import RunDir
 from jetfed.edge.errors import ProtocolError
