@@ -3,8 +3,8 @@
 Two strategies on real MiniLM shapes: `fedavg`, the default (sums nₖ·Δₖ in fp64, a few MB of rows at
 a time, in device-id order), and `median` (coordinate-wise, one tensor of every update at a time),
 both given in-memory updates. Separately, the decode + validation every update passes first
-(`jetfed.edge.wire.decode_tensors` with the expected spec). Throughput = update bytes in (N × fp32
-size) / seconds.
+(`jetfed.edge.tensor_codec.decode_tensors` with the expected spec). Throughput = update bytes in
+(N × fp32 size) / seconds.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _time_aggregate(spec: Spec, count: int, repeats: int, path: str) -> Dict[str
 
 
 def _time_decode(spec: Spec, repeats: int) -> Dict[str, float]:
-    from jetfed.edge.wire import decode_tensors, encode_tensors
+    from jetfed.edge.tensor_codec import decode_tensors, encode_tensors
 
     payload = encode_tensors(random_tensors(spec, seed=1))
     times = []

@@ -200,7 +200,7 @@ def peak_rss(datasets: Path, steps: int) -> Dict[str, Any]:
 
 def bytes_per_round() -> Dict[str, Any]:
     from jetfed.edge.methods.base import get_method
-    from jetfed.edge.wire import encode_tensors
+    from jetfed.edge.tensor_codec import encode_tensors
 
     results = {}
     for label, (method_name, settings) in BYTES_CONFIGS.items():

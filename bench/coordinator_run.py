@@ -14,7 +14,7 @@ TIMED = {
     "strategy": ("aggregate", "evaluate", "export"),
     "run_dir": ("save_checkpoint", "append_metrics", "write_profile_tables"),
     "blobs": ("offer",),
-    "": ("_select",),
+    "selection": ("select",),
 }
 Event = Tuple[str, float, float]
 """(step, start, end) on time.monotonic(), which is system-wide on Linux: comparable across
@@ -67,10 +67,10 @@ def instrument(coordinator: Any, events: List[Event]) -> None:
         setattr(owner, attr, wrapper)
 
     for owner_name, attrs in TIMED.items():
-        owner = getattr(coordinator, owner_name) if owner_name else coordinator
+        owner = getattr(coordinator, owner_name)
         for attr in attrs:
             if hasattr(owner, attr):
-                timed(owner, attr, attr.lstrip("_"))
+                timed(owner, attr, attr)
     publish = coordinator.link.publish
     task_topic = coordinator.topics.task
 

@@ -184,7 +184,7 @@ def run(
     cluster_devices: Optional[int] = None,
     rounds: Optional[int] = None,
 ) -> Dict[str, Any]:
-    from jetfed.edge.wire import encode_tensors
+    from jetfed.edge.tensor_codec import encode_tensors
 
     open_files = raise_open_file_limit()
     devices = devices or (200 if quick else 1000)

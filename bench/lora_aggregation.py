@@ -78,7 +78,8 @@ def time_strategy(
 ) -> Dict[str, Any]:
     from jetfed.coordinator.strategies.base import ServerContext, make_strategy
     from jetfed.edge.methods.lora import LoraMethod
-    from jetfed.edge.wire import ModelRef, encode_tensors
+    from jetfed.edge.tensor_codec import encode_tensors
+    from jetfed.edge.wire import ModelRef
 
     _, name, settings = next(item for item in STRATEGIES if item[0] == label)
     flex = name == "flexlora"

@@ -321,7 +321,7 @@ def active_round_s(run_dir: Path) -> Dict[int, float]:
 def round_energy_j(run_dir: Path) -> Dict[int, Optional[float]]:
     """Per round, the devices' energy over every phase in profiles.jsonl, upload included (the
     round's metrics close before its upload records arrive); None without a power sensor."""
-    from jetfed.coordinator.server import device_totals
+    from jetfed.coordinator.records import device_totals
     from jetfed.edge.telemetry.records import PhaseRecord
 
     by_round: Dict[int, List[PhaseRecord]] = {}

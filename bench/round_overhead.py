@@ -156,7 +156,7 @@ def run(
     rounds: Optional[int] = None,
 ) -> Dict[str, Any]:
     spec = lora_spec("lora")
-    from jetfed.edge.wire import encode_tensors
+    from jetfed.edge.tensor_codec import encode_tensors
 
     blobs = [
         encode_tensors(random_tensors(spec, seed)) for seed in range(min(max(device_counts), 50))

@@ -26,6 +26,7 @@ from jetfed.edge.logs import log_event
 from jetfed.edge.mqtt import BrokerSpec
 from jetfed.edge.session import DeviceSession
 from jetfed.edge.telemetry.records import PhaseRecord
+from jetfed.edge.topics import Topics
 from jetfed.edge.transfer import Download
 from jetfed.edge.wire import (
     Ack,
@@ -34,7 +35,6 @@ from jetfed.edge.wire import (
     Nack,
     ProfileBatch,
     Task,
-    Topics,
     Update,
     encode_message,
     parse_message,

@@ -48,8 +48,10 @@ from jetfed.edge.methods.split import (
 )
 from jetfed.edge.models import load_tokenizer
 from jetfed.edge.mqtt import BrokerSpec, MqttLink
+from jetfed.edge.tensor_codec import encode_tensors
+from jetfed.edge.topics import Topics
 from jetfed.edge.train import batch_indices, make_batch, tokenize_batch
-from jetfed.edge.wire import ModelRef, Topics, encode_tensors
+from jetfed.edge.wire import ModelRef
 from tests.brokers import MosquittoBroker, free_port
 
 CUT_LAYER = 2

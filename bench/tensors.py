@@ -17,7 +17,7 @@ MINILM = ModelRef(name_or_path="minilm", num_labels=2, max_length=64)
 def lora_spec(method: str = "lora") -> Spec:
     """Names and shapes of MiniLM's federated LoRA state (r=8 on query,value + the head)."""
     from jetfed.edge.methods.base import get_method
-    from jetfed.edge.wire import tensor_spec
+    from jetfed.edge.tensor_codec import tensor_spec
 
     instance = get_method(method)({}, MINILM)
     return tensor_spec(instance.get_state(instance.build(None, seed=0)))

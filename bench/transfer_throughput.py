@@ -38,6 +38,7 @@ from bench.stats import median
 from jetfed.edge.errors import ProtocolError
 from jetfed.edge.mqtt import BrokerSpec, MqttLink
 from jetfed.edge.telemetry.memory import peak_rss_bytes
+from jetfed.edge.topics import Topics
 from jetfed.edge.transfer import (
     DEFAULT_WINDOW_BYTES,
     BlobServer,
@@ -45,7 +46,7 @@ from jetfed.edge.transfer import (
     SharedWindow,
     release_chunk_memory,
 )
-from jetfed.edge.wire import BlobManifest, ChunkRequest, Topics, encode_message, parse_message
+from jetfed.edge.wire import BlobManifest, ChunkRequest, encode_message, parse_message
 
 TOPICS = Topics("bench")
 CHUNK_BYTES = int(os.environ.get("JETFED_BENCH_CHUNK_BYTES", 1 << 20))

@@ -48,7 +48,7 @@ def _round_bytes(log: RoundLog) -> Dict[str, int]:
 
 
 def measure(dtype: str, rounds: int, datasets: Path) -> Dict[str, Any]:
-    from jetfed.edge.wire import encode_tensors
+    from jetfed.edge.tensor_codec import encode_tensors
 
     spec = lora_spec("lora")
     raw = raw_bytes(spec, 4 if dtype == "fp32" else 2)

@@ -13,13 +13,8 @@ from jetfed.coordinator.assignment import AssignmentSection
 from jetfed.edge.errors import UserError, validation_line
 from jetfed.edge.instruction_eval import GenerationBudget
 from jetfed.edge.mqtt import BrokerSpec
-from jetfed.edge.wire import (
-    DEFAULT_CHUNK_SIZE_BYTES,
-    ID_PATTERN,
-    ModelRef,
-    PartitionSpec,
-    TrainingConfig,
-)
+from jetfed.edge.topics import ID_PATTERN
+from jetfed.edge.wire import DEFAULT_CHUNK_SIZE_BYTES, ModelRef, PartitionSpec, TrainingConfig
 
 
 class Section(BaseModel):

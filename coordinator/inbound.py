@@ -2,10 +2,11 @@
 paho's thread), statuses, hellos, profile records, progress, update announcements and their
 chunks, with the acks and nacks that answer them.
 
-`Intake` owns the state those checks need (the round being collected, the records and updates
-already accepted) and nothing else: the round loop (coordinator/server.py) opens a round, pumps
-messages into `dispatch` and reads what was accepted. A bad message is logged once and answered
-with a nack on the device's nack topic; it never changes accepted state.
+`Intake` owns the state those checks (coordinator/inbound_checks.py) need (the round being
+collected, the records and updates already accepted) and nothing else: the round loop
+(coordinator/server.py) opens a round, pumps messages into `dispatch` and reads what was
+accepted. A bad message is logged once and answered with a nack on the device's nack topic; it
+never changes accepted state.
 """
 
 from __future__ import annotations
@@ -13,9 +14,16 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from jetfed.coordinator.config import ExperimentConfig
+from jetfed.coordinator.inbound_checks import (
+    check_joined,
+    check_profile_records,
+    check_sender,
+    checked_update_tensors,
+    profile_key,
+)
 from jetfed.coordinator.observer import RunObserver, notify
 from jetfed.coordinator.registry import DeviceRegistry
 from jetfed.coordinator.rundir import RunDir
@@ -23,12 +31,8 @@ from jetfed.coordinator.strategies.base import AcceptedUpdate
 from jetfed.edge.errors import ProtocolError
 from jetfed.edge.logs import log_event
 from jetfed.edge.telemetry.records import PhaseRecord
-from jetfed.edge.tensorfile import (
-    INDEX_DTYPES,
-    UPDATE_DTYPES,
-    TensorFile,
-    refuse_index_tensors,
-)
+from jetfed.edge.tensorfile import TensorFile, refuse_index_tensors
+from jetfed.edge.topics import Topics, parse_chunk_index
 from jetfed.edge.transfer import (
     BlobServer,
     Download,
@@ -47,12 +51,10 @@ from jetfed.edge.wire import (
     Progress,
     RoundFailure,
     Task,
-    Topics,
     Update,
     encode_message,
     message_digest,
     mqtt_publish_wire_bytes,
-    parse_chunk_index,
     parse_message,
 )
 
@@ -62,49 +64,6 @@ MAX_REJECTED_CHUNKS = 16
 """A device whose chunks keep failing their checks is refused, not re-asked forever."""
 
 Publish = Callable[[str, bytes], object]
-
-
-def check_sender(device_id: str, claimed: str) -> None:
-    """The device a message names must be the one whose topic (hence account) carried it."""
-    if claimed != device_id:
-        raise ProtocolError(
-            f"device_id {claimed!r} inside the message does not match the topic",
-            "sender_mismatch",
-        )
-
-
-def check_joined(device_id: str, joined: Set[str], experiment: str, what: str) -> None:
-    """Telemetry of any kind is taken only from a device that said hello in this experiment."""
-    if device_id not in joined:
-        raise ProtocolError(
-            f"device {device_id} never said hello in {experiment}: its {what} is refused",
-            "unknown_device",
-        )
-
-
-def check_profile_records(
-    device_id: str,
-    records: List[PhaseRecord],
-    experiment: str,
-    joined: Set[str],
-    latest_round: int,
-) -> None:
-    """Records are stored only from a device that said hello in this experiment, about itself,
-    this experiment and a round that has started: anything else is refused as a whole (a
-    device never mixes), so profiles.jsonl holds only records of devices that joined."""
-    check_joined(device_id, joined, experiment, "profile records")
-    if any(r.device_id != device_id or r.experiment != experiment for r in records):
-        raise ProtocolError("profile records name another device or experiment")
-    future = [r.round_index for r in records if r.round_index > latest_round]
-    if future:
-        raise ProtocolError(
-            f"profile records for round {max(future)}, which has not started (latest "
-            f"{latest_round})"
-        )
-
-
-def profile_key(record: PhaseRecord) -> Tuple[str, int, str, float]:
-    return (record.device_id, record.round_index, record.phase, record.start_unix_s)
 
 
 @dataclass
@@ -500,13 +459,18 @@ class Intake:
             return
         del inbound.transfers[device_id]
         update, _ = inbound.announced[device_id]
-        try:
-            candidate = self._decode_update(update, download, inbound.specs.get(device_id))
+        try:  # the device's own spec when it trains at another rank than the run's
+            tensors = checked_update_tensors(
+                download.payload(),
+                inbound.specs.get(device_id) or self.expected,
+                self._check_update,
+                self.config.aggregation.max_update_norm,
+            )
         except BaseException:
             download.close()
             raise
-        inbound.spooled.append(download)  # read by aggregate
-        inbound.accepted[device_id] = candidate
+        inbound.spooled.append(download)  # read lazily by aggregate, deleted when the round ends
+        inbound.accepted[device_id] = AcceptedUpdate(update, tensors)
         inbound.last_accept_s = time.monotonic()
         self._accepted_blobs[(device_id, update.round_index)] = update.blob.digest
         self._ack(device_id, update)
@@ -518,31 +482,6 @@ class Intake:
             device_id=device_id,
             round_index=update.round_index,
         )
-
-    def _decode_update(
-        self,
-        update: Update,
-        download: Download,
-        spec: Optional[Dict[str, Tuple[int, ...]]] = None,
-    ) -> AcceptedUpdate:
-        """Validate a complete upload (in memory, or its spool file, against `spec`, the
-        device's own when it trains at another rank), which the strategy then reads lazily (a
-        spool file is kept until the round ends)."""
-        try:
-            tensors = TensorFile(
-                download.payload(), spec or self.expected, (*UPDATE_DTYPES, *INDEX_DTYPES)
-            )
-            self._check_update(tensors)
-        except ProtocolError as exc:
-            raise ProtocolError(str(exc), exc.code or "invalid_tensors") from None
-        bound = self.config.aggregation.max_update_norm
-        if bound is not None and tensors.l2_norm > bound:
-            raise ProtocolError(
-                f"update L2 norm {tensors.l2_norm:.4g} exceeds aggregation.max_update_norm="
-                f"{bound:g}",
-                code="update_norm_too_large",
-            )
-        return AcceptedUpdate(update, tensors)
 
     def _ack(self, device_id: str, update: Update) -> None:
         ack = Ack(device_id=device_id, round_index=update.round_index, digest=update.blob.digest)

@@ -1,15 +1,19 @@
 """What the coordinator records per run: one `RoundMetrics` per round (metrics.jsonl) and the
-`CheckpointState` that `--resume` reads (checkpoint/state.json).
+`CheckpointState` that `--resume` reads (checkpoint/state.json), and `device_totals`, a
+round's energy and peak memory over its devices' phase records.
 
-Plain pydantic models with no dependency on the rest of the coordinator, paho, torch or the
-method registry, so `profiles/` reads run directories without pulling any of them.
+Plain pydantic models (and a function) with no dependency on the rest of the coordinator, paho,
+torch or the method registry, so `profiles/` reads run directories without pulling any of them.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from jetfed.edge.telemetry.records import PhaseRecord
 
 
 class AggregationError(BaseModel):
@@ -91,3 +95,17 @@ class CheckpointState(BaseModel):
     wall_clock_s: float
     has_init: bool
     has_strategy_state: bool = False
+
+
+def device_totals(records: List[PhaseRecord]) -> Dict[str, float]:
+    """Energy (J) and peak RSS over the devices' records of one round. The idle baseline is no
+    part of a round; energy is summed only when every phase measured it (never a partial sum)."""
+    totals: Dict[str, float] = {}
+    work = [r for r in records if r.phase != "idle"]
+    energies = [r.energy_j for r in work if r.energy_j is not None]
+    if work and len(energies) == len(work):
+        totals["energy_j"] = float(sum(energies))
+    peaks = [r.peak_rss_bytes for r in work if r.peak_rss_bytes is not None]
+    if peaks:
+        totals["peak_rss_bytes"] = float(max(peaks))
+    return totals

@@ -56,11 +56,8 @@ def broker_config(
     ),
 ) -> None:
     """Write mosquitto.conf, passwd, acl, a CA, server/client certs and per-device bundles."""
-    from jetfed.coordinator.broker_config import (
-        BrokerConfigOptions,
-        generate_broker_config,
-        load_devices,
-    )
+    from jetfed.coordinator.broker_config import BrokerConfigOptions, generate_broker_config
+    from jetfed.coordinator.devices_file import load_devices
 
     options = BrokerConfigOptions(
         hosts=list(host),

@@ -7,19 +7,18 @@ aggregate if at least `min_clients` arrived → evaluate → export → checkpoi
 All protocol state is owned by the thread calling `run()`; paho's thread only queues inbound
 messages and serves chunk requests. Every inbound message goes through
 `jetfed.coordinator.inbound.Intake` (validation, acks, nacks); a bad one never changes accepted
-state.
+state. Which devices take part, and how long they are waited for: coordinator/selection.py.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from operator import methodcaller
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
-from jetfed.coordinator.assignment import AssignmentPolicy, Refused, memory_estimator
+from jetfed.coordinator.assignment import Refused
 from jetfed.coordinator.config import (
     ExperimentConfig,
     causal_lm_config,
@@ -32,18 +31,18 @@ from jetfed.coordinator.observer import RunObserver, notify
 from jetfed.coordinator.records import (
     AggregationError,
     CheckpointState,
-    DeviceAssignment,
     RoundMetrics,
+    device_totals,
 )
 from jetfed.coordinator.registry import DeviceRegistry
 from jetfed.coordinator.rundir import RunDir
+from jetfed.coordinator.selection import Selection, assignment_policy
 from jetfed.coordinator.strategies.base import (
     AcceptedUpdate,
     ServerContext,
     Strategy,
     make_strategy,
 )
-from jetfed.coordinator.strategies.lowrank import TensorSpec, spec_at_rank
 from jetfed.coordinator.update_norm import update_norms
 from jetfed.edge.data import load_task_split
 from jetfed.edge.errors import UserError
@@ -51,17 +50,9 @@ from jetfed.edge.logs import log_event
 from jetfed.edge.memlink import open_link
 from jetfed.edge.methods.base import FederatedMethod, Tensors, get_method
 from jetfed.edge.mqtt import BrokerSpec
-from jetfed.edge.telemetry.records import PhaseRecord
+from jetfed.edge.topics import Topics
 from jetfed.edge.transfer import BlobServer
-from jetfed.edge.wire import (
-    Announcement,
-    BlobManifest,
-    Progress,
-    Task,
-    Topics,
-    encode_message,
-)
-from jetfed.edge.wire import DeviceAssignment as WireAssignment
+from jetfed.edge.wire import Announcement, BlobManifest, Progress, Task, encode_message
 
 logger = logging.getLogger(__name__)
 
@@ -78,20 +69,6 @@ DEVICE_TO_COORDINATOR = (
     "exchange/up/#",
 )
 LAST_UPLOAD_RECORDS_WAIT_S = 5.0
-
-
-def device_totals(records: List[PhaseRecord]) -> Dict[str, float]:
-    """Energy (J) and peak RSS over the devices' records of one round. The idle baseline is no
-    part of a round; energy is summed only when every phase measured it (never a partial sum)."""
-    totals: Dict[str, float] = {}
-    work = [r for r in records if r.phase != "idle"]
-    energies = [r.energy_j for r in work if r.energy_j is not None]
-    if work and len(energies) == len(work):
-        totals["energy_j"] = float(sum(energies))
-    peaks = [r.peak_rss_bytes for r in work if r.peak_rss_bytes is not None]
-    if peaks:
-        totals["peak_rss_bytes"] = float(max(peaks))
-    return totals
 
 
 class Coordinator:
@@ -152,9 +129,9 @@ class Coordinator:
         if self._saved_strategy_state:
             self.strategy.load_state(self._saved_strategy_state)
         self.expected = self.strategy.update_spec()
-        self.assignment = self._assignment_policy()
-        self._decisions: Dict[str, Any] = {}
-        """This round's `assignment:` decision per eligible device (DeviceAssignment/Refused)."""
+        self.assignment = assignment_policy(
+            config, self.method, self.strategy, self.global_state, self.model_ref
+        )
         self._bytes_down = 0
         self._bytes_down_lock = threading.Lock()
         self.link = open_link(
@@ -186,7 +163,14 @@ class Coordinator:
             start_round=self.start_round,
         )
         self.link.on_topic(self.intake.is_want, self.intake.serve_want)
-        self._announcements_settled = False
+        self.selection = Selection(
+            config,
+            self.registry,
+            self.intake,
+            self.assignment,
+            pump=self._pump,
+            stopped=lambda: self._stop,
+        )
 
     # ------------------------------------------------------------------ setup
 
@@ -227,29 +211,6 @@ class Coordinator:
         self.global_state = initial.global_state
         self.init = initial.init
         self.run_dir.create(self.config.model_dump(mode="json", exclude={"broker"}))
-
-    def _assignment_policy(self) -> Optional[AssignmentPolicy]:
-        """The `assignment:` policy, after checking that the strategy federates its ranks."""
-        section = self.config.assignment
-        if section is None:
-            return None
-        run_rank = getattr(self.method.config, "rank", None)
-        if run_rank is None:
-            raise UserError(
-                f"assignment: method {self.method.name} has no LoRA rank to assign (lora and "
-                "federa have)"
-            )
-        ranks = {*section.ranks, *(pinned.rank for pinned in section.devices.values())}
-        for rank in sorted(ranks - {run_rank}):
-            self.strategy.device_state(self.global_state, rank)  # refuses what it cannot federate
-        training = self.config.training
-        return AssignmentPolicy(
-            section,
-            memory_estimator(self.method.name, self.config.method.settings(), self.model_ref),
-            batch_size=training.batch_size,
-            local_steps=training.local_steps,
-            round_budget_s=self.config.rounds.deadline_s / 2,
-        )
 
     # ------------------------------------------------------------------ paho thread
 
@@ -350,11 +311,12 @@ class Coordinator:
         round_start_s = time.monotonic()
         self._bytes_down = 0
         self.intake.bytes_up = 0
-        selected = self._select(round_index)
+        selected = self.selection.select(round_index)
         task, offered = self._publish_task(round_index, selected, init_manifest)
         overhead_s = None if previous_done_s is None else time.monotonic() - previous_done_s
         self._collect(task)
         accepted = self.intake.close_round()
+        decisions = self.selection.decisions
         metrics = RoundMetrics(
             round_index=round_index,
             status="skipped",
@@ -364,8 +326,8 @@ class Coordinator:
             num_selected=len(selected),
             num_aggregated=len(accepted),
             overhead_s=overhead_s,
-            assignments={d: self._decisions[d] for d in selected if d in self._decisions},
-            refused={d: str(v) for d, v in self._decisions.items() if isinstance(v, Refused)},
+            assignments={d: decisions[d] for d in selected if d in decisions},
+            refused={d: str(v) for d, v in decisions.items() if isinstance(v, Refused)},
         )
         if self.assignment is not None:
             records = self.intake.round_records.get(round_index, [])
@@ -388,7 +350,15 @@ class Coordinator:
         extra = self.strategy.configure_round(round_index, self.global_state)
         global_manifest = self.blobs.offer_tensors(self.global_state)
         extra_manifests = {name: self.blobs.offer(data) for name, data in extra.items()}
-        assignments, specs, rank_states = self._device_assignments(round_index, selected)
+        assignments, specs, rank_states = self.selection.device_assignments(
+            round_index,
+            selected,
+            self.method,
+            self.expected,
+            lambda rank: self.blobs.offer_tensors(
+                self.strategy.device_state(self.global_state, rank)
+            ),
+        )
         now = time.time()
         task = Task(
             experiment=self.config.name,
@@ -423,44 +393,6 @@ class Coordinator:
         )
         offered = [global_manifest, *extra_manifests.values(), *rank_states]
         return task, [manifest.digest for manifest in offered]
-
-    def _device_assignments(
-        self, round_index: int, selected: List[str]
-    ) -> Tuple[Dict[str, WireAssignment], Dict[str, TensorSpec], List[BlobManifest]]:
-        """Each selected device's assignment for the task, the update spec of devices at
-        another rank than the run's, and the global state offered at each such rank."""
-        if self.assignment is None:
-            return {}, {}, []
-        run_rank = self.method.config.rank  # type: ignore[attr-defined]
-        states: Dict[int, BlobManifest] = {}
-        assignments: Dict[str, WireAssignment] = {}
-        specs: Dict[str, TensorSpec] = {}
-        for device_id in selected:
-            decision: DeviceAssignment = self._decisions[device_id]
-            rank = decision.rank or run_rank
-            if rank != run_rank and rank not in states:
-                state = self.strategy.device_state(self.global_state, rank)
-                states[rank] = self.blobs.offer_tensors(state)
-            if rank != run_rank:
-                specs[device_id] = spec_at_rank(self.expected, rank)
-            assignments[device_id] = WireAssignment(
-                method_config={"rank": rank},
-                batch_size=decision.batch_size,
-                local_steps=decision.local_steps,
-                global_state=states.get(rank),
-            )
-            log_event(
-                logger,
-                logging.INFO,
-                "assignment.device",
-                round_index=round_index,
-                device_id=device_id,
-                rank=rank,
-                batch_size=decision.batch_size,
-                local_steps=decision.local_steps,
-                reason=decision.reason,
-            )
-        return assignments, specs, list(states.values())
 
     def _aggregate(self, metrics: RoundMetrics, accepted: List[AcceptedUpdate]) -> None:
         """The strategy's next global state, if at least `min_clients` updates arrived."""
@@ -542,65 +474,6 @@ class Coordinator:
             self.strategy.state(),
         )
 
-    # ------------------------------------------------------------------ devices
-
-    def _select(self, round_index: int) -> List[str]:
-        """Wait for enough ready devices with a data shard, then pick this round's devices."""
-        rounds = self.config.rounds
-        partition = self.config.data.partition
-        deadline = time.monotonic() + rounds.wait_for_devices_s
-        eligible: List[str] = []
-        wait_s = 0.0  # first what is already queued: between rounds the fleet is usually ready
-        while True:
-            self._pump(wait_s)
-            wait_s = 0.2
-            ready = self.registry.ready()
-            if len(ready) >= rounds.min_clients and not self._announcements_settled:
-                self._settle_announcements()
-                continue
-            # Indices (hence shards and seeds) go to every device ready once the announcements
-            # settled, at once and in sorted id order, never in the order devices happened to
-            # arrive: the mapping is a function of the fleet (or data.client_indices).
-            if len(ready) >= rounds.min_clients:
-                if partition.kind != "none":
-                    self.registry.assign_indices(ready, partition.num_clients)
-                else:
-                    self.registry.assign_indices(ready, len(self.registry.devices) + 1)
-            eligible = self._assignable([d for d in ready if d in self.registry.client_indices])
-            if len(eligible) >= rounds.min_clients or self._stop:
-                break
-            if time.monotonic() > deadline:
-                raise UserError(
-                    f"only {len(eligible)} of rounds.min_clients={rounds.min_clients} devices "
-                    f"joined within {rounds.wait_for_devices_s:.0f} s (ready: {ready}); a device "
-                    "pinned with --experiment/JETFED_EXPERIMENT serves only that experiment"
-                )
-        count = rounds.clients_per_round or len(eligible)
-        rng = random.Random(self.config.seed * 7919 + round_index)
-        return sorted(rng.sample(eligible, min(count, len(eligible))))
-
-    def _assignable(self, devices: List[str]) -> List[str]:
-        """`devices` less those `assignment:` refuses (each refusal logged once)."""
-        if self.assignment is None:
-            return devices
-        records = [self.registry.devices[d] for d in devices]
-        hellos = {r.device_id: r.hello for r in records if r.hello is not None}
-        self._decisions = self.assignment.assign(sorted(hellos), hellos)
-        return [d for d in devices if isinstance(self._decisions.get(d), DeviceAssignment)]
-
-    def _settle_announcements(self, quiet_s: float = 0.3, cap_s: float = 3.0) -> None:
-        """Once per process, at the first quorum: devices already waiting announce themselves as
-        retained messages that arrive in bursts, so read until the broker has been quiet for
-        `quiet_s`; the first selection (and the client indices) then sees all of them, not
-        whichever came first."""
-        self._announcements_settled = True
-        give_up = time.monotonic() + cap_s
-        while time.monotonic() < give_up:
-            before = self.intake.messages_handled
-            self._pump(quiet_s)
-            if self.intake.messages_handled == before:
-                return
-
     def _collect(self, task: Task) -> None:
         """Until every selected device's update is accepted, or the deadline passes."""
         inbound = self.intake.round
@@ -614,46 +487,11 @@ class Coordinator:
         ):
             self._pump(0.1)
             missing = selected - set(inbound.accepted) - set(inbound.failed)
-            if self._only_offline_devices_missing(missing) or self._quorum_unreachable(selected):
+            if self.selection.only_offline_devices_missing(missing):
+                break
+            if self.selection.quorum_unreachable(selected):
                 break
             self.intake.poll_transfers()
-
-    def _quorum_unreachable(self, selected: Set[str]) -> bool:
-        """So many selected devices reported failing that min_clients updates cannot arrive."""
-        inbound = self.intake.round
-        assert inbound is not None
-        if len(selected) - len(inbound.failed) >= self.config.rounds.min_clients:
-            return False
-        log_event(
-            logger,
-            logging.WARNING,
-            "round.closed_early",
-            round_index=inbound.round_index,
-            failed=",".join(sorted(inbound.failed)),
-            reason=f"fewer than rounds.min_clients={self.config.rounds.min_clients} can answer",
-        )
-        return True
-
-    def _only_offline_devices_missing(self, missing: Set[str]) -> bool:
-        """Quorum is in and every missing device has been offline for the grace period: waiting
-        for the deadline would only delay the round (dropped devices rejoin a later one)."""
-        inbound = self.intake.round
-        assert inbound is not None
-        rounds = self.config.rounds
-        if not missing or len(inbound.accepted) < rounds.min_clients:
-            return False
-        if inbound.transfers.keys() & missing:
-            return False
-        if not all(self.registry.offline_for_s(d) > rounds.offline_grace_s for d in missing):
-            return False
-        log_event(
-            logger,
-            logging.INFO,
-            "round.closed_early",
-            round_index=inbound.round_index,
-            offline=",".join(sorted(missing)),
-        )
-        return True
 
     def _pump(self, timeout_s: float) -> None:
         self.link.drain(self.intake.dispatch, timeout_s)

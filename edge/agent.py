@@ -32,9 +32,9 @@ from jetfed.edge.telemetry.phases import PhaseCounters, Profiler
 from jetfed.edge.telemetry.records import PhaseRecord
 from jetfed.edge.telemetry.sampler import DEFAULT_RATE_HZ, Sampler
 from jetfed.edge.tensorfile import Payload
+from jetfed.edge.topics import ID_PATTERN, Topics, parse_chunk_index
 from jetfed.edge.transfer import Download, TransferTimeout
 from jetfed.edge.wire import (
-    ID_PATTERN,
     ROUND_FAILURE_REASON_CHARS,
     Ack,
     Announcement,
@@ -44,11 +44,9 @@ from jetfed.edge.wire import (
     ProfileBatch,
     RoundFailure,
     Task,
-    Topics,
     Update,
     encode_message,
     message_digest,
-    parse_chunk_index,
     parse_message,
 )
 

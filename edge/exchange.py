@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 from typing import Callable, Tuple
 
-from jetfed.edge.wire import Topics
+from jetfed.edge.topics import Topics
 
 
 class Exchange:

@@ -24,7 +24,8 @@ from jetfed.edge.errors import ProtocolError
 from jetfed.edge.logs import log_event
 from jetfed.edge.memlink import open_link
 from jetfed.edge.telemetry.backends.detect import detect_backend
-from jetfed.edge.wire import ANNOUNCEMENTS, Announcement, announcement_experiment, parse_message
+from jetfed.edge.topics import ANNOUNCEMENTS, announcement_experiment
+from jetfed.edge.wire import Announcement, parse_message
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,9 @@ from typing import Dict, Optional, Tuple
 from jetfed.edge.local_trainer import LocalTrainer, TrainingDevice
 from jetfed.edge.methods.base import LocalResult
 from jetfed.edge.telemetry.phases import Profiler
+from jetfed.edge.tensor_codec import decode_tensors, encode_tensors
 from jetfed.edge.tensorfile import Payload, read_payload
-from jetfed.edge.wire import Task, decode_tensors, encode_message, encode_tensors, parse_message
+from jetfed.edge.wire import Task, encode_message, parse_message
 
 _worker_trainer: Optional[LocalTrainer] = None
 

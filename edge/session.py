@@ -14,8 +14,9 @@ from jetfed.edge.errors import ProtocolError
 from jetfed.edge.logs import log_event
 from jetfed.edge.memlink import Link, open_link
 from jetfed.edge.mqtt import BrokerSpec
+from jetfed.edge.topics import Topics
 from jetfed.edge.transfer import BlobServer
-from jetfed.edge.wire import ChunkRequest, Hello, Topics, encode_message, parse_message
+from jetfed.edge.wire import ChunkRequest, Hello, encode_message, parse_message
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ A full model's state is ~91 MB (MiniLM) to several GB; holding a second encoded 
 next to the decoded one is what breaks small devices and a coordinator receiving many updates.
 `write_tensor_file` streams each tensor to disk cast to the wire dtype; `TensorFile` validates a
 received file (names, shapes, dtypes, finite values; refused with ProtocolError like
-`jetfed.edge.wire.decode_tensors`) and then reads tensors lazily, as a read-only mapping.
+`jetfed.edge.tensor_codec.decode_tensors`) and then reads tensors lazily, as a read-only mapping.
 
 A payload of at most `MEMORY_PAYLOAD_BYTES` (a LoRA adapter of a small model) is the exception:
 it stays in memory as bytes (`Payload`), encoded by `tensor_file_bytes`, read by `TensorFile`
@@ -46,7 +46,7 @@ from jetfed.edge.errors import ProtocolError
 if TYPE_CHECKING:
     import torch
 
-    from jetfed.edge.wire import TensorSpec
+    from jetfed.edge.tensor_codec import TensorSpec
 
 FLOAT_DTYPES = ("fp32", "fp16", "bf16")
 UPDATE_DTYPES = (*FLOAT_DTYPES, "int8")

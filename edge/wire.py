@@ -1,9 +1,9 @@
-"""The wire format: topics, message models, the safetensors tensor codec, digests and chunking.
+"""The wire format: message models, blob manifests, digests and chunking, size checks.
 
-Everything that crosses the network is defined here, so that a device and the coordinator can
-never disagree on it. Every inbound message is parsed with `parse_message`, which enforces the
-size limit before parsing and the schema after; tensors are decoded only through
-`decode_tensors`, which checks names, shapes, dtypes and finiteness. No pickle, ever.
+Every message that crosses the network is defined here (its topics in `jetfed.edge.topics`, its
+tensors in `jetfed.edge.tensor_codec`), so that a device and the coordinator can never disagree
+on it. Every inbound message is parsed with `parse_message`, which enforces the size limit before
+parsing and the schema after.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from typing_extensions import Annotated
@@ -33,17 +32,13 @@ from jetfed.edge.bounds import (
 )
 from jetfed.edge.errors import ProtocolError, validation_line
 from jetfed.edge.telemetry.records import PhaseRecord
-
-if TYPE_CHECKING:
-    import torch
+from jetfed.edge.topics import ID_PATTERN
 
 SCHEMA_VERSION = 1
 DEFAULT_CHUNK_SIZE_BYTES = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
 MAX_JSON_MESSAGE_BYTES = 4 << 20
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 DIGEST_PATTERN = r"^[0-9a-f]{64}$"
-WIRE_DTYPES = ("fp32", "fp16", "bf16")
 MANIFEST_VERSION = 2
 """2: a blob's `digest` is the sha256 of its chunk digests, so each side hashes every byte once
 (per chunk). 1 (no `version` field, jetfed before it): the sha256 of the whole payload, a
@@ -52,72 +47,6 @@ second pass over every byte on both sides; refused with one line."""
 
 class PayloadTooLarge(ValueError):
     """A publish over the broker's message limit (it would be dropped, or re-sent forever)."""
-
-
-# --------------------------------------------------------------------------- topics
-
-
-@dataclass(frozen=True)
-class Topics:
-    """The topic scheme under `jetfed/{experiment}/` (see docs/PROTOCOL.md)."""
-
-    experiment: str
-
-    @property
-    def root(self) -> str:
-        return f"jetfed/{self.experiment}"
-
-    @property
-    def task(self) -> str:
-        return f"{self.root}/task"
-
-    @property
-    def coordinator(self) -> str:
-        return f"{self.root}/coordinator"
-
-    def device(self, device_id: str, leaf: str) -> str:
-        return f"{self.root}/devices/{device_id}/{leaf}"
-
-    def chunk(self, device_id: str, direction: str, digest: str, index: int) -> str:
-        return f"{self.root}/devices/{device_id}/{direction}/{digest}/{index}"
-
-    def all_devices(self, leaf: str) -> str:
-        return f"{self.root}/devices/+/{leaf}"
-
-    def parse_device_topic(self, topic: str) -> Tuple[str, str, List[str]]:
-        """`jetfed/e/devices/ID/leaf/rest...` → (ID, leaf, rest); ProtocolError otherwise."""
-        prefix = f"{self.root}/devices/"
-        if not topic.startswith(prefix):
-            raise ProtocolError(f"topic {topic!r} is not under {prefix}")
-        parts = topic[len(prefix) :].split("/")
-        if len(parts) < 2 or not re.fullmatch(ID_PATTERN, parts[0]):
-            raise ProtocolError(f"topic {topic!r} has no valid device id")
-        return parts[0], parts[1], parts[2:]
-
-
-ANNOUNCEMENTS = "jetfed/+/coordinator"
-"""Where a device that is not pinned to an experiment listens for running coordinators."""
-
-
-def announcement_experiment(topic: str) -> str:
-    """`jetfed/EXP/coordinator` → EXP; ProtocolError for any other topic."""
-    parts = topic.split("/")
-    if len(parts) != 3 or parts[0] != "jetfed" or parts[2] != "coordinator":
-        raise ProtocolError(f"topic {topic!r} is not an announcement")
-    if not re.fullmatch(ID_PATTERN, parts[1]):
-        raise ProtocolError(f"topic {topic!r} has no valid experiment name")
-    return parts[1]
-
-
-CHUNK_INDEX_PATTERN = re.compile(r"[0-9]{1,12}")
-
-
-def parse_chunk_index(text: str) -> int:
-    """A chunk topic's index: ASCII digits only (`str.isdigit` also takes `²`, which `int`
-    refuses) and bounded, so no topic can make `int` raise or parse 4,400 digits."""
-    if not CHUNK_INDEX_PATTERN.fullmatch(text):
-        raise ProtocolError(f"chunk index {text[:32]!r} is not a number of at most 12 digits")
-    return int(text)
 
 
 # --------------------------------------------------------------------------- messages
@@ -445,6 +374,10 @@ def encode_message(message: BaseModel) -> bytes:
     return message.model_dump_json().encode("utf-8")
 
 
+def to_json_dict(message: BaseModel) -> Dict[str, Any]:
+    return dict(json.loads(message.model_dump_json()))
+
+
 def message_digest(payload: bytes) -> str:
     """What a nack names a refused update by: the sha256 of the message's exact bytes (a device
     re-sends identical bytes until acknowledged)."""
@@ -513,70 +446,3 @@ def mqtt_publish_wire_bytes(topic: str, payload_bytes: int, qos: int = 1) -> int
     while remaining >= 128**length_bytes and length_bytes < 4:
         length_bytes += 1
     return 1 + length_bytes + remaining
-
-
-# --------------------------------------------------------------------------- tensor codec
-
-
-TensorSpec = Mapping[str, Tuple[int, ...]]
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    import torch
-
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
-def encode_tensors(tensors: Mapping[str, torch.Tensor], dtype: str = "fp32") -> bytes:
-    """safetensors bytes of `tensors` cast to the wire dtype (contiguous CPU copies)."""
-    from safetensors.torch import save
-
-    if dtype not in WIRE_DTYPES:
-        raise ValueError(f"wire dtype {dtype!r} is not one of {WIRE_DTYPES}")
-    target = _torch_dtype(dtype)
-    prepared = {
-        name: tensor.detach().to("cpu", target).contiguous() for name, tensor in tensors.items()
-    }
-    return bytes(save(prepared))
-
-
-def decode_tensors(
-    data: bytes, expected: Optional[TensorSpec] = None, allow_dtypes: Sequence[str] = WIRE_DTYPES
-) -> Dict[str, torch.Tensor]:
-    """Parse safetensors bytes into fp32 tensors, refusing anything not exactly as expected."""
-    import torch
-    from safetensors.torch import load
-
-    try:
-        tensors = load(data)
-    except Exception as exc:  # safetensors raises its own error types for malformed headers
-        raise ProtocolError(f"not a valid safetensors payload: {exc}") from None
-    allowed = {_torch_dtype(name) for name in allow_dtypes}
-    if expected is not None:
-        missing = sorted(set(expected) - set(tensors))
-        unknown = sorted(set(tensors) - set(expected))
-        if missing or unknown:
-            raise ProtocolError(
-                f"tensor names differ: missing {missing[:3]}, unexpected {unknown[:3]}"
-            )
-    decoded: Dict[str, torch.Tensor] = {}
-    for name, tensor in tensors.items():
-        if tensor.dtype not in allowed:
-            raise ProtocolError(f"tensor {name} has dtype {tensor.dtype}, allowed {allow_dtypes}")
-        if expected is not None and tuple(tensor.shape) != tuple(expected[name]):
-            raise ProtocolError(
-                f"tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name])}"
-            )
-        as_fp32 = tensor.to(torch.float32)
-        if not bool(torch.isfinite(as_fp32).all()):
-            raise ProtocolError(f"tensor {name} contains NaN or Inf")
-        decoded[name] = as_fp32
-    return decoded
-
-
-def tensor_spec(tensors: Mapping[str, torch.Tensor]) -> Dict[str, Tuple[int, ...]]:
-    return {name: tuple(tensor.shape) for name, tensor in tensors.items()}
-
-
-def to_json_dict(message: BaseModel) -> Dict[str, Any]:
-    return dict(json.loads(message.model_dump_json()))

@@ -13,6 +13,8 @@ import torch
 
 from jetfed.edge.mqtt import BrokerSpec
 from jetfed.edge.session import DeviceSession
+from jetfed.edge.tensor_codec import decode_tensors, encode_tensors
+from jetfed.edge.topics import Topics
 from jetfed.edge.transfer import Download
 from jetfed.edge.wire import (
     Ack,
@@ -21,11 +23,8 @@ from jetfed.edge.wire import (
     Hello,
     Nack,
     Task,
-    Topics,
     Update,
-    decode_tensors,
     encode_message,
-    encode_tensors,
     make_manifest,
     parse_message,
 )

@@ -17,6 +17,7 @@ from safetensors.torch import save
 
 from jetfed.coordinator.inbound import MAX_REJECTED_CHUNKS
 from jetfed.edge.telemetry.records import PhaseRecord
+from jetfed.edge.tensor_codec import encode_tensors
 from jetfed.edge.wire import (
     Ack,
     ChunkRequest,
@@ -25,7 +26,6 @@ from jetfed.edge.wire import (
     ProfileBatch,
     Task,
     encode_message,
-    encode_tensors,
     make_manifest,
 )
 from tests.brokers import MosquittoBroker

@@ -27,10 +27,10 @@ from cryptography import x509
 from jetfed.coordinator.broker_config import (
     BrokerConfigOptions,
     generate_broker_config,
-    parse_devices,
     pbkdf2_password_hash,
     read_env_file,
 )
+from jetfed.coordinator.devices_file import parse_devices
 from jetfed.edge.errors import UserError
 from tests.brokers import MosquittoBroker, free_port
 

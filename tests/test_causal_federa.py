@@ -14,8 +14,9 @@ import torch
 from jetfed.edge.instructions import instruction_batch, load_instructions
 from jetfed.edge.methods.base import get_method
 from jetfed.edge.models import load_causal_lm, load_tokenizer
+from jetfed.edge.tensor_codec import encode_tensors
 from jetfed.edge.train import train_local
-from jetfed.edge.wire import TrainingConfig, encode_tensors
+from jetfed.edge.wire import TrainingConfig
 from tests.conftest import DATASETS, REPO_ROOT
 from tests.fleet import ENV
 from tests.llm import SMOLLM2, require_smollm2

@@ -11,7 +11,8 @@ import torch
 
 from jetfed.edge.methods.base import get_method
 from jetfed.edge.models import load_classifier, load_tokenizer
-from jetfed.edge.wire import ModelRef, encode_tensors
+from jetfed.edge.tensor_codec import encode_tensors
+from jetfed.edge.wire import ModelRef
 
 REF = ModelRef(name_or_path="minilm", num_labels=2, max_length=64)
 SENTENCES = ["a gorgeous, witty, seductive movie .", "the plot is nothing but boilerplate clichés"]

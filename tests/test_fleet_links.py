@@ -1,5 +1,6 @@
 """Local fleets behind emulated links: `jetfed demo --link` end to end, what its run directory
-records, phase times the link rate dictates, brokers devices can reach, and no leftovers."""
+records, transfer phases no shorter than the link rate allows, brokers devices can reach, and no
+leftovers. Nothing is timed against an upper bound: rates are measured by bench/link_rates.py."""
 
 from __future__ import annotations
 
@@ -28,8 +29,6 @@ root_only = pytest.mark.skipif(not CAN_LINK, reason=ROOT_REASON)
 
 LINK = "20mbit,10ms"
 RATE_BIT_S = 20e6
-SLOWEST_PHASE_S = 5.0
-"""Slack over 3× the rate's time for a transfer phase on a shared 2-core machine."""
 
 
 def _jsonl(path: Path) -> List[Dict[str, Any]]:
@@ -85,9 +84,10 @@ def test_lora_demo_behind_20mbit_links_records_the_link_and_its_transfer_times(
         download = r["phase"] == "download"
         payload_bytes = r["bytes_received"] if download else r["extra"]["update_payload_bytes"]
         assert payload_bytes > 250_000  # LoRA r=8 on query,value + head, fp32
-        implied_s = payload_bytes * 8 / RATE_BIT_S
-        # Every payload byte crossed the 20 Mbit/s link inside the phase (headers only add).
-        assert implied_s <= r["duration_s"] <= 3 * implied_s + SLOWEST_PHASE_S, (r, implied_s)
+        # The link shaped the transfer: every payload byte crossed the 20 Mbit/s link inside the
+        # phase (headers only add), so no phase is shorter than the rate allows; how much longer
+        # it took depends on the machine's load (bench/link_rates.py measures rates).
+        assert r["duration_s"] >= payload_bytes * 8 / RATE_BIT_S, r
 
 
 def _cli_error(monkeypatch: pytest.MonkeyPatch, capsys: Any, *argv: str) -> str:

@@ -34,6 +34,7 @@ from jetfed.edge.agent import EdgeAgent, EdgeConfig
 from jetfed.edge.errors import ProtocolError
 from jetfed.edge.mqtt import BrokerSpec
 from jetfed.edge.telemetry.records import PhaseRecord
+from jetfed.edge.topics import Topics
 from jetfed.edge.transfer import Download
 from jetfed.edge.wire import (
     Ack,
@@ -43,7 +44,6 @@ from jetfed.edge.wire import (
     ProfileBatch,
     Progress,
     Task,
-    Topics,
     Update,
     make_manifest,
     parse_message,

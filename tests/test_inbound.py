@@ -13,17 +13,18 @@ import pytest
 import torch
 
 from jetfed.coordinator.config import parse_config
-from jetfed.coordinator.inbound import Intake, check_sender
+from jetfed.coordinator.inbound import Intake
+from jetfed.coordinator.inbound_checks import check_sender
 from jetfed.coordinator.registry import DeviceRegistry
 from jetfed.coordinator.rundir import RunDir
 from jetfed.edge.errors import ProtocolError
 from jetfed.edge.tensorfile import TensorFile, refuse_index_tensors
+from jetfed.edge.topics import Topics
 from jetfed.edge.transfer import BlobServer
 from jetfed.edge.wire import (
     Hello,
     ModelRef,
     Task,
-    Topics,
     TrainingConfig,
     Update,
     encode_message,

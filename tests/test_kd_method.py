@@ -15,8 +15,9 @@ from jetfed.edge.errors import ProtocolError, UserError
 from jetfed.edge.instructions import InstructionSet
 from jetfed.edge.methods.base import get_method
 from jetfed.edge.methods.kd import KdMethod, ProxyRound, proxy_rows
+from jetfed.edge.tensor_codec import decode_tensors, encode_tensors
 from jetfed.edge.topk import SparseLogProbs, sparse_mixture, top_k
-from jetfed.edge.wire import ModelRef, decode_tensors, encode_tensors
+from jetfed.edge.wire import ModelRef
 
 REF = ModelRef(name_or_path="minilm", num_labels=2)
 

@@ -300,7 +300,7 @@ def test_robust_strategies_report_the_error_too(name: str) -> None:
 
 def test_exact_fold_survives_a_resume_and_travels_as_one_blob() -> None:
     from jetfed.edge.methods.lora import FOLD_BLOB
-    from jetfed.edge.wire import decode_tensors
+    from jetfed.edge.tensor_codec import decode_tensors
 
     gen = torch.Generator().manual_seed(8)
     state = random_state(gen)

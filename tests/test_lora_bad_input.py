@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from jetfed.coordinator.strategies.lowrank import spec_at_rank
+from jetfed.edge.tensor_codec import tensor_spec
 from jetfed.edge.transfer import BlobServer
 from jetfed.edge.wire import (
     DeviceAssignment,
@@ -20,7 +21,6 @@ from jetfed.edge.wire import (
     TrainingConfig,
     Update,
     encode_message,
-    tensor_spec,
 )
 from tests.test_inbound import Wire, deliver, joined_intake
 

@@ -29,7 +29,8 @@ from jetfed.edge.methods.base import (
 )
 from jetfed.edge.mqtt import BrokerSpec
 from jetfed.edge.telemetry.phases import Profiler
-from jetfed.edge.wire import ModelRef, TrainingConfig, tensor_spec
+from jetfed.edge.tensor_codec import tensor_spec
+from jetfed.edge.wire import ModelRef, TrainingConfig
 
 
 class Forgetful(FederatedMethod):

@@ -31,9 +31,10 @@ from jetfed.edge.methods.split import (
 )
 from jetfed.edge.models import is_causal_lm, load_tokenizer
 from jetfed.edge.split_layout import SplitLayout
+from jetfed.edge.topics import Topics
 from jetfed.edge.train import tokenize_batch
 from jetfed.edge.transfer import TransferTimeout
-from jetfed.edge.wire import ModelRef, Topics
+from jetfed.edge.wire import ModelRef
 from tests.conftest import DATASETS
 from tests.llm import SMOLLM2, require_smollm2
 

@@ -19,8 +19,9 @@ from jetfed.edge.errors import ProtocolError
 from jetfed.edge.mqtt import BrokerSpec, MqttLink
 from jetfed.edge.spool import pooled
 from jetfed.edge.tensorfile import TensorFile
+from jetfed.edge.topics import Topics
 from jetfed.edge.transfer import BlobServer, Download, TransferTimeout
-from jetfed.edge.wire import BlobManifest, ChunkRequest, Topics, encode_message, parse_message
+from jetfed.edge.wire import BlobManifest, ChunkRequest, encode_message, parse_message
 from tests.brokers import MosquittoBroker, free_port
 
 TOPICS = Topics("xfer")

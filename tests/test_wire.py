@@ -9,22 +9,20 @@ import pytest
 import torch
 
 from jetfed.edge.errors import ProtocolError
+from jetfed.edge.tensor_codec import decode_tensors, encode_tensors, tensor_spec
+from jetfed.edge.topics import Topics
 from jetfed.edge.transfer import BlobServer, Download, TransferTimeout
 from jetfed.edge.wire import (
     BlobManifest,
     Hello,
     PayloadTooLarge,
-    Topics,
     Update,
     check_publish_size,
-    decode_tensors,
     encode_message,
-    encode_tensors,
     make_manifest,
     mqtt_publish_wire_bytes,
     parse_message,
     sha256_hex,
-    tensor_spec,
 )
 
 

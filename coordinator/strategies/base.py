@@ -26,8 +26,9 @@ from jetfed.edge.errors import ProtocolError, UserError, validation_line
 from jetfed.edge.instruction_eval import GenerationBudget, evaluate_instructions
 from jetfed.edge.instructions import InstructionSet
 from jetfed.edge.methods.base import FederatedMethod, Tensors, register_unique
+from jetfed.edge.tensor_codec import tensor_spec
 from jetfed.edge.tensorfile import TensorFile, refuse_index_tensors
-from jetfed.edge.wire import ModelRef, Update, tensor_spec
+from jetfed.edge.wire import ModelRef, Update
 
 
 class StrategySettings(BaseModel):

@@ -47,7 +47,7 @@ from jetfed.coordinator.strategies.lowrank import (
 from jetfed.coordinator.strategies.truncated_svd import SvdSettings, top_singular
 from jetfed.edge.methods.base import Tensors
 from jetfed.edge.methods.lora import FOLD_BLOB, fold_into_base
-from jetfed.edge.wire import encode_tensors
+from jetfed.edge.tensor_codec import encode_tensors
 
 FOLD_FILE = "base_fold.safetensors"
 

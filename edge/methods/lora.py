@@ -152,7 +152,7 @@ class LoraMethod(FederatedMethod):
 
     def local_round(self, job: LocalRound) -> LocalResult:
         """The default round, after folding the task's `lora_fold` (exact) into the base."""
-        from jetfed.edge.wire import decode_tensors
+        from jetfed.edge.tensor_codec import decode_tensors
 
         fold = job.extra_blobs.get(FOLD_BLOB)
         if fold is not None:
