@@ -4,7 +4,7 @@ fits / does-not-fit row per device with the largest batch that fits.
 A Jetson's CPU and GPU share its DRAM, so the budget is the module's memory less what is never
 the training process's: the firmware carve-outs (GPU, video, camera, secure world) and an idle
 headless JetPack 6 (Ubuntu, the jtop service, jetfed's agent before it imports torch).
-`ORIN_RESERVED_BYTES` is an assumption of that order, not a measurement; `free -b`'s
+The `*_RESERVED_BYTES` below are assumptions of that order, not measurements; `free -b`'s
 `available` on the idle device, given as `--device-memory-gb`, replaces it with yours.
 """
 
@@ -24,7 +24,7 @@ PeakAt = Callable[[int], int]
 """Estimated peak bytes at a batch size."""
 NANO_NX_RESERVED_BYTES = int(1.6 * GB)
 AGX_RESERVED_BYTES = int(2.7 * GB)
-"""Larger modules carve out more for the GPU and engines (AGX's jtop shows ~61 of 64 GiB)."""
+"""The AGX modules are given more: larger carve-outs for the GPU and engines (also assumed)."""
 
 
 class TargetDevice(BaseModel):
