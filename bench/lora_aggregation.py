@@ -38,9 +38,9 @@ RANK, ALPHA, FLEX_RANKS = 8, 16.0, (4, 8, 16)
 
 def adapted_shapes(model: str) -> Dict[str, Tuple[int, int]]:
     """prefix → (out, in) of every query/value Linear, from the model's config alone."""
-    from jetfed.edge.memory_budget import _meta_model
+    from jetfed.edge.memory_budget import budget_model
 
-    meta = _meta_model(model, 2)
+    meta = budget_model(model).model
     targets = ("query", "value", "q_proj", "v_proj")
     return {
         name: (module.out_features, module.in_features)

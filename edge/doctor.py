@@ -53,6 +53,8 @@ class DoctorOptions(BaseModel):
     num_labels: int = Field(default=2, ge=1)
     lora_rank: int = Field(default=8, ge=1)
     cut_layer: Optional[int] = Field(default=None, ge=1)
+    gradient_checkpointing: bool = False
+    response_tokens: Optional[int] = Field(default=None, ge=1)
     broker: Optional[BrokerSpec] = None
     broker_timeout_s: float = Field(default=5.0, gt=0)
     root: str = "/"
@@ -255,6 +257,8 @@ def check_memory(options: DoctorOptions, context: DeviceContext) -> CheckResult:
         num_labels=options.num_labels,
         method_config=options.method_config(),
         cuda=cuda,
+        response_tokens=options.response_tokens,
+        gradient_checkpointing=options.gradient_checkpointing,
     )
     available, source = _available_bytes(on_jetson, cuda)
     needed = estimate.total_bytes

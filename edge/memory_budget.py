@@ -1,7 +1,10 @@
 """Will local training fit? Memory estimated from the model's config, before any weight loads.
 
 The model is instantiated on PyTorch's `meta` device (shapes, no storage), so parameter counts
-and the LoRA target layers are exact for any architecture transformers knows. On top of that:
+and the LoRA target layers are exact for any architecture transformers knows. Its config comes
+from the model when it is installed, else from the facts jetfed ships for the causal LMs users
+ask about (`jetfed.edge.architectures`: SmolLM2, Qwen2.5-0.5B, Llama-3.2-1B), so a device's
+budget can be planned offline. On top of that:
 
 - weights fp32 (the methods train in fp32), gradients and AdamW's two moments for the trainable
   parameters only;
@@ -27,6 +30,7 @@ registered method is budgeted, and a new one that trains every weight is by defa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict
@@ -48,6 +52,8 @@ class MemoryEstimate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
+    source: str
+    """Where the architecture came from (its config.json, or the facts jetfed ships)."""
     method: str
     batch_size: int
     max_length: int
@@ -63,25 +69,47 @@ class MemoryEstimate(BaseModel):
     total_bytes: int
 
 
-def _meta_model(name_or_path: str, num_labels: int) -> Any:
-    """The model (causal LM or classifier, by its config) on the meta device: shapes only."""
+@dataclass
+class BudgetModel:
+    """A model on the meta device (shapes only) and where its architecture came from."""
+
+    model: Any
+    source: str
+
+
+def budget_model(name_or_path: str, num_labels: int = 2) -> BudgetModel:
+    """The model (causal LM or classifier, by its config) on the meta device: from its own
+    config.json when it is installed (folder, packaged name, Hugging Face cache), else from the
+    architecture facts jetfed ships (`jetfed.edge.architectures`)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from jetfed.edge.architectures import KNOWN_ARCHITECTURES, known_architecture
     from jetfed.edge.models import quiet_transformers, resolve_model_path
 
-    path = resolve_model_path(name_or_path)
     with quiet_transformers():
         try:
-            config = AutoConfig.from_pretrained(path, num_labels=num_labels)
-        except (OSError, ValueError) as exc:
-            raise UserError(
-                f"--model {name_or_path!r}: cannot read its config: {one_line(exc)}"
-            ) from None
+            path = resolve_model_path(name_or_path)
+            try:
+                config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+            except (OSError, ValueError) as exc:
+                raise UserError(
+                    f"--model {name_or_path!r}: cannot read its config: {one_line(exc)}"
+                ) from None
+            source = f"the config.json of {path}"
+        except UserError as exc:
+            known = known_architecture(name_or_path)
+            if known is None:
+                raise UserError(
+                    f"{exc} (architectures known without download: "
+                    f"{', '.join(KNOWN_ARCHITECTURES)})"
+                ) from None
+            config = known.config()
+            source = f"{known.hub_id}'s config.json, as shipped with jetfed"
         causal = any(a.endswith("ForCausalLM") for a in config.architectures or [])
         auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
         with torch.device("meta"):
-            return auto.from_config(config)
+            return BudgetModel(model=auto.from_config(config), source=source)
 
 
 def lora_params(
@@ -131,6 +159,78 @@ def num_layers(model: Any) -> int:
     return int(model.config.num_hidden_layers)
 
 
+class TrainingBudget:
+    """One model and method on the meta device, estimated at any batch: the model is built once
+    (a 1B-parameter meta model takes seconds), the per-batch arithmetic is cheap."""
+
+    def __init__(
+        self,
+        name_or_path: str,
+        method: str,
+        max_length: int,
+        num_labels: int = 2,
+        method_config: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        from jetfed.edge.methods.base import get_method
+        from jetfed.edge.wire import ModelRef
+
+        ref = ModelRef(name_or_path=name_or_path, num_labels=num_labels, max_length=max_length)
+        federated = get_method(method)(method_config or {}, ref)
+        self.name_or_path, self.method, self.max_length = name_or_path, method, max_length
+        built = budget_model(name_or_path, num_labels)
+        self.model, self.source = built.model, built.source
+        self.footprint = federated.memory_footprint(self.model)
+        self.total_params = sum(param.numel() for param in self.model.parameters())
+        self.causal = type(self.model).__name__.endswith("ForCausalLM")
+
+    def estimate(
+        self,
+        batch_size: int,
+        cuda: bool = False,
+        response_tokens: Optional[int] = None,
+        gradient_checkpointing: bool = False,
+    ) -> MemoryEstimate:
+        config, footprint, max_length = self.model.config, self.footprint, self.max_length
+        hidden = int(config.hidden_size)
+        intermediate = int(getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden)
+        heads = int(config.num_attention_heads)
+        tokens = batch_size * max_length
+        per_layer = (
+            tokens
+            * (ACTIVATION_HIDDEN_FACTOR * hidden + ACTIVATION_INTERMEDIATE_FACTOR * intermediate)
+            + batch_size * heads * max_length * max_length
+        )
+        kept = footprint.layers * per_layer
+        if gradient_checkpointing:  # each layer's input, plus one layer recomputed at a time
+            kept = footprint.layers * tokens * hidden + per_layer
+        activations = footprint.graphs * (kept + tokens * hidden) * FP32_BYTES
+        logits = 0
+        if self.causal and footprint.logits_on_device:
+            answer = min(max_length, response_tokens or max_length)
+            logits = batch_size * answer * int(config.vocab_size) * FP32_BYTES * LOGITS_COPIES
+        runtime = RUNTIME_CPU_BYTES + (CUDA_RUNTIME_BYTES if cuda else 0)
+        weights = footprint.held_params * FP32_BYTES
+        gradients = footprint.trainable_params * FP32_BYTES
+        optimizer = footprint.trainable_params * FP32_BYTES * ADAMW_STATES
+        return MemoryEstimate(
+            model=self.name_or_path,
+            source=self.source,
+            method=self.method,
+            batch_size=batch_size,
+            max_length=max_length,
+            total_params=self.total_params,
+            trainable_params=footprint.trainable_params,
+            layers_on_device=footprint.layers,
+            weights_bytes=weights,
+            gradients_bytes=gradients,
+            optimizer_bytes=optimizer,
+            activations_bytes=activations,
+            logits_bytes=logits,
+            runtime_bytes=runtime,
+            total_bytes=weights + gradients + optimizer + activations + logits + runtime,
+        )
+
+
 def estimate_training_memory(
     name_or_path: str,
     method: str,
@@ -144,50 +244,8 @@ def estimate_training_memory(
 ) -> MemoryEstimate:
     """Peak memory of a device's local round for the registered `method` (with its `method:`
     settings, e.g. rank or cut_layer), from the model's config alone."""
-    from jetfed.edge.methods.base import get_method
-    from jetfed.edge.wire import ModelRef
-
-    ref = ModelRef(name_or_path=name_or_path, num_labels=num_labels, max_length=max_length)
-    federated = get_method(method)(method_config or {}, ref)
-    model = _meta_model(name_or_path, num_labels)
-    config = model.config
-    hidden = int(config.hidden_size)
-    intermediate = int(getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden)
-    heads = int(config.num_attention_heads)
-    footprint = federated.memory_footprint(model)
-    tokens = batch_size * max_length
-    per_layer = (
-        tokens * (ACTIVATION_HIDDEN_FACTOR * hidden + ACTIVATION_INTERMEDIATE_FACTOR * intermediate)
-        + batch_size * heads * max_length * max_length
-    )
-    kept = footprint.layers * per_layer
-    if gradient_checkpointing:  # each layer's input, plus one layer recomputed at a time
-        kept = footprint.layers * tokens * hidden + per_layer
-    activations = footprint.graphs * (kept + tokens * hidden) * FP32_BYTES
-    logits = 0
-    if type(model).__name__.endswith("ForCausalLM") and footprint.logits_on_device:
-        answer = min(max_length, response_tokens or max_length)
-        logits = batch_size * answer * int(config.vocab_size) * FP32_BYTES * LOGITS_COPIES
-    runtime = RUNTIME_CPU_BYTES + (CUDA_RUNTIME_BYTES if cuda else 0)
-    weights = footprint.held_params * FP32_BYTES
-    gradients = footprint.trainable_params * FP32_BYTES
-    optimizer = footprint.trainable_params * FP32_BYTES * ADAMW_STATES
-    return MemoryEstimate(
-        model=name_or_path,
-        method=method,
-        batch_size=batch_size,
-        max_length=max_length,
-        total_params=sum(param.numel() for param in model.parameters()),
-        trainable_params=footprint.trainable_params,
-        layers_on_device=footprint.layers,
-        weights_bytes=weights,
-        gradients_bytes=gradients,
-        optimizer_bytes=optimizer,
-        activations_bytes=activations,
-        logits_bytes=logits,
-        runtime_bytes=runtime,
-        total_bytes=weights + gradients + optimizer + activations + logits + runtime,
-    )
+    budget = TrainingBudget(name_or_path, method, max_length, num_labels, method_config)
+    return budget.estimate(batch_size, cuda, response_tokens, gradient_checkpointing)
 
 
 def describe(estimate: MemoryEstimate) -> List[str]:
