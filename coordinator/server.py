@@ -17,7 +17,7 @@ import random
 import threading
 import time
 from operator import methodcaller
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from jetfed.coordinator.assignment import AssignmentPolicy, Refused, memory_estimator
 from jetfed.coordinator.config import (
@@ -47,11 +47,13 @@ from jetfed.coordinator.strategies.lowrank import TensorSpec, spec_at_rank
 from jetfed.coordinator.update_norm import update_norms
 from jetfed.edge.data import load_task_split
 from jetfed.edge.errors import UserError
+from jetfed.edge.heap import release_freed_memory
 from jetfed.edge.logs import log_event
 from jetfed.edge.memlink import open_link
 from jetfed.edge.methods.base import FederatedMethod, Tensors, get_method
 from jetfed.edge.mqtt import BrokerSpec
 from jetfed.edge.telemetry.records import PhaseRecord
+from jetfed.edge.tensorfile import TensorFile
 from jetfed.edge.transfer import BlobServer
 from jetfed.edge.wire import (
     Announcement,
@@ -62,6 +64,9 @@ from jetfed.edge.wire import (
     encode_message,
 )
 from jetfed.edge.wire import DeviceAssignment as WireAssignment
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +156,9 @@ class Coordinator:
         )
         if self._saved_strategy_state:
             self.strategy.load_state(self._saved_strategy_state)
+        self.global_state = self._held(self.global_state)
         self.expected = self.strategy.update_spec()
+        release_freed_memory()  # what building the models and the initial state left
         self.assignment = self._assignment_policy()
         self._decisions: Dict[str, Any] = {}
         """This round's `assignment:` decision per eligible device (DeviceAssignment/Refused)."""
@@ -372,7 +379,8 @@ class Coordinator:
             self.assignment.observe(
                 records, {d: a.batch_size for d, a in metrics.assignments.items()}
             )
-        self._aggregate(metrics, accepted)
+        self._aggregate(metrics, accepted, task.global_state.digest)
+        release_freed_memory()  # the aggregation's blocks and copies
         for digest in offered:
             self.blobs.withdraw(digest)
         self.intake.release_round()
@@ -462,8 +470,13 @@ class Coordinator:
             )
         return assignments, specs, list(states.values())
 
-    def _aggregate(self, metrics: RoundMetrics, accepted: List[AcceptedUpdate]) -> None:
-        """The strategy's next global state, if at least `min_clients` updates arrived."""
+    def _aggregate(
+        self, metrics: RoundMetrics, accepted: List[AcceptedUpdate], offered_digest: str
+    ) -> None:
+        """The strategy's next global state, if at least `min_clients` updates arrived.
+
+        A state held in the evaluation model is overwritten in place; the step's norms then
+        read the previous one from its offered blob (`offered_digest`, fp32: the same bits)."""
         if len(accepted) < self.config.rounds.min_clients:
             log_event(
                 logger,
@@ -476,10 +489,14 @@ class Coordinator:
             return
         t0 = time.monotonic()
         self.strategy.layer_errors = {}
-        previous = self.global_state
-        self.global_state = self.strategy.aggregate(
-            metrics.round_index, self.global_state, accepted
-        )
+        previous: Mapping[str, torch.Tensor] = self.global_state
+        if self.strategy.state_in_eval_model:
+            previous = TensorFile(self.blobs.payload(offered_digest))
+            self.strategy.aggregate_into(metrics.round_index, self.global_state, accepted)
+        else:
+            self.global_state = self.strategy.aggregate(
+                metrics.round_index, self.global_state, accepted
+            )
         metrics.aggregate_s = time.monotonic() - t0
         facts = self.method.run_facts()
         metrics.extra.update(facts)
@@ -502,6 +519,13 @@ class Coordinator:
         metrics.train_loss = (
             sum(a.update.train_loss * a.update.num_samples for a in accepted) / total
         )
+
+    def _held(self, state: Tensors) -> Tensors:
+        """The global state as the coordinator keeps it: as the evaluation model's parameters
+        where the strategy allows, so that a full model is held once, not twice."""
+        if not self.strategy.state_in_eval_model:
+            return state
+        return self.method.state_in_model(self.strategy.ctx.eval_model, state)
 
     def _evaluate_and_export(self, metrics: RoundMetrics) -> None:
         t0 = time.monotonic()
