@@ -93,6 +93,7 @@ def test_fedavg_over_files_equals_the_in_memory_mean(
     for item in on_disk:
         assert isinstance(item.tensors, CountingFile)
         assert item.tensors.largest["emb"] < 12000  # 2.3 MB of fp32: read in row blocks
+        assert "emb" in item.tensors and "nope" not in item.tensors  # from the header
 
 
 def test_fedavg_refuses_a_round_without_updates() -> None:
