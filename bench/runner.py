@@ -50,6 +50,7 @@ SEPARATE = (
     "reproduction",
     "compression_accuracy",
     "causal_lm",
+    "coordinator_memory",
     "method_comparison",
     "fleet_soak",
     "spectra",

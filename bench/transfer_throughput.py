@@ -36,6 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from bench.runner import table
 from bench.stats import median
 from jetfed.edge.errors import ProtocolError
+from jetfed.edge.heap import release_freed_memory
 from jetfed.edge.mqtt import BrokerSpec, MqttLink
 from jetfed.edge.telemetry.memory import peak_rss_bytes
 from jetfed.edge.topics import Topics
@@ -44,7 +45,6 @@ from jetfed.edge.transfer import (
     BlobServer,
     Download,
     SharedWindow,
-    release_chunk_memory,
 )
 from jetfed.edge.wire import BlobManifest, ChunkRequest, encode_message, parse_message
 
@@ -360,7 +360,7 @@ def receive_main(url: str, manifests_path: str, global_path: str) -> None:
     pull_all(link, manifests, on_complete=keep)
     seconds = time.perf_counter() - start
     marks["peak_rss_received_bytes"] = peak_rss_bytes() or 0
-    release_chunk_memory()  # as the coordinator's Intake.close_round does
+    release_freed_memory()  # as the coordinator's Intake.close_round does
     marks["rss_received_bytes"] = process.memory_info().rss
     global_state = strategy.aggregate(0, global_state, accepted)
     done.set()

@@ -29,6 +29,7 @@ from jetfed.coordinator.registry import DeviceRegistry
 from jetfed.coordinator.rundir import RunDir
 from jetfed.coordinator.strategies.base import AcceptedUpdate
 from jetfed.edge.errors import ProtocolError
+from jetfed.edge.heap import release_freed_memory
 from jetfed.edge.logs import log_event
 from jetfed.edge.telemetry.records import PhaseRecord
 from jetfed.edge.tensorfile import TensorFile, refuse_index_tensors
@@ -38,7 +39,6 @@ from jetfed.edge.transfer import (
     Download,
     SharedWindow,
     TransferTimeout,
-    release_chunk_memory,
 )
 from jetfed.edge.wire import (
     LIVE_TELEMETRY_MAX_BYTES,
@@ -150,7 +150,7 @@ class Intake:
         for download in inbound.transfers.values():  # unfinished: their window shares go back
             download.close()
         inbound.transfers.clear()
-        release_chunk_memory()  # before the strategy allocates the next global state
+        release_freed_memory()  # before the strategy allocates the next global state
         return [inbound.accepted[d] for d in sorted(inbound.accepted)]
 
     def release_round(self) -> None:

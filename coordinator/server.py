@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from operator import methodcaller
-from typing import Any, Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, List, Mapping, Optional, Tuple
 
 from jetfed.coordinator.assignment import Refused
 from jetfed.coordinator.config import (
@@ -24,7 +24,6 @@ from jetfed.coordinator.config import (
     causal_lm_config,
     config_digest,
     model_ref_of,
-    resume_conflicts,
 )
 from jetfed.coordinator.inbound import Intake
 from jetfed.coordinator.observer import RunObserver, notify
@@ -35,6 +34,7 @@ from jetfed.coordinator.records import (
     device_totals,
 )
 from jetfed.coordinator.registry import DeviceRegistry
+from jetfed.coordinator.run_start import load_validation, num_labels, start_run
 from jetfed.coordinator.rundir import RunDir
 from jetfed.coordinator.selection import Selection, assignment_policy
 from jetfed.coordinator.strategies.base import (
@@ -44,15 +44,19 @@ from jetfed.coordinator.strategies.base import (
     make_strategy,
 )
 from jetfed.coordinator.update_norm import update_norms
-from jetfed.edge.data import load_task_split
 from jetfed.edge.errors import UserError
+from jetfed.edge.heap import release_freed_memory
 from jetfed.edge.logs import log_event
 from jetfed.edge.memlink import open_link
 from jetfed.edge.methods.base import FederatedMethod, Tensors, get_method
 from jetfed.edge.mqtt import BrokerSpec
+from jetfed.edge.tensorfile import TensorFile
 from jetfed.edge.topics import Topics
 from jetfed.edge.transfer import BlobServer
 from jetfed.edge.wire import Announcement, BlobManifest, Progress, Task, encode_message
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -96,18 +100,18 @@ class Coordinator:
                 "or choose another experiment name"
             )
         self.causal = causal_lm_config(config)
-        self.validation = self._load_validation()
-        self.model_ref = model_ref_of(config, config.model.num_labels or self._num_labels())
+        self.validation = load_validation(config, self.causal)
+        self.model_ref = model_ref_of(
+            config, config.model.num_labels or num_labels(config, self.validation)
+        )
         self.method: FederatedMethod = get_method(config.method.name)(
             config.method.settings(), self.model_ref
         )
-        self.start_round = 0
-        self.wall_clock_offset_s = 0.0
-        self.global_state: Tensors = {}
-        self.init: Optional[Tensors] = None
-        self._saved_strategy_state: Tensors = {}
         self.registry = DeviceRegistry(config.data.client_indices)
-        self._setup_state(resume)
+        start = start_run(config, self.method, self.run_dir, self.registry, resume)
+        self.start_round = start.start_round
+        self.wall_clock_offset_s = start.wall_clock_offset_s
+        self.init = start.init
         from jetfed.edge.models import load_tokenizer, pick_device
 
         self.strategy: Strategy = make_strategy(
@@ -126,9 +130,11 @@ class Coordinator:
                 generation=config.evaluation,
             ),
         )
-        if self._saved_strategy_state:
-            self.strategy.load_state(self._saved_strategy_state)
+        if start.strategy_state:
+            self.strategy.load_state(start.strategy_state)
+        self.global_state = self._held(start.global_state)
         self.expected = self.strategy.update_spec()
+        release_freed_memory()  # what building the models and the initial state left
         self.assignment = assignment_policy(
             config, self.method, self.strategy, self.global_state, self.model_ref
         )
@@ -171,46 +177,6 @@ class Coordinator:
             pump=self._pump,
             stopped=lambda: self._stop,
         )
-
-    # ------------------------------------------------------------------ setup
-
-    def _load_validation(self) -> Any:
-        data = self.config.data
-        dataset = load_task_split(data.path, data.validation_split, self.causal)
-        if data.max_eval_samples is not None and len(dataset) > data.max_eval_samples:
-            dataset = dataset.subset(range(data.max_eval_samples))
-        return dataset
-
-    def _num_labels(self) -> int:
-        from pathlib import Path
-
-        labels_file = Path(self.config.data.path) / "labels.json"
-        if labels_file.exists():
-            import json
-
-            return len(json.loads(labels_file.read_text()))
-        return max(2, self.validation.num_classes)
-
-    def _setup_state(self, resume: bool) -> None:
-        if resume and (self.run_dir.checkpoint_dir / "state.json").exists():
-            conflicts = resume_conflicts(self.run_dir.load_config(), self.config)
-            if conflicts:
-                raise UserError(
-                    f"--resume: {self.config.name}'s config changed since the checkpoint "
-                    f"({'; '.join(conflicts[:3])}); only rounds.count and broker may change"
-                )
-            state, self.global_state, self.init, self._saved_strategy_state = (
-                self.run_dir.load_checkpoint()
-            )
-            self.start_round = state.completed_round + 1
-            self.wall_clock_offset_s = state.wall_clock_s
-            self.registry.client_indices.update(state.client_indices)
-            log_event(logger, logging.WARNING, "run.resumed", next_round=self.start_round)
-            return
-        initial = self.method.initial_state(seed=self.config.seed)
-        self.global_state = initial.global_state
-        self.init = initial.init
-        self.run_dir.create(self.config.model_dump(mode="json", exclude={"broker"}))
 
     # ------------------------------------------------------------------ paho thread
 
@@ -334,7 +300,8 @@ class Coordinator:
             self.assignment.observe(
                 records, {d: a.batch_size for d, a in metrics.assignments.items()}
             )
-        self._aggregate(metrics, accepted)
+        self._aggregate(metrics, accepted, task.global_state.digest)
+        release_freed_memory()  # the aggregation's blocks and copies
         for digest in offered:
             self.blobs.withdraw(digest)
         self.intake.release_round()
@@ -394,8 +361,13 @@ class Coordinator:
         offered = [global_manifest, *extra_manifests.values(), *rank_states]
         return task, [manifest.digest for manifest in offered]
 
-    def _aggregate(self, metrics: RoundMetrics, accepted: List[AcceptedUpdate]) -> None:
-        """The strategy's next global state, if at least `min_clients` updates arrived."""
+    def _aggregate(
+        self, metrics: RoundMetrics, accepted: List[AcceptedUpdate], offered_digest: str
+    ) -> None:
+        """The strategy's next global state, if at least `min_clients` updates arrived.
+
+        A state held in the evaluation model is overwritten in place; the step's norms then
+        read the previous one from its offered blob (`offered_digest`, fp32: the same bits)."""
         if len(accepted) < self.config.rounds.min_clients:
             log_event(
                 logger,
@@ -408,10 +380,14 @@ class Coordinator:
             return
         t0 = time.monotonic()
         self.strategy.layer_errors = {}
-        previous = self.global_state
-        self.global_state = self.strategy.aggregate(
-            metrics.round_index, self.global_state, accepted
-        )
+        previous: Mapping[str, torch.Tensor] = self.global_state
+        if self.strategy.state_in_eval_model:
+            previous = TensorFile(self.blobs.payload(offered_digest))
+            self.strategy.aggregate_into(metrics.round_index, self.global_state, accepted)
+        else:
+            self.global_state = self.strategy.aggregate(
+                metrics.round_index, self.global_state, accepted
+            )
         metrics.aggregate_s = time.monotonic() - t0
         facts = self.method.run_facts()
         metrics.extra.update(facts)
@@ -434,6 +410,13 @@ class Coordinator:
         metrics.train_loss = (
             sum(a.update.train_loss * a.update.num_samples for a in accepted) / total
         )
+
+    def _held(self, state: Tensors) -> Tensors:
+        """The global state as the coordinator keeps it: as the evaluation model's parameters
+        where the strategy allows, so that a full model is held once, not twice."""
+        if not self.strategy.state_in_eval_model:
+            return state
+        return self.method.state_in_model(self.strategy.ctx.eval_model, state)
 
     def _evaluate_and_export(self, metrics: RoundMetrics) -> None:
         t0 = time.monotonic()

@@ -376,6 +376,10 @@ class TensorFile(Mapping[str, "torch.Tensor"]):
         blocks = [block for _, block in self.row_blocks(name, max_bytes=1 << 62)]
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
+    def __contains__(self, name: object) -> bool:
+        """From the header (Mapping's own would read the whole tensor)."""
+        return name in self._shapes
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._shapes)
 

@@ -25,7 +25,6 @@ among them: a lone transfer gets the whole depth, five together hold no more in 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import queue
@@ -72,17 +71,6 @@ DEFAULT_WINDOW_BYTES = 32 << 20
 """Asked-for, not yet received data per download (or per receiver, shared): deep enough to
 hide the ask → chunk round trip on a loaded loopback link."""
 MIN_WINDOW_CHUNKS = 2
-
-
-def release_chunk_memory() -> None:
-    """Hand freed chunk buffers back to the OS (glibc only; elsewhere nothing happens).
-
-    Chunks are allocated on paho's network thread, in its malloc arena, and freed on the
-    protocol thread; glibc keeps such freed memory mapped (measured: ~50 MB after five 538 MB
-    uploads), so the aggregation that follows would stack the next global state on top of it.
-    A receiver calls this once a burst of transfers is over."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class TransferTimeout(Exception):
@@ -197,6 +185,15 @@ class BlobServer:
         except BaseException:
             _unlink_quietly(path)
             raise
+
+    def payload(self, digest: str) -> Payload:
+        """An offered blob's bytes or the path of its file (valid until it is withdrawn)."""
+        with self._lock:
+            blob = self._offered[digest]
+        if blob.data is not None:
+            return blob.data
+        assert blob.path is not None
+        return blob.path
 
     def has(self, digest: str) -> bool:
         with self._lock:

@@ -62,7 +62,8 @@ def test_fedavg_over_files_equals_the_in_memory_mean(
     tmp_path: Path, dtype: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Both sums (row blocks for big states, whole for small ones) give the in-memory mean and
-    agree with each other bit for bit; the row-block one never reads a big tensor whole."""
+    agree with each other bit for bit, and so does the row-block sum written over the state
+    itself (the coordinator's full model); the row-block one never reads a big tensor whole."""
     updates, samples = deltas(3), [10, 30, 60]
     spec = {name: tuple(t.shape) for name, t in updates[0].items()}
     global_state = {name: torch.ones(shape) for name, shape in spec.items()}
@@ -85,9 +86,14 @@ def test_fedavg_over_files_equals_the_in_memory_mean(
         results[path_kind] = folded
     for name in spec:
         assert torch.equal(results["whole"][name], results["rows"][name]), name
+    held = {name: value.clone() for name, value in global_state.items()}
+    fedavg().aggregate_into(0, held, on_disk[::-1])  # over the state itself, any arrival order
+    for name in spec:
+        assert torch.equal(held[name], results["rows"][name]), name
     for item in on_disk:
         assert isinstance(item.tensors, CountingFile)
         assert item.tensors.largest["emb"] < 12000  # 2.3 MB of fp32: read in row blocks
+        assert "emb" in item.tensors and "nope" not in item.tensors  # from the header
 
 
 def test_fedavg_refuses_a_round_without_updates() -> None:

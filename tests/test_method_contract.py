@@ -133,6 +133,7 @@ def test_method_contract(method: str, tmp_path: Path, minilm_path: str) -> None:
         moved = {name: value + 0.5 for name, value in instance.get_state(model).items()}
         instance.set_state(model, moved)
         assert all(value.equal(moved[name]) for name, value in instance.get_state(model).items())
+        assert instance.state_spec(model) == tensor_spec(instance.get_state(model))
 
         initial = {name: value.clone() for name, value in coordinator.global_state.items()}
         strategy_state = set(coordinator.strategy.state())

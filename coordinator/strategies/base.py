@@ -26,7 +26,6 @@ from jetfed.edge.errors import ProtocolError, UserError, validation_line
 from jetfed.edge.instruction_eval import GenerationBudget, evaluate_instructions
 from jetfed.edge.instructions import InstructionSet
 from jetfed.edge.methods.base import FederatedMethod, Tensors, register_unique
-from jetfed.edge.tensor_codec import tensor_spec
 from jetfed.edge.tensorfile import TensorFile, refuse_index_tensors
 from jetfed.edge.wire import ModelRef, Update
 
@@ -94,6 +93,12 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     settings_model: ClassVar[Type[StrategySettings]] = StrategySettings
+    state_in_eval_model: ClassVar[bool] = False
+    """The coordinator keeps the global state in the evaluation model's parameters (one copy of
+    a full model, not two; `FederatedMethod.state_in_model`) and aggregates with
+    `aggregate_into`. Only for strategies that write those parameters through nothing but
+    `evaluate`/`export`'s set_state of the global state, and that keep no global state across
+    rounds (the next round overwrites it)."""
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
@@ -108,7 +113,7 @@ class Strategy(ABC):
 
     def update_spec(self) -> Dict[str, Tuple[int, ...]]:
         """Names and shapes an update must have; anything else is refused with a nack."""
-        return tensor_spec(self.ctx.method.get_state(self.ctx.eval_model))
+        return self.ctx.method.state_spec(self.ctx.eval_model)
 
     def device_state(self, global_state: Tensors, rank: int) -> Tensors:
         """The global state as a device assigned LoRA rank `rank` starts from; only strategies
@@ -136,6 +141,16 @@ class Strategy(ABC):
 
         Each update's tensors are a file on disk: read them a tensor or a few rows at a time
         (`jetfed.edge.tensorfile.read_rows`) to keep a full-model round at 2 × model size."""
+
+    def aggregate_into(
+        self, round_index: int, global_state: Tensors, updates: List[AcceptedUpdate]
+    ) -> None:
+        """`aggregate`, the result written into `global_state`'s own tensors (strategies with
+        `state_in_eval_model`). This default holds the result beside them meanwhile; FedAvg
+        writes its row blocks there directly. If it fails midway the state is half-written:
+        the coordinator stops, and its last checkpoint holds the previous state."""
+        for name, value in self.aggregate(round_index, global_state, updates).items():
+            global_state[name].copy_(value)
 
     def evaluate(self, global_state: Tensors) -> Dict[str, float]:
         """`accuracy` and `eval_loss` of the global model on the validation split (+ extras);

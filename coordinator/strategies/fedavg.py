@@ -21,7 +21,7 @@ from typing import List, Mapping, Optional
 import torch
 
 from jetfed.coordinator.strategies.base import AcceptedUpdate, Strategy, register_strategy
-from jetfed.coordinator.strategies.lowrank import averaged_factor_errors
+from jetfed.coordinator.strategies.lowrank import adapted_layers, averaged_factor_errors
 from jetfed.edge.methods.base import Tensors
 from jetfed.edge.tensorfile import read_rows, row_ranges, whole_tensors
 
@@ -33,10 +33,13 @@ def apply_mean_delta(
     global_state: Tensors,
     updates: List[AcceptedUpdate],
     scales: Optional[Mapping[str, float]] = None,
+    out: Optional[Tensors] = None,
 ) -> Tensors:
     """global + Σ nₖ·sₖ·Δₖ / Σ nₖ per tensor, in fp64, a few MB of rows at a time.
 
-    `scales` (device id → sₖ, 1 when absent) shrinks single deltas (clipped FedAvg)."""
+    `scales` (device id → sₖ, 1 when absent) shrinks single deltas (clipped FedAvg). `out`:
+    fp32 tensors to write the result into and return, which may be `global_state` itself
+    (each row block of it is read before it is written): no second copy of the state."""
     if not updates:
         raise ValueError("no update to aggregate")
     ordered = sorted(updates, key=lambda item: item.update.device_id)
@@ -45,11 +48,16 @@ def apply_mean_delta(
         float(item.update.num_samples) * (scales or {}).get(item.update.device_id, 1.0)
         for item in ordered
     ]
-    if sum(value.numel() for value in global_state.values()) * 8 <= WHOLE_SUM_MAX_BYTES:
+    small = sum(value.numel() for value in global_state.values()) * 8 <= WHOLE_SUM_MAX_BYTES
+    if small and out is None:
         return _mean_delta_whole(global_state, ordered, weights, total)
     # results allocated before any block is read, so short-lived blocks do not fragment the
     # heap between long-lived results (that kept ~70 MB of holes resident)
-    new_state = {name: torch.empty_like(v, dtype=torch.float32) for name, v in global_state.items()}
+    new_state = (
+        out
+        if out is not None
+        else {name: torch.empty_like(v, dtype=torch.float32) for name, v in global_state.items()}
+    )
     for name, value in global_state.items():
         result = new_state[name]
         for start, end in row_ranges(tuple(value.shape)):
@@ -80,6 +88,7 @@ class FedAvg(Strategy):
     """The sample-weighted mean of the deltas, added to the global state (module doc)."""
 
     name = "fedavg"
+    state_in_eval_model = True
 
     def aggregate(
         self, round_index: int, global_state: Tensors, updates: List[AcceptedUpdate]
@@ -87,3 +96,14 @@ class FedAvg(Strategy):
         new_state = apply_mean_delta(global_state, updates)
         self.layer_errors = averaged_factor_errors(self, global_state, updates, new_state)
         return new_state
+
+    def aggregate_into(
+        self, round_index: int, global_state: Tensors, updates: List[AcceptedUpdate]
+    ) -> None:
+        """The row-block sums written over the global state itself, block by block: a full
+        model is held once while it is aggregated. A LoRA state's factor errors need the state
+        before the round, so it is aggregated beside it (it is small)."""
+        if adapted_layers(global_state):
+            super().aggregate_into(round_index, global_state, updates)
+            return
+        apply_mean_delta(global_state, updates, out=global_state)

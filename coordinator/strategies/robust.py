@@ -75,6 +75,7 @@ class ClippedFedAvg(Strategy):
     """FedAvg of deltas each clipped to L2 norm ≤ `clip_norm` (the DP-FedAvg bound)."""
 
     name = "clipped_fedavg"
+    state_in_eval_model = True
     settings_model = ClipSettings
     settings: ClipSettings
 
@@ -97,6 +98,7 @@ class CoordinateMedian(Strategy):
     """Per-coordinate median of the deltas (mean of the two middle ones for an even count)."""
 
     name = "median"
+    state_in_eval_model = True
 
     def aggregate(
         self, round_index: int, global_state: Tensors, updates: List[AcceptedUpdate]
@@ -111,6 +113,7 @@ class TrimmedMean(Strategy):
     """Per-coordinate mean after dropping floor(trim_fraction·n) values at each end."""
 
     name = "trimmed_mean"
+    state_in_eval_model = True
     settings_model = TrimSettings
     settings: TrimSettings
 

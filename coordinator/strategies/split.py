@@ -328,6 +328,7 @@ class SplitStrategy(FedAvg):
     """FedAvg of the device-side tensors + the split server for the rest (see module doc)."""
 
     name = "split"
+    state_in_eval_model = False  # the split server trains the evaluation model's server half
 
     def __init__(self, ctx: ServerContext) -> None:
         super().__init__(ctx)

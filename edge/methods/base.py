@@ -12,7 +12,18 @@ import importlib
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Mapping, Optional, Type, TypeVar
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Tuple,
+    Type,
+    TypeVar,
+)
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -155,6 +166,34 @@ class FederatedMethod(ABC):
         with torch.no_grad():
             for name, value in state.items():
                 params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+    def state_spec(self, model: Any) -> Dict[str, Tuple[int, ...]]:
+        """Names and shapes of `get_state(model)`, without copying a tensor (a full model's
+        state is the model's size). A method that overrides `get_state` overrides this too."""
+        return {
+            name: tuple(param.shape)
+            for name, param in model.named_parameters()
+            if param.requires_grad
+        }
+
+    def state_in_model(self, model: Any, state: Mapping[str, torch.Tensor]) -> Tensors:
+        """`state` made `model`'s parameters (adopted as their storage, not copied) and
+        returned as those parameters, detached: whoever holds it and the model share one copy
+        of the weights (a full model's state is the model), and the model's own storage is
+        freed. `state` itself where a tensor is no parameter of the model or differs from its
+        parameter in shape, device or dtype (a model evaluated on CUDA)."""
+        params = dict(model.named_parameters())
+        if any(
+            name not in params
+            or params[name].shape != value.shape
+            or params[name].device != value.device
+            or params[name].dtype != value.dtype
+            for name, value in state.items()
+        ):
+            return dict(state)
+        for name, value in state.items():
+            params[name].data = value.detach()
+        return {name: params[name].detach() for name in state}
 
     def train(self, job: LocalRound, loss_fn: Optional[Any] = None) -> TrainStats:
         """The shared local loop on the job's model, data and budget (`loss_fn` replaces CE)."""

@@ -30,4 +30,9 @@ class FullMethod(FederatedMethod):
         return model
 
     def initial_state(self, seed: int) -> InitialState:
-        return InitialState(global_state=self.get_state(self.build(None, seed)))
+        """The built model's own parameters, not copies of them (the model itself is dropped):
+        a copy would hold the whole model twice while the coordinator starts."""
+        model = self.build(None, seed)
+        return InitialState(
+            global_state={name: param.detach() for name, param in model.named_parameters()}
+        )

@@ -168,6 +168,9 @@ class KdMethod(LoraMethod):
         """Nothing: each device keeps its own adapter; only logits leave it."""
         return {}
 
+    def state_spec(self, model: Any) -> Dict[str, Tuple[int, ...]]:
+        return {}
+
     def adapter_state(self, model: Any) -> Tensors:
         """The trainable tensors (LoRA + head), for the coordinator's student."""
         return FederatedMethod.get_state(self, model)

@@ -292,14 +292,20 @@ class SplitMethod(LoraMethod):
     def layout(self, model: Any) -> SplitLayout:
         return SplitLayout.of(model, self.config.cut_layer, self.config.u_shaped)
 
-    def get_state(self, model: Any) -> Tensors:
-        """The device-side trainable tensors: bottom LoRA (+ the head when U-shaped)."""
+    def _device_params(self, model: Any) -> Dict[str, Any]:
+        """The device-side trainable parameters: bottom LoRA (+ the head when U-shaped)."""
         device_ids = self.layout(model).device_ids()
         return {
-            name: param.detach().clone()
+            name: param
             for name, param in model.named_parameters()
             if param.requires_grad and id(param) in device_ids
         }
+
+    def get_state(self, model: Any) -> Tensors:
+        return {name: param.detach().clone() for name, param in self._device_params(model).items()}
+
+    def state_spec(self, model: Any) -> Dict[str, Tuple[int, ...]]:
+        return {name: tuple(param.shape) for name, param in self._device_params(model).items()}
 
     def local_round(self, job: LocalRound) -> LocalResult:
         if job.exchange is None:
