@@ -17,6 +17,7 @@ minute."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import threading
 from pathlib import Path
@@ -122,7 +123,6 @@ def test_node_killed_mid_round_devices_fail_over(
     nats_cluster: NatsCluster, tmp_path: Path, minilm_path: str, sst2_dir: Path
 ) -> None:
     name = "cluster-failover"
-    # 3 rounds: the retained state is read while the run is still live (2 left a race)
     coordinator, edges, logs = _run(nats_cluster, tmp_path, sst2_dir, name, rounds=3)
     topics = [f"jetfed/{name}/coordinator", f"jetfed/{name}/task"]
     try:
@@ -130,16 +130,17 @@ def test_node_killed_mid_round_devices_fail_over(
         nats_cluster.nodes[0].kill()
         run_dir = tmp_path / "runs" / name
         wait_for(lambda: read_metrics(run_dir), 300, "round 0")
-        rounds_done = len(read_metrics(run_dir))
-        retained = _retained(nats_cluster.nodes[1], topics)
-        announcement = parse_message(Announcement, retained[topics[0]])
-        assert announcement.experiment == name
-        # the task a survivor retains is the latest (never a stale one), unless the run ended
-        if topics[1] in retained:
-            task = parse_message(Task, retained[topics[1]])
-            assert task.experiment == name and task.round_index >= rounds_done - 1
-        else:
-            assert len(read_metrics(run_dir)) == 3, "the task vanished from a live run"
+        # dev-1 paused: the run cannot end while a survivor's retained state is read, so both
+        # retained messages must be there (replicated, not lost with node 0), the task the latest
+        edges[1].send_signal(signal.SIGSTOP)
+        try:
+            rounds_done = len(read_metrics(run_dir))
+            retained = _retained(nats_cluster.nodes[1], topics)
+        finally:
+            edges[1].send_signal(signal.SIGCONT)
+        assert parse_message(Announcement, retained[topics[0]]).experiment == name
+        task = parse_message(Task, retained[topics[1]])
+        assert task.experiment == name and task.round_index >= rounds_done - 1  # the latest
         assert coordinator.wait(timeout=600) == 0, log_tail(*logs.iterdir())
     finally:
         stop([coordinator, *edges])
