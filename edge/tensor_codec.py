@@ -3,7 +3,7 @@ names, shapes, dtypes and finiteness are checked. No pickle, ever."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 from jetfed.edge.errors import ProtocolError
 
@@ -18,6 +18,14 @@ def _torch_dtype(name: str) -> torch.dtype:
     import torch
 
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def check_tensor_names(expected: Iterable[str], names: Iterable[str]) -> None:
+    """ProtocolError naming the first missing and unexpected tensor names, if they differ."""
+    missing = sorted(set(expected) - set(names))
+    unknown = sorted(set(names) - set(expected))
+    if missing or unknown:
+        raise ProtocolError(f"tensor names differ: missing {missing[:3]}, unexpected {unknown[:3]}")
 
 
 def encode_tensors(tensors: Mapping[str, torch.Tensor], dtype: str = "fp32") -> bytes:
@@ -46,12 +54,7 @@ def decode_tensors(
         raise ProtocolError(f"not a valid safetensors payload: {exc}") from None
     allowed = {_torch_dtype(name) for name in allow_dtypes}
     if expected is not None:
-        missing = sorted(set(expected) - set(tensors))
-        unknown = sorted(set(tensors) - set(expected))
-        if missing or unknown:
-            raise ProtocolError(
-                f"tensor names differ: missing {missing[:3]}, unexpected {unknown[:3]}"
-            )
+        check_tensor_names(expected, tensors)
     decoded: Dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
         if tensor.dtype not in allowed:

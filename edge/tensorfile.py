@@ -42,6 +42,7 @@ from typing import (
 
 from jetfed.edge.compression import dequantize_int8, quantize_int8, scale_shape
 from jetfed.edge.errors import ProtocolError
+from jetfed.edge.tensor_codec import check_tensor_names
 
 if TYPE_CHECKING:
     import torch
@@ -259,12 +260,7 @@ class TensorFile(Mapping[str, "torch.Tensor"]):
             n: s for n, (_, s) in stored.items() if not (quantized and n.endswith(SCALE_SUFFIX))
         }
         if expected is not None:
-            missing = sorted(set(expected) - set(shapes))
-            unknown = sorted(set(shapes) - set(expected))
-            if missing or unknown:
-                raise ProtocolError(
-                    f"tensor names differ: missing {missing[:3]}, unexpected {unknown[:3]}"
-                )
+            check_tensor_names(expected, shapes)
         allowed = {_ST_DTYPES[d] for d in allow_dtypes if d in (*FLOAT_DTYPES, *INDEX_DTYPES)}
         for name, shape in shapes.items():
             st_dtype = stored[name][0]
