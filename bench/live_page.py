@@ -67,6 +67,15 @@ def _open_pages(server: UiServer, count: int, read: bool) -> List[socket.socket]
     return pages
 
 
+def _close_pages(server: UiServer, pages: List[socket.socket]) -> None:
+    """Close them and wait until the server has seen it (else the next `_open_pages` counts
+    pages that are about to go, and waits for ever)."""
+    for page in pages:
+        page.close()
+    while server.pages_open:
+        time.sleep(0.05)
+
+
 def _server_thread_cpu_s() -> float:
     process = psutil.Process()
     ui_ids = {t.native_id for t in threading.enumerate() if t.name == "ui-server"}
@@ -133,16 +142,14 @@ def run(quick: bool) -> Dict[str, Any]:
             _feed(state, 10, watch_s, real_time=True)
             cpu_s = _server_thread_cpu_s() - cpu_before
             results["page_server_cpu_percent_of_core_5_pages"] = round(100 * cpu_s / watch_s, 2)
-            for page in pages:
-                page.close()
+            _close_pages(server, pages)
             calls = 200 if quick else 1000
             per_call = {}
             for idle_pages in (0, 20):
                 opened = _open_pages(server, idle_pages, read=False)
                 spent = _feed(state, 10, calls, real_time=False)
                 per_call[idle_pages] = spent / (calls * 10 * 2)
-                for page in opened:
-                    page.close()
+                _close_pages(server, opened)
             results["observer_call_us_0_idle_pages"] = round(per_call[0] * 1e6, 1)
             results["observer_call_us_20_idle_pages"] = round(per_call[20] * 1e6, 1)
             results["dropped_pages"] = server.dropped_clients
