@@ -56,10 +56,13 @@ class Profile:
     rounds: int
     variants_per_message: int
     seed: int = 0
+    local_steps: int = 2
+    """Per round: rounds long enough for the attacker's replay bursts to reach the coordinator
+    while it still runs (on a fast machine a 2-step round ends before a burst is delivered)."""
 
 
 SHORT = Profile(rounds=2, variants_per_message=1)
-LONG = Profile(rounds=5, variants_per_message=3, seed=1)
+LONG = Profile(rounds=5, variants_per_message=3, seed=1, local_steps=100)
 
 
 @dataclass
@@ -69,8 +72,13 @@ class Observed:
     honest_updates: Dict[Tuple[str, int], str] = field(default_factory=dict)
     """(device, round) → blob digest of the first update the device itself published."""
     acks: List[Tuple[str, int, str, float]] = field(default_factory=list)
-    replayed_accepted: List[Tuple[str, int, str, float]] = field(default_factory=list)
-    """(device, round, blob digest, when) of accepted updates replayed in a later round."""
+    replayed_accepted: List[Tuple[str, int, str, float, str]] = field(default_factory=list)
+    """(device, round, blob digest, when, probe) of accepted updates replayed in a later round;
+    `probe` names the message sent right after that replay burst."""
+    probes_answered: Set[str] = field(default_factory=set)
+    """Probes the coordinator nacked: it handled everything sent before them (one connection,
+    one inbox, in order), so each replay of their burst must have been re-acked; a burst whose
+    probe went unanswered reached a coordinator that had finished its run, and owes nothing."""
     offline_forged_s: Optional[float] = None
     reannounced: Set[str] = field(default_factory=set)
     sent: Counter[str] = field(default_factory=Counter)
@@ -88,6 +96,8 @@ class Attacker:
         self._mine: Counter[str] = Counter()
         self._held: List[Tuple[str, bytes]] = []
         self._captured: List[Tuple[str, bytes]] = []
+        self._updates: List[Tuple[str, bytes]] = []
+        self._probes: Dict[str, bytes] = {}
         self._chunk_mutations: Counter[Tuple[str, str]] = Counter()
         self._rounds_seen: Set[int] = set()
         self._pulled: Set[Tuple[str, str]] = set()
@@ -145,6 +155,8 @@ class Attacker:
             ack = json.loads(payload)
             self.observed.acks.append((device_id, ack["round_index"], ack["digest"], time.time()))
             self._first_ack(device_id)
+        if leaf == "nack" and json.loads(payload).get("digest") in self._probes:
+            self.observed.probes_answered.add(json.loads(payload)["digest"])
         if leaf == "pull":
             self._bad_indices(device_id, json.loads(payload)["digest"])
         if leaf in ("ack", "nack", "down", "pull"):  # the coordinator's: duplicates only
@@ -155,6 +167,8 @@ class Attacker:
             key = (device_id, update["round_index"])
             if key not in self.observed.honest_updates:
                 self.observed.honest_updates[key] = update["blob"]["digest"]
+                if device_id == "dev-0":
+                    self._updates.append((topic, payload))
                 refused = dict(update, base_digest="0" * 64)
                 self._send("forged_refused", topic, json.dumps(refused).encode())
         if leaf == "hello" and self.observed.offline_forged_s is not None and device_id == "dev-0":
@@ -234,6 +248,19 @@ class Attacker:
             "never_said_hello", self._device_topic(GHOST, "profile"), json.dumps(ghost).encode()
         )
 
+    def _probe(self, round_index: int) -> str:
+        """An update in dev-0's name for a blob nobody sent (the coordinator refuses it, naming
+        its digest): its nack says the replays sent before it were handled."""
+        earlier = [u for u in self._updates if json.loads(u[1])["round_index"] < round_index]
+        if not earlier:
+            return ""
+        update = json.loads(earlier[-1][1])
+        update["blob"] = dict(update["blob"], digest=f"{round_index:064x}")
+        payload = json.dumps(update).encode()
+        digest = hashlib.sha256(payload).hexdigest()
+        self._probes[digest] = payload
+        return digest
+
     def _first_ack(self, device_id: str) -> None:
         """Once: report dev-0 offline (retained), as a stale last will or a forger would."""
         if device_id == "dev-0" and self.observed.offline_forged_s is None:
@@ -250,11 +277,16 @@ class Attacker:
         if round_index in self._rounds_seen:
             return
         self._rounds_seen.add(round_index)
+        probe = self._probe(round_index)
         for (device_id, earlier), digest in list(self.observed.honest_updates.items()):
             if earlier < round_index:
-                self.observed.replayed_accepted.append((device_id, earlier, digest, time.time()))
+                self.observed.replayed_accepted.append(
+                    (device_id, earlier, digest, time.time(), probe)
+                )
         for topic, captured in self._captured:
             self._send("cross_round_replay", topic, captured)
+        if probe:
+            self._send("probe", self._device_topic("dev-0", "update"), self._probes[probe])
         held, self._held = self._held, []
         self.rng.shuffle(held)
         for topic, captured in held:
@@ -283,7 +315,9 @@ def violations(
         honest = seen.honest_updates.get((device_id, round_index))
         if digest != honest:
             found.append(f"ack for {device_id} round {round_index} names {digest[:12]}")
-    for device_id, round_index, digest, replayed_s in seen.replayed_accepted:
+    for device_id, round_index, digest, replayed_s, probe in seen.replayed_accepted:
+        if probe not in seen.probes_answered:
+            continue
         if not any(
             a[:3] == (device_id, round_index, digest) and a[3] >= replayed_s for a in seen.acks
         ):
@@ -316,6 +350,9 @@ def _profile_violations(run_dir: Path) -> List[str]:
 class Outcome:
     violations: List[str]
     sent: Dict[str, int]
+    replays_checked: int
+    """Replays of accepted updates whose burst the coordinator handled (its probe answered)."""
+    replays_total: int
     rounds: int
     wall_s: float
 
@@ -330,7 +367,7 @@ def run_hostile_replay(workdir: Path, datasets: Path, profile: Profile) -> Outco
         datasets / "sst2",
         rounds=profile.rounds,
         model={"num_hidden_layers": 1},
-        training={"local_steps": 2},
+        training={"local_steps": profile.local_steps},
         transfer={"chunk_size_bytes": 16 << 10, "retry_after_s": 1.0},
     )
     started = time.monotonic()
@@ -354,9 +391,12 @@ def run_hostile_replay(workdir: Path, datasets: Path, profile: Profile) -> Outco
         edge_logs,
         attacker.observed,
     )
+    seen = attacker.observed
     return Outcome(
         found,
-        dict(attacker.observed.sent),
+        dict(seen.sent),
+        sum(entry[4] in seen.probes_answered for entry in seen.replayed_accepted),
+        len(seen.replayed_accepted),
         len(read_metrics(workdir / "runs" / name)),
         time.monotonic() - started,
     )
@@ -372,6 +412,8 @@ def run(quick: bool, datasets: Path = DEFAULT_DATASETS) -> Dict[str, Any]:
         "rounds_completed": outcome.rounds,
         "hostile_messages": outcome.sent,
         "violations": outcome.violations,
+        "replays_checked": outcome.replays_checked,
+        "replays_of_accepted_updates": outcome.replays_total,
         "wall_s": outcome.wall_s,
     }
 
@@ -382,7 +424,9 @@ def markdown(results: Dict[str, Any]) -> str:
         f"{results['rounds_completed']} of {results['rounds']} rounds completed in "
         f"{results['wall_s']:.0f} s under {sum(sent.values())} hostile messages "
         f"({results['variants_per_message']} variant(s) per captured message); "
-        f"{len(results['violations'])} invariant violations.",
+        f"{len(results['violations'])} invariant violations. Replays of accepted updates the "
+        f"coordinator handled (each burst's probe answered), all of which must be re-acked: "
+        f"{results['replays_checked']} of {results['replays_of_accepted_updates']}.",
         "",
         table(["variant", "messages"], [[kind, count] for kind, count in sorted(sent.items())]),
     ]
