@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jetfed.coordinator.config import load_config
+from jetfed.coordinator.config import causal_lm_config, load_config
 from jetfed.edge.errors import UserError
 from tests.fleet import ENV
 
@@ -143,3 +143,13 @@ def test_the_one_line_form_of_a_pydantic_error() -> None:
     assert validation_line(first(rate_hz=1, rte=2)) == "rte: unknown field (check the spelling)"
     assert validation_line(first(), default="settings") == "rate_hz: Field required"
     assert str(flag_error(first(rate_hz=0))) == "--rate-hz: Input should be greater than 0 (got 0)"
+
+
+@pytest.mark.parametrize(
+    "example", sorted(path.name for path in (Path(__file__).parents[1] / "examples").glob("*.yaml"))
+)
+def test_every_example_config_validates(example: str) -> None:
+    """The example experiments are what the docs' commands run: they must not rot."""
+    config = load_config(str(Path(__file__).parents[1] / "examples" / example))
+    causal = causal_lm_config(config)  # a classifier option on a causal LM raises its one line
+    assert causal == (example == "aggregation-smollm2.yaml")
