@@ -11,7 +11,10 @@ import yaml
 
 from jetfed.coordinator.config import causal_lm_config, load_config
 from jetfed.edge.errors import UserError
+from tests.conftest import REPO_ROOT
 from tests.fleet import ENV
+
+EXAMPLES_DIR = REPO_ROOT / "examples"
 
 GOOD = {"name": "exp", "data": {"path": "data"}}
 
@@ -145,11 +148,9 @@ def test_the_one_line_form_of_a_pydantic_error() -> None:
     assert str(flag_error(first(rate_hz=0))) == "--rate-hz: Input should be greater than 0 (got 0)"
 
 
-@pytest.mark.parametrize(
-    "example", sorted(path.name for path in (Path(__file__).parents[1] / "examples").glob("*.yaml"))
-)
+@pytest.mark.parametrize("example", sorted(path.name for path in EXAMPLES_DIR.glob("*.yaml")))
 def test_every_example_config_validates(example: str) -> None:
     """The example experiments are what the docs' commands run: they must not rot."""
-    config = load_config(str(Path(__file__).parents[1] / "examples" / example))
+    config = load_config(str(EXAMPLES_DIR / example))
     causal = causal_lm_config(config)  # a classifier option on a causal LM raises its one line
     assert causal == (example == "aggregation-smollm2.yaml")
