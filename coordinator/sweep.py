@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from jetfed.coordinator.config import load_config
 from jetfed.edge.errors import UserError
 from jetfed.edge.logs import log_event
+from jetfed.edge.parent_watch import exit_with_parent
 from jetfed.profiles.sweep import CASE_KEY
 
 logger = logging.getLogger(__name__)
@@ -220,12 +221,15 @@ Submit = Callable[[str, Sequence[SweepRun], Optional[int]], List[Dict[str, Any]]
 def run_local_pool(
     config_path: str, runs: Sequence[SweepRun], clients: Optional[int], jobs: int
 ) -> List[Dict[str, Any]]:
-    """The runs on `jobs` processes (spawned: no torch state inherited), as they finish."""
+    """The runs on `jobs` processes (spawned: no torch state inherited, ended with this one),
+    as they finish."""
     import multiprocessing
 
     results = []
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max(1, jobs), mp_context=context) as pool:
+    with ProcessPoolExecutor(
+        max(1, jobs), mp_context=context, initializer=exit_with_parent, initargs=(os.getpid(),)
+    ) as pool:
         futures = [pool.submit(run_one, config_path, run.overrides, clients) for run in runs]
         for future in as_completed(futures):
             results.append(future.result())

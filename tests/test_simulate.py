@@ -4,10 +4,14 @@ same bits either way; sweeps plan a grid, run it on a local pool or Ray, resume,
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -20,6 +24,7 @@ from jetfed.coordinator.simulate import simulate
 from jetfed.coordinator.sweep import parse_seeds, plan_sweep, run_sweep, split_values
 from jetfed.edge.errors import UserError
 from jetfed.edge.methods.lora import LoraMethod
+from tests.fleet import wait_for
 
 
 def tiny(name: str, output_dir: Path, **rounds: Any) -> Dict[str, Any]:
@@ -121,6 +126,38 @@ def test_local_pool_sweep_resumes_and_summarizes(tmp_path: Path, minilm_path: st
     )
     assert more["execution"]["ran"] == 0 and len(more["unfinished"]) == 2
     assert more["cells"] == again["cells"]
+
+
+def test_a_killed_sweep_takes_its_workers_with_it(tmp_path: Path, minilm_path: str) -> None:
+    """A signal to the sweep's own process (`kill PID`, unlike Ctrl-C to its group) must not
+    leave a worker training on, into the run folder a resumed sweep writes too."""
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(tiny("orphan", tmp_path / "runs", count=100_000)))
+    out = tmp_path / "sweep"
+    command = ["simulate", str(path), "--seeds", "0", "--jobs", "1", "--out", str(out)]
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "jetfed", *command],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    workers: List[psutil.Process] = []
+
+    def a_round_finished() -> bool:
+        return any(path.stat().st_size for path in (out / "runs").glob("*/metrics.jsonl"))
+
+    try:
+        wait_for(a_round_finished, 120, "a finished round")
+        workers = psutil.Process(sweep.pid).children(recursive=True)
+        assert workers
+        sweep.kill()
+        sweep.wait()
+        _, alive = psutil.wait_procs(workers, timeout=60)
+        assert not alive, f"workers still running after the sweep was killed: {alive}"
+    finally:
+        sweep.kill()
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
 
 
 @pytest.mark.slow
