@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from jetfed.coordinator.config import load_config
 from jetfed.edge.errors import UserError
 from jetfed.edge.logs import log_event
-from jetfed.edge.parent_watch import exit_with_parent
+from jetfed.edge.parent_watch import spawned_pool
 from jetfed.profiles.sweep import CASE_KEY
 
 logger = logging.getLogger(__name__)
@@ -223,13 +223,8 @@ def run_local_pool(
 ) -> List[Dict[str, Any]]:
     """The runs on `jobs` processes (spawned: no torch state inherited, ended with this one),
     as they finish."""
-    import multiprocessing
-
     results = []
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        max(1, jobs), mp_context=context, initializer=exit_with_parent, initargs=(os.getpid(),)
-    ) as pool:
+    with spawned_pool(max(1, jobs)) as pool:
         futures = [pool.submit(run_one, config_path, run.overrides, clients) for run in runs]
         for future in as_completed(futures):
             results.append(future.result())

@@ -9,15 +9,13 @@ Methods that exchange messages during their local round (split learning) train i
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from jetfed.edge.local_trainer import LocalTrainer, TrainingDevice
 from jetfed.edge.methods.base import LocalResult
-from jetfed.edge.parent_watch import exit_with_parent
+from jetfed.edge.parent_watch import spawned_pool
 from jetfed.edge.telemetry.phases import Profiler
 from jetfed.edge.tensor_codec import decode_tensors, encode_tensors
 from jetfed.edge.tensorfile import Payload, read_payload
@@ -26,11 +24,10 @@ from jetfed.edge.wire import Task, encode_message, parse_message
 _worker_trainer: Optional[LocalTrainer] = None
 
 
-def _start_worker(parent_pid: int) -> None:
+def _start_worker() -> None:
     import torch
 
     global _worker_trainer
-    exit_with_parent(parent_pid)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
     _worker_trainer = LocalTrainer()
@@ -69,12 +66,7 @@ class PoolTrainer:
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self._pool = ProcessPoolExecutor(
-            workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_start_worker,
-            initargs=(os.getpid(),),
-        )
+        self._pool = spawned_pool(workers, _start_worker)
         self._init: Dict[str, bytes] = {}
 
     def close(self) -> None:
